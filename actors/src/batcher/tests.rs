@@ -1,0 +1,165 @@
+//! Batcher tests with paused time: when batches close, who gets which rows, and refusals.
+
+use super::*;
+use crate::runtime::RuntimeError;
+use crate::tensor::TensorData;
+use shoal_scheduler::{DataType, TensorSpec};
+use std::sync::Mutex;
+
+/// A model that doubles its input and records the rows of every batch it is given.
+struct Doubler {
+    signature: Signature,
+    batches: Mutex<Vec<usize>>,
+}
+
+impl Doubler {
+    fn new() -> Arc<Doubler> {
+        let spec = |name: &str| TensorSpec {
+            name: name.into(),
+            datatype: DataType::Fp32,
+            shape: vec![-1, 1],
+        };
+        Arc::new(Doubler {
+            signature: Signature {
+                inputs: vec![spec("x")],
+                outputs: vec![spec("y")],
+            },
+            batches: Mutex::new(Vec::new()),
+        })
+    }
+
+    fn batches(&self) -> Vec<usize> {
+        self.batches.lock().unwrap().clone()
+    }
+}
+
+impl ModelRuntime for Doubler {
+    fn signature(&self) -> &Signature {
+        &self.signature
+    }
+
+    fn forward(&self, inputs: &[NamedTensor]) -> Result<Vec<NamedTensor>, RuntimeError> {
+        let TensorData::Fp32(values) = &inputs[0].data else {
+            return Err(RuntimeError::Input("FP32 only".into()));
+        };
+        self.batches.lock().unwrap().push(inputs[0].rows());
+        Ok(vec![NamedTensor {
+            name: "y".into(),
+            shape: inputs[0].shape.clone(),
+            data: TensorData::Fp32(values.iter().map(|v| v * 2.0).collect()),
+        }])
+    }
+}
+
+fn config(batch_rows_max: usize, queue_delay_max: Duration, queue_capacity: usize) -> BatcherConfig {
+    BatcherConfig {
+        batch_rows_max,
+        queue_delay_max,
+        queue_capacity,
+        model: "doubler".into(),
+    }
+}
+
+fn x(values: &[f32]) -> Vec<NamedTensor> {
+    vec![NamedTensor {
+        name: "x".into(),
+        shape: vec![values.len(), 1],
+        data: TensorData::Fp32(values.to_vec()),
+    }]
+}
+
+fn far() -> Instant {
+    Instant::now() + Duration::from_secs(3600)
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_batch_closes_when_it_is_full_without_waiting_for_the_delay() {
+    let model = Doubler::new();
+    let (handle, _task) = spawn(model.clone(), config(4, Duration::from_secs(10), 64));
+    let started = Instant::now();
+    let calls: Vec<_> = (0..4)
+        .map(|i| {
+            let handle = handle.clone();
+            tokio::spawn(async move { handle.infer(x(&[i as f32]), far()).await })
+        })
+        .collect();
+    for (i, call) in calls.into_iter().enumerate() {
+        let outputs = call.await.unwrap().unwrap();
+        assert_eq!(outputs[0].data, TensorData::Fp32(vec![2.0 * i as f32]));
+    }
+    assert_eq!(model.batches(), vec![4]);
+    assert!(started.elapsed() < Duration::from_secs(10), "did not wait for the delay");
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_batch_closes_after_the_delay_when_it_is_not_full() {
+    let model = Doubler::new();
+    let delay = Duration::from_millis(5);
+    let (handle, _task) = spawn(model.clone(), config(8, delay, 64));
+    let started = Instant::now();
+    let (a, b) = tokio::join!(handle.infer(x(&[1.0]), far()), handle.infer(x(&[2.0, 3.0]), far()));
+    assert_eq!(a.unwrap()[0].data, TensorData::Fp32(vec![2.0]));
+    assert_eq!(b.unwrap()[0].data, TensorData::Fp32(vec![4.0, 6.0]));
+    assert_eq!(model.batches(), vec![3]);
+    assert!(started.elapsed() >= delay, "waited for company up to the delay");
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_request_that_would_overfill_a_batch_starts_the_next_one() {
+    let model = Doubler::new();
+    let (handle, _task) = spawn(model.clone(), config(4, Duration::from_millis(5), 64));
+    let (a, b) = tokio::join!(
+        handle.infer(x(&[1.0, 1.0, 1.0]), far()),
+        handle.infer(x(&[2.0, 2.0]), far())
+    );
+    assert!(a.is_ok() && b.is_ok());
+    assert_eq!(model.batches(), vec![3, 2]);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_full_queue_answers_overloaded_at_once() {
+    let model = Doubler::new();
+    let (handle, _task) = spawn(model, config(1, Duration::from_secs(1), 2));
+    // On this single-threaded runtime all six callers enqueue before the batcher runs
+    // again, so a queue of two must refuse four of them.
+    let calls: Vec<_> = (0..6)
+        .map(|_| {
+            let handle = handle.clone();
+            tokio::spawn(async move { handle.infer(x(&[1.0]), far()).await })
+        })
+        .collect();
+    let mut answered = 0;
+    let mut refused = 0;
+    for call in calls {
+        match call.await.unwrap() {
+            Ok(_) => answered += 1,
+            Err(InferError::Overloaded) => refused += 1,
+            Err(other) => panic!("unexpected {other}"),
+        }
+    }
+    assert_eq!((answered, refused), (2, 4));
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_request_past_its_deadline_is_answered_deadline_exceeded() {
+    let model = Doubler::new();
+    let (handle, _task) = spawn(model.clone(), config(8, Duration::from_millis(50), 64));
+    let soon = Instant::now() + Duration::from_millis(10);
+    assert_eq!(handle.infer(x(&[1.0]), soon).await, Err(InferError::DeadlineExceeded));
+    // The expired request never reaches the model.
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert_eq!(model.batches(), Vec::<usize>::new());
+}
+
+#[tokio::test(start_paused = true)]
+async fn invalid_inputs_are_refused_before_queueing() {
+    let model = Doubler::new();
+    let (handle, _task) = spawn(model.clone(), config(8, Duration::from_millis(1), 64));
+    let wrong = vec![NamedTensor {
+        name: "z".into(),
+        shape: vec![1, 1],
+        data: TensorData::Fp32(vec![1.0]),
+    }];
+    assert!(matches!(handle.infer(wrong, far()).await, Err(InferError::Input(_))));
+    assert!(model.batches().is_empty());
+}
