@@ -1,0 +1,254 @@
+//! Open Inference Protocol v2 handlers: health, metadata, readiness and infer.
+
+use super::oip::{self, InferRequest, InferResponse, ModelMetadata, TensorMetadata};
+use super::{ApiError, AppState};
+use axum::Json;
+use axum::body::Bytes;
+use axum::extract::rejection::BytesRejection;
+use axum::extract::{Path, State};
+use shoal_actors::batcher::InferError;
+use shoal_actors::tensor::validate_inputs;
+use shoal_scheduler::{ClusterState, ModelVersion};
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+/// Longest a request may take from arrival to answer.
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// The metric label for a model name nobody deployed: keeps label values bounded.
+const UNKNOWN_MODEL_LABEL: &str = "_unknown";
+
+pub async fn live() -> Json<serde_json::Value> {
+    Json(serde_json::json!({"live": true}))
+}
+
+pub async fn server_metadata() -> Json<serde_json::Value> {
+    Json(serde_json::json!({
+        "name": "shoal",
+        "version": shoal_ops::VERSION,
+        "extensions": [],
+    }))
+}
+
+/// 200 when the control plane has a leader and every deployment has a serving replica.
+pub async fn ready(State(app): State<Arc<AppState>>) -> Result<Json<serde_json::Value>, ApiError> {
+    if app.control.raft_status().leader.is_none() {
+        return Err(ApiError::Unavailable("the control plane has no leader".into()));
+    }
+    let state = app.control.state();
+    let routes = app.routes.borrow().clone();
+    let waiting: Vec<&str> = state
+        .deployments
+        .values()
+        .filter(|deployment| routes.for_model(&deployment.model).is_empty())
+        .map(|deployment| deployment.name.as_str())
+        .collect();
+    if !waiting.is_empty() {
+        return Err(ApiError::Unavailable(format!(
+            "no ready replica yet for: {}",
+            waiting.join(", ")
+        )));
+    }
+    Ok(Json(serde_json::json!({"ready": true})))
+}
+
+/// The version a request addresses: the one given, else the one deployed.
+fn resolve<'a>(
+    state: &'a ClusterState,
+    model: &str,
+    version: Option<&str>,
+) -> Result<&'a ModelVersion, ApiError> {
+    let Some(known) = state.models.get(model) else {
+        return Err(ApiError::NotFound(format!("unknown model {model:?}")));
+    };
+    let number = match version {
+        Some(text) => text.parse::<u32>().map_err(|_| {
+            ApiError::BadRequest(format!("version {text:?} is not a version number"))
+        })?,
+        None => state
+            .deployments
+            .values()
+            .find(|deployment| deployment.model == model)
+            .map(|deployment| deployment.version)
+            .or_else(|| known.versions.keys().next_back().copied())
+            .ok_or_else(|| ApiError::NotFound(format!("model {model:?} has no versions")))?,
+    };
+    known
+        .versions
+        .get(&number)
+        .ok_or_else(|| ApiError::NotFound(format!("model {model:?} has no version {number}")))
+}
+
+fn metadata(state: &ClusterState, model: &str, version: Option<&str>) -> Result<ModelMetadata, ApiError> {
+    let resolved = resolve(state, model, version)?;
+    let versions = match version {
+        Some(_) => vec![resolved.version.to_string()],
+        None => state.models[model].versions.keys().map(u32::to_string).collect(),
+    };
+    Ok(ModelMetadata {
+        name: model.to_string(),
+        versions,
+        platform: format!("shoal_{}", resolved.format),
+        inputs: resolved.signature.inputs.iter().map(TensorMetadata::from).collect(),
+        outputs: resolved.signature.outputs.iter().map(TensorMetadata::from).collect(),
+    })
+}
+
+pub async fn model_metadata(
+    State(app): State<Arc<AppState>>,
+    Path(model): Path<String>,
+) -> Result<Json<ModelMetadata>, ApiError> {
+    metadata(&app.control.state(), &model, None).map(Json)
+}
+
+pub async fn version_metadata(
+    State(app): State<Arc<AppState>>,
+    Path((model, version)): Path<(String, String)>,
+) -> Result<Json<ModelMetadata>, ApiError> {
+    metadata(&app.control.state(), &model, Some(&version)).map(Json)
+}
+
+fn model_is_ready(app: &AppState, model: &str, version: Option<&str>) -> Result<Json<serde_json::Value>, ApiError> {
+    let state = app.control.state();
+    let resolved = resolve(&state, model, version)?;
+    let routes = app.routes.borrow().clone();
+    let serving = routes
+        .for_model(model)
+        .iter()
+        .any(|route| version.is_none() || route.version == resolved.version);
+    if !serving {
+        return Err(ApiError::Unavailable(format!("model {model:?} has no ready replica")));
+    }
+    Ok(Json(serde_json::json!({"name": model, "ready": true})))
+}
+
+pub async fn model_ready(
+    State(app): State<Arc<AppState>>,
+    Path(model): Path<String>,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    model_is_ready(&app, &model, None)
+}
+
+pub async fn version_ready(
+    State(app): State<Arc<AppState>>,
+    Path((model, version)): Path<(String, String)>,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    model_is_ready(&app, &model, Some(&version))
+}
+
+pub async fn infer(
+    State(app): State<Arc<AppState>>,
+    Path(model): Path<String>,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Json<InferResponse>, ApiError> {
+    observed(&app, model, None, body).await
+}
+
+pub async fn version_infer(
+    State(app): State<Arc<AppState>>,
+    Path((model, version)): Path<(String, String)>,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Json<InferResponse>, ApiError> {
+    observed(&app, model, Some(version), body).await
+}
+
+/// Runs [`serve`] and records its outcome in the request metrics.
+async fn observed(
+    app: &AppState,
+    model: String,
+    version: Option<String>,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Json<InferResponse>, ApiError> {
+    let started = Instant::now();
+    let result = serve(app, &model, version.as_deref(), body).await;
+    let label = if app.control.state().models.contains_key(&model) {
+        model.as_str()
+    } else {
+        UNKNOWN_MODEL_LABEL
+    };
+    let code = match &result {
+        Ok(_) => "200".to_string(),
+        Err(error) => error.status().as_u16().to_string(),
+    };
+    let metrics = shoal_ops::metrics::metrics();
+    metrics.requests_total.with_label_values(&[label, &code]).inc();
+    metrics
+        .request_duration_seconds
+        .with_label_values(&[label])
+        .observe(started.elapsed().as_secs_f64());
+    if let Err(error) = &result {
+        tracing::debug!(model = %model, status = %error.status(), %error, "inference request refused");
+    }
+    result.map(Json)
+}
+
+async fn serve(
+    app: &AppState,
+    model: &str,
+    version: Option<&str>,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<InferResponse, ApiError> {
+    let deadline = tokio::time::Instant::now() + REQUEST_TIMEOUT;
+    let body = body?;
+    let request: InferRequest = serde_json::from_slice(&body)
+        .map_err(|error| ApiError::BadRequest(format!("malformed infer request: {error}")))?;
+    let state = app.control.state();
+    let resolved = resolve(&state, model, version)?;
+    let mut inputs = Vec::with_capacity(request.inputs.len());
+    for input in request.inputs {
+        inputs.push(oip::to_tensor(input).map_err(ApiError::BadRequest)?);
+    }
+    validate_inputs(&resolved.signature, &inputs)
+        .map_err(|error| ApiError::BadRequest(error.to_string()))?;
+    for wanted in &request.outputs {
+        if !resolved.signature.outputs.iter().any(|spec| spec.name == wanted.name) {
+            return Err(ApiError::BadRequest(format!(
+                "model {model:?} has no output {:?}",
+                wanted.name
+            )));
+        }
+    }
+
+    let routes = app.routes.borrow().clone();
+    let candidates: Vec<_> = routes
+        .for_model(model)
+        .iter()
+        .filter(|route| route.version == resolved.version)
+        .collect();
+    if candidates.is_empty() {
+        return Err(ApiError::Unavailable(format!(
+            "model {model:?} version {} has no ready replica",
+            resolved.version
+        )));
+    }
+    let position = app.next_route.fetch_add(1, Ordering::Relaxed) % candidates.len();
+    let route = candidates[position];
+    let outputs = route.handle.infer(inputs, deadline).await.map_err(|error| match error {
+        InferError::Input(input) => ApiError::BadRequest(input.to_string()),
+        InferError::Overloaded => {
+            ApiError::Overloaded(format!("model {model:?} is overloaded; retry later"))
+        }
+        InferError::DeadlineExceeded => ApiError::DeadlineExceeded(format!(
+            "no answer within {} s",
+            REQUEST_TIMEOUT.as_secs()
+        )),
+        InferError::Stopped => {
+            ApiError::Unavailable(format!("the replica of {model:?} stopped; retry"))
+        }
+        InferError::Model(message) => ApiError::ReplicaFailed(message),
+    })?;
+    let outputs = outputs
+        .into_iter()
+        .filter(|output| {
+            request.outputs.is_empty() || request.outputs.iter().any(|w| w.name == output.name)
+        })
+        .map(oip::to_output)
+        .collect();
+    Ok(InferResponse {
+        model_name: model.to_string(),
+        model_version: route.version.to_string(),
+        id: request.id,
+        outputs,
+    })
+}

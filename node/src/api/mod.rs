@@ -1,0 +1,76 @@
+//! The HTTP surface: Open Inference Protocol v2, the admin API and `/metrics`, on axum.
+//!
+//! Only this module knows HTTP status codes and JSON shapes.
+
+mod admin;
+mod error;
+mod inference;
+pub mod oip;
+
+use crate::control::ControlPlane;
+use axum::Router;
+use axum::extract::DefaultBodyLimit;
+use axum::routing::{get, post};
+use shoal_actors::agent::Routes;
+use std::sync::Arc;
+use std::sync::atomic::AtomicUsize;
+use tokio::sync::watch;
+
+pub use error::ApiError;
+
+/// Largest request body accepted, in bytes: room for a batch of a few thousand rows of
+/// JSON, small enough that a bad client cannot make the gateway buffer much.
+pub const REQUEST_BODY_MAX_BYTES: usize = 4 << 20;
+
+/// What every handler can reach.
+#[derive(Debug)]
+pub struct AppState {
+    pub control: ControlPlane,
+    pub routes: watch::Receiver<Arc<Routes>>,
+    /// Round-robin position across a model's serving replicas.
+    pub next_route: AtomicUsize,
+}
+
+/// The router of the embedded `shoal up` process: inference, admin and metrics together.
+pub fn router(state: Arc<AppState>) -> Router {
+    Router::new()
+        .route("/v2", get(inference::server_metadata))
+        .route("/v2/health/live", get(inference::live))
+        .route("/v2/health/ready", get(inference::ready))
+        .route("/v2/models/{model}", get(inference::model_metadata))
+        .route("/v2/models/{model}/ready", get(inference::model_ready))
+        .route("/v2/models/{model}/infer", post(inference::infer))
+        .route(
+            "/v2/models/{model}/versions/{version}",
+            get(inference::version_metadata),
+        )
+        .route(
+            "/v2/models/{model}/versions/{version}/ready",
+            get(inference::version_ready),
+        )
+        .route(
+            "/v2/models/{model}/versions/{version}/infer",
+            post(inference::version_infer),
+        )
+        .route("/api/v1/models", get(admin::list_models))
+        .route("/api/v1/deployments", get(admin::list_deployments))
+        .route("/api/v1/cluster", get(admin::cluster_status))
+        .route("/metrics", get(metrics))
+        .fallback(not_found)
+        .layer(DefaultBodyLimit::max(REQUEST_BODY_MAX_BYTES))
+        .with_state(state)
+}
+
+async fn metrics() -> impl axum::response::IntoResponse {
+    (
+        [(
+            axum::http::header::CONTENT_TYPE,
+            "text/plain; version=0.0.4; charset=utf-8",
+        )],
+        shoal_ops::metrics::encode(),
+    )
+}
+
+async fn not_found(uri: axum::http::Uri) -> ApiError {
+    ApiError::NotFound(format!("no route {}", uri.path()))
+}

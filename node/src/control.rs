@@ -1,0 +1,124 @@
+//! The control plane as the rest of the node sees it: the scheduler's `ClusterState`
+//! replicated by consensus, with typed proposals and a watchable view of the state.
+
+use shoal_consensus::{ConsensusHandle, ProposeError, RaftStatus, StateMachine};
+use shoal_scheduler::{ClusterState, Command, Outcome, Rejected, apply};
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::watch;
+
+/// Longest a caller waits for a command to be applied.
+pub const PROPOSAL_TIMEOUT: Duration = Duration::from_secs(10);
+
+fn wire() -> bincode::config::Configuration {
+    bincode::config::standard()
+}
+
+/// Why a command was not applied.
+#[derive(Debug, thiserror::Error)]
+pub enum ControlError {
+    #[error("refused: {0}")]
+    Rejected(#[from] Rejected),
+    #[error(transparent)]
+    Consensus(#[from] ProposeError),
+    #[error("the state machine answered bytes that do not decode: {0}")]
+    Codec(String),
+}
+
+/// Applies committed commands to a `ClusterState` and publishes a snapshot after each run.
+pub struct ClusterStateMachine {
+    state: ClusterState,
+    published: watch::Sender<Arc<ClusterState>>,
+}
+
+impl ClusterStateMachine {
+    pub fn new() -> (ClusterStateMachine, watch::Receiver<Arc<ClusterState>>) {
+        let (published, receiver) = watch::channel(Arc::new(ClusterState::default()));
+        let machine = ClusterStateMachine {
+            state: ClusterState::default(),
+            published,
+        };
+        (machine, receiver)
+    }
+}
+
+impl StateMachine for ClusterStateMachine {
+    fn apply(&mut self, index: u64, data: &[u8]) -> Vec<u8> {
+        let result = match bincode::serde::decode_from_slice::<Command, _>(data, wire()) {
+            Ok((command, _)) => apply(&mut self.state, index, command),
+            Err(error) => {
+                // Every member decodes the same bytes the same way, so this stays
+                // deterministic; the entry is applied as a rejection.
+                self.state.applied_index = index;
+                Err(Rejected::Invalid(format!("undecodable command: {error}")))
+            }
+        };
+        if let Err(rejected) = &result {
+            tracing::debug!(index, %rejected, "command rejected");
+        }
+        bincode::serde::encode_to_vec(&result, wire()).unwrap_or_default()
+    }
+
+    fn applied(&mut self, _index: u64) {
+        // One clone per run of entries, not per entry. Fine at this state's size; a
+        // persistent map replaces the clone when clusters grow (issue 4's benchmark).
+        self.published.send_replace(Arc::new(self.state.clone()));
+    }
+}
+
+/// A cloneable way to propose commands and read the replicated state.
+#[derive(Clone, Debug)]
+pub struct ControlPlane {
+    consensus: ConsensusHandle,
+    state: watch::Receiver<Arc<ClusterState>>,
+}
+
+impl ControlPlane {
+    pub fn new(consensus: ConsensusHandle, state: watch::Receiver<Arc<ClusterState>>) -> Self {
+        ControlPlane { consensus, state }
+    }
+
+    /// Replicates `command` and returns what applying it did.
+    pub async fn propose(&self, command: &Command) -> Result<Outcome, ControlError> {
+        let data = bincode::serde::encode_to_vec(command, wire())
+            .map_err(|error| ControlError::Codec(error.to_string()))?;
+        let answer = self.consensus.propose(data, PROPOSAL_TIMEOUT).await?;
+        let (result, _): (Result<Outcome, Rejected>, usize) =
+            bincode::serde::decode_from_slice(&answer, wire())
+                .map_err(|error| ControlError::Codec(error.to_string()))?;
+        Ok(result?)
+    }
+
+    /// The state as of the last applied run of entries.
+    pub fn state(&self) -> Arc<ClusterState> {
+        self.state.borrow().clone()
+    }
+
+    pub fn watch_state(&self) -> watch::Receiver<Arc<ClusterState>> {
+        self.state.clone()
+    }
+
+    pub fn raft_status(&self) -> RaftStatus {
+        self.consensus.status()
+    }
+
+    pub fn watch_raft(&self) -> watch::Receiver<RaftStatus> {
+        self.consensus.watch_status()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn undecodable_bytes_are_applied_as_a_rejection() {
+        let (mut machine, state) = ClusterStateMachine::new();
+        let answer = machine.apply(1, b"\xff\xff\xff garbage");
+        machine.applied(1);
+        let (result, _): (Result<Outcome, Rejected>, usize) =
+            bincode::serde::decode_from_slice(&answer, wire()).unwrap();
+        assert!(matches!(result, Err(Rejected::Invalid(_))));
+        assert_eq!(state.borrow().applied_index, 1);
+    }
+}

@@ -1,0 +1,175 @@
+//! `shoal up`: control plane, agent and gateway in one process, over one data dir.
+
+use crate::api::{self, AppState};
+use crate::control::{ClusterStateMachine, ControlPlane};
+use crate::datadir::DataDir;
+use crate::demo;
+use crate::loops::{self, ProposingReporter};
+use crate::store::ArtifactStore;
+use anyhow::Context;
+use shoal_consensus::ConsensusConfig;
+use shoal_scheduler::{Command, NodeId};
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::AtomicUsize;
+use std::time::Duration;
+use tokio::sync::watch;
+
+/// The embedded mode's one raft member and one node.
+const MEMBER_ID: u64 = 1;
+const NODE_ID: NodeId = NodeId(1);
+
+/// Longest to wait for the single member to lead.
+const LEADER_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Settings of `shoal up`, validated.
+#[derive(Clone, Debug)]
+pub struct UpConfig {
+    pub data_dir: PathBuf,
+    pub listen: SocketAddr,
+}
+
+pub async fn run(config: UpConfig) -> anyhow::Result<()> {
+    let data_dir = DataDir::lock(&config.data_dir)?;
+    let (machine, states) = ClusterStateMachine::new();
+    let consensus = shoal_consensus::start(&ConsensusConfig::new(MEMBER_ID, data_dir.raft()), machine)
+        .context("starting consensus")?;
+    let control = ControlPlane::new(consensus.handle(), states);
+    let mut raft = control.watch_raft();
+    tokio::time::timeout(LEADER_TIMEOUT, raft.wait_for(|status| status.is_leader))
+        .await
+        .context("the control plane did not elect itself leader")??;
+
+    let listener = tokio::net::TcpListener::bind(config.listen)
+        .await
+        .with_context(|| format!("listening on {}", config.listen))?;
+    let address = listener.local_addr()?;
+
+    // Registering the node is also a barrier: its answer comes after every entry before
+    // it, so the state replayed from the log is complete once it returns.
+    let devices = shoal_actors::device::discover_devices();
+    control
+        .propose(&Command::RegisterNode {
+            id: NODE_ID,
+            address: address.to_string(),
+            devices: devices.clone(),
+            labels: BTreeMap::new(),
+        })
+        .await
+        .context("registering this node")?;
+    let recovered = control.state();
+    tracing::info!(
+        applied_index = recovered.applied_index,
+        models = recovered.models.len(),
+        deployments = recovered.deployments.len(),
+        "control plane state recovered"
+    );
+
+    let store = Arc::new(ArtifactStore::open(&data_dir.blobs()).context("opening the artifact store")?);
+    let reporter = Arc::new(ProposingReporter::start(control.clone()));
+    let (agent, routes) = shoal_actors::agent::start(devices, store.clone(), reporter)
+        .await
+        .context("starting the agent")?;
+
+    let (stop, stopping) = watch::channel(false);
+    let controller = tokio::spawn(loops::run_controller(control.clone(), stopping.clone()));
+    let reconciler = tokio::spawn(loops::run_reconciler(
+        control.clone(),
+        NODE_ID,
+        agent.clone(),
+        stopping.clone(),
+    ));
+
+    let app = Arc::new(AppState {
+        control: control.clone(),
+        routes: routes.clone(),
+        next_route: AtomicUsize::new(0),
+    });
+    let mut server = tokio::spawn(
+        axum::serve(listener, api::router(app))
+            .with_graceful_shutdown(shutdown_signal())
+            .into_future(),
+    );
+    // The exact line tests and scripts read to find the port when `--listen` ends in :0.
+    println!("shoal: listening on http://{address}");
+
+    let startup = async {
+        demo::ensure(&control, &store, &data_dir.scratch()).await?;
+        let mut routes = routes.clone();
+        routes
+            .wait_for(|table| !table.for_model(demo::DEMO_MODEL).is_empty())
+            .await
+            .context("the agent stopped before the demo model was ready")?;
+        print_welcome(address);
+        anyhow::Ok(())
+    };
+    let served = tokio::select! {
+        started = startup => match started {
+            Ok(()) => (&mut server).await,
+            Err(error) => {
+                tracing::error!(error = format!("{error:#}"), "startup failed; shutting down");
+                server.abort();
+                let _ = stop.send(true);
+                agent.stop().await;
+                tokio::task::spawn_blocking(move || consensus.shutdown()).await?;
+                return Err(error);
+            }
+        },
+        // A signal during startup: the server has drained; shut down without the demo.
+        served = &mut server => served,
+    };
+
+    tracing::info!("http server drained; stopping");
+    let _ = stop.send(true);
+    let _ = tokio::join!(controller, reconciler);
+    agent.stop().await;
+    tokio::task::spawn_blocking(move || consensus.shutdown()).await?;
+    drop(data_dir);
+    served.context("the HTTP server task failed")?.context("serving HTTP")?;
+    tracing::info!("shoal stopped");
+    Ok(())
+}
+
+/// Resolves on Ctrl-C or SIGTERM.
+async fn shutdown_signal() {
+    let interrupt = async {
+        if let Err(error) = tokio::signal::ctrl_c().await {
+            tracing::error!(%error, "cannot listen for ctrl-c");
+            std::future::pending::<()>().await;
+        }
+    };
+    let terminate = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut signal) => {
+                signal.recv().await;
+            }
+            Err(error) => {
+                tracing::error!(%error, "cannot listen for SIGTERM");
+                std::future::pending::<()>().await;
+            }
+        }
+    };
+    tokio::select! {
+        () = interrupt => {}
+        () = terminate => {}
+    }
+    tracing::info!("shutdown requested; finishing in-flight requests");
+}
+
+fn print_welcome(address: SocketAddr) {
+    let base = format!("http://{address}");
+    println!(
+        "\nShoal is up. The demo model `{model}` is ready.\n\n  \
+         inference  {base}/v2/models/{model}/infer\n  \
+         metadata   {base}/v2/models/{model}\n  \
+         models     {base}/api/v1/models\n  \
+         metrics    {base}/metrics\n\n\
+         Try:\n  curl -s {base}/v2/models/{model}/infer -H 'content-type: application/json' \\\n    \
+         -d '{{\"inputs\":[{{\"name\":\"features\",\"shape\":[1,4],\"datatype\":\"FP32\",\"data\":[[5.1,3.5,1.4,0.2]]}}]}}'\n  \
+         SHOAL_ADDR={base} shoal infer {model} --data '[[6.3,3.3,6.0,2.5]]'\n\n\
+         Ctrl-C stops Shoal; `shoal up` again on the same data dir resumes where it was.",
+        model = demo::DEMO_MODEL,
+    );
+}
