@@ -83,9 +83,16 @@ impl AgentState {
                     });
             }
         }
-        let serving = self.replicas.values().filter(|r| r.serving.is_some()).count();
+        let serving = self
+            .replicas
+            .values()
+            .filter(|r| r.serving.is_some())
+            .count();
         let metrics = shoal_ops::metrics::metrics();
-        metrics.replicas.with_label_values(&["ready"]).set(serving as i64);
+        metrics
+            .replicas
+            .with_label_values(&["ready"])
+            .set(serving as i64);
         metrics
             .replicas
             .with_label_values(&["loading"])
@@ -134,7 +141,9 @@ impl Actor for Agent {
                 let unwanted: Vec<ReplicaId> = state
                     .replicas
                     .iter()
-                    .filter(|(id, running)| wanted.get(id).is_none_or(|s| s.epoch != running.spec.epoch))
+                    .filter(|(id, running)| {
+                        wanted.get(id).is_none_or(|s| s.epoch != running.spec.epoch)
+                    })
                     .map(|(id, _)| *id)
                     .collect();
                 for id in unwanted {
@@ -147,7 +156,10 @@ impl Actor for Agent {
                     if state.replicas.contains_key(&id) {
                         continue;
                     }
-                    state.args.reporter.report(id, spec.epoch, ReplicaState::Loading, None);
+                    state
+                        .args
+                        .reporter
+                        .report(id, spec.epoch, ReplicaState::Loading, None);
                     let args = ReplicaArgs {
                         spec: spec.clone(),
                         devices: state.devices.clone(),
@@ -167,7 +179,12 @@ impl Actor for Agent {
                         }
                         Err(error) => {
                             let reason = format!("replica did not start: {error}");
-                            state.args.reporter.report(id, spec.epoch, ReplicaState::Failed, Some(reason));
+                            state.args.reporter.report(
+                                id,
+                                spec.epoch,
+                                ReplicaState::Failed,
+                                Some(reason),
+                            );
                         }
                     }
                 }
@@ -178,12 +195,15 @@ impl Actor for Agent {
                 epoch,
                 handle,
             } => {
-                if let Some(running) = state.replicas.get_mut(&replica) {
-                    if running.spec.epoch == epoch {
-                        running.serving = Some(handle);
-                        state.args.reporter.report(replica, epoch, ReplicaState::Ready, None);
-                        state.publish_routes();
-                    }
+                if let Some(running) = state.replicas.get_mut(&replica)
+                    && running.spec.epoch == epoch
+                {
+                    running.serving = Some(handle);
+                    state
+                        .args
+                        .reporter
+                        .report(replica, epoch, ReplicaState::Ready, None);
+                    state.publish_routes();
                 }
             }
         }
@@ -203,14 +223,19 @@ impl Actor for Agent {
                     myself.stop(Some(format!("device manager failed: {error}")));
                     return Ok(());
                 }
-                if let Some(id) = state.find_by_cell(&cell) {
-                    if let Some(running) = state.replicas.remove(&id) {
-                        let reason = error.to_string();
-                        tracing::warn!(replica = %id, %reason, "replica failed");
-                        state.devices.release(id, running.spec.device);
-                        state.args.reporter.report(id, running.spec.epoch, ReplicaState::Failed, Some(reason));
-                        state.publish_routes();
-                    }
+                if let Some(id) = state.find_by_cell(&cell)
+                    && let Some(running) = state.replicas.remove(&id)
+                {
+                    let reason = error.to_string();
+                    tracing::warn!(replica = %id, %reason, "replica failed");
+                    state.devices.release(id, running.spec.device);
+                    state.args.reporter.report(
+                        id,
+                        running.spec.epoch,
+                        ReplicaState::Failed,
+                        Some(reason),
+                    );
+                    state.publish_routes();
                 }
             }
             SupervisionEvent::ActorTerminated(cell, _, _) => {
@@ -250,7 +275,10 @@ impl AgentHandle {
     /// Stops the agent and every replica under it, and waits until they are gone.
     pub async fn stop(&self) {
         // Stopping a supervisor stops its linked children first.
-        let _ = self.actor.stop_and_wait(Some("shutdown".into()), None).await;
+        let _ = self
+            .actor
+            .stop_and_wait(Some("shutdown".into()), None)
+            .await;
     }
 }
 

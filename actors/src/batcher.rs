@@ -99,7 +99,10 @@ impl BatcherHandle {
 }
 
 /// Starts a batcher over `model` on the current runtime.
-pub fn spawn(model: Arc<dyn ModelRuntime>, config: BatcherConfig) -> (BatcherHandle, JoinHandle<()>) {
+pub fn spawn(
+    model: Arc<dyn ModelRuntime>,
+    config: BatcherConfig,
+) -> (BatcherHandle, JoinHandle<()>) {
     let (jobs, queue) = mpsc::channel(config.queue_capacity.max(1));
     let handle = BatcherHandle {
         jobs,
@@ -113,8 +116,12 @@ pub fn spawn(model: Arc<dyn ModelRuntime>, config: BatcherConfig) -> (BatcherHan
 async fn run(model: Arc<dyn ModelRuntime>, config: BatcherConfig, mut queue: mpsc::Receiver<Job>) {
     let metrics = shoal_ops::metrics::metrics();
     let batch_rows = metrics.batch_rows.with_label_values(&[&config.model]);
-    let queue_seconds = metrics.queue_duration_seconds.with_label_values(&[&config.model]);
-    let compute_seconds = metrics.compute_duration_seconds.with_label_values(&[&config.model]);
+    let queue_seconds = metrics
+        .queue_duration_seconds
+        .with_label_values(&[&config.model]);
+    let compute_seconds = metrics
+        .compute_duration_seconds
+        .with_label_values(&[&config.model]);
     let mut carried: Option<Job> = None;
     loop {
         let first = match carried.take() {
@@ -159,7 +166,8 @@ async fn run(model: Arc<dyn ModelRuntime>, config: BatcherConfig, mut queue: mps
         }
         let rows_per_job: Vec<usize> = live.iter().map(|job| job.rows).collect();
         let inputs = {
-            let slices: Vec<&[NamedTensor]> = live.iter().map(|job| job.inputs.as_slice()).collect();
+            let slices: Vec<&[NamedTensor]> =
+                live.iter().map(|job| job.inputs.as_slice()).collect();
             concat_rows(&slices)
         };
         batch_rows.observe(rows_per_job.iter().sum::<usize>() as f64);

@@ -104,7 +104,10 @@ impl Actor for DeviceManager {
         _myself: ActorRef<DeviceMsg>,
         devices: Vec<Device>,
     ) -> Result<DeviceState, ActorProcessingErr> {
-        let ledgers = devices.iter().map(|d| Ledger::new(d.memory_bytes)).collect();
+        let ledgers = devices
+            .iter()
+            .map(|d| Ledger::new(d.memory_bytes))
+            .collect();
         let state = DeviceState { devices, ledgers };
         for index in 0..state.devices.len() {
             state.publish(index);

@@ -4,12 +4,12 @@
 //! Loading happens in `post_start`, so the agent that spawned the replica is not held up;
 //! a load failure fails the actor, and the agent (its supervisor) reports why.
 
+use crate::ArtifactFetcher;
 use crate::agent::AgentMsg;
 use crate::batcher::{self, BatcherConfig, BatcherHandle};
 use crate::device::DeviceHandle;
 use crate::runtime::{self, ModelRuntime};
 use crate::tensor::{NamedTensor, TensorData};
-use crate::ArtifactFetcher;
 use ractor::{Actor, ActorProcessingErr, ActorRef};
 use sha2::{Digest, Sha256};
 use shoal_scheduler::{ArtifactFile, BatchingPolicy, DataType, DeviceId, ReplicaId, Signature};

@@ -185,10 +185,10 @@ pub fn concat_rows(requests: &[&[NamedTensor]]) -> Vec<NamedTensor> {
     let mut merged: Vec<NamedTensor> = first.to_vec();
     for request in rest {
         for tensor in merged.iter_mut() {
-            if let Some(more) = request.iter().find(|input| input.name == tensor.name) {
-                if tensor.data.extend(&more.data) {
-                    tensor.shape[0] += more.rows();
-                }
+            if let Some(more) = request.iter().find(|input| input.name == tensor.name)
+                && tensor.data.extend(&more.data)
+            {
+                tensor.shape[0] += more.rows();
             }
         }
     }
@@ -259,7 +259,10 @@ mod tests {
             validate_inputs(&sig, &[wrong_name]),
             Err(InputError::Unexpected { .. })
         ));
-        assert_eq!(validate_inputs(&sig, &[]), Err(InputError::Missing("features".into())));
+        assert_eq!(
+            validate_inputs(&sig, &[]),
+            Err(InputError::Missing("features".into()))
+        );
         let wrong_type = NamedTensor {
             data: TensorData::Int64(vec![1, 2]),
             ..features(1, vec![])

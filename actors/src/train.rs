@@ -71,7 +71,10 @@ struct DataSet {
 
 /// Parses a CSV with a header, numeric feature columns and the class name last.
 fn parse_csv(csv: &str) -> Result<DataSet, TrainError> {
-    let mut lines = csv.lines().enumerate().filter(|(_, line)| !line.trim().is_empty());
+    let mut lines = csv
+        .lines()
+        .enumerate()
+        .filter(|(_, line)| !line.trim().is_empty());
     let (_, header) = lines.next().ok_or(TrainError::Empty)?;
     let width = header.split(',').count().saturating_sub(1);
     let mut data = DataSet {
@@ -137,7 +140,12 @@ pub fn train_classifier(
     let features = Tensor::from_slice(&data.features, (rows, data.width), &device)?;
     let targets = Tensor::from_slice(&data.classes, rows, &device)?;
     let mean = features.mean(0)?;
-    let std = features.broadcast_sub(&mean)?.sqr()?.mean(0)?.sqrt()?.clamp(1e-6, f32::MAX)?;
+    let std = features
+        .broadcast_sub(&mean)?
+        .sqr()?
+        .mean(0)?
+        .sqrt()?
+        .clamp(1e-6, f32::MAX)?;
     let standardised = features.broadcast_sub(&mean)?.broadcast_div(&std)?;
 
     let mut layer_sizes = vec![data.width];
@@ -151,7 +159,11 @@ pub fn train_classifier(
         let weights: Vec<f32> = (0..fan_in * fan_out)
             .map(|_| (random.next_unit() * 2.0 - 1.0) * bound)
             .collect();
-        vars.push(Var::from_tensor(&Tensor::from_vec(weights, (fan_out, fan_in), &device)?)?);
+        vars.push(Var::from_tensor(&Tensor::from_vec(
+            weights,
+            (fan_out, fan_in),
+            &device,
+        )?)?);
         vars.push(Var::zeros(fan_out, DType::F32, &device)?);
     }
     let forward = |input: &Tensor| -> Result<Tensor, candle_core::Error> {
@@ -186,7 +198,10 @@ pub fn train_classifier(
     tensors.insert("input.mean".into(), mean);
     tensors.insert("input.std".into(), std);
     for (index, pair) in vars.chunks(2).enumerate() {
-        tensors.insert(format!("layers.{index}.weight"), pair[0].as_tensor().clone());
+        tensors.insert(
+            format!("layers.{index}.weight"),
+            pair[0].as_tensor().clone(),
+        );
         tensors.insert(format!("layers.{index}.bias"), pair[1].as_tensor().clone());
     }
     let model_config = MlpConfig {
@@ -250,7 +265,10 @@ mod tests {
         train(dir.path());
         let mut files = HashMap::new();
         for name in [WEIGHTS_FILE, CONFIG_FILE] {
-            files.insert(name.to_string(), std::fs::read(dir.path().join(name)).unwrap());
+            files.insert(
+                name.to_string(),
+                std::fs::read(dir.path().join(name)).unwrap(),
+            );
         }
         let model = crate::runtime::load(&files).unwrap();
         let samples = vec![5.1, 3.5, 1.4, 0.2, 6.4, 3.2, 4.5, 1.5, 6.3, 3.3, 6.0, 2.5];
@@ -264,7 +282,11 @@ mod tests {
         let labels = outputs.iter().find(|o| o.name == "label").unwrap();
         assert_eq!(
             labels.data,
-            TensorData::Bytes(vec!["setosa".into(), "versicolor".into(), "virginica".into()])
+            TensorData::Bytes(vec![
+                "setosa".into(),
+                "versicolor".into(),
+                "virginica".into()
+            ])
         );
         let TensorData::Fp32(probabilities) = &outputs[0].data else {
             panic!("probabilities are FP32");
@@ -277,8 +299,12 @@ mod tests {
     #[test]
     fn a_malformed_csv_names_its_line() {
         let dir = tempfile::tempdir().unwrap();
-        let error = train_classifier("a,b,label\n1,2,x\n1,oops,y\n", &TrainConfig::iris(), dir.path())
-            .unwrap_err();
+        let error = train_classifier(
+            "a,b,label\n1,2,x\n1,oops,y\n",
+            &TrainConfig::iris(),
+            dir.path(),
+        )
+        .unwrap_err();
         assert!(error.to_string().starts_with("line 3:"), "{error}");
     }
 }

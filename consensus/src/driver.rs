@@ -89,7 +89,11 @@ pub fn start<S: StateMachine>(
         ..raft::Config::default()
     };
     raft_config.validate()?;
-    let mut raw_node = RawNode::new(&raft_config, storage, &crate::logger::raft_logger(config.id))?;
+    let mut raw_node = RawNode::new(
+        &raft_config,
+        storage,
+        &crate::logger::raft_logger(config.id),
+    )?;
     if voters == [config.id] {
         // Alone in the group: no one to wait for, so take the lead now instead of after an
         // election timeout.
@@ -282,10 +286,8 @@ impl<S: StateMachine> Driver<S> {
     }
 
     fn expire_waiters(&mut self, now: Instant) {
-        self.waiters.retain(|_, waiter| {
-            let live = waiter.deadline > now && !waiter.reply.is_closed();
-            live
-        });
+        self.waiters
+            .retain(|_, waiter| waiter.deadline > now && !waiter.reply.is_closed());
     }
 
     /// Handles one `Ready` in the order raft-rs documents: send what may go before
@@ -299,7 +301,9 @@ impl<S: StateMachine> Driver<S> {
         if let Some(soft_state) = ready.ss() {
             let leader = (soft_state.leader_id != raft::INVALID_ID).then_some(soft_state.leader_id);
             if leader != self.leader {
-                shoal_ops::metrics::metrics().raft_leader_changes_total.inc();
+                shoal_ops::metrics::metrics()
+                    .raft_leader_changes_total
+                    .inc();
                 tracing::info!(id = self.id, leader = ?leader, role = ?soft_state.raft_state, "raft leader changed");
                 self.leader = leader;
             }
@@ -358,7 +362,10 @@ impl<S: StateMachine> Driver<S> {
     }
 
     fn apply_conf_change(&mut self, change: &impl raft_proto::ConfChangeI) -> Result<(), Fatal> {
-        let conf_state = self.raw_node.apply_conf_change(change).map_err(Fatal::Raft)?;
+        let conf_state = self
+            .raw_node
+            .apply_conf_change(change)
+            .map_err(Fatal::Raft)?;
         self.raw_node
             .mut_store()
             .persist(&[], None, Some(&conf_state))
@@ -372,7 +379,11 @@ impl<S: StateMachine> Driver<S> {
         if proposer != self.id {
             return;
         }
-        if self.waiters.get(&sequence).is_none_or(|waiter| waiter.term != entry.term) {
+        if self
+            .waiters
+            .get(&sequence)
+            .is_none_or(|waiter| waiter.term != entry.term)
+        {
             return;
         }
         if let Some(waiter) = self.waiters.remove(&sequence) {
@@ -397,9 +408,15 @@ impl<S: StateMachine> Driver<S> {
         let metrics = shoal_ops::metrics::metrics();
         metrics.raft_term.set(saturating_i64(status.term));
         metrics.raft_is_leader.set(i64::from(status.is_leader));
-        metrics.raft_commit_index.set(saturating_i64(status.commit_index));
-        metrics.raft_applied_index.set(saturating_i64(status.applied_index));
-        metrics.raft_log_bytes.set(saturating_i64(self.raw_node.store().used_bytes() as u64));
+        metrics
+            .raft_commit_index
+            .set(saturating_i64(status.commit_index));
+        metrics
+            .raft_applied_index
+            .set(saturating_i64(status.applied_index));
+        metrics
+            .raft_log_bytes
+            .set(saturating_i64(self.raw_node.store().used_bytes() as u64));
         self.status.send_if_modified(|current| {
             let changed = *current != status;
             *current = status;

@@ -13,10 +13,15 @@ const CLIENT_TIMEOUT: Duration = Duration::from_secs(60);
 #[derive(Debug, Args)]
 pub struct ClientArgs {
     /// Where Shoal's HTTP endpoint is.
-    #[arg(long, env = "SHOAL_ADDR", default_value = "http://127.0.0.1:7070")]
+    #[arg(
+        long,
+        global = true,
+        env = "SHOAL_ADDR",
+        default_value = "http://127.0.0.1:7070"
+    )]
     addr: String,
     /// Output format.
-    #[arg(short, long, value_enum, default_value_t = Output::Table)]
+    #[arg(short, long, global = true, value_enum, default_value_t = Output::Table)]
     output: Output,
 }
 
@@ -77,7 +82,11 @@ impl Client {
         decode(response).await
     }
 
-    async fn post<B: serde::Serialize, T: DeserializeOwned>(&self, path: &str, body: &B) -> anyhow::Result<T> {
+    async fn post<B: serde::Serialize, T: DeserializeOwned>(
+        &self,
+        path: &str,
+        body: &B,
+    ) -> anyhow::Result<T> {
         let response = self
             .http
             .post(format!("{}{path}", self.base))
@@ -96,10 +105,12 @@ async fn decode<T: DeserializeOwned>(response: reqwest::Response) -> anyhow::Res
     if !status.is_success() {
         let message = serde_json::from_slice::<serde_json::Value>(&body)
             .ok()
-            .and_then(|value| value.get("error").map(|error| match error {
-                serde_json::Value::String(text) => text.clone(),
-                other => other.to_string(),
-            }))
+            .and_then(|value| {
+                value.get("error").map(|error| match error {
+                    serde_json::Value::String(text) => text.clone(),
+                    other => other.to_string(),
+                })
+            })
             .unwrap_or_else(|| String::from_utf8_lossy(&body).into_owned());
         bail!("{status}: {message}");
     }
@@ -115,7 +126,7 @@ pub async fn model(command: ModelCommand, args: &ClientArgs) -> anyhow::Result<(
                 println!("{}", serde_json::to_string_pretty(&versions)?);
                 return Ok(());
             }
-            let rows = versions
+            let rows: Vec<Vec<String>> = versions
                 .iter()
                 .map(|v| {
                     vec![
@@ -127,7 +138,10 @@ pub async fn model(command: ModelCommand, args: &ClientArgs) -> anyhow::Result<(
                     ]
                 })
                 .collect();
-            print_table(&["MODEL", "VERSION", "FORMAT", "SIZE_BYTES", "DIGEST"], rows);
+            print_table(
+                &["MODEL", "VERSION", "FORMAT", "SIZE_BYTES", "DIGEST"],
+                &rows,
+            );
         }
     }
     Ok(())
@@ -142,18 +156,22 @@ pub async fn deploy(command: DeployCommand, args: &ClientArgs) -> anyhow::Result
                 println!("{}", serde_json::to_string_pretty(&deployments)?);
                 return Ok(());
             }
-            let rows = deployments
+            let rows: Vec<Vec<String>> = deployments
                 .iter()
                 .map(|d| {
                     vec![
                         text(d, "name"),
                         text(d, "model"),
                         text(d, "version"),
-                        format!("{}/{}", text(d, "replicas_ready"), text(d, "replicas_wanted")),
+                        format!(
+                            "{}/{}",
+                            text(d, "replicas_ready"),
+                            text(d, "replicas_wanted")
+                        ),
                     ]
                 })
                 .collect();
-            print_table(&["NAME", "MODEL", "VERSION", "READY"], rows);
+            print_table(&["NAME", "MODEL", "VERSION", "READY"], &rows);
         }
     }
     Ok(())
@@ -191,7 +209,11 @@ pub async fn infer(request: InferArgs, args: &ClientArgs) -> anyhow::Result<()> 
         println!("{}", serde_json::to_string_pretty(&answer)?);
         return Ok(());
     }
-    let rows_total = answer.outputs.first().and_then(|o| o.shape.first().copied()).unwrap_or(0);
+    let rows_total = answer
+        .outputs
+        .first()
+        .and_then(|o| o.shape.first().copied())
+        .unwrap_or(0);
     let mut headers = vec!["ROW".to_string()];
     headers.extend(answer.outputs.iter().map(|o| o.name.to_uppercase()));
     let mut rows = Vec::new();
@@ -200,8 +222,14 @@ pub async fn infer(request: InferArgs, args: &ClientArgs) -> anyhow::Result<()> 
         for output in &answer.outputs {
             let per_row: usize = output.shape.iter().skip(1).product();
             let cell = match &output.data {
-                ResponseData::Fp32(values) => join(&values[row * per_row..(row + 1) * per_row], |v| format!("{v:.4}")),
-                ResponseData::Int64(values) => join(&values[row * per_row..(row + 1) * per_row], i64::to_string),
+                ResponseData::Fp32(values) => {
+                    join(&values[row * per_row..(row + 1) * per_row], |v| {
+                        format!("{v:.4}")
+                    })
+                }
+                ResponseData::Int64(values) => {
+                    join(&values[row * per_row..(row + 1) * per_row], i64::to_string)
+                }
                 ResponseData::Bytes(values) => values[row * per_row..(row + 1) * per_row].join(" "),
             };
             cells.push(cell);
@@ -209,8 +237,11 @@ pub async fn infer(request: InferArgs, args: &ClientArgs) -> anyhow::Result<()> 
         rows.push(cells);
     }
     let headers: Vec<&str> = headers.iter().map(String::as_str).collect();
-    print_table(&headers, rows);
-    println!("model {} version {}", answer.model_name, answer.model_version);
+    print_table(&headers, &rows);
+    println!(
+        "model {} version {}",
+        answer.model_name, answer.model_version
+    );
     Ok(())
 }
 
@@ -223,12 +254,16 @@ fn shape_of(data: &serde_json::Value) -> anyhow::Result<Vec<i64>> {
     let mut shape = Vec::new();
     let mut level = vec![data];
     loop {
-        let lengths: Vec<Option<usize>> = level.iter().map(|v| v.as_array().map(Vec::len)).collect();
+        let lengths: Vec<Option<usize>> =
+            level.iter().map(|v| v.as_array().map(Vec::len)).collect();
         match lengths.first().copied().flatten() {
             None if lengths.iter().all(Option::is_none) => return Ok(shape),
             Some(length) if lengths.iter().all(|l| *l == Some(length)) => {
                 shape.push(length as i64);
-                level = level.iter().flat_map(|v| v.as_array().into_iter().flatten()).collect();
+                level = level
+                    .iter()
+                    .flat_map(|v| v.as_array().into_iter().flatten())
+                    .collect();
             }
             _ => bail!("--data is ragged: every row must have the same length"),
         }
@@ -243,9 +278,9 @@ fn text(value: &serde_json::Value, key: &str) -> String {
     }
 }
 
-fn print_table(headers: &[&str], rows: Vec<Vec<String>>) {
+fn print_table(headers: &[&str], rows: &[Vec<String>]) {
     let mut widths: Vec<usize> = headers.iter().map(|h| h.len()).collect();
-    for row in &rows {
+    for row in rows {
         for (width, cell) in widths.iter_mut().zip(row) {
             *width = (*width).max(cell.len());
         }
@@ -259,7 +294,7 @@ fn print_table(headers: &[&str], rows: Vec<Vec<String>>) {
         println!("{}", padded.join("  ").trim_end());
     };
     line(headers.to_vec());
-    for row in &rows {
+    for row in rows {
         line(row.iter().map(String::as_str).collect());
     }
 }

@@ -15,7 +15,9 @@ pub struct DataDir {
 
 #[derive(Debug, thiserror::Error)]
 pub enum DataDirError {
-    #[error("data dir {dir} is in use by another shoal process{pid}; stop it or pick another --data-dir")]
+    #[error(
+        "data dir {dir} is in use by another shoal process{pid}; stop it or pick another --data-dir"
+    )]
     InUse { dir: PathBuf, pid: String },
     #[error("data dir {dir}: {source}")]
     Io {
@@ -93,8 +95,14 @@ mod tests {
         let first = DataDir::lock(dir.path()).unwrap();
         let second = DataDir::lock(dir.path()).unwrap_err();
         let message = second.to_string();
-        assert!(message.contains("in use by another shoal process"), "{message}");
-        assert!(message.contains(&std::process::id().to_string()), "{message}");
+        assert!(
+            message.contains("in use by another shoal process"),
+            "{message}"
+        );
+        assert!(
+            message.contains(&std::process::id().to_string()),
+            "{message}"
+        );
         drop(first);
         DataDir::lock(dir.path()).unwrap();
     }

@@ -16,11 +16,23 @@ use std::sync::Arc;
 pub const DEMO_MODEL: &str = "iris";
 
 /// Makes sure the demo model is registered and deployed.
-pub async fn ensure(control: &ControlPlane, store: &Arc<ArtifactStore>, scratch: &Path) -> anyhow::Result<()> {
+pub async fn ensure(
+    control: &ControlPlane,
+    store: &Arc<ArtifactStore>,
+    scratch: &Path,
+) -> anyhow::Result<()> {
     let state = control.state();
-    let version = match state.models.get(DEMO_MODEL).and_then(|m| m.versions.keys().next_back()) {
+    let version = match state
+        .models
+        .get(DEMO_MODEL)
+        .and_then(|m| m.versions.keys().next_back())
+    {
         Some(&version) => {
-            tracing::info!(model = DEMO_MODEL, version, "demo model found in the log; not training");
+            tracing::info!(
+                model = DEMO_MODEL,
+                version,
+                "demo model found in the log; not training"
+            );
             version
         }
         None => register(control, store, scratch).await?,
@@ -41,33 +53,46 @@ pub async fn ensure(control: &ControlPlane, store: &Arc<ArtifactStore>, scratch:
     Ok(())
 }
 
-async fn register(control: &ControlPlane, store: &Arc<ArtifactStore>, scratch: &Path) -> anyhow::Result<u32> {
+async fn register(
+    control: &ControlPlane,
+    store: &Arc<ArtifactStore>,
+    scratch: &Path,
+) -> anyhow::Result<u32> {
     let dir = scratch.join("iris-training");
     let store = Arc::clone(store);
     // Training and hashing are CPU work: keep them off the async workers.
-    let (files, config_json, accuracy) = tokio::task::spawn_blocking(move || -> anyhow::Result<_> {
-        std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
-        let report = train_classifier(shoal_actors::IRIS_CSV, &TrainConfig::iris(), &dir)
-            .context("training the demo model")?;
-        let mut files = Vec::new();
-        let mut config_json = Vec::new();
-        for name in [WEIGHTS_FILE, CONFIG_FILE] {
-            let bytes = std::fs::read(dir.join(name)).with_context(|| format!("reading {name}"))?;
-            let digest = store.put(&bytes).with_context(|| format!("storing {name}"))?;
-            files.push(ArtifactFile {
-                name: name.into(),
-                digest,
-                size_bytes: bytes.len() as u64,
-            });
-            if name == CONFIG_FILE {
-                config_json = bytes;
+    let (files, config_json, accuracy) =
+        tokio::task::spawn_blocking(move || -> anyhow::Result<_> {
+            std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+            let report = train_classifier(shoal_actors::IRIS_CSV, &TrainConfig::iris(), &dir)
+                .context("training the demo model")?;
+            let mut files = Vec::new();
+            let mut config_json = Vec::new();
+            for name in [WEIGHTS_FILE, CONFIG_FILE] {
+                let bytes =
+                    std::fs::read(dir.join(name)).with_context(|| format!("reading {name}"))?;
+                let digest = store
+                    .put(&bytes)
+                    .with_context(|| format!("storing {name}"))?;
+                files.push(ArtifactFile {
+                    name: name.into(),
+                    digest,
+                    size_bytes: bytes.len() as u64,
+                });
+                if name == CONFIG_FILE {
+                    config_json = bytes;
+                }
             }
-        }
-        std::fs::remove_dir_all(&dir).ok();
-        Ok((files, config_json, report.accuracy))
-    })
-    .await??;
-    tracing::info!(model = DEMO_MODEL, accuracy = format!("{:.3}", accuracy), rows = 150, "trained the demo model");
+            std::fs::remove_dir_all(&dir).ok();
+            Ok((files, config_json, report.accuracy))
+        })
+        .await??;
+    tracing::info!(
+        model = DEMO_MODEL,
+        accuracy = format!("{:.3}", accuracy),
+        rows = 150,
+        "trained the demo model"
+    );
 
     let signature = signature_of(&config_json)?;
     let weights_bytes = files
@@ -83,7 +108,11 @@ async fn register(control: &ControlPlane, store: &Arc<ArtifactStore>, scratch: &
         signature,
         created_at_ms: now_ms(),
     };
-    match control.propose(&command).await.context("registering the demo model")? {
+    match control
+        .propose(&command)
+        .await
+        .context("registering the demo model")?
+    {
         Outcome::VersionRegistered { version, .. } => Ok(version),
         other => anyhow::bail!("registering the demo model answered {other:?}"),
     }
@@ -95,7 +124,10 @@ pub fn manifest_digest(files: &[ArtifactFile]) -> String {
     sorted.sort_by(|a, b| a.name.cmp(&b.name));
     let mut hasher = Sha256::new();
     for file in sorted {
-        hasher.update(format!("{}\t{}\t{}\n", file.name, file.digest, file.size_bytes));
+        hasher.update(format!(
+            "{}\t{}\t{}\n",
+            file.name, file.digest, file.size_bytes
+        ));
     }
     hex::encode(hasher.finalize())
 }

@@ -20,7 +20,11 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 #[derive(Debug, Parser)]
-#[command(name = "shoal", version, about = "Serve machine-learning models on a cluster.")]
+#[command(
+    name = "shoal",
+    version,
+    about = "Serve machine-learning models on a cluster."
+)]
 struct Args {
     /// Log line format (logs go to stderr).
     #[arg(long, global = true, value_enum, default_value_t = LogFormatArg::Pretty, env = "SHOAL_LOG_FORMAT")]
@@ -75,7 +79,10 @@ fn main() -> ExitCode {
         LogFormatArg::Pretty => LogFormat::Pretty,
         LogFormatArg::Json => LogFormat::Json,
     };
-    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
         Ok(runtime) => runtime,
         Err(error) => {
             eprintln!("shoal: cannot start the async runtime: {error}");

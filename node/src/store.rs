@@ -35,7 +35,9 @@ impl ArtifactStore {
         if path.exists() {
             return Ok(digest);
         }
-        let temporary = self.dir.join(format!(".{digest}.{}.partial", std::process::id()));
+        let temporary = self
+            .dir
+            .join(format!(".{digest}.{}.partial", std::process::id()));
         let mut file = std::fs::File::create(&temporary)?;
         file.write_all(bytes)?;
         file.sync_all()?;
@@ -78,7 +80,13 @@ mod tests {
     fn a_digest_that_is_not_hex_never_reaches_the_filesystem() {
         let dir = tempfile::tempdir().unwrap();
         let store = ArtifactStore::open(dir.path()).unwrap();
-        assert!(matches!(store.fetch("../../etc/passwd"), Err(FetchError::NotFound(_))));
-        assert!(matches!(store.fetch(&"0".repeat(64)), Err(FetchError::NotFound(_))));
+        assert!(matches!(
+            store.fetch("../../etc/passwd"),
+            Err(FetchError::NotFound(_))
+        ));
+        assert!(matches!(
+            store.fetch(&"0".repeat(64)),
+            Err(FetchError::NotFound(_))
+        ));
     }
 }

@@ -34,8 +34,9 @@ pub struct UpConfig {
 pub async fn run(config: UpConfig) -> anyhow::Result<()> {
     let data_dir = DataDir::lock(&config.data_dir)?;
     let (machine, states) = ClusterStateMachine::new();
-    let consensus = shoal_consensus::start(&ConsensusConfig::new(MEMBER_ID, data_dir.raft()), machine)
-        .context("starting consensus")?;
+    let consensus =
+        shoal_consensus::start(&ConsensusConfig::new(MEMBER_ID, data_dir.raft()), machine)
+            .context("starting consensus")?;
     let control = ControlPlane::new(consensus.handle(), states);
     let mut raft = control.watch_raft();
     tokio::time::timeout(LEADER_TIMEOUT, raft.wait_for(|status| status.is_leader))
@@ -67,7 +68,8 @@ pub async fn run(config: UpConfig) -> anyhow::Result<()> {
         "control plane state recovered"
     );
 
-    let store = Arc::new(ArtifactStore::open(&data_dir.blobs()).context("opening the artifact store")?);
+    let store =
+        Arc::new(ArtifactStore::open(&data_dir.blobs()).context("opening the artifact store")?);
     let reporter = Arc::new(ProposingReporter::start(control.clone()));
     let (agent, routes) = shoal_actors::agent::start(devices, store.clone(), reporter)
         .await
@@ -86,6 +88,7 @@ pub async fn run(config: UpConfig) -> anyhow::Result<()> {
         control: control.clone(),
         routes: routes.clone(),
         next_route: AtomicUsize::new(0),
+        required_models: vec![demo::DEMO_MODEL.to_string()],
     });
     let mut server = tokio::spawn(
         axum::serve(listener, api::router(app))
@@ -127,7 +130,9 @@ pub async fn run(config: UpConfig) -> anyhow::Result<()> {
     agent.stop().await;
     tokio::task::spawn_blocking(move || consensus.shutdown()).await?;
     drop(data_dir);
-    served.context("the HTTP server task failed")?.context("serving HTTP")?;
+    served
+        .context("the HTTP server task failed")?
+        .context("serving HTTP")?;
     tracing::info!("shoal stopped");
     Ok(())
 }

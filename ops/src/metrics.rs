@@ -12,8 +12,8 @@ use std::sync::LazyLock;
 
 /// Buckets for request latencies: 100 µs to 10 s.
 const LATENCY_BUCKETS_SECONDS: &[f64] = &[
-    0.000_1, 0.000_25, 0.000_5, 0.001, 0.002_5, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0,
-    2.5, 5.0, 10.0,
+    0.000_1, 0.000_25, 0.000_5, 0.001, 0.002_5, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
+    5.0, 10.0,
 ];
 
 /// Buckets for rows per forward pass.
@@ -168,7 +168,10 @@ impl Metrics {
             ),
             registry,
         };
-        metrics.build_info.with_label_values(&[crate::VERSION]).set(1);
+        metrics
+            .build_info
+            .with_label_values(&[crate::VERSION])
+            .set(1);
         metrics
     }
 }
@@ -200,7 +203,10 @@ fn counter_vec(registry: &Registry, name: &str, help: &str, labels: &[&str]) -> 
 }
 
 fn counter(registry: &Registry, name: &str, help: &str) -> IntCounter {
-    register(registry, IntCounter::new(name, help).expect("valid counter"))
+    register(
+        registry,
+        IntCounter::new(name, help).expect("valid counter"),
+    )
 }
 
 fn gauge(registry: &Registry, name: &str, help: &str) -> IntGauge {
@@ -214,7 +220,10 @@ fn gauge_vec(registry: &Registry, name: &str, help: &str, labels: &[&str]) -> In
 
 fn histogram(registry: &Registry, name: &str, help: &str, buckets: &[f64]) -> Histogram {
     let opts = HistogramOpts::new(name, help).buckets(buckets.to_vec());
-    register(registry, Histogram::with_opts(opts).expect("valid histogram"))
+    register(
+        registry,
+        Histogram::with_opts(opts).expect("valid histogram"),
+    )
 }
 
 fn histogram_vec(
@@ -225,7 +234,10 @@ fn histogram_vec(
     buckets: &[f64],
 ) -> HistogramVec {
     let opts = HistogramOpts::new(name, help).buckets(buckets.to_vec());
-    register(registry, HistogramVec::new(opts, labels).expect("valid histogram"))
+    register(
+        registry,
+        HistogramVec::new(opts, labels).expect("valid histogram"),
+    )
 }
 
 #[cfg(test)]
@@ -234,13 +246,20 @@ mod tests {
 
     #[test]
     fn every_metric_follows_the_naming_rules() {
-        metrics().requests_total.with_label_values(&["m", "200"]).inc();
+        metrics()
+            .requests_total
+            .with_label_values(&["m", "200"])
+            .inc();
         for family in metrics().registry.gather() {
             let name = family.name();
             assert!(name.starts_with("shoal_"), "{name} lacks the shoal_ prefix");
             assert!(!family.help().is_empty(), "{name} has no help text");
             let is_counter = family.get_field_type() == prometheus::proto::MetricType::COUNTER;
-            assert_eq!(is_counter, name.ends_with("_total"), "{name}: _total iff counter");
+            assert_eq!(
+                is_counter,
+                name.ends_with("_total"),
+                "{name}: _total iff counter"
+            );
         }
     }
 

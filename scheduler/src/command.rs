@@ -5,8 +5,7 @@
 //! plan is rejected here, not half-applied.
 
 use crate::state::{
-    ClusterState, Deployment, Device, Model, ModelVersion, Node, NodeStatus, Replica,
-    ReplicaState,
+    ClusterState, Deployment, Device, Model, ModelVersion, Node, NodeStatus, Replica, ReplicaState,
 };
 use crate::types::{ArtifactFile, BatchingPolicy, DeviceId, NodeId, ReplicaId, Signature};
 use serde::{Deserialize, Serialize};
@@ -96,7 +95,9 @@ pub enum Rejected {
         needed_bytes: u64,
         free_bytes: u64,
     },
-    #[error("device {device} of {node} would shrink below the {reserved_bytes} bytes reserved on it")]
+    #[error(
+        "device {device} of {node} would shrink below the {reserved_bytes} bytes reserved on it"
+    )]
     DeviceShrinksBelowReservations {
         node: NodeId,
         device: DeviceId,
@@ -115,7 +116,10 @@ pub enum Rejected {
 /// Applies one committed command at raft `index`. On `Err` the state is untouched except
 /// for `applied_index`, which always advances: a rejected entry is still applied.
 pub fn apply(state: &mut ClusterState, index: u64, command: Command) -> Result<Outcome, Rejected> {
-    debug_assert!(index > state.applied_index || index == 0, "entries apply in order");
+    debug_assert!(
+        index > state.applied_index || index == 0,
+        "entries apply in order"
+    );
     state.applied_index = index;
     match command {
         Command::RegisterNode {
@@ -318,7 +322,11 @@ fn assign_replica(
     if target.status != NodeStatus::Ready {
         return Err(Rejected::NodeNotReady(node));
     }
-    let Some(capacity) = target.devices.get(device.0 as usize).map(|d| d.memory_bytes) else {
+    let Some(capacity) = target
+        .devices
+        .get(device.0 as usize)
+        .map(|d| d.memory_bytes)
+    else {
         return Err(Rejected::UnknownDevice { node, device });
     };
     let free_bytes = capacity.saturating_sub(state.reserved_bytes(node, device));

@@ -15,8 +15,7 @@ mod types;
 
 pub use command::{Command, Outcome, Rejected, apply};
 pub use state::{
-    ClusterState, Deployment, Device, Model, ModelVersion, Node, NodeStatus, Replica,
-    ReplicaState,
+    ClusterState, Deployment, Device, Model, ModelVersion, Node, NodeStatus, Replica, ReplicaState,
 };
 pub use types::{
     ArtifactFile, BatchingPolicy, DataType, DeviceId, DeviceKind, NodeId, ReplicaId, Signature,

@@ -56,7 +56,9 @@ fn choose_device(
     per_node: &BTreeMap<NodeId, u32>,
     need_bytes: u64,
 ) -> Option<(NodeId, DeviceId)> {
-    let mut best: Option<((u32, u64, NodeId, DeviceId), (NodeId, DeviceId))> = None;
+    // Compared as a tuple: fewest replicas of this deployment on the node, then least
+    // memory left over, then lowest ids.
+    let mut best: Option<(u32, u64, NodeId, DeviceId)> = None;
     for node in state.nodes.values() {
         if node.status != NodeStatus::Ready {
             continue;
@@ -69,12 +71,12 @@ fn choose_device(
                 continue;
             }
             let key = (same_deployment, free_bytes - need_bytes, node.id, device.id);
-            if best.as_ref().is_none_or(|(best_key, _)| key < *best_key) {
-                best = Some((key, (node.id, device.id)));
+            if best.is_none_or(|best_key| key < best_key) {
+                best = Some(key);
             }
         }
     }
-    best.map(|(_, choice)| choice)
+    best.map(|(_, _, node, device)| (node, device))
 }
 
 #[cfg(test)]

@@ -28,7 +28,9 @@ struct ChannelReporter(mpsc::Sender<Report>);
 
 impl ReplicaReporter for ChannelReporter {
     fn report(&self, replica: ReplicaId, epoch: u64, state: ReplicaState, failure: Option<String>) {
-        self.0.try_send((replica, epoch, state, failure)).expect("test reporter keeps up");
+        self.0
+            .try_send((replica, epoch, state, failure))
+            .expect("test reporter keeps up");
     }
 }
 
@@ -67,7 +69,11 @@ fn spec(id: u64, files: Vec<ArtifactFile>, reserved_bytes: u64) -> ReplicaSpec {
 async fn start_agent(
     blobs: HashMap<String, Vec<u8>>,
     capacity_bytes: u64,
-) -> (AgentHandle, watch::Receiver<Arc<Routes>>, mpsc::Receiver<Report>) {
+) -> (
+    AgentHandle,
+    watch::Receiver<Arc<Routes>>,
+    mpsc::Receiver<Report>,
+) {
     let (sender, reports) = mpsc::channel(64);
     let devices = vec![Device {
         id: DeviceId(0),
@@ -97,8 +103,15 @@ async fn an_assigned_replica_loads_reports_ready_and_serves() {
     let (agent, mut routes, mut reports) = start_agent(blobs, 1 << 30).await;
     assert!(agent.reconcile(vec![spec(7, files, 1 << 20)]));
     assert_eq!(next_report(&mut reports).await.2, ReplicaState::Loading);
-    assert_eq!(next_report(&mut reports).await, (ReplicaId(7), 1, ReplicaState::Ready, None));
-    let table = routes.wait_for(|r| !r.for_model("iris").is_empty()).await.unwrap().clone();
+    assert_eq!(
+        next_report(&mut reports).await,
+        (ReplicaId(7), 1, ReplicaState::Ready, None)
+    );
+    let table = routes
+        .wait_for(|r| !r.for_model("iris").is_empty())
+        .await
+        .unwrap()
+        .clone();
     let route = &table.for_model("iris")[0];
     let features = NamedTensor {
         name: "features".into(),
@@ -122,7 +135,10 @@ async fn a_replica_whose_artifact_does_not_match_its_digest_fails_with_the_reaso
     let (_, _, state, failure) = next_report(&mut reports).await;
     assert_eq!(state, ReplicaState::Failed);
     let failure = failure.unwrap();
-    assert!(failure.contains(&weights_digest) && failure.contains("hashes to"), "{failure}");
+    assert!(
+        failure.contains(&weights_digest) && failure.contains("hashes to"),
+        "{failure}"
+    );
     assert!(routes.borrow().for_model("iris").is_empty());
     agent.stop().await;
 }
@@ -150,11 +166,17 @@ async fn an_unassigned_replica_is_stopped_and_leaves_the_routes() {
     agent.reconcile(vec![spec(1, files, 1 << 20)]);
     next_report(&mut reports).await;
     next_report(&mut reports).await;
-    routes.wait_for(|r| r.for_model("iris").len() == 1).await.unwrap();
-    agent.reconcile(vec![]);
-    tokio::time::timeout(Duration::from_secs(10), routes.wait_for(|r| r.for_model("iris").is_empty()))
+    routes
+        .wait_for(|r| r.for_model("iris").len() == 1)
         .await
-        .expect("routes emptied")
         .unwrap();
+    agent.reconcile(vec![]);
+    tokio::time::timeout(
+        Duration::from_secs(10),
+        routes.wait_for(|r| r.for_model("iris").is_empty()),
+    )
+    .await
+    .expect("routes emptied")
+    .unwrap();
     agent.stop().await;
 }

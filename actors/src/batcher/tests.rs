@@ -51,7 +51,11 @@ impl ModelRuntime for Doubler {
     }
 }
 
-fn config(batch_rows_max: usize, queue_delay_max: Duration, queue_capacity: usize) -> BatcherConfig {
+fn config(
+    batch_rows_max: usize,
+    queue_delay_max: Duration,
+    queue_capacity: usize,
+) -> BatcherConfig {
     BatcherConfig {
         batch_rows_max,
         queue_delay_max,
@@ -88,7 +92,10 @@ async fn a_batch_closes_when_it_is_full_without_waiting_for_the_delay() {
         assert_eq!(outputs[0].data, TensorData::Fp32(vec![2.0 * i as f32]));
     }
     assert_eq!(model.batches(), vec![4]);
-    assert!(started.elapsed() < Duration::from_secs(10), "did not wait for the delay");
+    assert!(
+        started.elapsed() < Duration::from_secs(10),
+        "did not wait for the delay"
+    );
 }
 
 #[tokio::test(start_paused = true)]
@@ -97,11 +104,17 @@ async fn a_batch_closes_after_the_delay_when_it_is_not_full() {
     let delay = Duration::from_millis(5);
     let (handle, _task) = spawn(model.clone(), config(8, delay, 64));
     let started = Instant::now();
-    let (a, b) = tokio::join!(handle.infer(x(&[1.0]), far()), handle.infer(x(&[2.0, 3.0]), far()));
+    let (a, b) = tokio::join!(
+        handle.infer(x(&[1.0]), far()),
+        handle.infer(x(&[2.0, 3.0]), far())
+    );
     assert_eq!(a.unwrap()[0].data, TensorData::Fp32(vec![2.0]));
     assert_eq!(b.unwrap()[0].data, TensorData::Fp32(vec![4.0, 6.0]));
     assert_eq!(model.batches(), vec![3]);
-    assert!(started.elapsed() >= delay, "waited for company up to the delay");
+    assert!(
+        started.elapsed() >= delay,
+        "waited for company up to the delay"
+    );
 }
 
 #[tokio::test(start_paused = true)]
@@ -145,7 +158,10 @@ async fn a_request_past_its_deadline_is_answered_deadline_exceeded() {
     let model = Doubler::new();
     let (handle, _task) = spawn(model.clone(), config(8, Duration::from_millis(50), 64));
     let soon = Instant::now() + Duration::from_millis(10);
-    assert_eq!(handle.infer(x(&[1.0]), soon).await, Err(InferError::DeadlineExceeded));
+    assert_eq!(
+        handle.infer(x(&[1.0]), soon).await,
+        Err(InferError::DeadlineExceeded)
+    );
     // The expired request never reaches the model.
     tokio::time::sleep(Duration::from_millis(100)).await;
     assert_eq!(model.batches(), Vec::<usize>::new());
@@ -160,6 +176,9 @@ async fn invalid_inputs_are_refused_before_queueing() {
         shape: vec![1, 1],
         data: TensorData::Fp32(vec![1.0]),
     }];
-    assert!(matches!(handle.infer(wrong, far()).await, Err(InferError::Input(_))));
+    assert!(matches!(
+        handle.infer(wrong, far()).await,
+        Err(InferError::Input(_))
+    ));
     assert!(model.batches().is_empty());
 }

@@ -157,7 +157,8 @@ impl ModelRuntime for MlpClassifier {
             return Err(RuntimeError::Input("features must be FP32".into()));
         };
         let rows = input.rows();
-        let features = Tensor::from_slice(values, (rows, self.config.layer_sizes[0]), &self.device)?;
+        let features =
+            Tensor::from_slice(values, (rows, self.config.layer_sizes[0]), &self.device)?;
         let probabilities = self.probabilities(&features)?;
         let classes: Vec<u32> = probabilities.argmax(D::Minus1)?.to_vec1()?;
         let labels = classes

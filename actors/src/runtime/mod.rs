@@ -77,7 +77,9 @@ pub fn signature_of(config_json: &[u8]) -> Result<Signature, RuntimeError> {
                 .map_err(|error| RuntimeError::Config(error.to_string()))?;
             Ok(config.signature())
         }
-        other => Err(RuntimeError::Config(format!("unknown architecture {other:?}"))),
+        other => Err(RuntimeError::Config(format!(
+            "unknown architecture {other:?}"
+        ))),
     }
 }
 
@@ -86,5 +88,7 @@ pub fn signature_of(config_json: &[u8]) -> Result<Signature, RuntimeError> {
 /// workspace.
 pub fn memory_estimate_bytes(weights_bytes: u64) -> u64 {
     const WORKSPACE_BYTES: u64 = 16 << 20;
-    weights_bytes.saturating_mul(2).saturating_add(WORKSPACE_BYTES)
+    weights_bytes
+        .saturating_mul(2)
+        .saturating_add(WORKSPACE_BYTES)
 }

@@ -22,8 +22,12 @@ impl StateMachine for Sum {
 const DEADLINE: Duration = Duration::from_secs(10);
 
 async fn propose(handle: &ConsensusHandle, value: u64) -> Result<u64, ProposeError> {
-    let output = handle.propose(value.to_be_bytes().to_vec(), DEADLINE).await?;
-    Ok(u64::from_be_bytes(output.try_into().expect("8-byte answers")))
+    let output = handle
+        .propose(value.to_be_bytes().to_vec(), DEADLINE)
+        .await?;
+    Ok(u64::from_be_bytes(
+        output.try_into().expect("8-byte answers"),
+    ))
 }
 
 fn config(dir: &std::path::Path) -> ConsensusConfig {
@@ -74,7 +78,10 @@ async fn acknowledged_proposals_survive_a_restart_from_disk() {
     let consensus = start(&config(dir.path()), Sum::default()).unwrap();
     let handle = consensus.handle();
     assert_eq!(propose(&handle, 100).await, Ok(55 + 100));
-    assert!(handle.status().term > term_before, "a restart elects in a new term");
+    assert!(
+        handle.status().term > term_before,
+        "a restart elects in a new term"
+    );
     shutdown(consensus).await;
 }
 

@@ -42,9 +42,10 @@ impl ApiError {
     fn with_body(self, body: serde_json::Value) -> Response {
         let mut response = (self.status(), axum::Json(body)).into_response();
         if matches!(self, ApiError::Overloaded(_) | ApiError::Unavailable(_)) {
-            response
-                .headers_mut()
-                .insert(header::RETRY_AFTER, HeaderValue::from_static(RETRY_AFTER_SECONDS));
+            response.headers_mut().insert(
+                header::RETRY_AFTER,
+                HeaderValue::from_static(RETRY_AFTER_SECONDS),
+            );
         }
         response
     }
@@ -65,7 +66,10 @@ impl From<axum::extract::rejection::BytesRejection> for ApiError {
                 super::REQUEST_BODY_MAX_BYTES
             ))
         } else {
-            ApiError::BadRequest(format!("could not read the request body: {}", rejection.body_text()))
+            ApiError::BadRequest(format!(
+                "could not read the request body: {}",
+                rejection.body_text()
+            ))
         }
     }
 }

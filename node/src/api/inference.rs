@@ -31,18 +31,22 @@ pub async fn server_metadata() -> Json<serde_json::Value> {
     }))
 }
 
-/// 200 when the control plane has a leader and every deployment has a serving replica.
+/// 200 when the control plane has a leader and every deployment and required model has a
+/// serving replica.
 pub async fn ready(State(app): State<Arc<AppState>>) -> Result<Json<serde_json::Value>, ApiError> {
     if app.control.raft_status().leader.is_none() {
-        return Err(ApiError::Unavailable("the control plane has no leader".into()));
+        return Err(ApiError::Unavailable(
+            "the control plane has no leader".into(),
+        ));
     }
     let state = app.control.state();
     let routes = app.routes.borrow().clone();
     let waiting: Vec<&str> = state
         .deployments
         .values()
-        .filter(|deployment| routes.for_model(&deployment.model).is_empty())
-        .map(|deployment| deployment.name.as_str())
+        .map(|deployment| deployment.model.as_str())
+        .chain(app.required_models.iter().map(String::as_str))
+        .filter(|model| routes.for_model(model).is_empty())
         .collect();
     if !waiting.is_empty() {
         return Err(ApiError::Unavailable(format!(
@@ -80,18 +84,36 @@ fn resolve<'a>(
         .ok_or_else(|| ApiError::NotFound(format!("model {model:?} has no version {number}")))
 }
 
-fn metadata(state: &ClusterState, model: &str, version: Option<&str>) -> Result<ModelMetadata, ApiError> {
+fn metadata(
+    state: &ClusterState,
+    model: &str,
+    version: Option<&str>,
+) -> Result<ModelMetadata, ApiError> {
     let resolved = resolve(state, model, version)?;
     let versions = match version {
         Some(_) => vec![resolved.version.to_string()],
-        None => state.models[model].versions.keys().map(u32::to_string).collect(),
+        None => state.models[model]
+            .versions
+            .keys()
+            .map(u32::to_string)
+            .collect(),
     };
     Ok(ModelMetadata {
         name: model.to_string(),
         versions,
         platform: format!("shoal_{}", resolved.format),
-        inputs: resolved.signature.inputs.iter().map(TensorMetadata::from).collect(),
-        outputs: resolved.signature.outputs.iter().map(TensorMetadata::from).collect(),
+        inputs: resolved
+            .signature
+            .inputs
+            .iter()
+            .map(TensorMetadata::from)
+            .collect(),
+        outputs: resolved
+            .signature
+            .outputs
+            .iter()
+            .map(TensorMetadata::from)
+            .collect(),
     })
 }
 
@@ -109,7 +131,11 @@ pub async fn version_metadata(
     metadata(&app.control.state(), &model, Some(&version)).map(Json)
 }
 
-fn model_is_ready(app: &AppState, model: &str, version: Option<&str>) -> Result<Json<serde_json::Value>, ApiError> {
+fn model_is_ready(
+    app: &AppState,
+    model: &str,
+    version: Option<&str>,
+) -> Result<Json<serde_json::Value>, ApiError> {
     let state = app.control.state();
     let resolved = resolve(&state, model, version)?;
     let routes = app.routes.borrow().clone();
@@ -118,7 +144,9 @@ fn model_is_ready(app: &AppState, model: &str, version: Option<&str>) -> Result<
         .iter()
         .any(|route| version.is_none() || route.version == resolved.version);
     if !serving {
-        return Err(ApiError::Unavailable(format!("model {model:?} has no ready replica")));
+        return Err(ApiError::Unavailable(format!(
+            "model {model:?} has no ready replica"
+        )));
     }
     Ok(Json(serde_json::json!({"name": model, "ready": true})))
 }
@@ -172,7 +200,10 @@ async fn observed(
         Err(error) => error.status().as_u16().to_string(),
     };
     let metrics = shoal_ops::metrics::metrics();
-    metrics.requests_total.with_label_values(&[label, &code]).inc();
+    metrics
+        .requests_total
+        .with_label_values(&[label, &code])
+        .inc();
     metrics
         .request_duration_seconds
         .with_label_values(&[label])
@@ -202,7 +233,12 @@ async fn serve(
     validate_inputs(&resolved.signature, &inputs)
         .map_err(|error| ApiError::BadRequest(error.to_string()))?;
     for wanted in &request.outputs {
-        if !resolved.signature.outputs.iter().any(|spec| spec.name == wanted.name) {
+        if !resolved
+            .signature
+            .outputs
+            .iter()
+            .any(|spec| spec.name == wanted.name)
+        {
             return Err(ApiError::BadRequest(format!(
                 "model {model:?} has no output {:?}",
                 wanted.name
@@ -224,20 +260,24 @@ async fn serve(
     }
     let position = app.next_route.fetch_add(1, Ordering::Relaxed) % candidates.len();
     let route = candidates[position];
-    let outputs = route.handle.infer(inputs, deadline).await.map_err(|error| match error {
-        InferError::Input(input) => ApiError::BadRequest(input.to_string()),
-        InferError::Overloaded => {
-            ApiError::Overloaded(format!("model {model:?} is overloaded; retry later"))
-        }
-        InferError::DeadlineExceeded => ApiError::DeadlineExceeded(format!(
-            "no answer within {} s",
-            REQUEST_TIMEOUT.as_secs()
-        )),
-        InferError::Stopped => {
-            ApiError::Unavailable(format!("the replica of {model:?} stopped; retry"))
-        }
-        InferError::Model(message) => ApiError::ReplicaFailed(message),
-    })?;
+    let outputs = route
+        .handle
+        .infer(inputs, deadline)
+        .await
+        .map_err(|error| match error {
+            InferError::Input(input) => ApiError::BadRequest(input.to_string()),
+            InferError::Overloaded => {
+                ApiError::Overloaded(format!("model {model:?} is overloaded; retry later"))
+            }
+            InferError::DeadlineExceeded => ApiError::DeadlineExceeded(format!(
+                "no answer within {} s",
+                REQUEST_TIMEOUT.as_secs()
+            )),
+            InferError::Stopped => {
+                ApiError::Unavailable(format!("the replica of {model:?} stopped; retry"))
+            }
+            InferError::Model(message) => ApiError::ReplicaFailed(message),
+        })?;
     let outputs = outputs
         .into_iter()
         .filter(|output| {

@@ -29,6 +29,9 @@ pub struct AppState {
     pub routes: watch::Receiver<Arc<Routes>>,
     /// Round-robin position across a model's serving replicas.
     pub next_route: AtomicUsize,
+    /// Models that must have a serving replica before `/v2/health/ready` answers 200
+    /// (in `shoal up`, the demo model, which may not be deployed yet at startup).
+    pub required_models: Vec<String>,
 }
 
 /// The router of the embedded `shoal up` process: inference, admin and metrics together.

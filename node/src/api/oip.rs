@@ -122,7 +122,9 @@ pub fn to_tensor(input: RequestInput) -> Result<NamedTensor, String> {
         DataType::Fp32 => {
             let mut values = Vec::with_capacity(leaves.len());
             for (index, leaf) in leaves.iter().enumerate() {
-                let value = leaf.as_f64().ok_or_else(|| bad_element(index, "a number"))?;
+                let value = leaf
+                    .as_f64()
+                    .ok_or_else(|| bad_element(index, "a number"))?;
                 values.push(value as f32);
             }
             TensorData::Fp32(values)
@@ -130,7 +132,9 @@ pub fn to_tensor(input: RequestInput) -> Result<NamedTensor, String> {
         DataType::Int64 => {
             let mut values = Vec::with_capacity(leaves.len());
             for (index, leaf) in leaves.iter().enumerate() {
-                let value = leaf.as_i64().ok_or_else(|| bad_element(index, "an integer"))?;
+                let value = leaf
+                    .as_i64()
+                    .ok_or_else(|| bad_element(index, "an integer"))?;
                 values.push(value);
             }
             TensorData::Int64(values)
@@ -138,7 +142,9 @@ pub fn to_tensor(input: RequestInput) -> Result<NamedTensor, String> {
         DataType::Bytes => {
             let mut values = Vec::with_capacity(leaves.len());
             for (index, leaf) in leaves.iter().enumerate() {
-                let value = leaf.as_str().ok_or_else(|| bad_element(index, "a string"))?;
+                let value = leaf
+                    .as_str()
+                    .ok_or_else(|| bad_element(index, "a string"))?;
                 values.push(value.to_string());
             }
             TensorData::Bytes(values)

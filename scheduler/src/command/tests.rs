@@ -87,9 +87,27 @@ fn versions_are_numbered_in_order_and_content_addressed() {
     let first = apply(&mut state, 1, version_command("iris", "d1", 10)).unwrap();
     let second = apply(&mut state, 2, version_command("iris", "d2", 10)).unwrap();
     let again = apply(&mut state, 3, version_command("iris", "d1", 10)).unwrap();
-    assert_eq!(first, Outcome::VersionRegistered { version: 1, created: true });
-    assert_eq!(second, Outcome::VersionRegistered { version: 2, created: true });
-    assert_eq!(again, Outcome::VersionRegistered { version: 1, created: false });
+    assert_eq!(
+        first,
+        Outcome::VersionRegistered {
+            version: 1,
+            created: true
+        }
+    );
+    assert_eq!(
+        second,
+        Outcome::VersionRegistered {
+            version: 2,
+            created: true
+        }
+    );
+    assert_eq!(
+        again,
+        Outcome::VersionRegistered {
+            version: 1,
+            created: false
+        }
+    );
     assert_eq!(state.version("iris", 2).unwrap().parent, Some(1));
     assert_eq!(state.models["iris"].versions.len(), 2);
 }
@@ -111,7 +129,10 @@ fn a_deployment_of_an_unknown_version_is_refused() {
     }
     assert_eq!(
         apply(&mut state, 2, command),
-        Err(Rejected::UnknownVersion { model: "iris".into(), version: 7 })
+        Err(Rejected::UnknownVersion {
+            model: "iris".into(),
+            version: 7
+        })
     );
     assert_eq!(
         apply(&mut state, 3, deployment_command("x", "nope", 1)),
@@ -133,7 +154,9 @@ fn assigning_a_replica_reserves_memory_and_never_over_commits() {
     ]);
     assert_eq!(
         apply(&mut state, 4, assign("iris", 1, 0, GIB / 2)),
-        Ok(Outcome::ReplicaAssigned { replica: ReplicaId(0) })
+        Ok(Outcome::ReplicaAssigned {
+            replica: ReplicaId(0)
+        })
     );
     apply(&mut state, 5, assign("iris", 1, 0, GIB / 2)).unwrap();
     assert_eq!(
@@ -176,7 +199,10 @@ fn assigning_to_an_unknown_node_or_device_is_refused() {
     );
     assert_eq!(
         apply(&mut state, 5, assign("iris", 1, 3, 1)),
-        Err(Rejected::UnknownDevice { node: NodeId(1), device: DeviceId(3) })
+        Err(Rejected::UnknownDevice {
+            node: NodeId(1),
+            device: DeviceId(3)
+        })
     );
     assert_eq!(
         apply(&mut state, 6, assign("nope", 1, 0, 1)),
@@ -200,7 +226,11 @@ fn marking_a_replica_ready_needs_its_current_epoch() {
     };
     assert_eq!(
         apply(&mut state, 5, ready(0)),
-        Err(Rejected::StaleEpoch { replica: ReplicaId(0), given: 0, current: 1 })
+        Err(Rejected::StaleEpoch {
+            replica: ReplicaId(0),
+            given: 0,
+            current: 1
+        })
     );
     assert_eq!(apply(&mut state, 6, ready(1)), Ok(Outcome::ReplicaStateSet));
     assert_eq!(state.replicas[&ReplicaId(0)].state, ReplicaState::Ready);
@@ -224,7 +254,9 @@ fn a_failed_replica_frees_its_memory_and_stays_failed() {
     assert_eq!(state.reserved_bytes(NodeId(1), DeviceId(0)), 0);
     assert_eq!(
         apply(&mut state, 6, set(ReplicaState::Ready)),
-        Err(Rejected::ReplicaFailed { replica: ReplicaId(0) })
+        Err(Rejected::ReplicaFailed {
+            replica: ReplicaId(0)
+        })
     );
     // Its memory can now hold a replacement.
     apply(&mut state, 7, assign("iris", 1, 0, GIB)).unwrap();

@@ -1,0 +1,222 @@
+//! `shoal up` end to end: the real binary on a free port in a temp dir, the demo model
+//! trained and served, every kind of bad input answered, a graceful stop, and a restart
+//! that recovers from the raft log without training again.
+
+use serde_json::{Value, json};
+use shoal_tests::{Shoal, shoal_binary};
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::time::Duration;
+
+const SAMPLES: [([f32; 4], &str); 3] = [
+    ([5.1, 3.5, 1.4, 0.2], "setosa"),
+    ([6.4, 3.2, 4.5, 1.5], "versicolor"),
+    ([6.3, 3.3, 6.0, 2.5], "virginica"),
+];
+
+fn features(rows: &[[f32; 4]]) -> Value {
+    json!({"inputs": [{"name": "features", "shape": [rows.len(), 4], "datatype": "FP32", "data": rows}]})
+}
+
+async fn infer_labels(client: &reqwest::Client, shoal: &Shoal, rows: &[[f32; 4]]) -> Vec<String> {
+    let response = client
+        .post(shoal.url("/v2/models/iris/infer"))
+        .json(&features(rows))
+        .send()
+        .await
+        .expect("infer request");
+    assert_eq!(response.status(), 200);
+    let body: Value = response.json().await.expect("JSON answer");
+    assert_eq!(body["model_name"], "iris");
+    let label = body["outputs"]
+        .as_array()
+        .expect("outputs")
+        .iter()
+        .find(|output| output["name"] == "label")
+        .expect("a label output");
+    assert_eq!(label["datatype"], "BYTES");
+    assert_eq!(label["shape"], json!([rows.len()]));
+    serde_json::from_value(label["data"].clone()).expect("labels are strings")
+}
+
+/// Sends `body` to `path` and checks the status and that the error body is JSON
+/// `{"error": "..."}` with a non-empty message.
+async fn expect_error(
+    client: &reqwest::Client,
+    shoal: &Shoal,
+    path: &str,
+    body: Vec<u8>,
+    status: u16,
+) {
+    let response = client
+        .post(shoal.url(path))
+        .header("content-type", "application/json")
+        .body(body)
+        .send()
+        .await
+        .expect("request sent");
+    assert_eq!(response.status(), status, "{path}");
+    let error: Value = response.json().await.expect("error body is JSON");
+    let message = error["error"].as_str().expect("{\"error\": \"...\"}");
+    assert!(!message.is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shoal_up_serves_iris_refuses_bad_input_stops_gracefully_and_recovers() {
+    let temp = tempfile::tempdir().unwrap();
+    let data_dir = temp.path().join("data");
+    let client = reqwest::Client::new();
+
+    let mut shoal = Shoal::up(&data_dir, "first");
+    shoal.wait_ready(&client).await;
+    assert!(
+        shoal.stderr().contains("trained the demo model"),
+        "{}",
+        shoal.stderr()
+    );
+
+    // One sample of each species, one at a time and as one batch.
+    for (row, species) in SAMPLES {
+        assert_eq!(infer_labels(&client, &shoal, &[row]).await, vec![species]);
+    }
+    let rows: Vec<[f32; 4]> = SAMPLES.iter().map(|(row, _)| *row).collect();
+    assert_eq!(
+        infer_labels(&client, &shoal, &rows).await,
+        vec!["setosa", "versicolor", "virginica"]
+    );
+
+    // Metadata names the signature.
+    let metadata: Value = client
+        .get(shoal.url("/v2/models/iris"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(
+        metadata["inputs"][0],
+        json!({"name": "features", "datatype": "FP32", "shape": [-1, 4]})
+    );
+
+    // Every bad input gets its status and a JSON error, and the server keeps serving.
+    let infer = "/v2/models/iris/infer";
+    let wrong_name = json!({"inputs": [{"name": "petals", "shape": [1, 4], "datatype": "FP32", "data": [1, 2, 3, 4]}]});
+    let wrong_shape = json!({"inputs": [{"name": "features", "shape": [1, 3], "datatype": "FP32", "data": [1, 2, 3]}]});
+    let wrong_type = json!({"inputs": [{"name": "features", "shape": [1, 4], "datatype": "INT64", "data": [1, 2, 3, 4]}]});
+    let wrong_count = json!({"inputs": [{"name": "features", "shape": [2, 4], "datatype": "FP32", "data": [1, 2, 3, 4]}]});
+    let cases: Vec<(&str, Vec<u8>, u16)> = vec![
+        (infer, b"{\"inputs\": [".to_vec(), 400),
+        (infer, b"not json at all".to_vec(), 400),
+        (infer, wrong_name.to_string().into_bytes(), 400),
+        (infer, wrong_shape.to_string().into_bytes(), 400),
+        (infer, wrong_type.to_string().into_bytes(), 400),
+        (infer, wrong_count.to_string().into_bytes(), 400),
+        (
+            "/v2/models/no-such-model/infer",
+            features(&[SAMPLES[0].0]).to_string().into_bytes(),
+            404,
+        ),
+        (
+            "/v2/models/iris/versions/9/infer",
+            features(&[SAMPLES[0].0]).to_string().into_bytes(),
+            404,
+        ),
+        (infer, vec![b' '; 5 << 20], 413),
+    ];
+    for (path, body, status) in cases {
+        expect_error(&client, &shoal, path, body, status).await;
+        assert_eq!(
+            infer_labels(&client, &shoal, &[SAMPLES[2].0]).await,
+            vec!["virginica"]
+        );
+    }
+
+    // A second `shoal up` on the same data dir is refused with a clear message.
+    let second = std::process::Command::new(shoal_binary())
+        .args(["up", "--listen", "127.0.0.1:0", "--data-dir"])
+        .arg(&data_dir)
+        .output()
+        .expect("second shoal runs");
+    assert!(!second.status.success());
+    let message = String::from_utf8_lossy(&second.stderr);
+    assert!(
+        message.contains("in use by another shoal process"),
+        "{message}"
+    );
+    assert_eq!(
+        infer_labels(&client, &shoal, &[SAMPLES[0].0]).await,
+        vec!["setosa"]
+    );
+
+    // Ctrl-C while a request is in flight: the request still gets its answer.
+    let address = shoal.base_url.trim_start_matches("http://").to_string();
+    let body = features(&[SAMPLES[1].0]).to_string();
+    let mut in_flight = TcpStream::connect(&address).unwrap();
+    in_flight
+        .set_read_timeout(Some(Duration::from_secs(30)))
+        .unwrap();
+    write!(
+        in_flight,
+        "POST /v2/models/iris/infer HTTP/1.1\r\nhost: {address}\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n",
+        body.len()
+    )
+    .unwrap();
+    let (head, tail) = body.split_at(body.len() / 2);
+    in_flight.write_all(head.as_bytes()).unwrap();
+    in_flight.flush().unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    shoal.interrupt();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    in_flight.write_all(tail.as_bytes()).unwrap();
+    let mut answer = Vec::new();
+    let mut buffer = [0u8; 4096];
+    while !String::from_utf8_lossy(&answer).contains("\"versicolor\"") {
+        let read = in_flight
+            .read(&mut buffer)
+            .expect("the in-flight request is answered");
+        assert!(
+            read > 0,
+            "connection closed before the answer: {}",
+            String::from_utf8_lossy(&answer)
+        );
+        answer.extend_from_slice(&buffer[..read]);
+    }
+    assert!(String::from_utf8_lossy(&answer).starts_with("HTTP/1.1 200"));
+    drop(in_flight);
+    let status = shoal.wait_exit(Duration::from_secs(30));
+    assert!(
+        status.success(),
+        "clean exit after Ctrl-C: {status}\n{}",
+        shoal.stderr()
+    );
+    drop(shoal);
+
+    // Restart on the same dir: state comes back from the raft log, nothing is retrained.
+    let mut again = Shoal::up(&data_dir, "second");
+    again.wait_ready(&client).await;
+    let log = again.stderr();
+    assert!(
+        log.contains("demo model found in the log; not training"),
+        "{log}"
+    );
+    assert!(!log.contains("trained the demo model"), "{log}");
+    for (row, species) in SAMPLES {
+        assert_eq!(infer_labels(&client, &again, &[row]).await, vec![species]);
+    }
+    let models: Value = client
+        .get(again.url("/api/v1/models"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(
+        models.as_array().map(Vec::len),
+        Some(1),
+        "still one version: {models}"
+    );
+    again.interrupt();
+    assert!(again.wait_exit(Duration::from_secs(30)).success());
+}
