@@ -1,120 +1,178 @@
-//! The driver: one thread that owns the `RawNode` and does everything raft needs, in order.
+//! The driver: one thread that owns the raft [`Core`] and does its IO: the disk (through
+//! the core's store), the transport, the clock and the callers' queues.
 //!
 //! It runs on a dedicated OS thread, not the async runtime, because every `Ready` ends in
-//! an fsync. Callers talk to it through a bounded queue; each proposal carries a oneshot
-//! that the driver answers once the entry is applied.
+//! an fsync. Callers and the transport reach it through two bounded queues, one for
+//! requests and one for peer messages, so a flood of proposals never starves raft's own
+//! traffic.
 
+use crate::core::{Core, CoreConfig, CoreEvent, ProposalReply, ReadReply, ReadyError};
 use crate::storage::DiskStorage;
-use crate::{ConsensusConfig, ProposeError, RaftStatus, StartError, StateMachine};
+use crate::transport::{self, Envelope, Inbox, PeerSender};
+use crate::{
+    ConsensusConfig, MembershipChange, ProposeError, RaftStatus, StartError, StateMachine,
+};
+use crossbeam_channel::{Receiver, Sender, TrySendError, bounded, select};
 use protobuf::Message as _;
-use raft::eraftpb::{ConfChange, ConfChangeV2, Entry, EntryType, Message};
-use raft::{RawNode, StateRole};
-use std::collections::HashMap;
-use std::sync::mpsc::{Receiver, RecvTimeoutError, SyncSender, TrySendError, sync_channel};
+use raft::eraftpb::{Message, MessageType};
+use std::collections::BTreeMap;
+use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 use tokio::sync::{oneshot, watch};
 
-/// Requests waiting for the driver. Beyond this a proposer gets `Overloaded` at once
-/// rather than queueing without bound behind a slow disk.
-const REQUEST_QUEUE_CAPACITY: usize = 4_096;
+/// Requests waiting for the driver. Beyond this a caller gets `Overloaded` at once rather
+/// than queueing without bound behind a slow disk.
+const REQUEST_QUEUE_CAPACITY: usize = 8_192;
 
-/// Requests taken from the queue before handling one `Ready`: under load many proposals
+/// Peer messages waiting for the driver; when full, new ones are dropped (raft resends).
+const INBOUND_QUEUE_CAPACITY: usize = 8_192;
+
+/// Items taken from the queues before handling one `Ready`: under load many proposals
 /// share one fsync, while a tick is never delayed by more than one batch.
-const REQUESTS_PER_READY_MAX: usize = 1_024;
-
-/// Largest append message raft builds, in bytes.
-const MESSAGE_SIZE_MAX_BYTES: u64 = 1 << 20;
-
-/// Most append messages in flight to one follower.
-const INFLIGHT_MESSAGES_MAX: usize = 256;
+const ITEMS_PER_READY_MAX: usize = 4_096;
 
 enum Request {
     Propose {
         data: Vec<u8>,
         deadline: Instant,
-        reply: oneshot::Sender<Result<Vec<u8>, ProposeError>>,
+        reply: ProposalReply,
+    },
+    ReadIndex {
+        deadline: Instant,
+        reply: ReadReply,
+    },
+    ChangeMembership {
+        change: MembershipChange,
+        deadline: Instant,
+        reply: ProposalReply,
+    },
+    TransferLeader {
+        to: u64,
     },
     Shutdown,
 }
 
-struct Waiter {
-    /// The term the proposal was made in. An entry only answers a waiter of its own term:
-    /// after a restart, replayed entries carry sequence numbers that a new proposal reuses.
-    term: u64,
-    reply: oneshot::Sender<Result<Vec<u8>, ProposeError>>,
-    deadline: Instant,
-    proposed_at: Instant,
+struct Inbound {
+    envelope: Envelope,
+    message: Message,
 }
 
 /// A cloneable way to reach the driver.
 #[derive(Clone, Debug)]
 pub struct ConsensusHandle {
-    requests: SyncSender<Request>,
+    requests: Sender<Request>,
     status: watch::Receiver<RaftStatus>,
 }
 
-/// The running driver; dropping it without [`Consensus::shutdown`] leaves the thread to
-/// stop when every handle is gone.
+/// The running member; stop it with [`Consensus::shutdown`].
 #[derive(Debug)]
 pub struct Consensus {
     handle: ConsensusHandle,
     thread: JoinHandle<()>,
+    listener: Option<tokio::task::JoinHandle<()>>,
 }
 
-/// Opens the log in `config.dir` and starts the driver thread.
+struct ChannelInbox(Sender<Inbound>);
+
+impl Inbox for ChannelInbox {
+    fn deliver(&self, envelope: Envelope, message: Message) -> bool {
+        match self.0.try_send(Inbound { envelope, message }) {
+            Ok(()) => true,
+            Err(TrySendError::Full(_)) => {
+                shoal_ops::metrics::metrics()
+                    .raft_messages_dropped_total
+                    .with_label_values(&["inbound_full"])
+                    .inc();
+                true
+            }
+            Err(TrySendError::Disconnected(_)) => false,
+        }
+    }
+}
+
+/// Opens the log in `config.dir`, starts the transport (when `config.listen` is set) and
+/// the driver thread. Must be called on a tokio runtime, which the transport uses.
 ///
-/// A new log is bootstrapped as a single-voter group of `config.id`; the state machine is
-/// rebuilt by replaying every committed entry, so it starts empty.
-pub fn start<S: StateMachine>(
+/// A new log is bootstrapped with `config.peers` as voters. The state machine is restored
+/// from the latest snapshot and the entries after it are applied again.
+pub async fn start<S: StateMachine>(
     config: &ConsensusConfig,
     state_machine: S,
 ) -> Result<Consensus, StartError> {
-    let storage =
-        DiskStorage::open(&config.dir, &[config.id]).map_err(|source| StartError::Open {
-            dir: config.dir.clone(),
-            source,
-        })?;
-    let voters = storage.conf_state().voters.clone();
-    let raft_config = raft::Config {
-        id: config.id,
-        election_tick: config.election_ticks,
-        heartbeat_tick: config.heartbeat_ticks,
-        // The state machine lives in memory and is rebuilt from the log on every start.
-        applied: 0,
-        max_size_per_msg: MESSAGE_SIZE_MAX_BYTES,
-        max_inflight_msgs: INFLIGHT_MESSAGES_MAX,
-        check_quorum: true,
-        pre_vote: true,
-        ..raft::Config::default()
-    };
-    raft_config.validate()?;
-    let mut raw_node = RawNode::new(
-        &raft_config,
-        storage,
-        &crate::logger::raft_logger(config.id),
-    )?;
-    if voters == [config.id] {
-        // Alone in the group: no one to wait for, so take the lead now instead of after an
-        // election timeout.
-        raw_node.campaign()?;
+    if !config.peers.contains_key(&config.id) {
+        return Err(StartError::Config(format!(
+            "member {} is not among the peers {:?}",
+            config.id,
+            config.peers.keys().collect::<Vec<_>>()
+        )));
     }
-    let (requests, receiver) = sync_channel(REQUEST_QUEUE_CAPACITY);
-    let (status_sender, status) = watch::channel(RaftStatus {
+    if config.peers.len() > 1 && config.listen.is_none() {
+        return Err(StartError::Config(
+            "a member of a group of several needs a raft listen address".into(),
+        ));
+    }
+    let voters: Vec<u64> = config.peers.keys().copied().collect();
+    let bootstrap = config.bootstrap.then_some(voters.as_slice());
+    let storage = DiskStorage::open(&config.dir, bootstrap).map_err(|source| StartError::Open {
+        dir: config.dir.clone(),
+        source,
+    })?;
+    let core_config = CoreConfig {
         id: config.id,
-        voters,
-        ..RaftStatus::default()
-    });
+        election_ticks: config.election_ticks,
+        heartbeat_ticks: config.heartbeat_ticks,
+        snapshot_interval_entries: config.snapshot_interval_entries,
+        deterministic_election: false,
+    };
+    let core = Core::new(
+        &core_config,
+        storage,
+        state_machine,
+        &crate::logger::raft_logger(config.id),
+    )
+    .map_err(StartError::Raft)?;
+
+    let (requests, request_queue) = bounded(REQUEST_QUEUE_CAPACITY);
+    let (inbound, inbound_queue) = bounded(INBOUND_QUEUE_CAPACITY);
+    let listener = match config.listen {
+        None => None,
+        Some(address) => {
+            let socket = tokio::net::TcpListener::bind(address)
+                .await
+                .map_err(|source| StartError::Listen { address, source })?;
+            let inbox: Arc<dyn Inbox> = Arc::new(ChannelInbox(inbound));
+            Some(tokio::spawn(transport::serve(
+                socket,
+                config.cluster_id,
+                config.id,
+                inbox,
+            )))
+        }
+    };
+    let runtime = tokio::runtime::Handle::current();
+    let advertise = match config.peers.get(&config.id) {
+        Some(address) if !address.is_empty() => address.clone(),
+        _ => config.listen.map(|a| a.to_string()).unwrap_or_default(),
+    };
+    let mut peers = BTreeMap::new();
+    for (&id, address) in &config.peers {
+        if id != config.id && !address.is_empty() {
+            peers.insert(id, PeerSender::start(&runtime, address.clone()));
+        }
+    }
+    let (status_sender, status) = watch::channel(core.status());
     let driver = Driver {
         id: config.id,
-        raw_node,
-        state_machine,
-        requests: receiver,
+        cluster_id: config.cluster_id,
+        advertise,
+        core,
+        requests: request_queue,
+        inbound: inbound_queue,
         status: status_sender,
-        waiters: HashMap::new(),
-        next_proposal: 0,
         tick_interval: config.tick_interval,
-        leader: None,
+        runtime,
+        peers,
     };
     let thread = std::thread::Builder::new()
         .name(format!("raft-driver-{}", config.id))
@@ -122,6 +180,7 @@ pub fn start<S: StateMachine>(
     Ok(Consensus {
         handle: ConsensusHandle { requests, status },
         thread,
+        listener,
     })
 }
 
@@ -130,10 +189,12 @@ impl Consensus {
         self.handle.clone()
     }
 
-    /// Stops the driver after the request it is handling and waits for the thread. Waiting
-    /// proposers are answered `Stopped`. Blocks: call from a blocking context.
+    /// Stops the driver after the request it is handling and waits for the thread.
+    /// Waiting callers are answered `Stopped`. Blocks: call from a blocking context.
     pub fn shutdown(self) {
-        // A full queue still gets the message: the driver drains it.
+        if let Some(listener) = &self.listener {
+            listener.abort();
+        }
         let _ = self.handle.requests.send(Request::Shutdown);
         if self.thread.join().is_err() {
             tracing::error!("raft driver thread panicked");
@@ -142,26 +203,69 @@ impl Consensus {
 }
 
 impl ConsensusHandle {
-    /// Replicates `data`, waits until it is applied, and returns the state machine's answer.
-    ///
-    /// `Timeout` means the outcome is unknown: the entry may still commit later.
-    pub async fn propose(&self, data: Vec<u8>, timeout: Duration) -> Result<Vec<u8>, ProposeError> {
-        let (reply, answer) = oneshot::channel();
-        let request = Request::Propose {
-            data,
-            deadline: Instant::now() + timeout,
-            reply,
-        };
+    fn submit(&self, request: Request) -> Result<(), ProposeError> {
         match self.requests.try_send(request) {
-            Ok(()) => {}
-            Err(TrySendError::Full(_)) => return Err(ProposeError::Overloaded),
-            Err(TrySendError::Disconnected(_)) => return Err(ProposeError::Stopped),
+            Ok(()) => Ok(()),
+            Err(TrySendError::Full(_)) => Err(ProposeError::Overloaded),
+            Err(TrySendError::Disconnected(_)) => Err(ProposeError::Stopped),
         }
+    }
+
+    async fn answer<T>(
+        answer: oneshot::Receiver<Result<T, ProposeError>>,
+        timeout: Duration,
+    ) -> Result<T, ProposeError> {
         match tokio::time::timeout(timeout, answer).await {
             Ok(Ok(result)) => result,
             Ok(Err(_)) => Err(ProposeError::Stopped),
             Err(_) => Err(ProposeError::Timeout),
         }
+    }
+
+    /// Replicates `data`, waits until it is applied, and returns the state machine's answer.
+    ///
+    /// `Timeout` means the outcome is unknown: the entry may still commit later.
+    pub async fn propose(&self, data: Vec<u8>, timeout: Duration) -> Result<Vec<u8>, ProposeError> {
+        let (reply, answer) = oneshot::channel();
+        self.submit(Request::Propose {
+            data,
+            deadline: Instant::now() + timeout,
+            reply,
+        })?;
+        Self::answer(answer, timeout).await
+    }
+
+    /// A linearizable read point: returns once this member has applied everything the
+    /// leader had committed when the read arrived. Reading the state machine after it
+    /// returns sees every write acknowledged before the call.
+    pub async fn read_index(&self, timeout: Duration) -> Result<u64, ProposeError> {
+        let (reply, answer) = oneshot::channel();
+        self.submit(Request::ReadIndex {
+            deadline: Instant::now() + timeout,
+            reply,
+        })?;
+        Self::answer(answer, timeout).await
+    }
+
+    /// Adds, promotes or removes a member; returns once the change is applied here.
+    pub async fn change_membership(
+        &self,
+        change: MembershipChange,
+        timeout: Duration,
+    ) -> Result<(), ProposeError> {
+        let (reply, answer) = oneshot::channel();
+        self.submit(Request::ChangeMembership {
+            change,
+            deadline: Instant::now() + timeout,
+            reply,
+        })?;
+        Self::answer(answer, timeout).await.map(|_| ())
+    }
+
+    /// Asks the leader to hand leadership to `to`. Watch [`ConsensusHandle::status`] to
+    /// see it happen.
+    pub fn transfer_leader(&self, to: u64) -> Result<(), ProposeError> {
+        self.submit(Request::TransferLeader { to })
     }
 
     /// The latest published status.
@@ -175,236 +279,193 @@ impl ConsensusHandle {
     }
 }
 
-struct Driver<S> {
+struct Driver<S: StateMachine> {
     id: u64,
-    raw_node: RawNode<DiskStorage>,
-    state_machine: S,
+    cluster_id: u64,
+    advertise: String,
+    core: Core<DiskStorage, S>,
     requests: Receiver<Request>,
+    inbound: Receiver<Inbound>,
     status: watch::Sender<RaftStatus>,
-    /// Proposers waiting for their entry, by proposal sequence number.
-    waiters: HashMap<u64, Waiter>,
-    next_proposal: u64,
     tick_interval: Duration,
-    leader: Option<u64>,
-}
-
-/// Why the driver must stop.
-#[derive(Debug)]
-enum Fatal {
-    Storage(String),
-    Raft(raft::Error),
+    runtime: tokio::runtime::Handle,
+    peers: BTreeMap<u64, PeerSender>,
 }
 
 impl<S: StateMachine> Driver<S> {
     fn run(mut self) {
         let mut next_tick = Instant::now() + self.tick_interval;
-        let outcome = loop {
+        loop {
             let wait = next_tick.saturating_duration_since(Instant::now());
-            let mut stop = match self.requests.recv_timeout(wait) {
-                Ok(request) => self.handle(request),
-                Err(RecvTimeoutError::Timeout) => false,
-                Err(RecvTimeoutError::Disconnected) => true,
+            let mut stop = select! {
+                recv(self.inbound) -> inbound => {
+                    if let Ok(inbound) = inbound {
+                        self.step(inbound);
+                    }
+                    false
+                }
+                recv(self.requests) -> request => match request {
+                    Ok(request) => self.handle(request),
+                    Err(_) => true,
+                },
+                default(wait) => false,
             };
-            for _ in 0..REQUESTS_PER_READY_MAX {
+            for _ in 0..ITEMS_PER_READY_MAX {
                 if stop {
                     break;
                 }
-                match self.requests.try_recv() {
-                    Ok(request) => stop = self.handle(request),
-                    Err(_) => break,
+                if let Ok(inbound) = self.inbound.try_recv() {
+                    self.step(inbound);
+                } else if let Ok(request) = self.requests.try_recv() {
+                    stop = self.handle(request);
+                } else {
+                    break;
                 }
             }
             let now = Instant::now();
             if now >= next_tick {
-                self.raw_node.tick();
+                self.core.tick(now);
                 next_tick = now + self.tick_interval;
-                self.expire_waiters(now);
             }
-            if let Err(fatal) = self.on_ready() {
-                break Err(fatal);
-            }
-            if stop {
-                break Ok(());
-            }
-        };
-        let answer = match outcome {
-            Ok(()) => {
-                tracing::info!(id = self.id, "raft driver stopped");
-                ProposeError::Stopped
-            }
-            Err(fatal) => {
-                tracing::error!(id = self.id, error = ?fatal, "raft driver stopped on a fatal error");
-                match fatal {
-                    Fatal::Storage(message) => ProposeError::Storage(message),
-                    Fatal::Raft(error) => ProposeError::Storage(error.to_string()),
+            let was_stalled = self.core.is_stalled();
+            match self.core.handle_ready() {
+                Ok(()) => {
+                    if was_stalled {
+                        tracing::info!(id = self.id, "the raft log is writable again");
+                    }
+                }
+                Err(ReadyError::Stalled(error)) => {
+                    if !was_stalled {
+                        tracing::error!(id = self.id, %error, "cannot write the raft log; refusing proposals until space returns");
+                    }
+                }
+                Err(ReadyError::Fatal(message)) => {
+                    tracing::error!(id = self.id, %message, "raft driver stopped on a fatal error");
+                    break;
                 }
             }
-        };
-        for (_, waiter) in self.waiters.drain() {
-            let _ = waiter.reply.send(Err(answer.clone()));
+            self.send_outbox();
+            self.handle_events();
+            self.publish_status();
+            if stop {
+                tracing::info!(id = self.id, "raft driver stopped");
+                break;
+            }
         }
+    }
+
+    fn step(&mut self, inbound: Inbound) {
+        let Inbound { envelope, message } = inbound;
+        if !envelope.from_address.is_empty()
+            && self
+                .peers
+                .get(&envelope.from)
+                .is_none_or(|peer| peer.address != envelope.from_address)
+        {
+            self.peers.insert(
+                envelope.from,
+                PeerSender::start(&self.runtime, envelope.from_address),
+            );
+        }
+        self.core.step(message);
     }
 
     /// Handles one request; true when the driver should stop.
     fn handle(&mut self, request: Request) -> bool {
         match request {
-            Request::Shutdown => true,
+            Request::Shutdown => return true,
             Request::Propose {
                 data,
                 deadline,
                 reply,
+            } => self.core.propose(data, deadline, reply),
+            Request::ReadIndex { deadline, reply } => self.core.read_index(deadline, reply),
+            Request::ChangeMembership {
+                change,
+                deadline,
+                reply,
             } => {
-                if self.raw_node.raft.state != StateRole::Leader {
-                    let _ = reply.send(Err(ProposeError::NotLeader {
-                        leader: self.leader,
-                    }));
-                    return false;
+                if let MembershipChange::AddVoter { id, address }
+                | MembershipChange::AddLearner { id, address } = &change
+                    && *id != self.id
+                {
+                    self.peers
+                        .insert(*id, PeerSender::start(&self.runtime, address.clone()));
                 }
-                let sequence = self.next_proposal;
-                self.next_proposal += 1;
-                let context = proposal_context(self.id, sequence);
-                match self.raw_node.propose(context, data) {
-                    Ok(()) => {
-                        let waiter = Waiter {
-                            term: self.raw_node.raft.term,
-                            reply,
-                            deadline,
-                            proposed_at: Instant::now(),
-                        };
-                        self.waiters.insert(sequence, waiter);
-                    }
-                    Err(error) => {
-                        tracing::debug!(%error, "proposal dropped");
-                        let _ = reply.send(Err(ProposeError::NotLeader {
-                            leader: self.leader,
-                        }));
-                    }
-                }
-                false
+                self.core.change_membership(&change, deadline, reply);
             }
+            Request::TransferLeader { to } => self.core.transfer_leader(to),
         }
+        false
     }
 
-    fn expire_waiters(&mut self, now: Instant) {
-        self.waiters
-            .retain(|_, waiter| waiter.deadline > now && !waiter.reply.is_closed());
-    }
-
-    /// Handles one `Ready` in the order raft-rs documents: send what may go before
-    /// persisting, apply what is committed, persist entries and hard state (synced), send
-    /// what had to wait for that, advance, then the same for the light ready.
-    fn on_ready(&mut self) -> Result<(), Fatal> {
-        if !self.raw_node.has_ready() {
-            return Ok(());
-        }
-        let mut ready = self.raw_node.ready();
-        if let Some(soft_state) = ready.ss() {
-            let leader = (soft_state.leader_id != raft::INVALID_ID).then_some(soft_state.leader_id);
-            if leader != self.leader {
-                shoal_ops::metrics::metrics()
-                    .raft_leader_changes_total
+    fn send_outbox(&mut self) {
+        let metrics = shoal_ops::metrics::metrics();
+        for message in self.core.take_outbox() {
+            let to = message.to;
+            let is_snapshot = message.get_msg_type() == MessageType::MsgSnapshot;
+            let Some(peer) = self.peers.get(&to) else {
+                metrics
+                    .raft_messages_dropped_total
+                    .with_label_values(&["no_address"])
                     .inc();
-                tracing::info!(id = self.id, leader = ?leader, role = ?soft_state.raft_state, "raft leader changed");
-                self.leader = leader;
-            }
-        }
-        send(ready.take_messages());
-        if !ready.snapshot().is_empty() {
-            return Err(Fatal::Storage(
-                "received a snapshot; snapshot install is not supported yet".into(),
-            ));
-        }
-        self.apply(ready.take_committed_entries())?;
-        self.raw_node
-            .mut_store()
-            .persist(ready.entries(), ready.hs(), None)
-            .map_err(|error| Fatal::Storage(error.to_string()))?;
-        send(ready.take_persisted_messages());
-        let mut light = self.raw_node.advance(ready);
-        if let Some(commit) = light.commit_index() {
-            self.raw_node
-                .mut_store()
-                .set_commit(commit)
-                .map_err(|error| Fatal::Storage(error.to_string()))?;
-        }
-        send(light.take_messages());
-        self.apply(light.take_committed_entries())?;
-        self.raw_node.advance_apply();
-        self.publish_status();
-        Ok(())
-    }
-
-    fn apply(&mut self, entries: Vec<Entry>) -> Result<(), Fatal> {
-        let Some(last) = entries.last().map(|entry| entry.index) else {
-            return Ok(());
-        };
-        for entry in entries {
-            let output = match entry.get_entry_type() {
-                EntryType::EntryNormal if entry.data.is_empty() => continue,
-                EntryType::EntryNormal => self.state_machine.apply(entry.index, &entry.data),
-                EntryType::EntryConfChange => {
-                    let change = ConfChange::parse_from_bytes(&entry.data)
-                        .map_err(|error| Fatal::Storage(format!("corrupt conf change: {error}")))?;
-                    self.apply_conf_change(&change)?;
-                    Vec::new()
-                }
-                EntryType::EntryConfChangeV2 => {
-                    let change = ConfChangeV2::parse_from_bytes(&entry.data)
-                        .map_err(|error| Fatal::Storage(format!("corrupt conf change: {error}")))?;
-                    self.apply_conf_change(&change)?;
-                    Vec::new()
+                continue;
+            };
+            let frame = message
+                .write_to_bytes()
+                .map_err(|error| error.to_string())
+                .and_then(|bytes| {
+                    transport::encode_frame(&Envelope {
+                        cluster_id: self.cluster_id,
+                        from: self.id,
+                        from_address: self.advertise.clone(),
+                        to,
+                        message: bytes,
+                    })
+                });
+            let sent = match frame {
+                Ok(frame) => peer.send(frame),
+                Err(error) => {
+                    tracing::warn!(to, %error, "raft message not encoded");
+                    false
                 }
             };
-            self.answer(&entry, output);
+            if !sent {
+                metrics
+                    .raft_messages_dropped_total
+                    .with_label_values(&["queue_full"])
+                    .inc();
+                self.core.report_unreachable(to);
+            }
+            if is_snapshot {
+                self.core.report_snapshot(to, sent);
+            }
         }
-        self.state_machine.applied(last);
-        Ok(())
     }
 
-    fn apply_conf_change(&mut self, change: &impl raft_proto::ConfChangeI) -> Result<(), Fatal> {
-        let conf_state = self
-            .raw_node
-            .apply_conf_change(change)
-            .map_err(Fatal::Raft)?;
-        self.raw_node
-            .mut_store()
-            .persist(&[], None, Some(&conf_state))
-            .map_err(|error| Fatal::Storage(error.to_string()))
-    }
-
-    fn answer(&mut self, entry: &Entry, output: Vec<u8>) {
-        let Some((proposer, sequence)) = parse_proposal_context(&entry.context) else {
-            return;
-        };
-        if proposer != self.id {
-            return;
-        }
-        if self
-            .waiters
-            .get(&sequence)
-            .is_none_or(|waiter| waiter.term != entry.term)
-        {
-            return;
-        }
-        if let Some(waiter) = self.waiters.remove(&sequence) {
-            shoal_ops::metrics::metrics()
-                .raft_proposal_duration_seconds
-                .observe(waiter.proposed_at.elapsed().as_secs_f64());
-            let _ = waiter.reply.send(Ok(output));
+    fn handle_events(&mut self) {
+        for event in self.core.take_events() {
+            match event {
+                CoreEvent::PeerAddress { id, address } if id != self.id => {
+                    if self
+                        .peers
+                        .get(&id)
+                        .is_none_or(|peer| peer.address != address)
+                    {
+                        self.peers
+                            .insert(id, PeerSender::start(&self.runtime, address));
+                    }
+                }
+                CoreEvent::PeerRemoved { id } => {
+                    self.peers.remove(&id);
+                }
+                CoreEvent::PeerAddress { .. } => {}
+            }
         }
     }
 
     fn publish_status(&mut self) {
-        let raft = &self.raw_node.raft;
-        let status = RaftStatus {
-            id: self.id,
-            term: raft.term,
-            leader: self.leader,
-            is_leader: raft.state == StateRole::Leader,
-            commit_index: raft.raft_log.committed,
-            applied_index: raft.raft_log.applied,
-            voters: self.raw_node.store().conf_state().voters.clone(),
-        };
+        let status = self.core.status();
         let metrics = shoal_ops::metrics::metrics();
         metrics.raft_term.set(saturating_i64(status.term));
         metrics.raft_is_leader.set(i64::from(status.is_leader));
@@ -416,7 +477,10 @@ impl<S: StateMachine> Driver<S> {
             .set(saturating_i64(status.applied_index));
         metrics
             .raft_log_bytes
-            .set(saturating_i64(self.raw_node.store().used_bytes() as u64));
+            .set(saturating_i64(self.core.store().used_bytes() as u64));
+        metrics
+            .raft_storage_stalled
+            .set(i64::from(self.core.is_stalled()));
         self.status.send_if_modified(|current| {
             let changed = *current != status;
             *current = status;
@@ -425,30 +489,8 @@ impl<S: StateMachine> Driver<S> {
     }
 }
 
-/// Messages for other members. A single-voter group has none; the TCP transport that
-/// carries them between servers arrives with multi-member groups.
-fn send(messages: Vec<Message>) {
-    for message in messages {
-        tracing::warn!(to = message.to, kind = ?message.get_msg_type(), "no transport for raft message; dropped");
-    }
-}
-
 fn saturating_i64(value: u64) -> i64 {
     i64::try_from(value).unwrap_or(i64::MAX)
-}
-
-/// A proposal's context: the proposer's id and its sequence number, 16 bytes big-endian.
-fn proposal_context(proposer: u64, sequence: u64) -> Vec<u8> {
-    let mut context = Vec::with_capacity(16);
-    context.extend_from_slice(&proposer.to_be_bytes());
-    context.extend_from_slice(&sequence.to_be_bytes());
-    context
-}
-
-fn parse_proposal_context(context: &[u8]) -> Option<(u64, u64)> {
-    let proposer = u64::from_be_bytes(context.get(..8)?.try_into().ok()?);
-    let sequence = u64::from_be_bytes(context.get(8..16)?.try_into().ok()?);
-    Some((proposer, sequence))
 }
 
 #[cfg(test)]

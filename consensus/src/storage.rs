@@ -1,24 +1,70 @@
 //! The durable raft log: entries, hard state and conf state in a `raft-engine` directory,
-//! behind raft-rs's `Storage` trait.
+//! the latest snapshot in a file beside it, all behind raft-rs's `Storage` trait.
 //!
-//! Writes happen only through [`DiskStorage::persist`], which syncs before returning, so
-//! whatever raft is told was persisted survives a crash.
+//! Every write that raft is told about is synced before the call returns, so whatever raft
+//! believes persisted survives a crash. The one exception is the commit index, which is
+//! re-learned after a crash and so is written without a sync.
 
+use protobuf::Message as _;
 use raft::eraftpb::{ConfState, Entry, HardState, Snapshot};
 use raft::{GetEntriesContext, RaftState, Storage};
-use raft_engine::{Engine, LogBatch, MessageExt};
-use std::path::Path;
+use raft_engine::{Command as EngineCommand, Engine, LogBatch, MessageExt};
+use std::io::Write;
+use std::path::{Path, PathBuf};
 
 /// Everything lives in one raft group of the engine.
 const GROUP_ID: u64 = 1;
 const KEY_HARD_STATE: &[u8] = b"hard_state";
 const KEY_CONF_STATE: &[u8] = b"conf_state";
+const SNAPSHOT_FILE: &str = "snapshot.bin";
 
 /// Why the log could not be read or written.
 #[derive(Debug, thiserror::Error)]
 pub enum StorageError {
     #[error(transparent)]
     Engine(#[from] raft_engine::Error),
+    #[error("snapshot file {path}: {source}")]
+    SnapshotIo {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("snapshot file {path} is corrupt: {message}")]
+    SnapshotCorrupt { path: PathBuf, message: String },
+}
+
+impl StorageError {
+    /// Whether the disk is full: the one failure that heals by itself when space returns.
+    pub fn is_out_of_space(&self) -> bool {
+        let text = match self {
+            StorageError::Engine(raft_engine::Error::Io(error)) => error.to_string(),
+            StorageError::SnapshotIo { source, .. } => source.to_string(),
+            other => other.to_string(),
+        };
+        text.contains("No space left") || text.contains("nospace") || text.contains("os error 28")
+    }
+}
+
+/// What the raft core needs from a log beyond raft-rs's read-only `Storage`.
+pub(crate) trait LogStore: Storage {
+    /// Appends `entries` (truncating any conflicting suffix) and records `hard_state`,
+    /// atomically and durably.
+    fn append(
+        &mut self,
+        entries: &[Entry],
+        hard_state: Option<&HardState>,
+    ) -> Result<(), StorageError>;
+    /// Records a higher commit index; need not be durable.
+    fn set_commit(&mut self, commit: u64) -> Result<(), StorageError>;
+    /// Records the membership after a conf change, durably.
+    fn set_conf_state(&mut self, conf_state: &ConfState) -> Result<(), StorageError>;
+    /// Replaces the whole log with a snapshot received from the leader, durably.
+    fn install_snapshot(&mut self, snapshot: &Snapshot) -> Result<(), StorageError>;
+    /// Keeps `snapshot` (of this member's own state) and drops the entries it covers.
+    fn compact(&mut self, snapshot: Snapshot) -> Result<(), StorageError>;
+    /// The latest snapshot, empty when there is none.
+    fn latest_snapshot(&self) -> &Snapshot;
+    fn conf_state(&self) -> &ConfState;
 }
 
 /// Tells raft-engine how to find the index of a raft-rs entry.
@@ -33,12 +79,14 @@ impl MessageExt for EntryExt {
     }
 }
 
-/// The raft log on disk. Owned by the driver's `RawNode`; nothing else touches it.
+/// The raft log on disk. Owned by the driver's raft core; nothing else touches it.
 pub(crate) struct DiskStorage {
     engine: Engine,
-    /// Cached copies of what is on disk, so `initial_state` needs no read.
+    snapshot_path: PathBuf,
+    /// Cached copies of what is on disk, so reads need no IO.
     hard_state: HardState,
     conf_state: ConfState,
+    snapshot: Snapshot,
 }
 
 impl std::fmt::Debug for DiskStorage {
@@ -46,71 +94,128 @@ impl std::fmt::Debug for DiskStorage {
         f.debug_struct("DiskStorage")
             .field("dir", &self.engine.path())
             .field("hard_state", &self.hard_state)
+            .field("snapshot_index", &self.snapshot.get_metadata().index)
             .finish_non_exhaustive()
     }
 }
 
 impl DiskStorage {
-    /// Opens (creating if needed) the log in `dir`. A new log is bootstrapped with `voters`;
-    /// an existing one keeps the membership it recorded.
-    pub(crate) fn open(dir: &Path, voters: &[u64]) -> Result<DiskStorage, StorageError> {
+    /// Opens (creating if needed) the log in `dir`. A new log is bootstrapped with
+    /// `voters` when given, else starts with no membership; an existing log keeps the
+    /// membership it recorded.
+    pub(crate) fn open(dir: &Path, voters: Option<&[u64]>) -> Result<DiskStorage, StorageError> {
+        std::fs::create_dir_all(dir).map_err(|source| StorageError::SnapshotIo {
+            path: dir.to_path_buf(),
+            source,
+        })?;
         let config = raft_engine::Config {
-            dir: dir.to_string_lossy().into_owned(),
+            dir: dir.join("log").to_string_lossy().into_owned(),
             // The control-plane log is small; keep recovery light on a 2-core host.
             recovery_threads: 1,
             target_file_size: raft_engine::ReadableSize::mb(32),
             ..raft_engine::Config::default()
         };
         let engine = Engine::open(config)?;
+        let snapshot_path = dir.join(SNAPSHOT_FILE);
+        let snapshot = read_snapshot(&snapshot_path)?.unwrap_or_default();
         let hard_state = engine
             .get_message::<HardState>(GROUP_ID, KEY_HARD_STATE)?
             .unwrap_or_default();
         let conf_state = engine.get_message::<ConfState>(GROUP_ID, KEY_CONF_STATE)?;
         let mut storage = DiskStorage {
             engine,
+            snapshot_path,
             hard_state,
             conf_state: conf_state.clone().unwrap_or_default(),
+            snapshot,
         };
-        if conf_state.is_none() {
+        if conf_state.is_none()
+            && let Some(voters) = voters
+        {
             let mut bootstrap = ConfState::default();
             bootstrap.set_voters(voters.to_vec());
-            storage.persist(&[], None, Some(&bootstrap))?;
+            storage.set_conf_state(&bootstrap)?;
         }
         Ok(storage)
     }
 
-    /// Appends `entries` (truncating any conflicting suffix), records the hard and conf
-    /// state, and syncs, all in one atomic write.
-    pub(crate) fn persist(
+    /// Bytes of log files on disk.
+    pub(crate) fn used_bytes(&self) -> usize {
+        self.engine.get_used_size()
+    }
+
+    fn write(&self, batch: &mut LogBatch, sync: bool) -> Result<(), StorageError> {
+        self.engine.write(batch, sync)?;
+        Ok(())
+    }
+}
+
+fn read_snapshot(path: &Path) -> Result<Option<Snapshot>, StorageError> {
+    let bytes = match std::fs::read(path) {
+        Ok(bytes) => bytes,
+        Err(error) if error.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(source) => {
+            return Err(StorageError::SnapshotIo {
+                path: path.to_path_buf(),
+                source,
+            });
+        }
+    };
+    Snapshot::parse_from_bytes(&bytes)
+        .map(Some)
+        .map_err(|error| StorageError::SnapshotCorrupt {
+            path: path.to_path_buf(),
+            message: error.to_string(),
+        })
+}
+
+/// Writes `snapshot` to `path` atomically: a temporary file, fsync, rename, fsync the dir.
+fn write_snapshot(path: &Path, snapshot: &Snapshot) -> Result<(), StorageError> {
+    let io = |source| StorageError::SnapshotIo {
+        path: path.to_path_buf(),
+        source,
+    };
+    let bytes = snapshot
+        .write_to_bytes()
+        .map_err(|error| StorageError::SnapshotCorrupt {
+            path: path.to_path_buf(),
+            message: error.to_string(),
+        })?;
+    let temporary = path.with_extension("partial");
+    let mut file = std::fs::File::create(&temporary).map_err(io)?;
+    file.write_all(&bytes).map_err(io)?;
+    file.sync_all().map_err(io)?;
+    std::fs::rename(&temporary, path).map_err(io)?;
+    if let Some(dir) = path.parent() {
+        std::fs::File::open(dir)
+            .and_then(|d| d.sync_all())
+            .map_err(io)?;
+    }
+    Ok(())
+}
+
+impl LogStore for DiskStorage {
+    fn append(
         &mut self,
         entries: &[Entry],
         hard_state: Option<&HardState>,
-        conf_state: Option<&ConfState>,
     ) -> Result<(), StorageError> {
         let mut batch = LogBatch::default();
         batch.add_entries::<EntryExt>(GROUP_ID, entries)?;
         if let Some(hard_state) = hard_state {
             batch.put_message(GROUP_ID, KEY_HARD_STATE.to_vec(), hard_state)?;
         }
-        if let Some(conf_state) = conf_state {
-            batch.put_message(GROUP_ID, KEY_CONF_STATE.to_vec(), conf_state)?;
-        }
         if batch.is_empty() {
             return Ok(());
         }
-        self.engine.write(&mut batch, true)?;
+        self.write(&mut batch, true)?;
         if let Some(hard_state) = hard_state {
             self.hard_state = hard_state.clone();
-        }
-        if let Some(conf_state) = conf_state {
-            self.conf_state = conf_state.clone();
         }
         Ok(())
     }
 
-    /// Records a new commit index. Not synced: a lost commit index is re-learned from the
-    /// leader (or, alone, by committing again), never a safety problem.
-    pub(crate) fn set_commit(&mut self, commit: u64) -> Result<(), StorageError> {
+    fn set_commit(&mut self, commit: u64) -> Result<(), StorageError> {
         if commit <= self.hard_state.commit {
             return Ok(());
         }
@@ -118,18 +223,55 @@ impl DiskStorage {
         hard_state.commit = commit;
         let mut batch = LogBatch::default();
         batch.put_message(GROUP_ID, KEY_HARD_STATE.to_vec(), &hard_state)?;
-        self.engine.write(&mut batch, false)?;
+        self.write(&mut batch, false)?;
         self.hard_state = hard_state;
         Ok(())
     }
 
-    pub(crate) fn conf_state(&self) -> &ConfState {
-        &self.conf_state
+    fn set_conf_state(&mut self, conf_state: &ConfState) -> Result<(), StorageError> {
+        let mut batch = LogBatch::default();
+        batch.put_message(GROUP_ID, KEY_CONF_STATE.to_vec(), conf_state)?;
+        self.write(&mut batch, true)?;
+        self.conf_state = conf_state.clone();
+        Ok(())
     }
 
-    /// Bytes of log files on disk.
-    pub(crate) fn used_bytes(&self) -> usize {
-        self.engine.get_used_size()
+    fn install_snapshot(&mut self, snapshot: &Snapshot) -> Result<(), StorageError> {
+        let metadata = snapshot.get_metadata();
+        // The file first: if we crash after it, the log below is still whole and the
+        // snapshot is just an early one.
+        write_snapshot(&self.snapshot_path, snapshot)?;
+        let mut hard_state = self.hard_state.clone();
+        hard_state.term = hard_state.term.max(metadata.term);
+        hard_state.commit = metadata.index;
+        let mut batch = LogBatch::default();
+        // Clean drops every entry and key of the group; the keys are put back in the same
+        // atomic batch, so no crash can leave the log without its hard state.
+        batch.add_command(GROUP_ID, EngineCommand::Clean);
+        batch.put_message(GROUP_ID, KEY_HARD_STATE.to_vec(), &hard_state)?;
+        batch.put_message(GROUP_ID, KEY_CONF_STATE.to_vec(), metadata.get_conf_state())?;
+        self.write(&mut batch, true)?;
+        self.hard_state = hard_state;
+        self.conf_state = metadata.get_conf_state().clone();
+        self.snapshot = snapshot.clone();
+        Ok(())
+    }
+
+    fn compact(&mut self, snapshot: Snapshot) -> Result<(), StorageError> {
+        write_snapshot(&self.snapshot_path, &snapshot)?;
+        let index = snapshot.get_metadata().index;
+        self.snapshot = snapshot;
+        self.engine.compact_to(GROUP_ID, index + 1);
+        self.engine.purge_expired_files()?;
+        Ok(())
+    }
+
+    fn latest_snapshot(&self) -> &Snapshot {
+        &self.snapshot
+    }
+
+    fn conf_state(&self) -> &ConfState {
+        &self.conf_state
     }
 }
 
@@ -164,9 +306,9 @@ impl Storage for DiskStorage {
     }
 
     fn term(&self, index: u64) -> raft::Result<u64> {
-        // Index 0 is the empty log's sentinel, term 0. Snapshots move it (issue 3).
-        if index == 0 {
-            return Ok(0);
+        let snapshot = self.snapshot.get_metadata();
+        if index == snapshot.index {
+            return Ok(snapshot.term);
         }
         if index < self.first_index()? {
             return Err(raft::Error::Store(raft::StorageError::Compacted));
@@ -179,17 +321,31 @@ impl Storage for DiskStorage {
     }
 
     fn first_index(&self) -> raft::Result<u64> {
-        Ok(self.engine.first_index(GROUP_ID).unwrap_or(1))
+        let after_snapshot = self.snapshot.get_metadata().index + 1;
+        Ok(self
+            .engine
+            .first_index(GROUP_ID)
+            .map_or(after_snapshot, |first| first.max(after_snapshot)))
     }
 
     fn last_index(&self) -> raft::Result<u64> {
-        Ok(self.engine.last_index(GROUP_ID).unwrap_or(0))
+        let snapshot_index = self.snapshot.get_metadata().index;
+        Ok(self
+            .engine
+            .last_index(GROUP_ID)
+            .map_or(snapshot_index, |last| last.max(snapshot_index)))
     }
 
-    fn snapshot(&self, _request_index: u64, _to: u64) -> raft::Result<Snapshot> {
-        // A single voter never sends snapshots; multi-member snapshots come with issue 3.
-        Err(raft::Error::Store(
-            raft::StorageError::SnapshotTemporarilyUnavailable,
-        ))
+    fn snapshot(&self, request_index: u64, _to: u64) -> raft::Result<Snapshot> {
+        if self.snapshot.get_metadata().index < request_index {
+            // The core snapshots on its own schedule; ask again once it has a newer one.
+            return Err(raft::Error::Store(
+                raft::StorageError::SnapshotTemporarilyUnavailable,
+            ));
+        }
+        Ok(self.snapshot.clone())
     }
 }
+
+#[cfg(test)]
+mod tests;

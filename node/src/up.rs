@@ -35,7 +35,8 @@ pub async fn run(config: UpConfig) -> anyhow::Result<()> {
     let data_dir = DataDir::lock(&config.data_dir)?;
     let (machine, states) = ClusterStateMachine::new();
     let consensus =
-        shoal_consensus::start(&ConsensusConfig::new(MEMBER_ID, data_dir.raft()), machine)
+        shoal_consensus::start(&ConsensusConfig::single(MEMBER_ID, data_dir.raft()), machine)
+            .await
             .context("starting consensus")?;
     let control = ControlPlane::new(consensus.handle(), states);
     let mut raft = control.watch_raft();

@@ -55,6 +55,18 @@ pub struct Metrics {
     pub raft_proposal_duration_seconds: Histogram,
     /// Bytes of raft log files on disk.
     pub raft_log_bytes: IntGauge,
+    /// Snapshots this member took of its own state (each compacts the log).
+    pub raft_snapshots_taken_total: IntCounter,
+    /// Snapshots this member installed from a leader.
+    pub raft_snapshots_installed_total: IntCounter,
+    /// Time to take a snapshot and compact the log.
+    pub raft_snapshot_duration_seconds: Histogram,
+    /// 1 while this member cannot write its log (disk full) and refuses proposals.
+    pub raft_storage_stalled: IntGauge,
+    /// Raft messages not sent, by reason (queue_full, encode).
+    pub raft_messages_dropped_total: IntCounterVec,
+    /// Inbound raft frames refused, by reason (cluster_id, oversized, corrupt, wrong_member).
+    pub raft_frames_rejected_total: IntCounterVec,
     /// Build information; the value is always 1.
     pub build_info: IntGaugeVec,
 }
@@ -159,6 +171,39 @@ impl Metrics {
                 &registry,
                 "shoal_raft_log_bytes",
                 "Bytes of raft log files on disk.",
+            ),
+            raft_snapshots_taken_total: counter(
+                &registry,
+                "shoal_raft_snapshots_taken_total",
+                "Snapshots this member took of its own state.",
+            ),
+            raft_snapshots_installed_total: counter(
+                &registry,
+                "shoal_raft_snapshots_installed_total",
+                "Snapshots this member installed from a leader.",
+            ),
+            raft_snapshot_duration_seconds: histogram(
+                &registry,
+                "shoal_raft_snapshot_duration_seconds",
+                "Time to take a snapshot and compact the log.",
+                LATENCY_BUCKETS_SECONDS,
+            ),
+            raft_storage_stalled: gauge(
+                &registry,
+                "shoal_raft_storage_stalled",
+                "1 while this member cannot write its log and refuses proposals.",
+            ),
+            raft_messages_dropped_total: counter_vec(
+                &registry,
+                "shoal_raft_messages_dropped_total",
+                "Raft messages not sent, by reason.",
+                &["reason"],
+            ),
+            raft_frames_rejected_total: counter_vec(
+                &registry,
+                "shoal_raft_frames_rejected_total",
+                "Inbound raft frames refused, by reason.",
+                &["reason"],
             ),
             build_info: gauge_vec(
                 &registry,

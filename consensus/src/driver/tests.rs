@@ -1,21 +1,51 @@
-//! Driver tests on a real raft-engine directory: proposals, restart from disk, refusal.
+//! Driver tests on real raft-engine directories and real loopback TCP: one member, then
+//! groups of three with leader loss, membership changes, snapshot install and full restart.
 
 use super::*;
+use std::path::Path;
+use std::sync::Mutex;
 
-/// A state machine that keeps a running sum of the u64s it applies and answers the sum.
+/// A state machine that records every u64 it applies and answers how many it holds.
+/// `mirror` lets the test see the applied values from outside the driver thread.
 #[derive(Debug, Default)]
-struct Sum {
-    total: u64,
-    last_index: u64,
+struct Recorder {
+    values: Vec<u64>,
+    mirror: Arc<Mutex<Vec<u64>>>,
 }
 
-impl StateMachine for Sum {
-    fn apply(&mut self, index: u64, data: &[u8]) -> Vec<u8> {
-        assert!(index > self.last_index, "entries apply in index order");
-        self.last_index = index;
+impl Recorder {
+    fn new() -> (Recorder, Arc<Mutex<Vec<u64>>>) {
+        let recorder = Recorder::default();
+        let mirror = recorder.mirror.clone();
+        (recorder, mirror)
+    }
+}
+
+impl StateMachine for Recorder {
+    fn apply(&mut self, _index: u64, data: &[u8]) -> Vec<u8> {
         let value = u64::from_be_bytes(data.try_into().expect("8-byte test entries"));
-        self.total += value;
-        self.total.to_be_bytes().to_vec()
+        self.values.push(value);
+        (self.values.len() as u64).to_be_bytes().to_vec()
+    }
+
+    fn applied(&mut self, _index: u64) {
+        self.mirror.lock().unwrap().clone_from(&self.values);
+    }
+
+    fn snapshot(&self) -> Vec<u8> {
+        self.values.iter().flat_map(|v| v.to_be_bytes()).collect()
+    }
+
+    fn restore(&mut self, data: &[u8]) -> Result<(), String> {
+        if !data.len().is_multiple_of(8) {
+            return Err("snapshot length is not a multiple of 8".into());
+        }
+        self.values = data
+            .chunks(8)
+            .map(|chunk| u64::from_be_bytes(chunk.try_into().unwrap()))
+            .collect();
+        self.mirror.lock().unwrap().clone_from(&self.values);
+        Ok(())
     }
 }
 
@@ -30,8 +60,8 @@ async fn propose(handle: &ConsensusHandle, value: u64) -> Result<u64, ProposeErr
     ))
 }
 
-fn config(dir: &std::path::Path) -> ConsensusConfig {
-    let mut config = ConsensusConfig::new(1, dir.join("raft"));
+fn single(dir: &Path) -> ConsensusConfig {
+    let mut config = ConsensusConfig::single(1, dir.join("raft"));
     config.tick_interval = Duration::from_millis(10);
     config
 }
@@ -45,14 +75,14 @@ async fn shutdown(consensus: Consensus) {
 #[tokio::test]
 async fn a_single_voter_leads_and_answers_with_the_applied_output() {
     let dir = tempfile::tempdir().unwrap();
-    let consensus = start(&config(dir.path()), Sum::default()).unwrap();
+    let consensus = start(&single(dir.path()), Recorder::default())
+        .await
+        .unwrap();
     let handle = consensus.handle();
-    assert_eq!(propose(&handle, 1).await, Ok(1));
-    assert_eq!(propose(&handle, 2).await, Ok(3));
-    assert_eq!(propose(&handle, 3).await, Ok(6));
-    // The status is published just after the answers of the same `Ready` go out.
+    assert_eq!(propose(&handle, 10).await, Ok(1));
+    assert_eq!(propose(&handle, 20).await, Ok(2));
     let mut watch = handle.watch_status();
-    let status = tokio::time::timeout(DEADLINE, watch.wait_for(|s| s.applied_index >= 4))
+    let status = tokio::time::timeout(DEADLINE, watch.wait_for(|s| s.applied_index >= 3))
         .await
         .expect("status catches up")
         .expect("driver running")
@@ -66,18 +96,23 @@ async fn a_single_voter_leads_and_answers_with_the_applied_output() {
 #[tokio::test]
 async fn acknowledged_proposals_survive_a_restart_from_disk() {
     let dir = tempfile::tempdir().unwrap();
-    let consensus = start(&config(dir.path()), Sum::default()).unwrap();
-    let handle = consensus.handle();
+    let consensus = start(&single(dir.path()), Recorder::default())
+        .await
+        .unwrap();
     for value in 1..=10 {
-        propose(&handle, value).await.unwrap();
+        propose(&consensus.handle(), value).await.unwrap();
     }
-    let term_before = handle.status().term;
+    let term_before = consensus.handle().status().term;
     shutdown(consensus).await;
 
-    // A fresh, empty state machine is rebuilt by replaying the log.
-    let consensus = start(&config(dir.path()), Sum::default()).unwrap();
+    let (recorder, mirror) = Recorder::new();
+    let consensus = start(&single(dir.path()), recorder).await.unwrap();
     let handle = consensus.handle();
-    assert_eq!(propose(&handle, 100).await, Ok(55 + 100));
+    assert_eq!(propose(&handle, 100).await, Ok(11), "ten replayed, one new");
+    assert_eq!(
+        *mirror.lock().unwrap(),
+        (1..=10).chain([100]).collect::<Vec<_>>()
+    );
     assert!(
         handle.status().term > term_before,
         "a restart elects in a new term"
@@ -86,47 +121,362 @@ async fn acknowledged_proposals_survive_a_restart_from_disk() {
 }
 
 #[tokio::test]
+async fn a_restart_after_snapshots_restores_the_state_and_replays_the_tail() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = single(dir.path());
+    config.snapshot_interval_entries = 16;
+    let consensus = start(&config, Recorder::default()).await.unwrap();
+    for value in 0..50 {
+        propose(&consensus.handle(), value).await.unwrap();
+    }
+    let status = consensus.handle().status();
+    assert!(
+        status.snapshot_index >= 32,
+        "snapshots were taken: {status:?}"
+    );
+    shutdown(consensus).await;
+
+    let (recorder, mirror) = Recorder::new();
+    let consensus = start(&config, recorder).await.unwrap();
+    assert_eq!(propose(&consensus.handle(), 50).await, Ok(51));
+    assert_eq!(*mirror.lock().unwrap(), (0..=50).collect::<Vec<_>>());
+    shutdown(consensus).await;
+}
+
+#[tokio::test]
 async fn concurrent_proposals_each_get_their_own_answer() {
     let dir = tempfile::tempdir().unwrap();
-    let consensus = start(&config(dir.path()), Sum::default()).unwrap();
+    let consensus = start(&single(dir.path()), Recorder::default())
+        .await
+        .unwrap();
     let handle = consensus.handle();
-    let mut tasks = Vec::new();
-    for _ in 0..200 {
-        let handle = handle.clone();
-        tasks.push(tokio::spawn(async move { propose(&handle, 1).await }));
-    }
+    let tasks: Vec<_> = (0..500)
+        .map(|value| {
+            let handle = handle.clone();
+            tokio::spawn(async move { propose(&handle, value).await })
+        })
+        .collect();
     let mut answers = Vec::new();
     for task in tasks {
         answers.push(task.await.unwrap().unwrap());
     }
     answers.sort_unstable();
-    assert_eq!(answers, (1..=200).collect::<Vec<u64>>());
+    assert_eq!(answers, (1..=500).collect::<Vec<u64>>());
     shutdown(consensus).await;
 }
 
 #[tokio::test]
 async fn a_second_driver_on_the_same_directory_is_refused() {
     let dir = tempfile::tempdir().unwrap();
-    let consensus = start(&config(dir.path()), Sum::default()).unwrap();
-    let second = start(&config(dir.path()), Sum::default());
+    let consensus = start(&single(dir.path()), Recorder::default())
+        .await
+        .unwrap();
+    let second = start(&single(dir.path()), Recorder::default()).await;
     assert!(matches!(second, Err(StartError::Open { .. })), "{second:?}");
-    // The first keeps working.
-    assert_eq!(propose(&consensus.handle(), 7).await, Ok(7));
+    assert_eq!(propose(&consensus.handle(), 7).await, Ok(1));
     shutdown(consensus).await;
 }
 
 #[tokio::test]
-async fn proposals_after_shutdown_are_answered_stopped() {
+async fn requests_after_shutdown_are_answered_stopped() {
     let dir = tempfile::tempdir().unwrap();
-    let consensus = start(&config(dir.path()), Sum::default()).unwrap();
+    let consensus = start(&single(dir.path()), Recorder::default())
+        .await
+        .unwrap();
     let handle = consensus.handle();
     shutdown(consensus).await;
     assert_eq!(propose(&handle, 1).await, Err(ProposeError::Stopped));
+    assert_eq!(
+        handle.read_index(DEADLINE).await,
+        Err(ProposeError::Stopped)
+    );
 }
 
-#[test]
-fn proposal_contexts_round_trip() {
-    let context = proposal_context(3, u64::MAX - 1);
-    assert_eq!(parse_proposal_context(&context), Some((3, u64::MAX - 1)));
-    assert_eq!(parse_proposal_context(&[1, 2, 3]), None);
+/// Free loopback ports, found by binding and releasing.
+fn free_addresses(count: usize) -> Vec<String> {
+    let listeners: Vec<_> = (0..count)
+        .map(|_| std::net::TcpListener::bind("127.0.0.1:0").unwrap())
+        .collect();
+    listeners
+        .iter()
+        .map(|l| l.local_addr().unwrap().to_string())
+        .collect()
+}
+
+/// A running member and the mirror of what it applied.
+type Member = (Consensus, Arc<Mutex<Vec<u64>>>);
+
+/// A group of members on loopback, each with its own directory.
+struct Group {
+    root: tempfile::TempDir,
+    addresses: BTreeMap<u64, String>,
+    members: BTreeMap<u64, Member>,
+    snapshot_interval_entries: u64,
+}
+
+impl Group {
+    async fn start(size: u64, snapshot_interval_entries: u64) -> Group {
+        let addresses: BTreeMap<u64, String> =
+            (1..=size).zip(free_addresses(size as usize)).collect();
+        let mut group = Group {
+            root: tempfile::tempdir().unwrap(),
+            addresses,
+            members: BTreeMap::new(),
+            snapshot_interval_entries,
+        };
+        for id in 1..=size {
+            group.start_member(id, false).await;
+        }
+        group
+    }
+
+    /// `join`: start with no membership, to be added by a conf change.
+    fn config(&self, id: u64, join: bool) -> ConsensusConfig {
+        ConsensusConfig {
+            id,
+            dir: self.root.path().join(format!("member-{id}")),
+            cluster_id: 42,
+            peers: self.addresses.clone(),
+            bootstrap: !join,
+            listen: Some(self.addresses[&id].parse().unwrap()),
+            tick_interval: Duration::from_millis(20),
+            election_ticks: 10,
+            heartbeat_ticks: 2,
+            snapshot_interval_entries: self.snapshot_interval_entries,
+        }
+    }
+
+    async fn start_member(&mut self, id: u64, join: bool) {
+        let (recorder, mirror) = Recorder::new();
+        let consensus = start(&self.config(id, join), recorder).await.unwrap();
+        self.members.insert(id, (consensus, mirror));
+    }
+
+    async fn stop_member(&mut self, id: u64) {
+        let (consensus, _) = self.members.remove(&id).unwrap();
+        shutdown(consensus).await;
+    }
+
+    fn handle(&self, id: u64) -> ConsensusHandle {
+        self.members[&id].0.handle()
+    }
+
+    /// Waits until a live member leads and every live member knows it.
+    async fn leader(&self) -> u64 {
+        let started = Instant::now();
+        loop {
+            let statuses: Vec<RaftStatus> = self
+                .members
+                .values()
+                .map(|(c, _)| c.handle().status())
+                .collect();
+            if let Some(leader) = statuses.iter().find(|s| s.is_leader).map(|s| s.id)
+                && statuses.iter().all(|s| s.leader == Some(leader))
+            {
+                return leader;
+            }
+            assert!(started.elapsed() < DEADLINE, "no leader: {statuses:?}");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// Waits until member `id` has applied exactly `expected`.
+    async fn converges(&self, id: u64, expected: &[u64]) {
+        let started = Instant::now();
+        loop {
+            let applied = self.members[&id].1.lock().unwrap().clone();
+            if applied == expected {
+                return;
+            }
+            assert!(
+                started.elapsed() < DEADLINE,
+                "member {id} applied {} values, expected {}",
+                applied.len(),
+                expected.len()
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    async fn shutdown(self) {
+        for (_, (consensus, _)) in self.members {
+            shutdown(consensus).await;
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_members_replicate_and_followers_answer_not_leader_with_the_leader() {
+    let group = Group::start(3, 10_000).await;
+    let leader = group.leader().await;
+    for value in 0..20 {
+        propose(&group.handle(leader), value).await.unwrap();
+    }
+    let expected: Vec<u64> = (0..20).collect();
+    for id in 1..=3 {
+        group.converges(id, &expected).await;
+    }
+    let follower = (1..=3).find(|&id| id != leader).unwrap();
+    assert_eq!(
+        propose(&group.handle(follower), 99).await,
+        Err(ProposeError::NotLeader {
+            leader: Some(leader)
+        })
+    );
+    // A follower's read index covers everything acknowledged before it.
+    let index = group.handle(follower).read_index(DEADLINE).await.unwrap();
+    assert!(index >= 21, "read index {index}");
+    assert!(group.handle(follower).status().applied_index >= index);
+    group.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn acknowledged_proposals_survive_the_loss_of_the_leader() {
+    let mut group = Group::start(3, 10_000).await;
+    let first = group.leader().await;
+    for value in 0..10 {
+        propose(&group.handle(first), value).await.unwrap();
+    }
+    group.stop_member(first).await;
+    let second = group.leader().await;
+    assert_ne!(first, second);
+    for value in 10..20 {
+        propose(&group.handle(second), value).await.unwrap();
+    }
+    // The old leader comes back as a follower and catches up.
+    group.start_member(first, false).await;
+    let expected: Vec<u64> = (0..20).collect();
+    for id in 1..=3 {
+        group.converges(id, &expected).await;
+    }
+    group.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn leadership_can_be_transferred() {
+    let group = Group::start(3, 10_000).await;
+    let leader = group.leader().await;
+    let target = (1..=3).find(|&id| id != leader).unwrap();
+    group.handle(leader).transfer_leader(target).unwrap();
+    let started = Instant::now();
+    while group.leader().await != target {
+        assert!(started.elapsed() < DEADLINE, "leadership did not move");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(propose(&group.handle(target), 1).await, Ok(1));
+    group.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_learner_joins_catches_up_from_a_snapshot_and_is_promoted_then_a_member_is_removed() {
+    let mut group = Group::start(3, 32).await;
+    let leader = group.leader().await;
+    for value in 0..100 {
+        propose(&group.handle(leader), value).await.unwrap();
+    }
+    // Member 4 starts empty; the log it needs is compacted, so it gets a snapshot.
+    let address = free_addresses(1).remove(0);
+    group.addresses.insert(4, address.clone());
+    group.start_member(4, true).await;
+    group
+        .handle(leader)
+        .change_membership(
+            MembershipChange::AddLearner {
+                id: 4,
+                address: address.clone(),
+            },
+            DEADLINE,
+        )
+        .await
+        .unwrap();
+    let expected: Vec<u64> = (0..100).collect();
+    group.converges(4, &expected).await;
+    group
+        .handle(leader)
+        .change_membership(MembershipChange::AddVoter { id: 4, address }, DEADLINE)
+        .await
+        .unwrap();
+    let removed = (1..=3).find(|&id| id != leader).unwrap();
+    group
+        .handle(leader)
+        .change_membership(MembershipChange::Remove { id: removed }, DEADLINE)
+        .await
+        .unwrap();
+    let wanted: Vec<u64> = [1, 2, 3, 4]
+        .into_iter()
+        .filter(|&id| id != removed)
+        .collect();
+    let mut watch = group.handle(leader).watch_status();
+    let sorted = |voters: &[u64]| {
+        let mut voters = voters.to_vec();
+        voters.sort_unstable();
+        voters
+    };
+    tokio::time::timeout(DEADLINE, watch.wait_for(|s| sorted(&s.voters) == wanted))
+        .await
+        .expect("the membership reaches the status")
+        .unwrap();
+    group.stop_member(removed).await;
+    propose(&group.handle(leader), 100).await.unwrap();
+    let expected: Vec<u64> = (0..=100).collect();
+    group.converges(4, &expected).await;
+    group.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_wiped_follower_is_removed_re_added_and_rebuilt_from_a_snapshot() {
+    let mut group = Group::start(3, 32).await;
+    let leader = group.leader().await;
+    for value in 0..100 {
+        propose(&group.handle(leader), value).await.unwrap();
+    }
+    let follower = (1..=3).find(|&id| id != leader).unwrap();
+    group.stop_member(follower).await;
+    std::fs::remove_dir_all(group.root.path().join(format!("member-{follower}"))).unwrap();
+    // It comes back empty, joining rather than bootstrapping; the leader's heartbeats
+    // still claim it holds 100 entries, which it refuses instead of aborting.
+    group.start_member(follower, true).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let address = group.addresses[&follower].clone();
+    let leader_handle = group.handle(leader);
+    leader_handle
+        .change_membership(MembershipChange::Remove { id: follower }, DEADLINE)
+        .await
+        .unwrap();
+    leader_handle
+        .change_membership(
+            MembershipChange::AddVoter {
+                id: follower,
+                address,
+            },
+            DEADLINE,
+        )
+        .await
+        .unwrap();
+    let expected: Vec<u64> = (0..100).collect();
+    group.converges(follower, &expected).await;
+    assert!(group.handle(follower).status().snapshot_index >= 64);
+    group.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn all_members_restarting_at_once_keep_every_acknowledged_proposal() {
+    let mut group = Group::start(3, 16).await;
+    let leader = group.leader().await;
+    for value in 0..40 {
+        propose(&group.handle(leader), value).await.unwrap();
+    }
+    for id in 1..=3 {
+        group.stop_member(id).await;
+    }
+    for id in 1..=3 {
+        group.start_member(id, false).await;
+    }
+    let leader = group.leader().await;
+    propose(&group.handle(leader), 40).await.unwrap();
+    let expected: Vec<u64> = (0..=40).collect();
+    for id in 1..=3 {
+        group.converges(id, &expected).await;
+    }
+    group.shutdown().await;
 }
