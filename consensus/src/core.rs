@@ -337,6 +337,7 @@ impl<L: LogStore, S: StateMachine> Core<L, S> {
             snapshot_index: self.raw.store().latest_snapshot().get_metadata().index,
             voters: conf_state.voters.clone(),
             learners: conf_state.learners.clone(),
+            storage_stalled: self.unpersisted.is_some(),
         }
     }
 
@@ -423,6 +424,9 @@ impl<L: LogStore, S: StateMachine> Core<L, S> {
         let Some(last) = entries.last().map(|entry| entry.index) else {
             return Ok(());
         };
+        // Answers go out after `applied`, so a caller that reads the state machine's
+        // published view after its answer sees its own write.
+        let mut answers = Vec::new();
         for entry in entries {
             let output = match entry.get_entry_type() {
                 EntryType::EntryNormal if entry.data.is_empty() => continue,
@@ -452,9 +456,12 @@ impl<L: LogStore, S: StateMachine> Core<L, S> {
                     Vec::new()
                 }
             };
-            self.answer(&entry, output);
+            answers.push((entry, output));
         }
         self.state_machine.applied(last);
+        for (entry, output) in answers {
+            self.answer(&entry, output);
+        }
         Ok(())
     }
 

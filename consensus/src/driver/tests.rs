@@ -555,7 +555,11 @@ async fn a_full_disk_refuses_proposals_without_panicking_and_recovers_when_space
         );
     };
     assert!(refusal.to_string().contains("disk full"), "{refusal}");
-    assert_eq!(shoal_ops::metrics::metrics().raft_storage_stalled.get(), 1);
+    let mut watch = handle.watch_status();
+    tokio::time::timeout(DEADLINE, watch.wait_for(|status| status.storage_stalled))
+        .await
+        .expect("the status reports the stall")
+        .unwrap();
     assert!(
         propose(&handle, 1).await.is_err(),
         "still refused while full"
