@@ -5,7 +5,9 @@ use crate::control::ControlPlane;
 use shoal_actors::ReplicaReporter;
 use shoal_actors::agent::AgentHandle;
 use shoal_actors::replica::ReplicaSpec;
-use shoal_scheduler::{ClusterState, Command, NodeId, ReplicaId, ReplicaState, placement};
+use shoal_scheduler::{
+    ClusterState, Command, LoadSnapshot, NodeId, ReplicaId, ReplicaState, placement,
+};
 use std::time::Duration;
 use tokio::sync::{mpsc, watch};
 
@@ -24,7 +26,9 @@ pub async fn run_controller(control: ControlPlane, mut shutdown: watch::Receiver
     loop {
         if control.raft_status().is_leader {
             let state = control.state();
-            for command in placement::plan(&state) {
+            // No live load is gathered yet: an empty snapshot judges no canary and evicts
+            // nothing.
+            for command in placement::plan(&state, &LoadSnapshot::default(), now_ms()) {
                 match control.propose(&command).await {
                     Ok(outcome) => tracing::info!(?outcome, "placement applied"),
                     Err(error) => tracing::warn!(%error, "placement proposal not applied"),
@@ -37,6 +41,12 @@ pub async fn run_controller(control: ControlPlane, mut shutdown: watch::Receiver
             () = tokio::time::sleep(PLAN_INTERVAL) => {}
         }
     }
+}
+
+fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |elapsed| elapsed.as_millis() as u64)
 }
 
 /// What `node` should run, from the replicated state.
@@ -55,7 +65,7 @@ pub fn assignments(state: &ClusterState, node: NodeId) -> Vec<ReplicaSpec> {
                 device: replica.device,
                 reserved_bytes: replica.reserved_bytes,
                 files: version.files.clone(),
-                batching: deployment.batching,
+                batching: deployment.spec.batching,
             })
         })
         .collect()

@@ -33,6 +33,13 @@ impl fmt::Display for ReplicaId {
     }
 }
 
+/// Where one shard of a replica group runs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub struct ShardPlacement {
+    pub node: NodeId,
+    pub device: DeviceId,
+}
+
 /// What kind of memory a device offers.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum DeviceKind {

@@ -69,7 +69,7 @@ pub async fn list_deployments(State(app): State<Arc<AppState>>) -> Json<Vec<Depl
         .values()
         .map(|deployment| {
             let replicas: Vec<ReplicaView> = state
-                .replicas_of(&deployment.name)
+                .replicas_of(deployment.name())
                 .map(|replica| ReplicaView {
                     id: replica.id.0,
                     node: replica.node.0,
@@ -81,10 +81,10 @@ pub async fn list_deployments(State(app): State<Arc<AppState>>) -> Json<Vec<Depl
                 })
                 .collect();
             DeploymentView {
-                name: deployment.name.clone(),
-                model: deployment.model.clone(),
-                version: deployment.version,
-                replicas_wanted: deployment.replicas,
+                name: deployment.name().to_string(),
+                model: deployment.model().to_string(),
+                version: deployment.stable_version,
+                replicas_wanted: deployment.replicas_desired,
                 replicas_ready: replicas
                     .iter()
                     .filter(|r| r.state == ReplicaState::Ready)
@@ -94,30 +94,4 @@ pub async fn list_deployments(State(app): State<Arc<AppState>>) -> Json<Vec<Depl
         })
         .collect();
     Json(views)
-}
-
-#[derive(Debug, Serialize)]
-pub struct ClusterView {
-    pub id: u64,
-    pub term: u64,
-    pub leader: Option<u64>,
-    pub is_leader: bool,
-    pub commit_index: u64,
-    pub applied_index: u64,
-    pub voters: Vec<u64>,
-    pub nodes: usize,
-}
-
-pub async fn cluster_status(State(app): State<Arc<AppState>>) -> Json<ClusterView> {
-    let status = app.control.raft_status();
-    Json(ClusterView {
-        id: status.id,
-        term: status.term,
-        leader: status.leader,
-        is_leader: status.is_leader,
-        commit_index: status.commit_index,
-        applied_index: status.applied_index,
-        voters: status.voters,
-        nodes: app.control.state().nodes.len(),
-    })
 }

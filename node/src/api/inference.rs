@@ -44,7 +44,7 @@ pub async fn ready(State(app): State<Arc<AppState>>) -> Result<Json<serde_json::
     let waiting: Vec<&str> = state
         .deployments
         .values()
-        .map(|deployment| deployment.model.as_str())
+        .map(|deployment| deployment.model())
         .chain(app.required_models.iter().map(String::as_str))
         .filter(|model| routes.for_model(model).is_empty())
         .collect();
@@ -73,8 +73,8 @@ fn resolve<'a>(
         None => state
             .deployments
             .values()
-            .find(|deployment| deployment.model == model)
-            .map(|deployment| deployment.version)
+            .find(|deployment| deployment.model() == model)
+            .map(|deployment| deployment.stable_version)
             .or_else(|| known.versions.keys().next_back().copied())
             .ok_or_else(|| ApiError::NotFound(format!("model {model:?} has no versions")))?,
     };

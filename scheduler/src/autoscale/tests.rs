@@ -1,0 +1,252 @@
+//! Autoscaler tests: the rule on worked examples, then bounds and stability properties.
+
+use super::*;
+use crate::command::tests::{applied, next, version_command};
+use crate::deployment::{DeploymentSpec, ReplicaPolicy};
+use proptest::prelude::*;
+
+const SECOND_MS: u64 = 1_000;
+
+fn policy(scale_to_zero_after_ms: Option<u64>) -> AutoscalePolicy {
+    AutoscalePolicy {
+        target_ongoing_requests: 2,
+        upscale_delay_ms: 30 * SECOND_MS,
+        downscale_delay_ms: 600 * SECOND_MS,
+        scale_to_zero_after_ms,
+    }
+}
+
+fn autoscaled(replicas: ReplicaPolicy, autoscale: AutoscalePolicy) -> ClusterState {
+    let mut spec = DeploymentSpec::new("m", "m", 1, replicas.initial);
+    spec.replicas = replicas;
+    spec.autoscale = Some(autoscale);
+    applied(vec![
+        version_command("m", "d1", 1),
+        Command::CreateDeployment { spec },
+    ])
+}
+
+fn load(in_flight: u64, held: u64, last_request_ms: Option<u64>) -> LoadSnapshot {
+    let mut snapshot = LoadSnapshot::default();
+    snapshot.deployments.insert(
+        "m".into(),
+        DeploymentLoad {
+            requests_in_flight: in_flight,
+            requests_held: held,
+            last_request_ms,
+            ..DeploymentLoad::default()
+        },
+    );
+    snapshot
+}
+
+/// Runs the autoscaler every second from `from_ms` to `to_ms`, applying what it decides.
+fn run(
+    scaler: &mut Autoscaler,
+    state: &mut ClusterState,
+    load: &LoadSnapshot,
+    from_ms: u64,
+    to_ms: u64,
+) -> Vec<(u64, u32)> {
+    let mut changes = Vec::new();
+    let mut now_ms = from_ms;
+    while now_ms <= to_ms {
+        for command in scaler.decide(state, load, now_ms) {
+            if let Command::SetDesiredReplicas { replicas, .. } = &command {
+                changes.push((now_ms, *replicas));
+            }
+            next(state, command).expect("the autoscaler stays within bounds");
+        }
+        now_ms += SECOND_MS;
+    }
+    changes
+}
+
+#[test]
+fn the_count_is_in_flight_requests_over_the_target_rounded_up() {
+    let autoscale = policy(None);
+    let at = |in_flight| {
+        recommended_replicas(
+            &autoscale,
+            1,
+            10,
+            &load(in_flight, 0, None).deployments["m"],
+        )
+    };
+    assert_eq!(at(0), 1);
+    assert_eq!(at(2), 1);
+    assert_eq!(at(3), 2);
+    assert_eq!(at(19), 10);
+    assert_eq!(at(1_000), 10);
+}
+
+#[test]
+fn an_upscale_waits_out_its_window_and_takes_the_smallest_ask() {
+    let bounds = ReplicaPolicy {
+        initial: 1,
+        min: 1,
+        max: 10,
+    };
+    let mut state = autoscaled(bounds, policy(None));
+    let mut scaler = Autoscaler::new();
+    // 10 then 6 in flight: asks for 5, then 3.
+    let first = run(
+        &mut scaler,
+        &mut state,
+        &load(10, 0, Some(0)),
+        0,
+        10 * SECOND_MS,
+    );
+    assert_eq!(first, vec![]);
+    let second = run(
+        &mut scaler,
+        &mut state,
+        &load(6, 0, Some(0)),
+        11 * SECOND_MS,
+        40 * SECOND_MS,
+    );
+    assert_eq!(second, vec![(30 * SECOND_MS, 3)]);
+}
+
+#[test]
+fn a_spike_shorter_than_the_window_moves_nothing() {
+    let bounds = ReplicaPolicy {
+        initial: 2,
+        min: 1,
+        max: 10,
+    };
+    let mut state = autoscaled(bounds, policy(None));
+    let mut scaler = Autoscaler::new();
+    assert_eq!(
+        run(
+            &mut scaler,
+            &mut state,
+            &load(20, 0, Some(0)),
+            0,
+            20 * SECOND_MS
+        ),
+        vec![]
+    );
+    assert_eq!(
+        run(
+            &mut scaler,
+            &mut state,
+            &load(4, 0, Some(0)),
+            21 * SECOND_MS,
+            60 * SECOND_MS
+        ),
+        vec![]
+    );
+    assert_eq!(state.deployments["m"].replicas_desired, 2);
+}
+
+#[test]
+fn a_downscale_waits_for_its_longer_window() {
+    let bounds = ReplicaPolicy {
+        initial: 4,
+        min: 1,
+        max: 10,
+    };
+    let mut state = autoscaled(bounds, policy(None));
+    let mut scaler = Autoscaler::new();
+    let changes = run(
+        &mut scaler,
+        &mut state,
+        &load(2, 0, Some(0)),
+        0,
+        700 * SECOND_MS,
+    );
+    assert_eq!(changes, vec![(600 * SECOND_MS, 1)]);
+}
+
+#[test]
+fn an_idle_deployment_scales_to_zero_and_the_first_held_request_brings_it_back() {
+    let bounds = ReplicaPolicy {
+        initial: 1,
+        min: 0,
+        max: 4,
+    };
+    let mut state = autoscaled(bounds, policy(Some(300 * SECOND_MS)));
+    let mut scaler = Autoscaler::new();
+    let idle = run(
+        &mut scaler,
+        &mut state,
+        &load(0, 0, Some(0)),
+        0,
+        400 * SECOND_MS,
+    );
+    assert_eq!(idle, vec![(300 * SECOND_MS, 0)]);
+    let woken = run(
+        &mut scaler,
+        &mut state,
+        &load(0, 1, Some(401 * SECOND_MS)),
+        401 * SECOND_MS,
+        402 * SECOND_MS,
+    );
+    assert_eq!(woken, vec![(401 * SECOND_MS, 1)]);
+}
+
+#[test]
+fn without_scale_to_zero_an_idle_deployment_keeps_one_replica() {
+    let bounds = ReplicaPolicy {
+        initial: 2,
+        min: 0,
+        max: 4,
+    };
+    let mut state = autoscaled(bounds, policy(None));
+    let mut scaler = Autoscaler::new();
+    let changes = run(
+        &mut scaler,
+        &mut state,
+        &load(0, 0, Some(0)),
+        0,
+        3_600 * SECOND_MS,
+    );
+    assert_eq!(changes, vec![(600 * SECOND_MS, 1)]);
+}
+
+proptest! {
+    #[test]
+    fn under_a_constant_load_the_count_moves_one_way_and_stays_in_bounds(
+        min in 0u32..4,
+        extra in 0u32..6,
+        initial_offset in 0u32..6,
+        target in 1u32..8,
+        upscale_s in 0u64..60,
+        downscale_s in 0u64..120,
+        zero_s in prop::option::of(0u64..200),
+        in_flight in 0u64..100,
+        step_s in 1u64..20,
+    ) {
+        let max = (min + extra).max(1);
+        let initial = (min + initial_offset).min(max);
+        let autoscale = AutoscalePolicy {
+            target_ongoing_requests: target,
+            upscale_delay_ms: upscale_s * SECOND_MS,
+            downscale_delay_ms: downscale_s * SECOND_MS,
+            scale_to_zero_after_ms: zero_s.map(|s| s * SECOND_MS),
+        };
+        let mut state = autoscaled(ReplicaPolicy { initial, min, max }, autoscale);
+        let mut scaler = Autoscaler::new();
+        let constant = load(in_flight, 0, Some(0));
+        let mut seen = vec![initial];
+        let mut now_ms = 0;
+        while now_ms < 1_000 * SECOND_MS {
+            for command in scaler.decide(&state, &constant, now_ms) {
+                let outcome = next(&mut state, command.clone());
+                prop_assert!(outcome.is_ok(), "{:?} refused: {:?}", command, outcome);
+            }
+            let desired = state.deployments["m"].replicas_desired;
+            prop_assert!(desired >= min && desired <= max);
+            if seen.last() != Some(&desired) {
+                seen.push(desired);
+            }
+            now_ms += step_s * SECOND_MS;
+        }
+        let rising = seen.windows(2).all(|pair| pair[0] < pair[1]);
+        let falling = seen.windows(2).all(|pair| pair[0] > pair[1]);
+        prop_assert!(rising || falling, "the count oscillated: {:?}", seen);
+        // Downwards it may settle at the load's ask and then at zero; upwards in one step.
+        prop_assert!(seen.len() <= 3, "too many changes: {:?}", seen);
+    }
+}
