@@ -278,10 +278,30 @@ impl<L: LogStore, S: StateMachine> Core<L, S> {
 
     pub(crate) fn tick(&mut self, now: Instant) {
         self.raw.tick();
-        self.proposals
-            .retain(|_, waiter| waiter.deadline > now && !waiter.reply.is_closed());
-        self.reads
-            .retain(|_, read| read.deadline > now && !read.reply.is_closed());
+        // Expired callers are told so: their entry may still commit later, which is what
+        // `Timeout` means. (Dropping the reply would read as `Stopped`.)
+        let expired: Vec<u64> = self
+            .proposals
+            .iter()
+            .filter(|(_, waiter)| waiter.deadline <= now || waiter.reply.is_closed())
+            .map(|(sequence, _)| *sequence)
+            .collect();
+        for sequence in expired {
+            if let Some(waiter) = self.proposals.remove(&sequence) {
+                let _ = waiter.reply.send(Err(ProposeError::Timeout));
+            }
+        }
+        let expired: Vec<u64> = self
+            .reads
+            .iter()
+            .filter(|(_, read)| read.deadline <= now || read.reply.is_closed())
+            .map(|(sequence, _)| *sequence)
+            .collect();
+        for sequence in expired {
+            if let Some(read) = self.reads.remove(&sequence) {
+                let _ = read.reply.send(Err(ProposeError::Timeout));
+            }
+        }
     }
 
     pub(crate) fn transfer_leader(&mut self, to: u64) {

@@ -43,6 +43,28 @@ pub enum DeployCommand {
     List,
 }
 
+#[derive(Debug, Subcommand)]
+pub enum ClusterCommand {
+    /// Leader, term, indexes and members, as the server at SHOAL_ADDR sees them.
+    Status,
+    /// The members and their roles.
+    Members,
+    /// Add a member (it must be running with `shoal server --join`).
+    Add {
+        id: u64,
+        /// Its raft address, HOST:PORT.
+        address: String,
+        /// Add it as a learner (receives the log, does not vote); add again without this
+        /// to promote it.
+        #[arg(long)]
+        learner: bool,
+    },
+    /// Remove a member.
+    Remove { id: u64 },
+    /// Hand leadership to another voter.
+    TransferLeader { to: u64 },
+}
+
 #[derive(Debug, Args)]
 pub struct InferArgs {
     /// The model to ask.
@@ -82,6 +104,16 @@ impl Client {
         decode(response).await
     }
 
+    async fn delete<T: DeserializeOwned>(&self, path: &str) -> anyhow::Result<T> {
+        let response = self
+            .http
+            .delete(format!("{}{path}", self.base))
+            .send()
+            .await
+            .with_context(|| format!("cannot reach Shoal at {} (set SHOAL_ADDR)", self.base))?;
+        decode(response).await
+    }
+
     async fn post<B: serde::Serialize, T: DeserializeOwned>(
         &self,
         path: &str,
@@ -115,6 +147,59 @@ async fn decode<T: DeserializeOwned>(response: reqwest::Response) -> anyhow::Res
         bail!("{status}: {message}");
     }
     serde_json::from_slice(&body).context("Shoal answered JSON this CLI does not understand")
+}
+
+pub async fn cluster(command: ClusterCommand, args: &ClientArgs) -> anyhow::Result<()> {
+    let client = Client::new(args)?;
+    let is_view = matches!(command, ClusterCommand::Status | ClusterCommand::Members);
+    let is_status = matches!(command, ClusterCommand::Status);
+    let answer: serde_json::Value = match command {
+        ClusterCommand::Status | ClusterCommand::Members => client.get("/api/v1/cluster").await?,
+        ClusterCommand::Add {
+            id,
+            address,
+            learner,
+        } => {
+            let role = if learner { "learner" } else { "voter" };
+            let body = serde_json::json!({"id": id, "address": address, "role": role});
+            client.post("/api/v1/cluster/members", &body).await?
+        }
+        ClusterCommand::Remove { id } => {
+            client
+                .delete(&format!("/api/v1/cluster/members/{id}"))
+                .await?
+        }
+        ClusterCommand::TransferLeader { to } => {
+            client
+                .post(
+                    "/api/v1/cluster/transfer-leader",
+                    &serde_json::json!({"to": to}),
+                )
+                .await?
+        }
+    };
+    if args.output == Output::Json || !is_view {
+        println!("{}", serde_json::to_string_pretty(&answer)?);
+        return Ok(());
+    }
+    let members = answer["members"].as_array().cloned().unwrap_or_default();
+    if is_status {
+        println!(
+            "member {} sees leader {} in term {}; commit {}, applied {}, snapshot {}",
+            text(&answer, "id"),
+            text(&answer, "leader"),
+            text(&answer, "term"),
+            text(&answer, "commit_index"),
+            text(&answer, "applied_index"),
+            text(&answer, "snapshot_index"),
+        );
+    }
+    let rows: Vec<Vec<String>> = members
+        .iter()
+        .map(|m| vec![text(m, "id"), text(m, "role"), text(m, "leader")])
+        .collect();
+    print_table(&["ID", "ROLE", "LEADER"], &rows);
+    Ok(())
 }
 
 pub async fn model(command: ModelCommand, args: &ClientArgs) -> anyhow::Result<()> {

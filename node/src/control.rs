@@ -1,7 +1,7 @@
 //! The control plane as the rest of the node sees it: the scheduler's `ClusterState`
 //! replicated by consensus, with typed proposals and a watchable view of the state.
 
-use shoal_consensus::{ConsensusHandle, ProposeError, RaftStatus, StateMachine};
+use shoal_consensus::{ConsensusHandle, MembershipChange, ProposeError, RaftStatus, StateMachine};
 use shoal_scheduler::{ClusterState, Command, Outcome, Rejected, apply};
 use std::sync::Arc;
 use std::time::Duration;
@@ -103,7 +103,36 @@ impl ControlPlane {
         Ok(result?)
     }
 
-    /// The state as of the last applied run of entries.
+    /// The state after every write acknowledged before this call: a linearizable read,
+    /// through raft's read index. Works on followers too.
+    pub async fn linearizable_state(&self) -> Result<Arc<ClusterState>, ControlError> {
+        let index = self.consensus.read_index(PROPOSAL_TIMEOUT).await?;
+        let mut states = self.state.clone();
+        // The read index is answered after the state machine published that index, so
+        // this normally returns at once.
+        let state = tokio::time::timeout(
+            PROPOSAL_TIMEOUT,
+            states.wait_for(|state| state.applied_index >= index),
+        )
+        .await
+        .map_err(|_| ControlError::Consensus(ProposeError::Timeout))?
+        .map_err(|_| ControlError::Consensus(ProposeError::Stopped))?
+        .clone();
+        Ok(state)
+    }
+
+    pub async fn change_membership(&self, change: MembershipChange) -> Result<(), ControlError> {
+        Ok(self
+            .consensus
+            .change_membership(change, PROPOSAL_TIMEOUT)
+            .await?)
+    }
+
+    pub fn transfer_leader(&self, to: u64) -> Result<(), ControlError> {
+        Ok(self.consensus.transfer_leader(to)?)
+    }
+
+    /// The state as of the last applied run of entries (possibly stale on a follower).
     pub fn state(&self) -> Arc<ClusterState> {
         self.state.borrow().clone()
     }

@@ -4,11 +4,11 @@
 
 use crate::control::ControlPlane;
 use crate::store::ArtifactStore;
+use crate::store::version_command;
 use anyhow::Context;
-use sha2::{Digest, Sha256};
-use shoal_actors::runtime::{CONFIG_FILE, WEIGHTS_FILE, memory_estimate_bytes, signature_of};
+use shoal_actors::runtime::{CONFIG_FILE, WEIGHTS_FILE};
 use shoal_actors::train::{TrainConfig, train_classifier};
-use shoal_scheduler::{ArtifactFile, BatchingPolicy, Command, Outcome};
+use shoal_scheduler::{Command, DeploymentSpec, Outcome};
 use std::path::Path;
 use std::sync::Arc;
 
@@ -40,11 +40,7 @@ pub async fn ensure(
     if !state.deployments.contains_key(DEMO_MODEL) {
         control
             .propose(&Command::CreateDeployment {
-                name: DEMO_MODEL.into(),
-                model: DEMO_MODEL.into(),
-                version,
-                replicas: 1,
-                batching: BatchingPolicy::default(),
+                spec: DeploymentSpec::new(DEMO_MODEL, DEMO_MODEL, version, 1),
             })
             .await
             .context("deploying the demo model")?;
@@ -61,53 +57,30 @@ async fn register(
     let dir = scratch.join("iris-training");
     let store = Arc::clone(store);
     // Training and hashing are CPU work: keep them off the async workers.
-    let (files, config_json, accuracy) =
-        tokio::task::spawn_blocking(move || -> anyhow::Result<_> {
-            std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
-            let report = train_classifier(shoal_actors::IRIS_CSV, &TrainConfig::iris(), &dir)
-                .context("training the demo model")?;
-            let mut files = Vec::new();
-            let mut config_json = Vec::new();
-            for name in [WEIGHTS_FILE, CONFIG_FILE] {
-                let bytes =
-                    std::fs::read(dir.join(name)).with_context(|| format!("reading {name}"))?;
-                let digest = store
-                    .put(&bytes)
-                    .with_context(|| format!("storing {name}"))?;
-                files.push(ArtifactFile {
-                    name: name.into(),
-                    digest,
-                    size_bytes: bytes.len() as u64,
-                });
-                if name == CONFIG_FILE {
-                    config_json = bytes;
-                }
-            }
-            std::fs::remove_dir_all(&dir).ok();
-            Ok((files, config_json, report.accuracy))
-        })
-        .await??;
+    let (command, accuracy) = tokio::task::spawn_blocking(move || -> anyhow::Result<_> {
+        std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+        let report = train_classifier(shoal_actors::IRIS_CSV, &TrainConfig::iris(), &dir)
+            .context("training the demo model")?;
+        let mut files = Vec::new();
+        for name in [WEIGHTS_FILE, CONFIG_FILE] {
+            let bytes = std::fs::read(dir.join(name)).with_context(|| format!("reading {name}"))?;
+            let digest = store
+                .put(&bytes)
+                .with_context(|| format!("storing {name}"))?;
+            files.push((name.to_string(), digest));
+        }
+        std::fs::remove_dir_all(&dir).ok();
+        let command = version_command(&store, DEMO_MODEL, files, "safetensors")
+            .map_err(|message| anyhow::anyhow!("describing the demo model: {message}"))?;
+        Ok((command, report.accuracy))
+    })
+    .await??;
     tracing::info!(
         model = DEMO_MODEL,
         accuracy = format!("{:.3}", accuracy),
         rows = 150,
         "trained the demo model"
     );
-
-    let signature = signature_of(&config_json)?;
-    let weights_bytes = files
-        .iter()
-        .find(|file| file.name == WEIGHTS_FILE)
-        .map_or(0, |file| file.size_bytes);
-    let command = Command::RegisterModelVersion {
-        model: DEMO_MODEL.into(),
-        manifest_digest: manifest_digest(&files),
-        files,
-        format: "safetensors".into(),
-        memory_bytes: memory_estimate_bytes(weights_bytes),
-        signature,
-        created_at_ms: now_ms(),
-    };
     match control
         .propose(&command)
         .await
@@ -116,24 +89,4 @@ async fn register(
         Outcome::VersionRegistered { version, .. } => Ok(version),
         other => anyhow::bail!("registering the demo model answered {other:?}"),
     }
-}
-
-/// A version's identity: the sha256 of its files' names, digests and sizes, in name order.
-pub fn manifest_digest(files: &[ArtifactFile]) -> String {
-    let mut sorted: Vec<&ArtifactFile> = files.iter().collect();
-    sorted.sort_by(|a, b| a.name.cmp(&b.name));
-    let mut hasher = Sha256::new();
-    for file in sorted {
-        hasher.update(format!(
-            "{}\t{}\t{}\n",
-            file.name, file.digest, file.size_bytes
-        ));
-    }
-    hex::encode(hasher.finalize())
-}
-
-fn now_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |elapsed| elapsed.as_millis() as u64)
 }

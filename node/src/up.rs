@@ -34,10 +34,12 @@ pub struct UpConfig {
 pub async fn run(config: UpConfig) -> anyhow::Result<()> {
     let data_dir = DataDir::lock(&config.data_dir)?;
     let (machine, states) = ClusterStateMachine::new();
-    let consensus =
-        shoal_consensus::start(&ConsensusConfig::single(MEMBER_ID, data_dir.raft()), machine)
-            .await
-            .context("starting consensus")?;
+    let consensus = shoal_consensus::start(
+        &ConsensusConfig::single(MEMBER_ID, data_dir.raft()),
+        machine,
+    )
+    .await
+    .context("starting consensus")?;
     let control = ControlPlane::new(consensus.handle(), states);
     let mut raft = control.watch_raft();
     tokio::time::timeout(LEADER_TIMEOUT, raft.wait_for(|status| status.is_leader))
@@ -90,6 +92,8 @@ pub async fn run(config: UpConfig) -> anyhow::Result<()> {
         routes: routes.clone(),
         next_route: AtomicUsize::new(0),
         required_models: vec![demo::DEMO_MODEL.to_string()],
+        store: store.clone(),
+        forwarder: None,
     });
     let mut server = tokio::spawn(
         axum::serve(listener, api::router(app))
@@ -139,7 +143,7 @@ pub async fn run(config: UpConfig) -> anyhow::Result<()> {
 }
 
 /// Resolves on Ctrl-C or SIGTERM.
-async fn shutdown_signal() {
+pub(crate) async fn shutdown_signal() {
     let interrupt = async {
         if let Err(error) = tokio::signal::ctrl_c().await {
             tracing::error!(%error, "cannot listen for ctrl-c");

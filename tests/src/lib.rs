@@ -4,6 +4,8 @@
 //! Tests here never reach into Shoal's crates: they see what an operator sees, a process,
 //! its HTTP endpoint, its output and its exit code.
 
+pub mod linearizability;
+
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
@@ -54,7 +56,11 @@ impl Shoal {
         let mut child = Command::new(shoal_binary())
             .args(["up", "--listen", "127.0.0.1:0", "--data-dir"])
             .arg(data_dir)
-            .env("RUST_LOG", "info,raft=warn,raft_engine=warn")
+            .env(
+                "RUST_LOG",
+                std::env::var("SHOAL_TEST_LOG")
+                    .unwrap_or_else(|_| "info,raft=warn,raft_engine=warn".into()),
+            )
             .stdout(Stdio::piped())
             .stderr(stderr)
             .spawn()
@@ -94,10 +100,13 @@ impl Shoal {
     pub async fn wait_ready(&mut self, client: &reqwest::Client) {
         let started = Instant::now();
         loop {
-            if let Ok(response) = client.get(self.url("/v2/health/ready")).send().await
-                && response.status() == reqwest::StatusCode::OK
-            {
-                return;
+            if let Ok(response) = client.get(self.url("/v2/health/ready")).send().await {
+                let ready = response.status() == reqwest::StatusCode::OK;
+                // Read the body so the pooled connection is left clean for the next call.
+                let _ = response.bytes().await;
+                if ready {
+                    return;
+                }
             }
             if let Ok(Some(status)) = self.child.try_wait() {
                 panic!("shoal exited ({status}) before ready:\n{}", self.stderr());
@@ -155,4 +164,150 @@ fn signal(pid: i32, signal: i32) {
     // SAFETY: kill(2) has no memory-safety preconditions; a stale pid fails with ESRCH.
     let result = unsafe { libc::kill(pid, signal) };
     assert_eq!(result, 0, "kill({pid}, {signal})");
+}
+
+/// Free loopback addresses, found by binding port 0 and releasing it.
+pub fn free_addresses(count: usize) -> Vec<String> {
+    let listeners: Vec<_> = (0..count)
+        .map(|_| std::net::TcpListener::bind("127.0.0.1:0").expect("a free port"))
+        .collect();
+    listeners
+        .iter()
+        .map(|listener| listener.local_addr().expect("bound").to_string())
+        .collect()
+}
+
+/// A `shoal server` process of a [`ServerCluster`].
+#[derive(Debug)]
+struct ServerProcess {
+    child: Child,
+}
+
+/// Several `shoal server` processes on loopback, each with its own data dir.
+#[derive(Debug)]
+pub struct ServerCluster {
+    root: PathBuf,
+    /// Raft and HTTP address of each member.
+    pub raft: std::collections::BTreeMap<u64, String>,
+    pub http: std::collections::BTreeMap<u64, String>,
+    processes: std::collections::BTreeMap<u64, ServerProcess>,
+}
+
+impl ServerCluster {
+    /// Starts `size` servers that bootstrap one control plane.
+    pub fn start(root: &Path, size: u64) -> ServerCluster {
+        let addresses = free_addresses(2 * size as usize);
+        let raft = (1..=size)
+            .zip(addresses[..size as usize].iter().cloned())
+            .collect();
+        let http = (1..=size)
+            .zip(addresses[size as usize..].iter().cloned())
+            .collect();
+        let mut cluster = ServerCluster {
+            root: root.to_path_buf(),
+            raft,
+            http,
+            processes: std::collections::BTreeMap::new(),
+        };
+        for id in 1..=size {
+            cluster.start_member(id);
+        }
+        cluster
+    }
+
+    fn list(map: &std::collections::BTreeMap<u64, String>) -> String {
+        map.iter()
+            .map(|(id, address)| format!("{id}={address}"))
+            .collect::<Vec<_>>()
+            .join(",")
+    }
+
+    /// Starts (or restarts) member `id` on its data dir.
+    pub fn start_member(&mut self, id: u64) {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.root.join(format!("server-{id}.stderr")))
+            .expect("log file");
+        let child = Command::new(shoal_binary())
+            .arg("server")
+            .args(["--id", &id.to_string()])
+            .args(["--peers", &Self::list(&self.raft)])
+            .args(["--http-peers", &Self::list(&self.http)])
+            .args(["--raft-listen", &self.raft[&id]])
+            .args(["--listen", &self.http[&id]])
+            .arg("--data-dir")
+            .arg(self.root.join(format!("server-{id}")))
+            .env("RUST_LOG", "info,raft=warn,raft_engine=warn")
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("shoal server starts");
+        self.processes.insert(id, ServerProcess { child });
+    }
+
+    /// SIGKILLs member `id` and reaps it.
+    pub fn kill(&mut self, id: u64) {
+        if let Some(mut process) = self.processes.remove(&id) {
+            let _ = process.child.kill();
+            let _ = process.child.wait();
+        }
+    }
+
+    /// Sends SIGINT to every member and waits for them.
+    pub fn stop_all(&mut self) {
+        for (_, mut process) in std::mem::take(&mut self.processes) {
+            if let Ok(pid) = i32::try_from(process.child.id()) {
+                signal(pid, libc::SIGINT);
+            }
+            let _ = process.child.wait();
+        }
+    }
+
+    pub fn live(&self) -> Vec<u64> {
+        self.processes.keys().copied().collect()
+    }
+
+    pub fn url(&self, id: u64, path: &str) -> String {
+        format!("http://{}{path}", self.http[&id])
+    }
+
+    /// What member `id` logged.
+    pub fn log(&self, id: u64) -> String {
+        std::fs::read_to_string(self.root.join(format!("server-{id}.stderr"))).unwrap_or_default()
+    }
+
+    /// Waits until a live member reports itself leader and returns it.
+    pub async fn leader(&self, client: &reqwest::Client, timeout: Duration) -> u64 {
+        let started = Instant::now();
+        loop {
+            for id in self.live() {
+                if let Ok(response) = client.get(self.url(id, "/api/v1/cluster")).send().await
+                    && let Ok(status) = response.json::<serde_json::Value>().await
+                    && status["is_leader"] == serde_json::Value::Bool(true)
+                {
+                    return id;
+                }
+            }
+            assert!(
+                started.elapsed() < timeout,
+                "no leader within {timeout:?}; logs:\n{}",
+                self.live()
+                    .iter()
+                    .map(|id| self.log(*id))
+                    .collect::<Vec<_>>()
+                    .join("\n---\n")
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+}
+
+impl Drop for ServerCluster {
+    fn drop(&mut self) {
+        for (_, mut process) in std::mem::take(&mut self.processes) {
+            let _ = process.child.kill();
+            let _ = process.child.wait();
+        }
+    }
 }

@@ -1,6 +1,8 @@
 //! Every way a request can fail, mapped to an HTTP status in one place.
 //!
-//! Errors answer `{"error": "message"}`, as the Open Inference Protocol asks.
+//! Inference routes answer `{"error": "message"}`, as the Open Inference Protocol asks;
+//! admin routes (`/api/v1/…`) answer `{"error": {"code": "...", "message": "..."}}`
+//! through [`AdminError`].
 
 use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
@@ -24,6 +26,16 @@ pub enum ApiError {
     ReplicaFailed(String),
     #[error("{0}")]
     DeadlineExceeded(String),
+    #[error("{0}")]
+    Conflict(String),
+    /// This server is not the raft leader and could not forward; nothing was proposed.
+    #[error("{message}")]
+    NotLeader {
+        leader: Option<u64>,
+        message: String,
+    },
+    #[error("{0}")]
+    Internal(String),
 }
 
 impl ApiError {
@@ -36,12 +48,41 @@ impl ApiError {
             ApiError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
             ApiError::ReplicaFailed(_) => StatusCode::BAD_GATEWAY,
             ApiError::DeadlineExceeded(_) => StatusCode::GATEWAY_TIMEOUT,
+            ApiError::Conflict(_) => StatusCode::CONFLICT,
+            ApiError::NotLeader { .. } => StatusCode::SERVICE_UNAVAILABLE,
+            ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
+        }
+    }
+
+    /// A short machine-readable code for admin error bodies.
+    pub fn code(&self) -> &'static str {
+        match self {
+            ApiError::BadRequest(_) => "bad_request",
+            ApiError::NotFound(_) => "not_found",
+            ApiError::PayloadTooLarge(_) => "payload_too_large",
+            ApiError::Overloaded(_) => "overloaded",
+            ApiError::Unavailable(_) => "unavailable",
+            ApiError::ReplicaFailed(_) => "replica_failed",
+            ApiError::DeadlineExceeded(_) => "deadline_exceeded",
+            ApiError::Conflict(_) => "conflict",
+            ApiError::NotLeader { .. } => "not_leader",
+            ApiError::Internal(_) => "internal",
         }
     }
 
     fn with_body(self, body: serde_json::Value) -> Response {
         let mut response = (self.status(), axum::Json(body)).into_response();
-        if matches!(self, ApiError::Overloaded(_) | ApiError::Unavailable(_)) {
+        if matches!(self, ApiError::PayloadTooLarge(_)) {
+            // The rest of the body was never read, so the connection cannot carry another
+            // request: say so, or a client may reuse it and lose its next request.
+            response
+                .headers_mut()
+                .insert(header::CONNECTION, HeaderValue::from_static("close"));
+        }
+        if matches!(
+            self,
+            ApiError::Overloaded(_) | ApiError::Unavailable(_) | ApiError::NotLeader { .. }
+        ) {
             response.headers_mut().insert(
                 header::RETRY_AFTER,
                 HeaderValue::from_static(RETRY_AFTER_SECONDS),
@@ -70,6 +111,66 @@ impl From<axum::extract::rejection::BytesRejection> for ApiError {
                 "could not read the request body: {}",
                 rejection.body_text()
             ))
+        }
+    }
+}
+
+/// An error of the admin API: the same statuses, the structured body.
+#[derive(Debug)]
+pub struct AdminError(pub ApiError);
+
+impl<E: Into<ApiError>> From<E> for AdminError {
+    fn from(error: E) -> AdminError {
+        AdminError(error.into())
+    }
+}
+
+impl IntoResponse for AdminError {
+    fn into_response(self) -> Response {
+        let error = self.0;
+        let mut body =
+            serde_json::json!({"error": {"code": error.code(), "message": error.to_string()}});
+        if let ApiError::NotLeader {
+            leader: Some(leader),
+            ..
+        } = &error
+        {
+            body["error"]["leader"] = serde_json::json!(leader);
+        }
+        error.with_body(body)
+    }
+}
+
+impl From<crate::control::ControlError> for ApiError {
+    fn from(error: crate::control::ControlError) -> ApiError {
+        use crate::control::ControlError;
+        use shoal_consensus::ProposeError;
+        use shoal_scheduler::Rejected;
+        match error {
+            ControlError::Rejected(Rejected::Invalid(message)) => ApiError::BadRequest(message),
+            ControlError::Rejected(
+                rejected @ (Rejected::UnknownModel(_)
+                | Rejected::UnknownVersion { .. }
+                | Rejected::UnknownDeployment(_)
+                | Rejected::UnknownNode(_)
+                | Rejected::UnknownReplica(_)),
+            ) => ApiError::NotFound(rejected.to_string()),
+            ControlError::Rejected(rejected) => ApiError::Conflict(rejected.to_string()),
+            ControlError::Consensus(ProposeError::NotLeader { leader }) => ApiError::NotLeader {
+                leader,
+                message: format!("this server is not the leader; the leader is {leader:?}"),
+            },
+            ControlError::Consensus(ProposeError::Overloaded) => {
+                ApiError::Overloaded("the control plane's queue is full; retry later".into())
+            }
+            ControlError::Consensus(ProposeError::Timeout) => ApiError::DeadlineExceeded(
+                "no answer from the control plane in time; the change may or may not have been applied".into(),
+            ),
+            ControlError::Consensus(ProposeError::Refused(message)) => ApiError::BadRequest(message),
+            ControlError::Consensus(error @ (ProposeError::Storage(_) | ProposeError::Stopped)) => {
+                ApiError::Unavailable(error.to_string())
+            }
+            ControlError::Codec(message) => ApiError::Internal(message),
         }
     }
 }

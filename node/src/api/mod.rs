@@ -3,20 +3,25 @@
 //! Only this module knows HTTP status codes and JSON shapes.
 
 mod admin;
+pub mod cluster;
 mod error;
 mod inference;
 pub mod oip;
 
 use crate::control::ControlPlane;
+use crate::store::ArtifactStore;
 use axum::Router;
 use axum::extract::DefaultBodyLimit;
-use axum::routing::{get, post};
+use axum::routing::{delete, get, post};
 use shoal_actors::agent::Routes;
 use std::sync::Arc;
 use std::sync::atomic::AtomicUsize;
 use tokio::sync::watch;
 
-pub use error::ApiError;
+pub use error::{AdminError, ApiError};
+
+/// Largest artifact accepted by `POST /api/v1/blobs` in one request.
+pub const BLOB_BODY_MAX_BYTES: usize = 512 << 20;
 
 /// Largest request body accepted, in bytes: room for a batch of a few thousand rows of
 /// JSON, small enough that a bad client cannot make the gateway buffer much.
@@ -32,6 +37,9 @@ pub struct AppState {
     /// Models that must have a serving replica before `/v2/health/ready` answers 200
     /// (in `shoal up`, the demo model, which may not be deployed yet at startup).
     pub required_models: Vec<String>,
+    pub store: Arc<ArtifactStore>,
+    /// Forwards writes to the leader; `None` where this process is the only member.
+    pub forwarder: Option<cluster::Forwarder>,
 }
 
 /// The router of the embedded `shoal up` process: inference, admin and metrics together.
@@ -57,7 +65,30 @@ pub fn router(state: Arc<AppState>) -> Router {
         )
         .route("/api/v1/models", get(admin::list_models))
         .route("/api/v1/deployments", get(admin::list_deployments))
-        .route("/api/v1/cluster", get(admin::cluster_status))
+        .route("/api/v1/cluster", get(cluster::status))
+        .route("/api/v1/cluster/members", post(cluster::add_member))
+        .route(
+            "/api/v1/cluster/members/{id}",
+            delete(cluster::remove_member),
+        )
+        .route(
+            "/api/v1/cluster/transfer-leader",
+            post(cluster::transfer_leader),
+        )
+        .route(
+            "/api/v1/models/{model}/aliases/{alias}",
+            get(cluster::get_alias)
+                .put(cluster::set_alias)
+                .delete(cluster::delete_alias),
+        )
+        .route(
+            "/api/v1/models/{model}/versions",
+            post(cluster::register_version),
+        )
+        .route(
+            "/api/v1/blobs",
+            post(cluster::put_blob).layer(DefaultBodyLimit::max(BLOB_BODY_MAX_BYTES)),
+        )
         .route("/metrics", get(metrics))
         .fallback(not_found)
         .layer(DefaultBodyLimit::max(REQUEST_BODY_MAX_BYTES))

@@ -1,0 +1,502 @@
+//! Admin routes that change or read the replicated state: cluster membership, leadership,
+//! aliases, artifacts and versions. Writes that land on a follower are forwarded to the
+//! leader once; reads are linearizable (raft read index) unless `?consistency=stale`.
+
+use super::{AdminError, ApiError, AppState};
+use crate::control::ControlError;
+use axum::Json;
+use axum::body::Bytes;
+use axum::extract::rejection::BytesRejection;
+use axum::extract::{Path, Query, State};
+use axum::http::{HeaderMap, Method, StatusCode, Uri};
+use axum::response::{IntoResponse, Response};
+use serde::{Deserialize, Serialize};
+use shoal_consensus::{MembershipChange, ProposeError};
+use shoal_scheduler::{ArtifactFile, ClusterState, Command, Outcome};
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+/// Marks a request another server forwarded, so it is never forwarded again.
+pub const FORWARDED_HEADER: &str = "x-shoal-forwarded";
+
+/// Longest a forwarded request may take.
+const FORWARD_TIMEOUT: Duration = Duration::from_secs(15);
+
+/// Sends writes that reached a follower to the leader's HTTP address.
+#[derive(Debug)]
+pub struct Forwarder {
+    http: reqwest::Client,
+    /// Raft id to `http://host:port`.
+    peers: BTreeMap<u64, String>,
+}
+
+impl Forwarder {
+    pub fn new(peers: BTreeMap<u64, String>) -> Result<Forwarder, reqwest::Error> {
+        let http = reqwest::Client::builder()
+            .timeout(FORWARD_TIMEOUT)
+            .build()?;
+        Ok(Forwarder { http, peers })
+    }
+
+    async fn forward(
+        &self,
+        leader: u64,
+        method: Method,
+        uri: &Uri,
+        body: Bytes,
+    ) -> Result<Response, ApiError> {
+        let Some(base) = self.peers.get(&leader) else {
+            return Err(ApiError::NotLeader {
+                leader: Some(leader),
+                message: format!(
+                    "this server is not the leader and does not know member {leader}'s address"
+                ),
+            });
+        };
+        let path = uri.path_and_query().map_or("/", |p| p.as_str());
+        let answer = self
+            .http
+            .request(method, format!("{base}{path}"))
+            .header(FORWARDED_HEADER, "1")
+            .header("content-type", "application/json")
+            .body(body)
+            .send()
+            .await
+            .map_err(|error| {
+                // The leader may have applied it before the connection broke.
+                ApiError::DeadlineExceeded(format!(
+                    "forwarding to the leader ({base}) failed: {error}"
+                ))
+            })?;
+        let status =
+            StatusCode::from_u16(answer.status().as_u16()).unwrap_or(StatusCode::BAD_GATEWAY);
+        let bytes = answer.bytes().await.map_err(|error| {
+            ApiError::DeadlineExceeded(format!("reading the leader's answer: {error}"))
+        })?;
+        Ok((status, [("content-type", "application/json")], bytes).into_response())
+    }
+}
+
+/// What a write did: applied here, or answered by the leader it was forwarded to.
+enum Written {
+    Here(Outcome),
+    Forwarded(Response),
+}
+
+/// The parts of a request a write needs to forward it.
+struct WriteRequest {
+    method: Method,
+    uri: Uri,
+    forwarded: bool,
+    body: Bytes,
+}
+
+impl WriteRequest {
+    fn new(method: Method, uri: Uri, headers: &HeaderMap, body: Bytes) -> WriteRequest {
+        WriteRequest {
+            method,
+            uri,
+            forwarded: headers.contains_key(FORWARDED_HEADER),
+            body,
+        }
+    }
+
+    /// Forwards to `leader` if this request may be, else gives the not-leader error back.
+    async fn forward_or(self, app: &AppState, error: ControlError) -> Result<Written, AdminError> {
+        if let ControlError::Consensus(ProposeError::NotLeader {
+            leader: Some(leader),
+        }) = &error
+            && !self.forwarded
+            && let Some(forwarder) = &app.forwarder
+        {
+            let response = forwarder
+                .forward(*leader, self.method, &self.uri, self.body)
+                .await?;
+            return Ok(Written::Forwarded(response));
+        }
+        Err(error.into())
+    }
+}
+
+async fn propose(
+    app: &AppState,
+    request: WriteRequest,
+    command: &Command,
+) -> Result<Written, AdminError> {
+    match app.control.propose(command).await {
+        Ok(outcome) => Ok(Written::Here(outcome)),
+        Err(error) => request.forward_or(app, error).await,
+    }
+}
+
+fn json_body<T: for<'de> Deserialize<'de>>(body: &[u8]) -> Result<T, ApiError> {
+    serde_json::from_slice(body)
+        .map_err(|error| ApiError::BadRequest(format!("malformed JSON body: {error}")))
+}
+
+#[derive(Debug, Deserialize)]
+pub struct ReadOptions {
+    /// `linearizable` (default) or `stale` (this server's current view, no round trip).
+    #[serde(default)]
+    consistency: Option<String>,
+}
+
+/// The state a read should see.
+async fn read_state(app: &AppState, options: &ReadOptions) -> Result<Arc<ClusterState>, ApiError> {
+    match options.consistency.as_deref() {
+        None | Some("linearizable") => Ok(app.control.linearizable_state().await?),
+        Some("stale") => Ok(app.control.state()),
+        Some(other) => Err(ApiError::BadRequest(format!(
+            "consistency {other:?} is not one of linearizable, stale"
+        ))),
+    }
+}
+
+#[derive(Debug, Serialize)]
+pub struct MemberView {
+    pub id: u64,
+    pub role: &'static str,
+    pub leader: bool,
+}
+
+#[derive(Debug, Serialize)]
+pub struct ClusterView {
+    pub id: u64,
+    pub term: u64,
+    pub leader: Option<u64>,
+    pub is_leader: bool,
+    pub commit_index: u64,
+    pub applied_index: u64,
+    pub snapshot_index: u64,
+    pub storage_stalled: bool,
+    pub members: Vec<MemberView>,
+    pub nodes: usize,
+}
+
+pub async fn status(State(app): State<Arc<AppState>>) -> Json<ClusterView> {
+    let status = app.control.raft_status();
+    let mut members: Vec<MemberView> = status
+        .voters
+        .iter()
+        .map(|&id| (id, "voter"))
+        .chain(status.learners.iter().map(|&id| (id, "learner")))
+        .map(|(id, role)| MemberView {
+            id,
+            role,
+            leader: status.leader == Some(id),
+        })
+        .collect();
+    members.sort_by_key(|member| member.id);
+    Json(ClusterView {
+        id: status.id,
+        term: status.term,
+        leader: status.leader,
+        is_leader: status.is_leader,
+        commit_index: status.commit_index,
+        applied_index: status.applied_index,
+        snapshot_index: status.snapshot_index,
+        storage_stalled: status.storage_stalled,
+        members,
+        nodes: app.control.state().nodes.len(),
+    })
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AddMember {
+    id: u64,
+    /// Its raft address, `host:port`.
+    address: String,
+    /// `voter` (default) or `learner`.
+    #[serde(default)]
+    role: Option<String>,
+}
+
+pub async fn add_member(
+    State(app): State<Arc<AppState>>,
+    method: Method,
+    uri: Uri,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Response, AdminError> {
+    let body = body.map_err(ApiError::from)?;
+    let add: AddMember = json_body(&body)?;
+    if add.address.parse::<std::net::SocketAddr>().is_err() {
+        return Err(
+            ApiError::BadRequest(format!("address {:?} is not host:port", add.address)).into(),
+        );
+    }
+    let change = match add.role.as_deref() {
+        None | Some("voter") => MembershipChange::AddVoter {
+            id: add.id,
+            address: add.address,
+        },
+        Some("learner") => MembershipChange::AddLearner {
+            id: add.id,
+            address: add.address,
+        },
+        Some(other) => {
+            return Err(
+                ApiError::BadRequest(format!("role {other:?} is not voter or learner")).into(),
+            );
+        }
+    };
+    change_membership(&app, WriteRequest::new(method, uri, &headers, body), change).await
+}
+
+pub async fn remove_member(
+    State(app): State<Arc<AppState>>,
+    Path(id): Path<u64>,
+    method: Method,
+    uri: Uri,
+    headers: HeaderMap,
+) -> Result<Response, AdminError> {
+    let request = WriteRequest::new(method, uri, &headers, Bytes::new());
+    change_membership(&app, request, MembershipChange::Remove { id }).await
+}
+
+async fn change_membership(
+    app: &AppState,
+    request: WriteRequest,
+    change: MembershipChange,
+) -> Result<Response, AdminError> {
+    match app.control.change_membership(change.clone()).await {
+        Ok(()) => Ok(Json(serde_json::json!({"changed": format!("{change:?}")})).into_response()),
+        Err(error) => match request.forward_or(app, error).await? {
+            Written::Forwarded(response) => Ok(response),
+            Written::Here(_) => {
+                Err(ApiError::Internal("a membership change has no outcome".into()).into())
+            }
+        },
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TransferLeader {
+    to: u64,
+}
+
+pub async fn transfer_leader(
+    State(app): State<Arc<AppState>>,
+    method: Method,
+    uri: Uri,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Response, AdminError> {
+    let body = body.map_err(ApiError::from)?;
+    let transfer: TransferLeader = json_body(&body)?;
+    let status = app.control.raft_status();
+    if !status.voters.contains(&transfer.to) {
+        return Err(ApiError::BadRequest(format!("member {} is not a voter", transfer.to)).into());
+    }
+    if !status.is_leader {
+        let error = ControlError::Consensus(ProposeError::NotLeader {
+            leader: status.leader,
+        });
+        return match WriteRequest::new(method, uri, &headers, body)
+            .forward_or(&app, error)
+            .await?
+        {
+            Written::Forwarded(response) => Ok(response),
+            Written::Here(_) => Err(ApiError::Internal("unreachable".into()).into()),
+        };
+    }
+    app.control.transfer_leader(transfer.to)?;
+    Ok((
+        StatusCode::ACCEPTED,
+        Json(serde_json::json!({"transferring_to": transfer.to})),
+    )
+        .into_response())
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+pub struct AliasView {
+    pub model: String,
+    pub alias: String,
+    pub version: u32,
+}
+
+pub async fn get_alias(
+    State(app): State<Arc<AppState>>,
+    Path((model, alias)): Path<(String, String)>,
+    Query(options): Query<ReadOptions>,
+) -> Result<Json<AliasView>, AdminError> {
+    let state = read_state(&app, &options).await?;
+    let Some(known) = state.models.get(&model) else {
+        return Err(ApiError::NotFound(format!("unknown model {model:?}")).into());
+    };
+    let Some(&version) = known.aliases.get(&alias) else {
+        return Err(ApiError::NotFound(format!("model {model:?} has no alias {alias:?}")).into());
+    };
+    Ok(Json(AliasView {
+        model,
+        alias,
+        version,
+    }))
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SetAlias {
+    version: u32,
+}
+
+pub async fn set_alias(
+    State(app): State<Arc<AppState>>,
+    Path((model, alias)): Path<(String, String)>,
+    method: Method,
+    uri: Uri,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Response, AdminError> {
+    let body = body.map_err(ApiError::from)?;
+    let set: SetAlias = json_body(&body)?;
+    let command = Command::SetAlias {
+        model: model.clone(),
+        alias: alias.clone(),
+        version: set.version,
+    };
+    match propose(
+        &app,
+        WriteRequest::new(method, uri, &headers, body),
+        &command,
+    )
+    .await?
+    {
+        Written::Forwarded(response) => Ok(response),
+        Written::Here(_) => Ok(Json(AliasView {
+            model,
+            alias,
+            version: set.version,
+        })
+        .into_response()),
+    }
+}
+
+pub async fn delete_alias(
+    State(app): State<Arc<AppState>>,
+    Path((model, alias)): Path<(String, String)>,
+    method: Method,
+    uri: Uri,
+    headers: HeaderMap,
+) -> Result<Response, AdminError> {
+    let command = Command::RemoveAlias { model, alias };
+    match propose(
+        &app,
+        WriteRequest::new(method, uri, &headers, Bytes::new()),
+        &command,
+    )
+    .await?
+    {
+        Written::Forwarded(response) => Ok(response),
+        Written::Here(_) => Ok(StatusCode::NO_CONTENT.into_response()),
+    }
+}
+
+/// `POST /api/v1/blobs`: stores the body in this server's artifact store.
+pub async fn put_blob(
+    State(app): State<Arc<AppState>>,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Json<ArtifactFile>, AdminError> {
+    let body = body.map_err(ApiError::from)?;
+    let store = app.store.clone();
+    let size_bytes = body.len() as u64;
+    let digest = tokio::task::spawn_blocking(move || store.put(&body))
+        .await
+        .map_err(|error| ApiError::Internal(error.to_string()))?
+        .map_err(|error| ApiError::Unavailable(format!("storing the blob: {error}")))?;
+    Ok(Json(ArtifactFile {
+        name: String::new(),
+        digest,
+        size_bytes,
+    }))
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NewVersion {
+    /// The version's files, each already stored with `POST /api/v1/blobs`.
+    files: Vec<NewFile>,
+    /// Weight format, e.g. `safetensors`.
+    format: String,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NewFile {
+    name: String,
+    digest: String,
+}
+
+#[derive(Debug, Serialize)]
+pub struct VersionRegistered {
+    pub model: String,
+    pub version: u32,
+    pub created: bool,
+}
+
+/// `POST /api/v1/models/{model}/versions`: registers a version from stored blobs. The
+/// blobs must be in the store of the server that applies the registration (the leader).
+pub async fn register_version(
+    State(app): State<Arc<AppState>>,
+    Path(model): Path<String>,
+    method: Method,
+    uri: Uri,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Response, AdminError> {
+    let body = body.map_err(ApiError::from)?;
+    let new: NewVersion = json_body(&body)?;
+    if new.files.is_empty() {
+        return Err(ApiError::BadRequest("a version needs at least one file".into()).into());
+    }
+    let request = WriteRequest::new(method, uri, &headers, body);
+    if !app.control.raft_status().is_leader {
+        let leader = app.control.raft_status().leader;
+        let error = ControlError::Consensus(ProposeError::NotLeader { leader });
+        return match request.forward_or(&app, error).await? {
+            Written::Forwarded(response) => Ok(response),
+            Written::Here(_) => Err(ApiError::Internal("unreachable".into()).into()),
+        };
+    }
+    let store = app.store.clone();
+    let command = tokio::task::spawn_blocking(move || {
+        crate::store::version_command(
+            &store,
+            &model,
+            new.files.into_iter().map(|f| (f.name, f.digest)).collect(),
+            &new.format,
+        )
+    })
+    .await
+    .map_err(|error| ApiError::Internal(error.to_string()))?
+    .map_err(ApiError::BadRequest)?;
+    let Command::RegisterModelVersion { model, .. } = &command else {
+        return Err(ApiError::Internal("version_command built another command".into()).into());
+    };
+    let model = model.clone();
+    match propose(&app, request, &command).await? {
+        Written::Forwarded(response) => Ok(response),
+        Written::Here(Outcome::VersionRegistered { version, created }) => {
+            let status = if created {
+                StatusCode::CREATED
+            } else {
+                StatusCode::OK
+            };
+            Ok((
+                status,
+                Json(VersionRegistered {
+                    model,
+                    version,
+                    created,
+                }),
+            )
+                .into_response())
+        }
+        Written::Here(other) => {
+            Err(ApiError::Internal(format!("unexpected outcome {other:?}")).into())
+        }
+    }
+}

@@ -1,0 +1,195 @@
+//! `shoal server`: one member of a 1-, 3- or 5-member control plane. Raft over TCP, the
+//! replicated cluster state, the leader's placement controller, the admin API (writes
+//! forwarded to the leader), the artifact store and the gateway, on one HTTP address.
+
+use crate::api::cluster::Forwarder;
+use crate::api::{self, AppState};
+use crate::control::{ClusterStateMachine, ControlPlane};
+use crate::datadir::DataDir;
+use crate::loops;
+use crate::store::ArtifactStore;
+use anyhow::{Context, bail};
+use shoal_consensus::ConsensusConfig;
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::AtomicUsize;
+use std::time::Duration;
+use tokio::sync::watch;
+
+/// Raft timing for servers: a heartbeat every 100 ms and an election after 500-1000 ms
+/// without one, so a lost leader is replaced well within a second and a half.
+const TICK_INTERVAL: Duration = Duration::from_millis(50);
+const ELECTION_TICKS: usize = 10;
+const HEARTBEAT_TICKS: usize = 2;
+/// Applied entries between snapshots of the cluster state.
+const SNAPSHOT_INTERVAL_ENTRIES: u64 = 10_000;
+
+/// Settings of `shoal server`, validated.
+#[derive(Clone, Debug)]
+pub struct ServerConfig {
+    pub id: u64,
+    pub data_dir: PathBuf,
+    /// HTTP: admin API, gateway, `/metrics`.
+    pub listen: SocketAddr,
+    /// Raft traffic between servers.
+    pub raft_listen: SocketAddr,
+    pub cluster_id: u64,
+    /// Raft addresses of the members, this one included.
+    pub peers: BTreeMap<u64, String>,
+    /// HTTP addresses of the members, for forwarding writes to the leader.
+    pub http_peers: BTreeMap<u64, String>,
+    /// Start without membership and wait to be added, instead of bootstrapping `peers`.
+    pub join: bool,
+}
+
+/// Parses `1=host:port,2=host:port` into a map of member id to address.
+pub fn parse_members(text: &str) -> anyhow::Result<BTreeMap<u64, String>> {
+    let mut members = BTreeMap::new();
+    for entry in text.split(',').map(str::trim).filter(|e| !e.is_empty()) {
+        let Some((id, address)) = entry.split_once('=') else {
+            bail!("{entry:?} is not ID=HOST:PORT");
+        };
+        let id: u64 = id
+            .trim()
+            .parse()
+            .with_context(|| format!("member id {id:?}"))?;
+        if id == 0 {
+            bail!("member ids start at 1");
+        }
+        let address = address.trim();
+        address
+            .parse::<SocketAddr>()
+            .with_context(|| format!("member {id} address {address:?} is not HOST:PORT"))?;
+        if members.insert(id, address.to_string()).is_some() {
+            bail!("member {id} is listed twice");
+        }
+    }
+    Ok(members)
+}
+
+impl ServerConfig {
+    /// Checks that the pieces agree.
+    pub fn validate(self) -> anyhow::Result<ServerConfig> {
+        if self.id == 0 {
+            bail!("--id must be at least 1");
+        }
+        if !self.join && !self.peers.contains_key(&self.id) {
+            bail!(
+                "--peers must list this server ({}) when bootstrapping",
+                self.id
+            );
+        }
+        if !self.join && ![1, 3, 5].contains(&self.peers.len()) {
+            bail!(
+                "a control plane bootstraps with 1, 3 or 5 servers, not {}",
+                self.peers.len()
+            );
+        }
+        Ok(self)
+    }
+}
+
+pub async fn run(config: ServerConfig) -> anyhow::Result<()> {
+    let data_dir = DataDir::lock(&config.data_dir)?;
+    let mut peers = config.peers.clone();
+    peers
+        .entry(config.id)
+        .or_insert_with(|| config.raft_listen.to_string());
+    let consensus_config = ConsensusConfig {
+        id: config.id,
+        dir: data_dir.raft(),
+        cluster_id: config.cluster_id,
+        peers,
+        bootstrap: !config.join,
+        listen: Some(config.raft_listen),
+        tick_interval: TICK_INTERVAL,
+        election_ticks: ELECTION_TICKS,
+        heartbeat_ticks: HEARTBEAT_TICKS,
+        snapshot_interval_entries: SNAPSHOT_INTERVAL_ENTRIES,
+    };
+    let (machine, states) = ClusterStateMachine::new();
+    let consensus = shoal_consensus::start(&consensus_config, machine)
+        .await
+        .context("starting consensus")?;
+    let control = ControlPlane::new(consensus.handle(), states);
+    let store =
+        Arc::new(ArtifactStore::open(&data_dir.blobs()).context("opening the artifact store")?);
+    let http_peers = config
+        .http_peers
+        .iter()
+        .map(|(id, address)| (*id, format!("http://{address}")))
+        .collect();
+    let (_no_agent, routes) = watch::channel(Arc::new(shoal_actors::agent::Routes::default()));
+    let app = Arc::new(AppState {
+        control: control.clone(),
+        routes,
+        next_route: AtomicUsize::new(0),
+        required_models: Vec::new(),
+        store,
+        forwarder: Some(Forwarder::new(http_peers).context("building the forwarding client")?),
+    });
+    let listener = tokio::net::TcpListener::bind(config.listen)
+        .await
+        .with_context(|| format!("listening on {}", config.listen))?;
+    let address = listener.local_addr()?;
+    let (stop, stopping) = watch::channel(false);
+    let controller = tokio::spawn(loops::run_controller(control.clone(), stopping));
+    println!("shoal: listening on http://{address}");
+    tracing::info!(
+        id = config.id,
+        raft = %config.raft_listen,
+        http = %address,
+        join = config.join,
+        "server started"
+    );
+    let served = axum::serve(listener, api::router(app))
+        .with_graceful_shutdown(crate::up::shutdown_signal())
+        .await;
+    let _ = stop.send(true);
+    let _ = controller.await;
+    tokio::task::spawn_blocking(move || consensus.shutdown()).await?;
+    drop(data_dir);
+    served.context("serving HTTP")?;
+    tracing::info!("server stopped");
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn member_lists_parse_and_refuse_mistakes() {
+        let members = parse_members("1=127.0.0.1:7101, 2=127.0.0.1:7102").unwrap();
+        assert_eq!(members[&2], "127.0.0.1:7102");
+        assert!(parse_members("1=127.0.0.1:7101,1=127.0.0.1:7102").is_err());
+        assert!(parse_members("0=127.0.0.1:7101").is_err());
+        assert!(parse_members("1=nowhere").is_err());
+        assert!(parse_members("127.0.0.1:7101").is_err());
+    }
+
+    #[test]
+    fn a_bootstrap_needs_an_odd_small_group_that_includes_this_server() {
+        let config = |id, peers: &str, join| ServerConfig {
+            id,
+            data_dir: "d".into(),
+            listen: "127.0.0.1:0".parse().unwrap(),
+            raft_listen: "127.0.0.1:0".parse().unwrap(),
+            cluster_id: 1,
+            peers: parse_members(peers).unwrap(),
+            http_peers: BTreeMap::new(),
+            join,
+        };
+        let three = "1=127.0.0.1:1,2=127.0.0.1:2,3=127.0.0.1:3";
+        assert!(config(1, three, false).validate().is_ok());
+        assert!(config(4, three, false).validate().is_err());
+        assert!(
+            config(1, "1=127.0.0.1:1,2=127.0.0.1:2", false)
+                .validate()
+                .is_err()
+        );
+        assert!(config(4, three, true).validate().is_ok());
+    }
+}

@@ -1,0 +1,278 @@
+//! The control plane as real processes: three `shoal server`s on loopback TCP with real
+//! raft logs on disk. Clients record a history of register writes and reads (a model
+//! alias) while the leader is killed with SIGKILL and restarted again and again; a
+//! linearizability checker must accept it. Reading from a follower without the read
+//! index is a planted bug the same checker must catch.
+
+#![allow(
+    clippy::unwrap_used,
+    reason = "a test fails loudly on any unexpected error"
+)]
+
+use serde_json::{Value, json};
+use shoal_tests::ServerCluster;
+use shoal_tests::linearizability::{Op, Operation, Verdict, check};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+const MODEL: &str = "register";
+const ALIAS: &str = "current";
+/// Versions 1..=VALUES of the model, so the register holds one of these (0: unset).
+const VALUES: u32 = 3;
+const LEADER_TIMEOUT: Duration = Duration::from_secs(20);
+const CHECK_STATES_MAX: usize = 5_000_000;
+
+fn client() -> reqwest::Client {
+    reqwest::Client::builder()
+        .timeout(Duration::from_secs(3))
+        .build()
+        .unwrap()
+}
+
+/// Uploads one small file per version to every server and registers the versions.
+async fn register_versions(cluster: &ServerCluster, client: &reqwest::Client) {
+    let leader = cluster.leader(client, LEADER_TIMEOUT).await;
+    for value in 1..=VALUES {
+        let mut digest = String::new();
+        for id in cluster.live() {
+            let stored: Value = client
+                .post(cluster.url(id, "/api/v1/blobs"))
+                .body(format!("register value {value}"))
+                .send()
+                .await
+                .unwrap()
+                .json()
+                .await
+                .unwrap();
+            digest = stored["digest"].as_str().unwrap().to_string();
+        }
+        let body = json!({"format": "raw", "files": [{"name": "value.txt", "digest": digest}]});
+        let answer = client
+            .post(cluster.url(leader, &format!("/api/v1/models/{MODEL}/versions")))
+            .json(&body)
+            .send()
+            .await
+            .unwrap();
+        assert!(
+            answer.status().is_success(),
+            "{}",
+            answer.text().await.unwrap()
+        );
+    }
+}
+
+/// What one client call did, as the checker needs it.
+#[derive(Clone, Copy, Debug)]
+enum Outcome {
+    Ok(Op),
+    /// A write whose effect is unknown.
+    Unknown(Op),
+    /// Failed before taking effect, or a read without an answer: left out.
+    Dropped,
+}
+
+async fn write(client: &reqwest::Client, url: String, value: u32) -> Outcome {
+    let op = Op::Write(value);
+    match client
+        .put(url)
+        .json(&json!({"version": value}))
+        .send()
+        .await
+    {
+        Ok(response) if response.status().is_success() => Outcome::Ok(op),
+        // A 4xx is a definite refusal; anything else may have been applied.
+        Ok(response) if response.status().is_client_error() => Outcome::Dropped,
+        _ => Outcome::Unknown(op),
+    }
+}
+
+async fn read(client: &reqwest::Client, url: String) -> Outcome {
+    match client.get(url).send().await {
+        Ok(response) if response.status() == 200 => match response.json::<Value>().await {
+            Ok(body) => Outcome::Ok(Op::Read(body["version"].as_u64().unwrap_or(0) as u32)),
+            Err(_) => Outcome::Dropped,
+        },
+        Ok(response) if response.status() == 404 => {
+            let body: Value = response.json().await.unwrap_or_default();
+            let message = body["error"]["message"].as_str().unwrap_or_default();
+            if message.contains("has no alias") {
+                Outcome::Ok(Op::Read(0))
+            } else {
+                Outcome::Dropped
+            }
+        }
+        _ => Outcome::Dropped,
+    }
+}
+
+fn alias_url(cluster: &ServerCluster, id: u64, consistency: &str) -> String {
+    cluster.url(
+        id,
+        &format!("/api/v1/models/{MODEL}/aliases/{ALIAS}?consistency={consistency}"),
+    )
+}
+
+/// Records `outcome` of a call invoked at `invoked` (since `start`).
+fn record(history: &Mutex<Vec<Operation>>, start: Instant, invoked: Duration, outcome: Outcome) {
+    record_into(&mut history.lock().unwrap(), start, invoked, outcome);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn alias_reads_and_writes_stay_linearizable_while_the_leader_is_killed_repeatedly() {
+    let root = tempfile::tempdir().unwrap();
+    let mut cluster = ServerCluster::start(root.path(), 3);
+    let http = client();
+    register_versions(&cluster, &http).await;
+
+    let start = Instant::now();
+    let history = Arc::new(Mutex::new(Vec::new()));
+    let members: Vec<u64> = cluster.live();
+    let urls: Arc<Vec<(String, String)>> = Arc::new(
+        members
+            .iter()
+            .map(|&id| {
+                (
+                    alias_url(&cluster, id, "linearizable"),
+                    alias_url(&cluster, id, "linearizable")
+                        .replace("?consistency=linearizable", ""),
+                )
+            })
+            .collect(),
+    );
+    let run_for = Duration::from_secs(12);
+    let clients: Vec<_> = (0..3u64)
+        .map(|client_id| {
+            let (history, urls, http) = (history.clone(), urls.clone(), http.clone());
+            tokio::spawn(async move {
+                let mut rng = client_id * 7919 + 17;
+                while start.elapsed() < run_for {
+                    rng = rng
+                        .wrapping_mul(6364136223846793005)
+                        .wrapping_add(1442695040888963407);
+                    let (read_url, write_url) = &urls[(rng >> 33) as usize % urls.len()];
+                    let invoked = start.elapsed();
+                    let outcome = if (rng >> 40) % 2 == 0 {
+                        let value = 1 + ((rng >> 45) % u64::from(VALUES)) as u32;
+                        write(&http, write_url.clone(), value).await
+                    } else {
+                        read(&http, read_url.clone()).await
+                    };
+                    record(&history, start, invoked, outcome);
+                    tokio::time::sleep(Duration::from_millis(5)).await;
+                }
+            })
+        })
+        .collect();
+
+    // The nemesis: kill -9 the leader, restart it, again and again.
+    let mut kills = 0;
+    while start.elapsed() < run_for - Duration::from_secs(3) {
+        tokio::time::sleep(Duration::from_millis(1_500)).await;
+        let leader = cluster.leader(&http, LEADER_TIMEOUT).await;
+        cluster.kill(leader);
+        kills += 1;
+        tokio::time::sleep(Duration::from_millis(700)).await;
+        cluster.start_member(leader);
+    }
+    for client in clients {
+        client.await.unwrap();
+    }
+    let history = history.lock().unwrap().clone();
+    let ok = history.iter().filter(|op| op.returned.is_some()).count();
+    let unknown = history.len() - ok;
+    let reads = history
+        .iter()
+        .filter(|op| matches!(op.op, Op::Read(_)))
+        .count();
+    eprintln!(
+        "{kills} leader kills; {} operations: {ok} ok ({reads} reads), {unknown} unknown",
+        history.len()
+    );
+    assert!(kills >= 4, "the nemesis ran {kills} times");
+    assert!(
+        ok >= 100,
+        "too few operations completed ({ok}) to mean anything"
+    );
+    let verdict = check(&history, 0, CHECK_STATES_MAX);
+    assert_eq!(verdict, Verdict::Linearizable, "history: {history:?}");
+    cluster.stop_all();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reading_a_restarted_follower_without_the_read_index_is_caught_by_the_checker() {
+    let root = tempfile::tempdir().unwrap();
+    let mut cluster = ServerCluster::start(root.path(), 3);
+    let http = client();
+    register_versions(&cluster, &http).await;
+    let start = Instant::now();
+    let mut history = Vec::new();
+    let mut caught = false;
+    for attempt in 1..=5u32 {
+        let leader = cluster.leader(&http, LEADER_TIMEOUT).await;
+        let follower = cluster.live().into_iter().find(|&id| id != leader).unwrap();
+        let write_url =
+            alias_url(&cluster, leader, "linearizable").replace("?consistency=linearizable", "");
+        let old = 1 + attempt % 2;
+        let new = 3;
+        for value in [old, new] {
+            if value == new {
+                cluster.kill(follower);
+            }
+            let invoked = start.elapsed();
+            let outcome = write(&http, write_url.clone(), value).await;
+            assert!(
+                matches!(outcome, Outcome::Ok(_)),
+                "write {value} must succeed"
+            );
+            record_into(&mut history, start, invoked, outcome);
+        }
+        // The follower comes back with only the old value; read it without the read index
+        // as soon as it answers, as a buggy server would serve every read.
+        cluster.start_member(follower);
+        let stale_url = alias_url(&cluster, follower, "stale");
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while Instant::now() < deadline {
+            let invoked = start.elapsed();
+            let outcome = read(&http, stale_url.clone()).await;
+            let seen = matches!(outcome, Outcome::Ok(Op::Read(value)) if value == old);
+            let current = matches!(outcome, Outcome::Ok(Op::Read(value)) if value == new);
+            record_into(&mut history, start, invoked, outcome);
+            caught |= seen;
+            if current {
+                break;
+            }
+        }
+        if caught {
+            break;
+        }
+    }
+    assert!(
+        caught,
+        "the restarted follower never served a stale value in 5 attempts"
+    );
+    assert!(
+        matches!(
+            check(&history, 0, CHECK_STATES_MAX),
+            Verdict::NotLinearizable { .. }
+        ),
+        "the checker accepted a stale read: {history:?}"
+    );
+    cluster.stop_all();
+}
+
+fn record_into(history: &mut Vec<Operation>, start: Instant, invoked: Duration, outcome: Outcome) {
+    let returned = start.elapsed();
+    match outcome {
+        Outcome::Ok(op) => history.push(Operation {
+            op,
+            invoked,
+            returned: Some(returned),
+        }),
+        Outcome::Unknown(op) => history.push(Operation {
+            op,
+            invoked,
+            returned: None,
+        }),
+        Outcome::Dropped => {}
+    }
+}
