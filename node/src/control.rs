@@ -73,7 +73,11 @@ impl StateMachine for ClusterStateMachine {
         Ok(())
     }
 
-    fn applied(&mut self, _index: u64) {
+    fn applied(&mut self, index: u64) {
+        // Raft also applies entries that are not commands (a new leader's empty entry,
+        // membership changes). The revision follows the log, not only the commands, or a
+        // read waiting for its read index after such an entry would wait forever.
+        self.state.applied_index = self.state.applied_index.max(index);
         // One clone per run of entries, not per entry. Fine at this state's size; a
         // persistent map replaces the clone when clusters grow (issue 4's benchmark).
         self.published.send_replace(Arc::new(self.state.clone()));
@@ -174,6 +178,15 @@ mod tests {
         assert_eq!(other.state, machine.state);
         assert_eq!(*published.borrow().as_ref(), machine.state);
         assert!(other.restore(b"garbage").is_err());
+    }
+
+    #[test]
+    fn the_published_revision_follows_entries_that_are_not_commands() {
+        // Regression: after a leader change the log ends in an empty entry; a linearizable
+        // read waits for that index and used to wait forever.
+        let (mut machine, state) = ClusterStateMachine::new();
+        machine.applied(7);
+        assert_eq!(state.borrow().applied_index, 7);
     }
 
     #[test]

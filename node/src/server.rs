@@ -135,7 +135,8 @@ pub async fn run(config: ServerConfig) -> anyhow::Result<()> {
         .with_context(|| format!("listening on {}", config.listen))?;
     let address = listener.local_addr()?;
     let (stop, stopping) = watch::channel(false);
-    let controller = tokio::spawn(loops::run_controller(control.clone(), stopping));
+    let controller = tokio::spawn(loops::run_controller(control.clone(), stopping.clone()));
+    let registration = tokio::spawn(register_self(control.clone(), config.id, address, stopping));
     println!("shoal: listening on http://{address}");
     tracing::info!(
         id = config.id,
@@ -149,11 +150,48 @@ pub async fn run(config: ServerConfig) -> anyhow::Result<()> {
         .await;
     let _ = stop.send(true);
     let _ = controller.await;
+    registration.abort();
     tokio::task::spawn_blocking(move || consensus.shutdown()).await?;
     drop(data_dir);
     served.context("serving HTTP")?;
     tracing::info!("server stopped");
     Ok(())
+}
+
+/// Records this server's HTTP address in the replicated state, through its own admin API
+/// (which forwards to the leader), retrying until it is there.
+async fn register_self(
+    control: ControlPlane,
+    id: u64,
+    address: SocketAddr,
+    mut stopping: watch::Receiver<bool>,
+) {
+    /// Time between attempts while there is no leader yet or the write fails.
+    const RETRY_INTERVAL: Duration = Duration::from_millis(200);
+    let Ok(client) = reqwest::Client::builder()
+        .timeout(Duration::from_secs(5))
+        .build()
+    else {
+        return;
+    };
+    let http_address = address.to_string();
+    let url = format!("http://{address}/api/v1/cluster/servers/{id}");
+    loop {
+        if control.state().servers.get(&id) == Some(&http_address) {
+            tracing::info!(id, %http_address, "server address registered");
+            return;
+        }
+        if control.raft_status().leader.is_some() {
+            let body = serde_json::json!({"http_address": http_address});
+            if let Err(error) = client.put(&url).json(&body).send().await {
+                tracing::debug!(%error, "registering this server's address");
+            }
+        }
+        tokio::select! {
+            _ = stopping.changed() => return,
+            () = tokio::time::sleep(RETRY_INTERVAL) => {}
+        }
+    }
 }
 
 #[cfg(test)]

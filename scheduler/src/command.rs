@@ -126,6 +126,13 @@ pub enum Command {
         version: u32,
         reason: RollbackReason,
     },
+    /// Record where a control-plane server (a raft member) serves HTTP, so every server can
+    /// forward writes to whichever member leads. (Last in the enum: the encoding of the
+    /// variants before it stays as it was.)
+    RegisterServer {
+        id: u64,
+        http_address: String,
+    },
 }
 
 /// What an accepted command did.
@@ -169,6 +176,9 @@ pub enum Outcome {
     RolloutAdvanced,
     RolloutCompleted,
     RolledBack,
+    ServerRegistered {
+        previous: Option<String>,
+    },
 }
 
 /// Why a command was refused. The state is unchanged when a command is rejected.
@@ -495,6 +505,15 @@ pub fn apply(state: &mut ClusterState, index: u64, command: Command) -> Result<O
         } => {
             rollout::rollback(deployment_mut(state, &deployment)?, version, &reason)?;
             Ok(Outcome::RolledBack)
+        }
+        Command::RegisterServer { id, http_address } => {
+            if id == 0 || http_address.parse::<std::net::SocketAddr>().is_err() {
+                return Err(Rejected::Invalid(format!(
+                    "server {id} at {http_address:?}: ids start at 1 and the address is HOST:PORT"
+                )));
+            }
+            let previous = state.servers.insert(id, http_address);
+            Ok(Outcome::ServerRegistered { previous })
         }
     }
 }

@@ -25,6 +25,8 @@ pub struct ClusterState {
     pub replicas: BTreeMap<ReplicaId, Replica>,
     /// The id the next assigned replica gets.
     pub next_replica_id: u64,
+    /// HTTP address of each control-plane server, by raft id.
+    pub servers: BTreeMap<u64, String>,
     #[serde(skip)]
     index: Index,
 }
@@ -50,6 +52,7 @@ struct StateData {
     deployments: BTreeMap<String, Deployment>,
     replicas: BTreeMap<ReplicaId, Replica>,
     next_replica_id: u64,
+    servers: BTreeMap<u64, String>,
 }
 
 impl From<StateData> for ClusterState {
@@ -61,6 +64,7 @@ impl From<StateData> for ClusterState {
             deployments: data.deployments,
             replicas: data.replicas,
             next_replica_id: data.next_replica_id,
+            servers: data.servers,
             index: Index::default(),
         };
         state.index = Index::build(&state.replicas);

@@ -222,8 +222,23 @@ impl ServerCluster {
             .join(",")
     }
 
+    /// Starts a new server `id` on fresh addresses with `--join`: it waits to be added
+    /// (`shoal cluster add`) instead of bootstrapping.
+    pub fn start_joining_member(&mut self, id: u64) {
+        let mut addresses = free_addresses(2);
+        self.http
+            .insert(id, addresses.pop().expect("two addresses"));
+        self.raft
+            .insert(id, addresses.pop().expect("two addresses"));
+        self.spawn(id, true);
+    }
+
     /// Starts (or restarts) member `id` on its data dir.
     pub fn start_member(&mut self, id: u64) {
+        self.spawn(id, false);
+    }
+
+    fn spawn(&mut self, id: u64, join: bool) {
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
@@ -238,6 +253,7 @@ impl ServerCluster {
             .args(["--listen", &self.http[&id]])
             .arg("--data-dir")
             .arg(self.root.join(format!("server-{id}")))
+            .args(join.then_some("--join"))
             .env("RUST_LOG", "info,raft=warn,raft_engine=warn")
             .stdout(Stdio::null())
             .stderr(log)
@@ -272,6 +288,22 @@ impl ServerCluster {
         format!("http://{}{path}", self.http[&id])
     }
 
+    /// Runs the `shoal` CLI against member `id`'s HTTP address; returns stdout, panicking
+    /// with stderr when the command fails.
+    pub fn cli(&self, id: u64, args: &[&str]) -> String {
+        let output = Command::new(shoal_binary())
+            .args(args)
+            .args(["--addr", &format!("http://{}", self.http[&id])])
+            .output()
+            .expect("shoal runs");
+        assert!(
+            output.status.success(),
+            "shoal {args:?} failed: {}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+        String::from_utf8_lossy(&output.stdout).into_owned()
+    }
+
     /// What member `id` logged.
     pub fn log(&self, id: u64) -> String {
         std::fs::read_to_string(self.root.join(format!("server-{id}.stderr"))).unwrap_or_default()
@@ -299,6 +331,46 @@ impl ServerCluster {
                     .join("\n---\n")
             );
             tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+}
+
+impl ServerCluster {
+    /// Registers versions `1..=values` of `model`, each one small file, so that an alias
+    /// of the model can serve as a register holding one of those values. The file is
+    /// uploaded to every live server (a registration reads its blobs on the leader).
+    pub async fn register_model(&self, client: &reqwest::Client, model: &str, values: u32) {
+        let leader = self.leader(client, Duration::from_secs(20)).await;
+        for value in 1..=values {
+            let mut digest = String::new();
+            for id in self.live() {
+                let stored: serde_json::Value = client
+                    .post(self.url(id, "/api/v1/blobs"))
+                    .body(format!("{model} value {value}"))
+                    .send()
+                    .await
+                    .expect("blob upload")
+                    .json()
+                    .await
+                    .expect("blob answer");
+                digest = stored["digest"].as_str().expect("a digest").to_string();
+            }
+            let body = serde_json::json!({
+                "format": "raw",
+                "files": [{"name": "value.txt", "digest": digest}],
+            });
+            let answer = client
+                .post(self.url(leader, &format!("/api/v1/models/{model}/versions")))
+                .json(&body)
+                .send()
+                .await
+                .expect("registration");
+            let status = answer.status();
+            assert!(
+                status.is_success(),
+                "{status}: {}",
+                answer.text().await.unwrap_or_default()
+            );
         }
     }
 }

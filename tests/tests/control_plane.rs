@@ -29,38 +29,6 @@ fn client() -> reqwest::Client {
         .unwrap()
 }
 
-/// Uploads one small file per version to every server and registers the versions.
-async fn register_versions(cluster: &ServerCluster, client: &reqwest::Client) {
-    let leader = cluster.leader(client, LEADER_TIMEOUT).await;
-    for value in 1..=VALUES {
-        let mut digest = String::new();
-        for id in cluster.live() {
-            let stored: Value = client
-                .post(cluster.url(id, "/api/v1/blobs"))
-                .body(format!("register value {value}"))
-                .send()
-                .await
-                .unwrap()
-                .json()
-                .await
-                .unwrap();
-            digest = stored["digest"].as_str().unwrap().to_string();
-        }
-        let body = json!({"format": "raw", "files": [{"name": "value.txt", "digest": digest}]});
-        let answer = client
-            .post(cluster.url(leader, &format!("/api/v1/models/{MODEL}/versions")))
-            .json(&body)
-            .send()
-            .await
-            .unwrap();
-        assert!(
-            answer.status().is_success(),
-            "{}",
-            answer.text().await.unwrap()
-        );
-    }
-}
-
 /// What one client call did, as the checker needs it.
 #[derive(Clone, Copy, Debug)]
 enum Outcome {
@@ -106,10 +74,11 @@ async fn read(client: &reqwest::Client, url: String) -> Outcome {
 }
 
 fn alias_url(cluster: &ServerCluster, id: u64, consistency: &str) -> String {
-    cluster.url(
-        id,
-        &format!("/api/v1/models/{MODEL}/aliases/{ALIAS}?consistency={consistency}"),
-    )
+    format!("{}?consistency={consistency}", alias_write_url(cluster, id))
+}
+
+fn alias_write_url(cluster: &ServerCluster, id: u64) -> String {
+    cluster.url(id, &format!("/api/v1/models/{MODEL}/aliases/{ALIAS}"))
 }
 
 /// Records `outcome` of a call invoked at `invoked` (since `start`).
@@ -122,7 +91,7 @@ async fn alias_reads_and_writes_stay_linearizable_while_the_leader_is_killed_rep
     let root = tempfile::tempdir().unwrap();
     let mut cluster = ServerCluster::start(root.path(), 3);
     let http = client();
-    register_versions(&cluster, &http).await;
+    cluster.register_model(&http, MODEL, VALUES).await;
 
     let start = Instant::now();
     let history = Arc::new(Mutex::new(Vec::new()));
@@ -133,8 +102,7 @@ async fn alias_reads_and_writes_stay_linearizable_while_the_leader_is_killed_rep
             .map(|&id| {
                 (
                     alias_url(&cluster, id, "linearizable"),
-                    alias_url(&cluster, id, "linearizable")
-                        .replace("?consistency=linearizable", ""),
+                    alias_write_url(&cluster, id),
                 )
             })
             .collect(),
@@ -203,15 +171,14 @@ async fn reading_a_restarted_follower_without_the_read_index_is_caught_by_the_ch
     let root = tempfile::tempdir().unwrap();
     let mut cluster = ServerCluster::start(root.path(), 3);
     let http = client();
-    register_versions(&cluster, &http).await;
+    cluster.register_model(&http, MODEL, VALUES).await;
     let start = Instant::now();
     let mut history = Vec::new();
     let mut caught = false;
     for attempt in 1..=5u32 {
         let leader = cluster.leader(&http, LEADER_TIMEOUT).await;
         let follower = cluster.live().into_iter().find(|&id| id != leader).unwrap();
-        let write_url =
-            alias_url(&cluster, leader, "linearizable").replace("?consistency=linearizable", "");
+        let write_url = alias_write_url(&cluster, leader);
         let old = 1 + attempt % 2;
         let new = 3;
         for value in [old, new] {
@@ -275,4 +242,110 @@ fn record_into(history: &mut Vec<Operation>, start: Instant, invoked: Duration, 
         }),
         Outcome::Dropped => {}
     }
+}
+
+/// Polls `/api/v1/cluster` on `id` until `done` holds for its answer.
+async fn wait_for_status(
+    cluster: &ServerCluster,
+    client: &reqwest::Client,
+    id: u64,
+    done: impl Fn(&Value) -> bool,
+) -> Value {
+    let started = Instant::now();
+    loop {
+        if let Ok(response) = client.get(cluster.url(id, "/api/v1/cluster")).send().await
+            && let Ok(status) = response.json::<Value>().await
+            && done(&status)
+        {
+            return status;
+        }
+        assert!(
+            started.elapsed() < LEADER_TIMEOUT,
+            "member {id} never reached the wanted status"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_server_joins_takes_the_lead_and_another_leaves_through_the_cli() {
+    let root = tempfile::tempdir().unwrap();
+    let mut cluster = ServerCluster::start(root.path(), 3);
+    let http = client();
+    cluster.register_model(&http, MODEL, VALUES).await;
+    let first = cluster.leader(&http, LEADER_TIMEOUT).await;
+
+    // Server 4 starts empty with --join, is added as a learner, then promoted.
+    cluster.start_joining_member(4);
+    let raft4 = cluster.raft[&4].clone();
+    cluster.cli(2, &["cluster", "add", "4", &raft4, "--learner"]);
+    cluster.cli(3, &["cluster", "add", "4", &raft4]);
+    let voters = |status: &Value| {
+        let mut voters: Vec<u64> = status["members"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter(|m| m["role"] == "voter")
+            .filter_map(|m| m["id"].as_u64())
+            .collect();
+        voters.sort_unstable();
+        voters
+    };
+    wait_for_status(&cluster, &http, 4, |status| {
+        voters(status) == vec![1, 2, 3, 4]
+    })
+    .await;
+
+    // It has the whole state, serves linearizable reads, and its writes reach the leader.
+    let written = write(&http, alias_write_url(&cluster, 4), 2).await;
+    assert!(matches!(written, Outcome::Ok(_)));
+    assert!(matches!(
+        read(&http, alias_url(&cluster, 4, "linearizable")).await,
+        Outcome::Ok(Op::Read(2))
+    ));
+
+    // Leadership moves to it; the old servers learn its HTTP address from the state and
+    // forward their writes there.
+    cluster.cli(first, &["cluster", "transfer-leader", "4"]);
+    wait_for_status(&cluster, &http, 1, |status| status["leader"] == 4).await;
+    wait_for_status(&cluster, &http, 1, |status| {
+        status["servers"]["4"].is_string()
+    })
+    .await;
+    let via_old = http
+        .put(alias_write_url(&cluster, 1))
+        .json(&json!({"version": 3}))
+        .send()
+        .await
+        .unwrap();
+    let status = via_old.status();
+    let text = via_old.text().await.unwrap();
+    assert!(
+        status.is_success(),
+        "a write through server 1 is forwarded to 4: {status} {text}"
+    );
+
+    // Server 1 leaves; the rest go on.
+    let table = cluster.cli(4, &["cluster", "remove", "1"]);
+    assert!(table.contains("Remove"), "{table}");
+    wait_for_status(&cluster, &http, 4, |status| voters(status) == vec![2, 3, 4]).await;
+    cluster.kill(1);
+    let members = cluster.cli(2, &["cluster", "members"]);
+    assert!(
+        members.contains("voter") && !members.lines().any(|l| l.starts_with("1 ")),
+        "{members}"
+    );
+    let answer = http
+        .get(alias_url(&cluster, 3, "linearizable"))
+        .send()
+        .await
+        .unwrap();
+    let status = answer.status();
+    let body: Value = answer.json().await.unwrap();
+    assert_eq!(
+        (status.as_u16(), &body["version"]),
+        (200, &json!(3)),
+        "{body}"
+    );
+    cluster.stop_all();
 }

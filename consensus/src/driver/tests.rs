@@ -588,3 +588,140 @@ async fn a_full_disk_refuses_proposals_without_panicking_and_recovers_when_space
     assert!(applied.contains(&1000));
     shutdown(consensus).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn membership_changes_under_load_lose_no_acknowledged_proposal() {
+    let mut group = Group::start(3, 64).await;
+    let leader = group.leader().await;
+    let address = free_addresses(1).remove(0);
+    group.addresses.insert(4, address.clone());
+    group.start_member(4, true).await;
+
+    // Callers keep proposing to the leader throughout the changes.
+    let running = Arc::new(std::sync::atomic::AtomicBool::new(true));
+    let writers: Vec<_> = (0..4u64)
+        .map(|writer| {
+            let (handle, running) = (group.handle(leader), running.clone());
+            tokio::spawn(async move {
+                let mut acknowledged = Vec::new();
+                let mut next = writer * 1_000_000;
+                while running.load(std::sync::atomic::Ordering::Relaxed) {
+                    if propose(&handle, next).await.is_ok() {
+                        acknowledged.push(next);
+                    }
+                    next += 1;
+                }
+                acknowledged
+            })
+        })
+        .collect();
+    let leader_handle = group.handle(leader);
+    leader_handle
+        .change_membership(
+            MembershipChange::AddLearner {
+                id: 4,
+                address: address.clone(),
+            },
+            DEADLINE,
+        )
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    leader_handle
+        .change_membership(MembershipChange::AddVoter { id: 4, address }, DEADLINE)
+        .await
+        .unwrap();
+    let removed = (1..=3).find(|&id| id != leader).unwrap();
+    leader_handle
+        .change_membership(MembershipChange::Remove { id: removed }, DEADLINE)
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    running.store(false, std::sync::atomic::Ordering::Relaxed);
+    let mut acknowledged = Vec::new();
+    for writer in writers {
+        acknowledged.extend(writer.await.unwrap());
+    }
+    assert!(
+        acknowledged.len() > 50,
+        "load was light: {}",
+        acknowledged.len()
+    );
+    group.stop_member(removed).await;
+    // Every acknowledged value is applied, once, on every remaining member.
+    let started = Instant::now();
+    for id in [1, 2, 3, 4].into_iter().filter(|&id| id != removed) {
+        loop {
+            let applied = group.members[&id].1.lock().unwrap().clone();
+            let set: std::collections::BTreeSet<u64> = applied.iter().copied().collect();
+            if acknowledged.iter().all(|value| set.contains(value)) {
+                assert_eq!(
+                    set.len(),
+                    applied.len(),
+                    "member {id} applied a value twice"
+                );
+                break;
+            }
+            assert!(
+                started.elapsed() < DEADLINE,
+                "member {id} is missing acknowledged values"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+    group.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn garbage_foreign_and_stalled_peers_are_refused_while_the_group_keeps_working() {
+    use tokio::io::AsyncWriteExt;
+    let group = Group::start(3, 10_000).await;
+    let leader = group.leader().await;
+    let target = &group.addresses[&leader];
+    let rejected = |reason: &str| {
+        shoal_ops::metrics::metrics()
+            .raft_frames_rejected_total
+            .with_label_values(&[reason])
+            .get()
+    };
+    let (corrupt_before, cluster_before) = (rejected("corrupt"), rejected("cluster_id"));
+
+    // Garbage after a plausible length prefix.
+    let mut garbage = tokio::net::TcpStream::connect(target).await.unwrap();
+    garbage.write_all(&[0, 0, 0, 16]).await.unwrap();
+    garbage.write_all(&[0xAB; 16]).await.unwrap();
+    // A well-formed frame from another cluster.
+    let foreign = transport::encode_frame(&Envelope {
+        cluster_id: 999,
+        from: 9,
+        from_address: "127.0.0.1:1".into(),
+        to: leader,
+        message: Message::default().write_to_bytes().unwrap(),
+    })
+    .unwrap();
+    let mut stranger = tokio::net::TcpStream::connect(target).await.unwrap();
+    stranger.write_all(&foreign).await.unwrap();
+    // A peer that announces a frame and then stalls mid-way.
+    let mut staller = tokio::net::TcpStream::connect(target).await.unwrap();
+    staller.write_all(&[0, 0, 1, 0, 1, 2, 3]).await.unwrap();
+    // An oversized length prefix.
+    let mut giant = tokio::net::TcpStream::connect(target).await.unwrap();
+    giant.write_all(&u32::MAX.to_be_bytes()).await.unwrap();
+
+    // The group goes on committing meanwhile.
+    for value in 0..20 {
+        propose(&group.handle(leader), value).await.unwrap();
+    }
+    let started = Instant::now();
+    while rejected("corrupt") <= corrupt_before || rejected("cluster_id") <= cluster_before {
+        assert!(started.elapsed() < DEADLINE, "bad frames were not counted");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(rejected("oversized") >= 1);
+    drop((garbage, stranger, staller, giant));
+    let expected: Vec<u64> = (0..20).collect();
+    for id in 1..=3 {
+        group.converges(id, &expected).await;
+    }
+    group.shutdown().await;
+}

@@ -39,14 +39,21 @@ impl Forwarder {
         Ok(Forwarder { http, peers })
     }
 
+    /// Sends the request to `leader`, found in the replicated server list or, before the
+    /// leader registered itself there, in the configured peers.
     async fn forward(
         &self,
+        state: &ClusterState,
         leader: u64,
         method: Method,
         uri: &Uri,
         body: Bytes,
     ) -> Result<Response, ApiError> {
-        let Some(base) = self.peers.get(&leader) else {
+        let registered = state
+            .servers
+            .get(&leader)
+            .map(|address| format!("http://{address}"));
+        let Some(base) = registered.as_ref().or_else(|| self.peers.get(&leader)) else {
             return Err(ApiError::NotLeader {
                 leader: Some(leader),
                 message: format!(
@@ -110,8 +117,9 @@ impl WriteRequest {
             && !self.forwarded
             && let Some(forwarder) = &app.forwarder
         {
+            let state = app.control.state();
             let response = forwarder
-                .forward(*leader, self.method, &self.uri, self.body)
+                .forward(&state, *leader, self.method, &self.uri, self.body)
                 .await?;
             return Ok(Written::Forwarded(response));
         }
@@ -172,6 +180,8 @@ pub struct ClusterView {
     pub storage_stalled: bool,
     pub members: Vec<MemberView>,
     pub nodes: usize,
+    /// HTTP address of each server that registered one.
+    pub servers: BTreeMap<u64, String>,
 }
 
 pub async fn status(State(app): State<Arc<AppState>>) -> Json<ClusterView> {
@@ -199,6 +209,7 @@ pub async fn status(State(app): State<Arc<AppState>>) -> Json<ClusterView> {
         storage_stalled: status.storage_stalled,
         members,
         nodes: app.control.state().nodes.len(),
+        servers: app.control.state().servers.clone(),
     })
 }
 
@@ -309,6 +320,43 @@ pub async fn transfer_leader(
         Json(serde_json::json!({"transferring_to": transfer.to})),
     )
         .into_response())
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RegisterServer {
+    http_address: String,
+}
+
+/// `PUT /api/v1/cluster/servers/{id}`: where server `id` serves HTTP. Servers call it for
+/// themselves at start; the address is replicated so any server can forward to any leader.
+pub async fn register_server(
+    State(app): State<Arc<AppState>>,
+    Path(id): Path<u64>,
+    method: Method,
+    uri: Uri,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Response, AdminError> {
+    let body = body.map_err(ApiError::from)?;
+    let register: RegisterServer = json_body(&body)?;
+    let command = Command::RegisterServer {
+        id,
+        http_address: register.http_address.clone(),
+    };
+    match propose(
+        &app,
+        WriteRequest::new(method, uri, &headers, body),
+        &command,
+    )
+    .await?
+    {
+        Written::Forwarded(response) => Ok(response),
+        Written::Here(_) => Ok(Json(
+            serde_json::json!({"id": id, "http_address": register.http_address}),
+        )
+        .into_response()),
+    }
 }
 
 #[derive(Debug, Serialize, Deserialize)]

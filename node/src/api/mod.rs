@@ -12,7 +12,7 @@ use crate::control::ControlPlane;
 use crate::store::ArtifactStore;
 use axum::Router;
 use axum::extract::DefaultBodyLimit;
-use axum::routing::{delete, get, post};
+use axum::routing::{delete, get, post, put};
 use shoal_actors::agent::Routes;
 use std::sync::Arc;
 use std::sync::atomic::AtomicUsize;
@@ -74,6 +74,10 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route(
             "/api/v1/cluster/transfer-leader",
             post(cluster::transfer_leader),
+        )
+        .route(
+            "/api/v1/cluster/servers/{id}",
+            put(cluster::register_server),
         )
         .route(
             "/api/v1/models/{model}/aliases/{alias}",

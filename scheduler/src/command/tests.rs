@@ -1017,3 +1017,27 @@ fn batching_defaults_are_valid_for_a_deployment() {
     let mut state = applied(vec![version_command("iris", "d1", 1)]);
     next(&mut state, Command::CreateDeployment { spec }).unwrap();
 }
+
+#[test]
+fn a_server_address_is_recorded_and_replaced() {
+    let mut state = ClusterState::default();
+    let register = |address: &str| Command::RegisterServer {
+        id: 2,
+        http_address: address.into(),
+    };
+    assert_eq!(
+        apply(&mut state, 1, register("127.0.0.1:7072")),
+        Ok(Outcome::ServerRegistered { previous: None })
+    );
+    assert_eq!(
+        apply(&mut state, 2, register("127.0.0.1:8072")),
+        Ok(Outcome::ServerRegistered {
+            previous: Some("127.0.0.1:7072".into())
+        })
+    );
+    assert!(matches!(
+        apply(&mut state, 3, register("nowhere")),
+        Err(Rejected::Invalid(_))
+    ));
+    assert_eq!(state.servers[&2], "127.0.0.1:8072");
+}
