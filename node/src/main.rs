@@ -5,6 +5,7 @@
 //! HTTP and JSON shapes.
 
 mod api;
+mod auth;
 mod cli;
 mod control;
 mod datadir;
@@ -34,6 +35,43 @@ struct Args {
     command: Commands,
 }
 
+/// Who may call the HTTP API.
+#[derive(Debug, clap::Args)]
+struct SecurityArgs {
+    /// File of accepted tokens, one `SCOPE SHA256` per line (scopes: admin, infer); see
+    /// `shoal token new`. Without it the API needs no token.
+    #[arg(long, env = "SHOAL_TOKENS_FILE")]
+    tokens: Option<PathBuf>,
+    /// This process's own admin token, for the calls it makes to other servers.
+    #[arg(long = "token", env = "SHOAL_TOKEN", hide_env_values = true)]
+    own_token: Option<String>,
+    /// Listen beyond loopback without tokens. Anyone who can reach the port can then
+    /// change the cluster.
+    #[arg(long)]
+    insecure: bool,
+}
+
+impl SecurityArgs {
+    fn tokens(&self) -> anyhow::Result<auth::Tokens> {
+        match &self.tokens {
+            None => Ok(auth::Tokens::default()),
+            Some(path) => auth::Tokens::load(path).map_err(anyhow::Error::msg),
+        }
+    }
+}
+
+#[derive(Debug, Subcommand)]
+enum TokenCommand {
+    /// Print a new random token and the line to put in a tokens file.
+    New {
+        /// `admin` or `infer`.
+        #[arg(long, default_value = "infer")]
+        scope: String,
+    },
+    /// Print the sha256 of a token, as a tokens file stores it.
+    Hash { token: String },
+}
+
 #[derive(Clone, Copy, Debug, ValueEnum)]
 enum LogFormatArg {
     Pretty,
@@ -50,6 +88,8 @@ enum Commands {
         /// Address of the HTTP endpoint (inference, admin API, /metrics). Port 0 picks one.
         #[arg(long, default_value = "127.0.0.1:7070", env = "SHOAL_LISTEN")]
         listen: SocketAddr,
+        #[command(flatten)]
+        security: SecurityArgs,
     },
     /// Run one member of the control plane (1, 3 or 5 of them).
     Server {
@@ -78,6 +118,13 @@ enum Commands {
         /// bootstrapping a new one from --peers.
         #[arg(long)]
         join: bool,
+        #[command(flatten)]
+        security: SecurityArgs,
+    },
+    /// Make and hash bearer tokens for a tokens file.
+    Token {
+        #[command(subcommand)]
+        command: TokenCommand,
     },
     /// The control plane's members and leader.
     Cluster {
@@ -109,6 +156,23 @@ enum Commands {
     },
 }
 
+fn token(command: &TokenCommand) -> anyhow::Result<()> {
+    match command {
+        TokenCommand::New { scope } => {
+            if scope != "admin" && scope != "infer" {
+                anyhow::bail!("scope {scope:?} is not admin or infer");
+            }
+            let mut bytes = [0u8; 24];
+            std::io::Read::read_exact(&mut std::fs::File::open("/dev/urandom")?, &mut bytes)?;
+            let token = format!("shoal_{}", hex::encode(bytes));
+            println!("token:            {token}");
+            println!("tokens file line: {scope} {}", auth::hash_token(&token));
+        }
+        TokenCommand::Hash { token } => println!("{}", auth::hash_token(token)),
+    }
+    Ok(())
+}
+
 fn main() -> ExitCode {
     let args = Args::parse();
     let format = match args.log_format {
@@ -126,10 +190,23 @@ fn main() -> ExitCode {
         }
     };
     let result = match args.command {
-        Commands::Up { data_dir, listen } => {
+        Commands::Up {
+            data_dir,
+            listen,
+            security,
+        } => {
             tracing_setup::init(format, "info,raft=warn,raft_engine=warn");
-            runtime.block_on(up::run(up::UpConfig { data_dir, listen }))
+            let config = security.tokens().and_then(|tokens| {
+                server::check_exposure(listen, &tokens, security.insecure)?;
+                Ok(up::UpConfig {
+                    data_dir,
+                    listen,
+                    tokens,
+                })
+            });
+            config.and_then(|config| runtime.block_on(up::run(config)))
         }
+        Commands::Token { command } => token(&command),
         Commands::Server {
             id,
             peers,
@@ -139,6 +216,7 @@ fn main() -> ExitCode {
             data_dir,
             cluster_id,
             join,
+            security,
         } => {
             tracing_setup::init(format, "info,raft=warn,raft_engine=warn");
             let config = server::parse_members(&peers)
@@ -153,6 +231,9 @@ fn main() -> ExitCode {
                         peers,
                         http_peers,
                         join,
+                        tokens: security.tokens()?,
+                        token: security.own_token.clone(),
+                        insecure: security.insecure,
                     }
                     .validate()
                 });

@@ -4,6 +4,7 @@
 
 use crate::api::cluster::Forwarder;
 use crate::api::{self, AppState};
+use crate::auth::Tokens;
 use crate::control::{ClusterStateMachine, ControlPlane};
 use crate::datadir::DataDir;
 use crate::loops;
@@ -42,6 +43,23 @@ pub struct ServerConfig {
     pub http_peers: BTreeMap<u64, String>,
     /// Start without membership and wait to be added, instead of bootstrapping `peers`.
     pub join: bool,
+    /// Accepted bearer tokens (hashed); empty turns authentication off.
+    pub tokens: Tokens,
+    /// This server's own admin token, for the calls it makes to the cluster.
+    pub token: Option<String>,
+    /// Allow listening beyond loopback without tokens.
+    pub insecure: bool,
+}
+
+/// Refuses to serve beyond loopback with no tokens, unless told `--insecure`.
+pub fn check_exposure(listen: SocketAddr, tokens: &Tokens, insecure: bool) -> anyhow::Result<()> {
+    if !listen.ip().is_loopback() && tokens.is_empty() && !insecure {
+        bail!(
+            "refusing to listen on {listen} without tokens: anyone who can reach it could \
+             change the cluster. Pass --tokens FILE, or --insecure if that is really wanted"
+        );
+    }
+    Ok(())
 }
 
 /// Parses `1=host:port,2=host:port` into a map of member id to address.
@@ -87,6 +105,10 @@ impl ServerConfig {
                 self.peers.len()
             );
         }
+        check_exposure(self.listen, &self.tokens, self.insecure)?;
+        if !self.tokens.is_empty() && self.token.is_none() {
+            bail!("with --tokens, set SHOAL_TOKEN to an admin token for this server's own calls");
+        }
         Ok(self)
     }
 }
@@ -129,6 +151,7 @@ pub async fn run(config: ServerConfig) -> anyhow::Result<()> {
         required_models: Vec::new(),
         store,
         forwarder: Some(Forwarder::new(http_peers).context("building the forwarding client")?),
+        tokens: config.tokens.clone(),
     });
     let listener = tokio::net::TcpListener::bind(config.listen)
         .await
@@ -136,7 +159,13 @@ pub async fn run(config: ServerConfig) -> anyhow::Result<()> {
     let address = listener.local_addr()?;
     let (stop, stopping) = watch::channel(false);
     let controller = tokio::spawn(loops::run_controller(control.clone(), stopping.clone()));
-    let registration = tokio::spawn(register_self(control.clone(), config.id, address, stopping));
+    let registration = tokio::spawn(register_self(
+        control.clone(),
+        config.id,
+        address,
+        config.token.clone(),
+        stopping,
+    ));
     println!("shoal: listening on http://{address}");
     tracing::info!(
         id = config.id,
@@ -164,6 +193,7 @@ async fn register_self(
     control: ControlPlane,
     id: u64,
     address: SocketAddr,
+    token: Option<String>,
     mut stopping: watch::Receiver<bool>,
 ) {
     /// Time between attempts while there is no leader yet or the write fails.
@@ -183,7 +213,11 @@ async fn register_self(
         }
         if control.raft_status().leader.is_some() {
             let body = serde_json::json!({"http_address": http_address});
-            if let Err(error) = client.put(&url).json(&body).send().await {
+            let mut request = client.put(&url).json(&body);
+            if let Some(token) = &token {
+                request = request.bearer_auth(token);
+            }
+            if let Err(error) = request.send().await {
                 tracing::debug!(%error, "registering this server's address");
             }
         }
@@ -219,6 +253,9 @@ mod tests {
             peers: parse_members(peers).unwrap(),
             http_peers: BTreeMap::new(),
             join,
+            tokens: Tokens::default(),
+            token: None,
+            insecure: false,
         };
         let three = "1=127.0.0.1:1,2=127.0.0.1:2,3=127.0.0.1:3";
         assert!(config(1, three, false).validate().is_ok());
@@ -229,5 +266,17 @@ mod tests {
                 .is_err()
         );
         assert!(config(4, three, true).validate().is_ok());
+    }
+
+    #[test]
+    fn an_exposed_listener_needs_tokens_or_an_explicit_insecure() {
+        let open: SocketAddr = "0.0.0.0:7070".parse().unwrap();
+        let local: SocketAddr = "127.0.0.1:7070".parse().unwrap();
+        let tokens = Tokens::parse(&format!("admin {}", crate::auth::hash_token("t"))).unwrap();
+        assert!(check_exposure(local, &Tokens::default(), false).is_ok());
+        let refused = check_exposure(open, &Tokens::default(), false).unwrap_err();
+        assert!(refused.to_string().contains("--insecure"), "{refused}");
+        assert!(check_exposure(open, &Tokens::default(), true).is_ok());
+        assert!(check_exposure(open, &tokens, false).is_ok());
     }
 }

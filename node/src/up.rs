@@ -29,6 +29,8 @@ const LEADER_TIMEOUT: Duration = Duration::from_secs(10);
 pub struct UpConfig {
     pub data_dir: PathBuf,
     pub listen: SocketAddr,
+    /// Accepted bearer tokens; empty turns authentication off.
+    pub tokens: crate::auth::Tokens,
 }
 
 pub async fn run(config: UpConfig) -> anyhow::Result<()> {
@@ -94,6 +96,7 @@ pub async fn run(config: UpConfig) -> anyhow::Result<()> {
         required_models: vec![demo::DEMO_MODEL.to_string()],
         store: store.clone(),
         forwarder: None,
+        tokens: config.tokens.clone(),
     });
     let mut server = tokio::spawn(
         axum::serve(listener, api::router(app))

@@ -191,11 +191,24 @@ pub struct ServerCluster {
     pub raft: std::collections::BTreeMap<u64, String>,
     pub http: std::collections::BTreeMap<u64, String>,
     processes: std::collections::BTreeMap<u64, ServerProcess>,
+    /// Extra arguments and environment every server is started with.
+    extra_args: Vec<String>,
+    extra_env: Vec<(String, String)>,
 }
 
 impl ServerCluster {
     /// Starts `size` servers that bootstrap one control plane.
     pub fn start(root: &Path, size: u64) -> ServerCluster {
+        ServerCluster::start_with(root, size, &[], &[])
+    }
+
+    /// Like [`ServerCluster::start`], each server also given `args` and `env`.
+    pub fn start_with(
+        root: &Path,
+        size: u64,
+        args: &[&str],
+        env: &[(&str, &str)],
+    ) -> ServerCluster {
         let addresses = free_addresses(2 * size as usize);
         let raft = (1..=size)
             .zip(addresses[..size as usize].iter().cloned())
@@ -208,6 +221,11 @@ impl ServerCluster {
             raft,
             http,
             processes: std::collections::BTreeMap::new(),
+            extra_args: args.iter().map(|arg| (*arg).to_string()).collect(),
+            extra_env: env
+                .iter()
+                .map(|(key, value)| ((*key).to_string(), (*value).to_string()))
+                .collect(),
         };
         for id in 1..=size {
             cluster.start_member(id);
@@ -254,6 +272,8 @@ impl ServerCluster {
             .arg("--data-dir")
             .arg(self.root.join(format!("server-{id}")))
             .args(join.then_some("--join"))
+            .args(&self.extra_args)
+            .envs(self.extra_env.iter().map(|(key, value)| (key, value)))
             .env("RUST_LOG", "info,raft=warn,raft_engine=warn")
             .stdout(Stdio::null())
             .stderr(log)
@@ -314,7 +334,13 @@ impl ServerCluster {
         let started = Instant::now();
         loop {
             for id in self.live() {
-                if let Ok(response) = client.get(self.url(id, "/api/v1/cluster")).send().await
+                let mut request = client.get(self.url(id, "/api/v1/cluster"));
+                if let Some((_, token)) =
+                    self.extra_env.iter().find(|(key, _)| key == "SHOAL_TOKEN")
+                {
+                    request = request.bearer_auth(token);
+                }
+                if let Ok(response) = request.send().await
                     && let Ok(status) = response.json::<serde_json::Value>().await
                     && status["is_leader"] == serde_json::Value::Bool(true)
                 {

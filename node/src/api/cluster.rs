@@ -45,10 +45,15 @@ impl Forwarder {
         &self,
         state: &ClusterState,
         leader: u64,
-        method: Method,
-        uri: &Uri,
-        body: Bytes,
+        request: WriteRequest,
     ) -> Result<Response, ApiError> {
+        let WriteRequest {
+            method,
+            uri,
+            authorization,
+            body,
+            ..
+        } = request;
         let registered = state
             .servers
             .get(&leader)
@@ -62,20 +67,18 @@ impl Forwarder {
             });
         };
         let path = uri.path_and_query().map_or("/", |p| p.as_str());
-        let answer = self
+        let mut forwarded = self
             .http
             .request(method, format!("{base}{path}"))
             .header(FORWARDED_HEADER, "1")
-            .header("content-type", "application/json")
-            .body(body)
-            .send()
-            .await
-            .map_err(|error| {
-                // The leader may have applied it before the connection broke.
-                ApiError::DeadlineExceeded(format!(
-                    "forwarding to the leader ({base}) failed: {error}"
-                ))
-            })?;
+            .header("content-type", "application/json");
+        if let Some(authorization) = authorization {
+            forwarded = forwarded.header("authorization", authorization);
+        }
+        let answer = forwarded.body(body).send().await.map_err(|error| {
+            // The leader may have applied it before the connection broke.
+            ApiError::DeadlineExceeded(format!("forwarding to the leader ({base}) failed: {error}"))
+        })?;
         let status =
             StatusCode::from_u16(answer.status().as_u16()).unwrap_or(StatusCode::BAD_GATEWAY);
         let bytes = answer.bytes().await.map_err(|error| {
@@ -96,6 +99,8 @@ struct WriteRequest {
     method: Method,
     uri: Uri,
     forwarded: bool,
+    /// Passed on when forwarding, so the leader checks the same credentials.
+    authorization: Option<axum::http::HeaderValue>,
     body: Bytes,
 }
 
@@ -105,6 +110,7 @@ impl WriteRequest {
             method,
             uri,
             forwarded: headers.contains_key(FORWARDED_HEADER),
+            authorization: headers.get(axum::http::header::AUTHORIZATION).cloned(),
             body,
         }
     }
@@ -118,9 +124,7 @@ impl WriteRequest {
             && let Some(forwarder) = &app.forwarder
         {
             let state = app.control.state();
-            let response = forwarder
-                .forward(&state, *leader, self.method, &self.uri, self.body)
-                .await?;
+            let response = forwarder.forward(&state, *leader, self).await?;
             return Ok(Written::Forwarded(response));
         }
         Err(error.into())

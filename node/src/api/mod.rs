@@ -8,6 +8,7 @@ mod error;
 mod inference;
 pub mod oip;
 
+use crate::auth::{self, AuthError, Tokens};
 use crate::control::ControlPlane;
 use crate::store::ArtifactStore;
 use axum::Router;
@@ -40,6 +41,8 @@ pub struct AppState {
     pub store: Arc<ArtifactStore>,
     /// Forwards writes to the leader; `None` where this process is the only member.
     pub forwarder: Option<cluster::Forwarder>,
+    /// Accepted bearer tokens; empty means authentication is off.
+    pub tokens: Tokens,
 }
 
 /// The router of the embedded `shoal up` process: inference, admin and metrics together.
@@ -96,7 +99,41 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/metrics", get(metrics))
         .fallback(not_found)
         .layer(DefaultBodyLimit::max(REQUEST_BODY_MAX_BYTES))
+        .layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            authenticate,
+        ))
         .with_state(state)
+}
+
+/// Checks the bearer token before anything reads the body.
+async fn authenticate(
+    axum::extract::State(app): axum::extract::State<Arc<AppState>>,
+    request: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> axum::response::Response {
+    use axum::response::IntoResponse;
+    let path = request.uri().path();
+    if let Some(needed) = auth::scope_for(path) {
+        let header = request
+            .headers()
+            .get(axum::http::header::AUTHORIZATION)
+            .and_then(|value| value.to_str().ok());
+        if let Err(error) = app.tokens.check(header, needed) {
+            let refusal = match error {
+                AuthError::Missing | AuthError::Invalid => {
+                    ApiError::Unauthorized(error.to_string())
+                }
+                AuthError::WrongScope(_) => ApiError::Forbidden(error.to_string()),
+            };
+            return if path.starts_with("/api/") {
+                AdminError(refusal).into_response()
+            } else {
+                refusal.into_response()
+            };
+        }
+    }
+    next.run(request).await
 }
 
 async fn metrics() -> impl axum::response::IntoResponse {
