@@ -5,6 +5,8 @@ use crate::api::oip::{InferRequest, InferResponse, ModelMetadata, RequestInput, 
 use anyhow::{Context, bail};
 use clap::{Args, Subcommand, ValueEnum};
 use serde::de::DeserializeOwned;
+use std::io::{IsTerminal, Write as _};
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 /// Longest the CLI waits for an answer.
@@ -38,6 +40,26 @@ pub enum Output {
 pub enum ModelCommand {
     /// Every version of every model.
     List,
+    /// Upload a directory of model files (safetensors, GGUF, JSON, tokenizer files) as a
+    /// new version; acknowledged once the files are durable on a majority of servers.
+    Push {
+        /// The directory; its files become the version (no subdirectories).
+        dir: PathBuf,
+        /// The model's name.
+        #[arg(long)]
+        name: String,
+        /// The weight format.
+        #[arg(long, default_value = "safetensors")]
+        format: String,
+    },
+    /// The versions and aliases of one model.
+    Show { name: String },
+    /// Point an alias (e.g. `stable`) at a version.
+    Alias {
+        name: String,
+        alias: String,
+        version: u32,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -108,6 +130,21 @@ impl Client {
         let response = self
             .http
             .get(format!("{}{path}", self.base))
+            .send()
+            .await
+            .with_context(|| format!("cannot reach Shoal at {} (set SHOAL_ADDR)", self.base))?;
+        decode(response).await
+    }
+
+    async fn put<B: serde::Serialize, T: DeserializeOwned>(
+        &self,
+        path: &str,
+        body: &B,
+    ) -> anyhow::Result<T> {
+        let response = self
+            .http
+            .put(format!("{}{path}", self.base))
+            .json(body)
             .send()
             .await
             .with_context(|| format!("cannot reach Shoal at {} (set SHOAL_ADDR)", self.base))?;
@@ -212,9 +249,185 @@ pub async fn cluster(command: ClusterCommand, args: &ClientArgs) -> anyhow::Resu
     Ok(())
 }
 
+/// A file of a version about to be pushed.
+struct LocalFile {
+    name: String,
+    path: PathBuf,
+    digest: String,
+    size_bytes: u64,
+}
+
+/// The files of `dir`, each checked to be a plain file inside it, hashed as it is read.
+fn collect_files(dir: &Path) -> anyhow::Result<Vec<LocalFile>> {
+    let root = dir
+        .canonicalize()
+        .with_context(|| format!("{} is not a readable directory", dir.display()))?;
+    let mut files = Vec::new();
+    for entry in std::fs::read_dir(&root).with_context(|| format!("reading {}", root.display()))? {
+        let entry = entry?;
+        let name = entry.file_name().to_string_lossy().into_owned();
+        let path = entry.path().canonicalize()?;
+        // A symlink that leads out of the model is refused, not followed.
+        if path.parent() != Some(root.as_path()) {
+            bail!("{name} points outside {}", root.display());
+        }
+        if path.is_dir() {
+            bail!("{name} is a directory; a version is a flat set of files");
+        }
+        crate::store::check_name(&name).map_err(anyhow::Error::msg)?;
+        let mut file = std::fs::File::open(&path)?;
+        let mut hasher = <sha2::Sha256 as sha2::Digest>::new();
+        let size_bytes = std::io::copy(&mut file, &mut hasher)?;
+        files.push(LocalFile {
+            name,
+            path,
+            digest: hex::encode(sha2::Digest::finalize(hasher)),
+            size_bytes,
+        });
+    }
+    if files.is_empty() {
+        bail!("{} has no files", root.display());
+    }
+    files.sort_by(|a, b| a.name.cmp(&b.name));
+    Ok(files)
+}
+
+/// Streams one file to `PUT /api/v1/blobs/{digest}`, showing progress on a terminal.
+async fn upload(client: &Client, file: &LocalFile) -> anyhow::Result<()> {
+    use futures_util::StreamExt;
+    let terminal = std::io::stderr().is_terminal();
+    let total = file.size_bytes.max(1);
+    let name = file.name.clone();
+    let handle = tokio::fs::File::open(&file.path).await?;
+    let mut sent = 0u64;
+    let mut last_percent = 0;
+    let stream = tokio_util_stream(handle).map(move |chunk| {
+        if let Ok(bytes) = &chunk {
+            sent += bytes.len() as u64;
+            let percent = sent * 100 / total;
+            if terminal && percent != last_percent {
+                last_percent = percent;
+                eprint!("\r  {name}: {percent:>3}% ({sent} of {total} bytes)");
+                let _ = std::io::stderr().flush();
+            }
+        }
+        chunk
+    });
+    let response = client
+        .http
+        .put(format!("{}/api/v1/blobs/{}", client.base, file.digest))
+        .body(reqwest::Body::wrap_stream(stream))
+        .send()
+        .await
+        .with_context(|| format!("uploading {}", file.name))?;
+    if terminal {
+        eprintln!();
+    }
+    let answer: serde_json::Value = decode(response)
+        .await
+        .with_context(|| format!("uploading {}", file.name))?;
+    eprintln!(
+        "uploaded {} ({} bytes, on {} servers)",
+        file.name,
+        file.size_bytes,
+        text(&answer, "copies")
+    );
+    Ok(())
+}
+
+/// A file as a stream of chunks, read on the async runtime.
+fn tokio_util_stream(
+    file: tokio::fs::File,
+) -> impl futures_util::Stream<Item = std::io::Result<Vec<u8>>> {
+    /// Bytes read from the file per chunk sent.
+    const CHUNK_BYTES: usize = 1 << 20;
+    futures_util::stream::unfold(file, |mut file| async move {
+        use tokio::io::AsyncReadExt;
+        let mut buffer = vec![0u8; CHUNK_BYTES];
+        match file.read(&mut buffer).await {
+            Ok(0) => None,
+            Ok(read) => {
+                buffer.truncate(read);
+                Some((Ok(buffer), file))
+            }
+            Err(error) => Some((Err(error), file)),
+        }
+    })
+}
+
 pub async fn model(command: ModelCommand, args: &ClientArgs) -> anyhow::Result<()> {
     let client = Client::new(args)?;
     match command {
+        ModelCommand::Push { dir, name, format } => {
+            let files = collect_files(&dir)?;
+            for file in &files {
+                upload(&client, file).await?;
+            }
+            let body = serde_json::json!({
+                "format": format,
+                "files": files.iter().map(|f| serde_json::json!({"name": f.name, "digest": f.digest})).collect::<Vec<_>>(),
+            });
+            let answer: serde_json::Value = client
+                .post(&format!("/api/v1/models/{name}/versions"), &body)
+                .await?;
+            if args.output == Output::Json {
+                println!("{}", serde_json::to_string_pretty(&answer)?);
+            } else {
+                let created = if answer["created"] == true {
+                    "new"
+                } else {
+                    "existing"
+                };
+                println!("{name} version {} ({created})", text(&answer, "version"));
+            }
+        }
+        ModelCommand::Show { name } => {
+            let versions: Vec<serde_json::Value> = client.get("/api/v1/models").await?;
+            let versions: Vec<&serde_json::Value> = versions
+                .iter()
+                .filter(|v| v["model"] == name.as_str())
+                .collect();
+            if versions.is_empty() {
+                bail!("no model {name}");
+            }
+            if args.output == Output::Json {
+                println!("{}", serde_json::to_string_pretty(&versions)?);
+                return Ok(());
+            }
+            for version in versions {
+                println!(
+                    "{name} version {}: {} bytes, digest {}",
+                    text(version, "version"),
+                    text(version, "size_bytes"),
+                    text(version, "manifest_digest")
+                );
+                for file in version["files"].as_array().into_iter().flatten() {
+                    println!(
+                        "  {}  {}  {} bytes",
+                        text(file, "name"),
+                        text(file, "digest"),
+                        text(file, "size_bytes")
+                    );
+                }
+            }
+        }
+        ModelCommand::Alias {
+            name,
+            alias,
+            version,
+        } => {
+            let answer: serde_json::Value = client
+                .put(
+                    &format!("/api/v1/models/{name}/aliases/{alias}"),
+                    &serde_json::json!({"version": version}),
+                )
+                .await?;
+            println!(
+                "{name}:{} -> version {}",
+                text(&answer, "alias"),
+                text(&answer, "version")
+            );
+        }
         ModelCommand::List => {
             let versions: Vec<serde_json::Value> = client.get("/api/v1/models").await?;
             if args.output == Output::Json {

@@ -152,6 +152,7 @@ pub async fn run(config: ServerConfig) -> anyhow::Result<()> {
         store,
         forwarder: Some(Forwarder::new(http_peers).context("building the forwarding client")?),
         tokens: config.tokens.clone(),
+        member_id: config.id,
     });
     let listener = tokio::net::TcpListener::bind(config.listen)
         .await

@@ -49,6 +49,149 @@ impl ArtifactStore {
     }
 }
 
+/// Why a streamed blob was not stored.
+#[derive(Debug, thiserror::Error)]
+pub enum ReceiveError {
+    #[error("{0:?} is not a sha256 digest (64 hex characters)")]
+    BadDigest(String),
+    #[error("the content hashes to {actual}, not {expected}; nothing was stored")]
+    Mismatch { expected: String, actual: String },
+    #[error("the upload broke off after {received_bytes} bytes: {message}; nothing was stored")]
+    Interrupted {
+        received_bytes: u64,
+        message: String,
+    },
+    #[error("over the limit of {limit_bytes} bytes")]
+    TooLarge { limit_bytes: u64 },
+    #[error("writing the blob: {0}")]
+    Io(#[from] std::io::Error),
+}
+
+impl ArtifactStore {
+    /// Whether the blob is here.
+    pub fn contains(&self, digest: &str) -> bool {
+        self.path_of(digest).is_some_and(|path| path.exists())
+    }
+
+    /// Streams a blob that should hash to `expected` into the store: written to a
+    /// temporary file while hashing, synced, and renamed into place only if the digest
+    /// matches. A broken or wrong upload leaves nothing behind. Returns the size.
+    pub async fn receive<S, E>(
+        &self,
+        expected: &str,
+        mut chunks: S,
+        limit_bytes: u64,
+    ) -> Result<u64, ReceiveError>
+    where
+        S: futures_util::Stream<Item = Result<axum::body::Bytes, E>> + Unpin,
+        E: std::fmt::Display,
+    {
+        use futures_util::StreamExt;
+        use tokio::io::AsyncWriteExt;
+        let path = self
+            .path_of(expected)
+            .ok_or_else(|| ReceiveError::BadDigest(expected.to_string()))?;
+        let temporary = self.dir.join(format!(
+            ".{expected}.{}.{}.partial",
+            std::process::id(),
+            TEMPORARY_SEQUENCE.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+        ));
+        let mut file = tokio::fs::File::create(&temporary).await?;
+        let mut hasher = Sha256::new();
+        let mut received_bytes = 0u64;
+        let outcome: Result<(), ReceiveError> = async {
+            while let Some(chunk) = chunks.next().await {
+                let chunk = chunk.map_err(|error| ReceiveError::Interrupted {
+                    received_bytes,
+                    message: error.to_string(),
+                })?;
+                received_bytes += chunk.len() as u64;
+                if received_bytes > limit_bytes {
+                    return Err(ReceiveError::TooLarge { limit_bytes });
+                }
+                hasher.update(&chunk);
+                file.write_all(&chunk).await?;
+            }
+            let actual = hex::encode(hasher.finalize_reset());
+            if actual != expected.to_ascii_lowercase() {
+                return Err(ReceiveError::Mismatch {
+                    expected: expected.to_string(),
+                    actual,
+                });
+            }
+            file.sync_all().await?;
+            tokio::fs::rename(&temporary, &path).await?;
+            tokio::fs::File::open(&self.dir).await?.sync_all().await?;
+            Ok(())
+        }
+        .await;
+        if outcome.is_err() {
+            let _ = tokio::fs::remove_file(&temporary).await;
+        }
+        outcome.map(|()| received_bytes)
+    }
+}
+
+/// Makes temporary names unique when two uploads of one blob overlap.
+static TEMPORARY_SEQUENCE: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
+/// File name endings a model version may contain: data formats only, never code.
+const ALLOWED_EXTENSIONS: &[&str] = &["safetensors", "gguf", "json", "txt", "model"];
+
+/// Checks a version's file name: plain (no path, not hidden) and ending in a data format.
+/// Returns the extension.
+pub fn check_name(name: &str) -> Result<&str, String> {
+    let plain =
+        !name.is_empty() && !name.starts_with('.') && !name.contains(['/', '\\']) && name != "..";
+    if !plain {
+        return Err(format!(
+            "file name {name:?} must be a plain name inside the model"
+        ));
+    }
+    let extension = name
+        .rsplit_once('.')
+        .map(|(_, extension)| extension)
+        .unwrap_or("");
+    if !ALLOWED_EXTENSIONS.contains(&extension) {
+        return Err(format!(
+            "{name}: only data formats are accepted ({})",
+            ALLOWED_EXTENSIONS.join(", ")
+        ));
+    }
+    Ok(extension)
+}
+
+/// Checks that a version's file is a data format Shoal loads and looks like one: a
+/// safetensors header that is JSON, a GGUF magic, JSON that parses. Pickles, scripts and
+/// anything else are refused.
+pub fn validate_artifact(name: &str, bytes: &[u8]) -> Result<(), String> {
+    let extension = check_name(name)?;
+    match extension {
+        "safetensors" => {
+            let header_length = bytes
+                .get(..8)
+                .and_then(|prefix| <[u8; 8]>::try_from(prefix).ok())
+                .map(u64::from_le_bytes)
+                .ok_or_else(|| format!("{name}: too short for a safetensors file"))?;
+            let header = usize::try_from(header_length)
+                .ok()
+                .and_then(|length| bytes.get(8..8usize.checked_add(length)?))
+                .ok_or_else(|| format!("{name}: the safetensors header runs past the end"))?;
+            serde_json::from_slice::<serde_json::Map<String, serde_json::Value>>(header)
+                .map_err(|error| format!("{name}: the safetensors header is not JSON: {error}"))?;
+        }
+        "gguf" if !bytes.starts_with(b"GGUF") => {
+            return Err(format!("{name}: no GGUF magic"));
+        }
+        "json" => {
+            serde_json::from_slice::<serde_json::Value>(bytes)
+                .map_err(|error| format!("{name}: not JSON: {error}"))?;
+        }
+        _ => {}
+    }
+    Ok(())
+}
+
 impl ArtifactFetcher for ArtifactStore {
     fn fetch(&self, digest: &str) -> Result<Vec<u8>, FetchError> {
         let path = self
@@ -97,7 +240,8 @@ pub fn version_command(
         }
         let bytes = store
             .fetch(&digest)
-            .map_err(|error| format!("file {name}: {error}; upload it to this server first"))?;
+            .map_err(|error| format!("file {name}: {error}; upload it first"))?;
+        validate_artifact(&name, &bytes)?;
         if name == CONFIG_FILE {
             signature = signature_of(&bytes).map_err(|error| format!("{CONFIG_FILE}: {error}"))?;
         }
@@ -174,10 +318,76 @@ mod tests {
         assert_eq!(manifest_digest.len(), 64);
         let missing = version_command(&store, "m", vec![("x".into(), "0".repeat(64))], "raw");
         assert!(missing.unwrap_err().contains("upload it"));
+        let script = store.put(b"import os").unwrap();
+        assert!(version_command(&store, "m", vec![("model.py".into(), script)], "raw").is_err());
         let bad_config = store.put(b"{}").unwrap();
         assert!(
             version_command(&store, "m", vec![("config.json".into(), bad_config)], "raw").is_err()
         );
+    }
+
+    #[test]
+    fn only_data_formats_that_look_like_themselves_are_accepted() {
+        let header = br#"{"w":{"dtype":"F32","shape":[1],"data_offsets":[0,4]}}"#;
+        let mut safetensors = (header.len() as u64).to_le_bytes().to_vec();
+        safetensors.extend_from_slice(header);
+        safetensors.extend_from_slice(&[0; 4]);
+        assert_eq!(validate_artifact("model.safetensors", &safetensors), Ok(()));
+        assert!(
+            validate_artifact("model.safetensors", b"\xff\xff\xff\xff\xff\xff\xff\x7f").is_err()
+        );
+        assert!(validate_artifact("model.gguf", b"GGUF\x03\x00").is_ok());
+        assert!(validate_artifact("model.gguf", b"PK\x03\x04").is_err());
+        assert!(validate_artifact("config.json", b"{\"a\": 1}").is_ok());
+        assert!(validate_artifact("config.json", b"{not json").is_err());
+        assert!(validate_artifact("pytorch_model.bin", b"\x80\x02").is_err());
+        assert!(validate_artifact("../escape.json", b"{}").is_err());
+        assert!(validate_artifact(".hidden.json", b"{}").is_err());
+    }
+
+    #[tokio::test]
+    async fn a_streamed_blob_is_stored_only_when_whole_and_matching() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = ArtifactStore::open(dir.path()).unwrap();
+        let digest = hex::encode(Sha256::digest(b"hello world"));
+        let chunks = |parts: Vec<Result<&'static [u8], &'static str>>| {
+            futures_util::stream::iter(
+                parts
+                    .into_iter()
+                    .map(|part| part.map(axum::body::Bytes::from_static)),
+            )
+        };
+        let size = store
+            .receive(&digest, chunks(vec![Ok(b"hello "), Ok(b"world")]), 1 << 20)
+            .await
+            .unwrap();
+        assert_eq!(size, 11);
+        assert_eq!(store.fetch(&digest).unwrap(), b"hello world");
+
+        let other = hex::encode(Sha256::digest(b"other"));
+        let wrong = store
+            .receive(&other, chunks(vec![Ok(b"not other")]), 1 << 20)
+            .await;
+        assert!(matches!(wrong, Err(ReceiveError::Mismatch { .. })));
+        let broken = store
+            .receive(
+                &other,
+                chunks(vec![Ok(b"oth"), Err("connection reset")]),
+                1 << 20,
+            )
+            .await;
+        assert!(matches!(
+            broken,
+            Err(ReceiveError::Interrupted {
+                received_bytes: 3,
+                ..
+            })
+        ));
+        assert!(!store.contains(&other));
+        let leftovers = std::fs::read_dir(dir.path().join("sha256"))
+            .unwrap()
+            .count();
+        assert_eq!(leftovers, 1, "only the good blob, no temporary files");
     }
 
     #[test]

@@ -97,6 +97,7 @@ pub async fn run(config: UpConfig) -> anyhow::Result<()> {
         store: store.clone(),
         forwarder: None,
         tokens: config.tokens.clone(),
+        member_id: MEMBER_ID,
     });
     let mut server = tokio::spawn(
         axum::serve(listener, api::router(app))

@@ -367,30 +367,34 @@ impl ServerCluster {
     /// uploaded to every live server (a registration reads its blobs on the leader).
     pub async fn register_model(&self, client: &reqwest::Client, model: &str, values: u32) {
         let leader = self.leader(client, Duration::from_secs(20)).await;
+        let token = self
+            .extra_env
+            .iter()
+            .find(|(key, _)| key == "SHOAL_TOKEN")
+            .map(|(_, token)| token.clone());
         for value in 1..=values {
-            let mut digest = String::new();
-            for id in self.live() {
-                let stored: serde_json::Value = client
-                    .post(self.url(id, "/api/v1/blobs"))
-                    .body(format!("{model} value {value}"))
-                    .send()
-                    .await
-                    .expect("blob upload")
-                    .json()
-                    .await
-                    .expect("blob answer");
-                digest = stored["digest"].as_str().expect("a digest").to_string();
+            let content = format!("{model} value {value}");
+            let digest = sha256_hex(content.as_bytes());
+            // One upload; the server copies it to the others before answering.
+            let mut upload = client
+                .put(self.url(leader, &format!("/api/v1/blobs/{digest}")))
+                .body(content);
+            if let Some(token) = &token {
+                upload = upload.bearer_auth(token);
             }
+            let stored = upload.send().await.expect("blob upload");
+            assert!(stored.status().is_success(), "upload: {}", stored.status());
             let body = serde_json::json!({
                 "format": "raw",
                 "files": [{"name": "value.txt", "digest": digest}],
             });
-            let answer = client
+            let mut registration = client
                 .post(self.url(leader, &format!("/api/v1/models/{model}/versions")))
-                .json(&body)
-                .send()
-                .await
-                .expect("registration");
+                .json(&body);
+            if let Some(token) = &token {
+                registration = registration.bearer_auth(token);
+            }
+            let answer = registration.send().await.expect("registration");
             let status = answer.status();
             assert!(
                 status.is_success(),
@@ -399,6 +403,12 @@ impl ServerCluster {
             );
         }
     }
+}
+
+/// Lower-case hex sha256, as blobs are addressed.
+pub fn sha256_hex(bytes: &[u8]) -> String {
+    use sha2::Digest;
+    hex::encode(sha2::Sha256::digest(bytes))
 }
 
 impl Drop for ServerCluster {

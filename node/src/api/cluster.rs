@@ -12,7 +12,7 @@ use axum::http::{HeaderMap, Method, StatusCode, Uri};
 use axum::response::{IntoResponse, Response};
 use serde::{Deserialize, Serialize};
 use shoal_consensus::{MembershipChange, ProposeError};
-use shoal_scheduler::{ArtifactFile, ClusterState, Command, Outcome};
+use shoal_scheduler::{ClusterState, Command, Outcome};
 use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
@@ -37,6 +37,22 @@ impl Forwarder {
             .timeout(FORWARD_TIMEOUT)
             .build()?;
         Ok(Forwarder { http, peers })
+    }
+
+    /// The HTTP client, for other server-to-server calls.
+    pub fn client(&self) -> &reqwest::Client {
+        &self.http
+    }
+
+    /// `http://host:port` of every other server: the replicated list, else the configured
+    /// peers.
+    pub fn addresses(&self, state: &ClusterState, me: u64) -> BTreeMap<u64, String> {
+        let mut addresses = self.peers.clone();
+        for (id, address) in &state.servers {
+            addresses.insert(*id, format!("http://{address}"));
+        }
+        addresses.remove(&me);
+        addresses
     }
 
     /// Sends the request to `leader`, found in the replicated server list or, before the
@@ -447,29 +463,10 @@ pub async fn delete_alias(
     }
 }
 
-/// `POST /api/v1/blobs`: stores the body in this server's artifact store.
-pub async fn put_blob(
-    State(app): State<Arc<AppState>>,
-    body: Result<Bytes, BytesRejection>,
-) -> Result<Json<ArtifactFile>, AdminError> {
-    let body = body.map_err(ApiError::from)?;
-    let store = app.store.clone();
-    let size_bytes = body.len() as u64;
-    let digest = tokio::task::spawn_blocking(move || store.put(&body))
-        .await
-        .map_err(|error| ApiError::Internal(error.to_string()))?
-        .map_err(|error| ApiError::Unavailable(format!("storing the blob: {error}")))?;
-    Ok(Json(ArtifactFile {
-        name: String::new(),
-        digest,
-        size_bytes,
-    }))
-}
-
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct NewVersion {
-    /// The version's files, each already stored with `POST /api/v1/blobs`.
+    /// The version's files, each already stored with `PUT /api/v1/blobs/{digest}`.
     files: Vec<NewFile>,
     /// Weight format, e.g. `safetensors`.
     format: String,
@@ -490,7 +487,7 @@ pub struct VersionRegistered {
 }
 
 /// `POST /api/v1/models/{model}/versions`: registers a version from stored blobs. The
-/// blobs must be in the store of the server that applies the registration (the leader).
+/// leader copies any blob it lacks from another server before checking the files.
 pub async fn register_version(
     State(app): State<Arc<AppState>>,
     Path(model): Path<String>,
@@ -512,6 +509,9 @@ pub async fn register_version(
             Written::Forwarded(response) => Ok(response),
             Written::Here(_) => Err(ApiError::Internal("unreachable".into()).into()),
         };
+    }
+    for file in &new.files {
+        super::blobs::ensure_local(&app, &file.digest, request.authorization.as_ref()).await?;
     }
     let store = app.store.clone();
     let command = tokio::task::spawn_blocking(move || {

@@ -3,6 +3,7 @@
 //! Only this module knows HTTP status codes and JSON shapes.
 
 mod admin;
+mod blobs;
 pub mod cluster;
 mod error;
 mod inference;
@@ -21,7 +22,7 @@ use tokio::sync::watch;
 
 pub use error::{AdminError, ApiError};
 
-/// Largest artifact accepted by `POST /api/v1/blobs` in one request.
+/// Largest artifact accepted by `PUT /api/v1/blobs/{digest}`.
 pub const BLOB_BODY_MAX_BYTES: usize = 512 << 20;
 
 /// Largest request body accepted, in bytes: room for a batch of a few thousand rows of
@@ -43,6 +44,8 @@ pub struct AppState {
     pub forwarder: Option<cluster::Forwarder>,
     /// Accepted bearer tokens; empty means authentication is off.
     pub tokens: Tokens,
+    /// This process's raft member id.
+    pub member_id: u64,
 }
 
 /// The router of the embedded `shoal up` process: inference, admin and metrics together.
@@ -93,8 +96,10 @@ pub fn router(state: Arc<AppState>) -> Router {
             post(cluster::register_version),
         )
         .route(
-            "/api/v1/blobs",
-            post(cluster::put_blob).layer(DefaultBodyLimit::max(BLOB_BODY_MAX_BYTES)),
+            "/api/v1/blobs/{digest}",
+            get(blobs::get)
+                .put(blobs::put)
+                .layer(DefaultBodyLimit::max(BLOB_BODY_MAX_BYTES)),
         )
         .route("/metrics", get(metrics))
         .fallback(not_found)
