@@ -63,6 +63,16 @@ pub enum ModelCommand {
 }
 
 #[derive(Debug, Subcommand)]
+pub enum NodeCommand {
+    /// Every node with its status, devices and replica count.
+    List,
+    /// Move the node's replicas elsewhere and place nothing new on it.
+    Drain { id: u64 },
+    /// Let the node take replicas again.
+    Undrain { id: u64 },
+}
+
+#[derive(Debug, Subcommand)]
 pub enum DeployCommand {
     /// Every deployment with its replicas.
     List,
@@ -353,6 +363,63 @@ fn tokio_util_stream(
             Err(error) => Some((Err(error), file)),
         }
     })
+}
+
+pub async fn node(command: NodeCommand, args: &ClientArgs) -> anyhow::Result<()> {
+    let client = Client::new(args)?;
+    let answer: serde_json::Value = match &command {
+        NodeCommand::List => client.get("/api/v1/nodes").await?,
+        NodeCommand::Drain { id } => {
+            client
+                .post(&format!("/api/v1/nodes/{id}/drain"), &serde_json::json!({}))
+                .await?
+        }
+        NodeCommand::Undrain { id } => {
+            client
+                .post(
+                    &format!("/api/v1/nodes/{id}/undrain"),
+                    &serde_json::json!({}),
+                )
+                .await?
+        }
+    };
+    if args.output == Output::Json || !matches!(command, NodeCommand::List) {
+        println!("{}", serde_json::to_string_pretty(&answer)?);
+        return Ok(());
+    }
+    let rows: Vec<Vec<String>> = answer
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|node| {
+            let memory: u64 = node["devices"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .filter_map(|device| device["memory_bytes"].as_u64())
+                .sum();
+            vec![
+                text(node, "id"),
+                text(node, "address"),
+                text(node, "status"),
+                node["devices"].as_array().map_or(0, Vec::len).to_string(),
+                memory.to_string(),
+                text(node, "replicas"),
+            ]
+        })
+        .collect();
+    print_table(
+        &[
+            "ID",
+            "ADDRESS",
+            "STATUS",
+            "DEVICES",
+            "MEMORY_BYTES",
+            "REPLICAS",
+        ],
+        &rows,
+    );
+    Ok(())
 }
 
 pub async fn model(command: ModelCommand, args: &ClientArgs) -> anyhow::Result<()> {

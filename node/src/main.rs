@@ -10,6 +10,7 @@ mod cli;
 mod control;
 mod datadir;
 mod demo;
+mod leases;
 mod loops;
 mod server;
 mod store;
@@ -140,6 +141,13 @@ enum Commands {
         #[command(flatten)]
         client: cli::ClientArgs,
     },
+    /// Agent hosts.
+    Node {
+        #[command(subcommand)]
+        command: cli::NodeCommand,
+        #[command(flatten)]
+        client: cli::ClientArgs,
+    },
     /// Deployments.
     Deploy {
         #[command(subcommand)]
@@ -249,6 +257,10 @@ fn main() -> ExitCode {
         Commands::Model { command, client } => {
             tracing_setup::init(format, "warn");
             runtime.block_on(cli::model(command, &client))
+        }
+        Commands::Node { command, client } => {
+            tracing_setup::init(format, "warn");
+            runtime.block_on(cli::node(command, &client))
         }
         Commands::Deploy { command, client } => {
             tracing_setup::init(format, "warn");

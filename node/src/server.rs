@@ -144,6 +144,7 @@ pub async fn run(config: ServerConfig) -> anyhow::Result<()> {
         .map(|(id, address)| (*id, format!("http://{address}")))
         .collect();
     let (_no_agent, routes) = watch::channel(Arc::new(shoal_actors::agent::Routes::default()));
+    let leases = Arc::new(crate::leases::Leases::default());
     let app = Arc::new(AppState {
         control: control.clone(),
         routes,
@@ -153,6 +154,7 @@ pub async fn run(config: ServerConfig) -> anyhow::Result<()> {
         forwarder: Some(Forwarder::new(http_peers).context("building the forwarding client")?),
         tokens: config.tokens.clone(),
         member_id: config.id,
+        leases: Some(leases.clone()),
     });
     let listener = tokio::net::TcpListener::bind(config.listen)
         .await
@@ -160,6 +162,11 @@ pub async fn run(config: ServerConfig) -> anyhow::Result<()> {
     let address = listener.local_addr()?;
     let (stop, stopping) = watch::channel(false);
     let controller = tokio::spawn(loops::run_controller(control.clone(), stopping.clone()));
+    let detector = tokio::spawn(crate::leases::run_failure_detector(
+        control.clone(),
+        leases,
+        stopping.clone(),
+    ));
     let registration = tokio::spawn(register_self(
         control.clone(),
         config.id,
@@ -180,6 +187,7 @@ pub async fn run(config: ServerConfig) -> anyhow::Result<()> {
         .await;
     let _ = stop.send(true);
     let _ = controller.await;
+    let _ = detector.await;
     registration.abort();
     tokio::task::spawn_blocking(move || consensus.shutdown()).await?;
     drop(data_dir);

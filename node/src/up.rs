@@ -98,6 +98,7 @@ pub async fn run(config: UpConfig) -> anyhow::Result<()> {
         forwarder: None,
         tokens: config.tokens.clone(),
         member_id: MEMBER_ID,
+        leases: None,
     });
     let mut server = tokio::spawn(
         axum::serve(listener, api::router(app))

@@ -105,13 +105,13 @@ impl Forwarder {
 }
 
 /// What a write did: applied here, or answered by the leader it was forwarded to.
-enum Written {
+pub(super) enum Written {
     Here(Outcome),
     Forwarded(Response),
 }
 
 /// The parts of a request a write needs to forward it.
-struct WriteRequest {
+pub(super) struct WriteRequest {
     method: Method,
     uri: Uri,
     forwarded: bool,
@@ -121,7 +121,7 @@ struct WriteRequest {
 }
 
 impl WriteRequest {
-    fn new(method: Method, uri: Uri, headers: &HeaderMap, body: Bytes) -> WriteRequest {
+    pub(super) fn new(method: Method, uri: Uri, headers: &HeaderMap, body: Bytes) -> WriteRequest {
         WriteRequest {
             method,
             uri,
@@ -132,7 +132,11 @@ impl WriteRequest {
     }
 
     /// Forwards to `leader` if this request may be, else gives the not-leader error back.
-    async fn forward_or(self, app: &AppState, error: ControlError) -> Result<Written, AdminError> {
+    pub(super) async fn forward_or(
+        self,
+        app: &AppState,
+        error: ControlError,
+    ) -> Result<Written, AdminError> {
         if let ControlError::Consensus(ProposeError::NotLeader {
             leader: Some(leader),
         }) = &error
@@ -147,7 +151,7 @@ impl WriteRequest {
     }
 }
 
-async fn propose(
+pub(super) async fn propose(
     app: &AppState,
     request: WriteRequest,
     command: &Command,
@@ -158,7 +162,7 @@ async fn propose(
     }
 }
 
-fn json_body<T: for<'de> Deserialize<'de>>(body: &[u8]) -> Result<T, ApiError> {
+pub(super) fn json_body<T: for<'de> Deserialize<'de>>(body: &[u8]) -> Result<T, ApiError> {
     serde_json::from_slice(body)
         .map_err(|error| ApiError::BadRequest(format!("malformed JSON body: {error}")))
 }

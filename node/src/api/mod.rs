@@ -7,6 +7,7 @@ mod blobs;
 pub mod cluster;
 mod error;
 mod inference;
+pub mod nodes;
 pub mod oip;
 
 use crate::auth::{self, AuthError, Tokens};
@@ -46,6 +47,8 @@ pub struct AppState {
     pub tokens: Tokens,
     /// This process's raft member id.
     pub member_id: u64,
+    /// Node leases, on servers (the leader uses them); `None` in `shoal up`.
+    pub leases: Option<Arc<crate::leases::Leases>>,
 }
 
 /// The router of the embedded `shoal up` process: inference, admin and metrics together.
@@ -101,6 +104,12 @@ pub fn router(state: Arc<AppState>) -> Router {
                 .put(blobs::put)
                 .layer(DefaultBodyLimit::max(BLOB_BODY_MAX_BYTES)),
         )
+        .route("/api/v1/nodes", get(nodes::list))
+        .route("/api/v1/nodes/{id}/heartbeat", post(nodes::heartbeat))
+        .route("/api/v1/nodes/{id}/assignments", get(nodes::assignments))
+        .route("/api/v1/nodes/{id}/drain", post(nodes::drain))
+        .route("/api/v1/nodes/{id}/undrain", post(nodes::undrain))
+        .route("/api/v1/replicas/{id}/state", post(nodes::report))
         .route("/metrics", get(metrics))
         .fallback(not_found)
         .layer(DefaultBodyLimit::max(REQUEST_BODY_MAX_BYTES))

@@ -1,0 +1,131 @@
+//! The agent protocol against real servers: heartbeats register a node and renew its lease
+//! on the leader; silence marks it Down (a raft transition), a heartbeat brings it back;
+//! assignments are a blocking query on the state revision; operators drain through the CLI.
+
+#![allow(
+    clippy::unwrap_used,
+    reason = "a test fails loudly on any unexpected error"
+)]
+
+use serde_json::{Value, json};
+use shoal_tests::ServerCluster;
+use std::time::{Duration, Instant};
+
+async fn node_status(cluster: &ServerCluster, http: &reqwest::Client, via: u64) -> Value {
+    let nodes: Value = http
+        .get(cluster.url(via, "/api/v1/nodes"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    nodes[0]["status"].clone()
+}
+
+async fn beat(cluster: &ServerCluster, http: &reqwest::Client, via: u64) -> reqwest::StatusCode {
+    let body = json!({
+        "address": "127.0.0.1:9999",
+        "devices": [{"id": 0, "kind": "Cpu", "memory_bytes": 1u64 << 30}],
+        "labels": {"zone": "a"},
+    });
+    http.post(cluster.url(via, "/api/v1/nodes/7/heartbeat"))
+        .json(&body)
+        .send()
+        .await
+        .unwrap()
+        .status()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_silent_node_goes_down_and_a_heartbeat_brings_it_back() {
+    let root = tempfile::tempdir().unwrap();
+    let cluster = ServerCluster::start(root.path(), 3);
+    let http = reqwest::Client::builder()
+        .timeout(Duration::from_secs(35))
+        .build()
+        .unwrap();
+    let leader = cluster.leader(&http, Duration::from_secs(20)).await;
+    let follower = cluster.live().into_iter().find(|&id| id != leader).unwrap();
+
+    // Heartbeats go to any server and reach the leader.
+    assert!(beat(&cluster, &http, follower).await.is_success());
+    let started = Instant::now();
+    while node_status(&cluster, &http, follower).await != "Ready" {
+        assert!(
+            started.elapsed() < Duration::from_secs(5),
+            "the node never registered"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // A blocking query: waits while nothing changes, answers when something does.
+    let revision = {
+        let answer: Value = http
+            .get(cluster.url(follower, "/api/v1/nodes/7/assignments?revision=0"))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        assert_eq!(answer["node_up"], true);
+        answer["revision"].as_u64().unwrap()
+    };
+    let poll = {
+        let (http, url) = (
+            http.clone(),
+            cluster.url(
+                follower,
+                &format!("/api/v1/nodes/7/assignments?revision={revision}&wait_ms=20000"),
+            ),
+        );
+        tokio::spawn(async move {
+            let started = Instant::now();
+            let answer: Value = http.get(url).send().await.unwrap().json().await.unwrap();
+            (started.elapsed(), answer)
+        })
+    };
+
+    // Silence: within a few lease lengths the leader marks it Down; that change also
+    // answers the waiting poll, telling the node it is down.
+    let silent = Instant::now();
+    while node_status(&cluster, &http, follower).await != "Down" {
+        assert!(
+            silent.elapsed() < Duration::from_secs(10),
+            "the node never went down"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(
+        silent.elapsed() >= Duration::from_secs(2),
+        "not before its lease ran out"
+    );
+    let (waited, answer) = poll.await.unwrap();
+    assert!(
+        waited >= Duration::from_secs(2) && waited < Duration::from_secs(15),
+        "{waited:?}"
+    );
+    assert!(answer["revision"].as_u64().unwrap() > revision);
+    assert_eq!(answer["node_up"], false);
+
+    // A heartbeat brings it back.
+    assert!(beat(&cluster, &http, leader).await.is_success());
+    let started = Instant::now();
+    while node_status(&cluster, &http, follower).await != "Ready" {
+        assert!(
+            started.elapsed() < Duration::from_secs(5),
+            "the node never came back"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+
+    // Operators drain and undrain it through the CLI.
+    cluster.cli(follower, &["node", "drain", "7"]);
+    assert_eq!(node_status(&cluster, &http, leader).await, "Draining");
+    let listed = cluster.cli(follower, &["node", "list"]);
+    assert!(
+        listed.contains("Draining") && listed.contains("127.0.0.1:9999"),
+        "{listed}"
+    );
+    cluster.cli(follower, &["node", "undrain", "7"]);
+}
