@@ -54,6 +54,12 @@ pub enum ModelCommand {
     },
     /// The versions and aliases of one model.
     Show { name: String },
+    /// Train the demo Iris classifier into a directory (no server needed), ready for
+    /// `shoal model push`.
+    Demo {
+        #[arg(long)]
+        out: PathBuf,
+    },
     /// Point an alias (e.g. `stable`) at a version.
     Alias {
         name: String,
@@ -76,6 +82,16 @@ pub enum NodeCommand {
 pub enum DeployCommand {
     /// Every deployment with its replicas.
     List,
+    /// Create or update a deployment from a TOML file (name, model, version or alias,
+    /// replicas, optional [autoscale] and [batching]).
+    Apply {
+        #[arg(short, long)]
+        file: PathBuf,
+    },
+    /// Set a deployment's replica count.
+    Scale { name: String, replicas: u32 },
+    /// Remove a deployment and all its replicas.
+    Delete { name: String },
 }
 
 #[derive(Debug, Subcommand)]
@@ -423,8 +439,28 @@ pub async fn node(command: NodeCommand, args: &ClientArgs) -> anyhow::Result<()>
 }
 
 pub async fn model(command: ModelCommand, args: &ClientArgs) -> anyhow::Result<()> {
+    if let ModelCommand::Demo { out } = &command {
+        std::fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
+        let out = out.clone();
+        let report = tokio::task::spawn_blocking(move || {
+            shoal_actors::train::train_classifier(
+                shoal_actors::IRIS_CSV,
+                &shoal_actors::train::TrainConfig::iris(),
+                &out,
+            )
+        })
+        .await??;
+        println!(
+            "trained the iris classifier: accuracy {:.3} on {} rows; files: {}",
+            report.accuracy,
+            report.rows,
+            report.files.join(", ")
+        );
+        return Ok(());
+    }
     let client = Client::new(args)?;
     match command {
+        ModelCommand::Demo { .. } => {}
         ModelCommand::Push { dir, name, format } => {
             let files = collect_files(&dir)?;
             for file in &files {
@@ -525,6 +561,30 @@ pub async fn model(command: ModelCommand, args: &ClientArgs) -> anyhow::Result<(
 pub async fn deploy(command: DeployCommand, args: &ClientArgs) -> anyhow::Result<()> {
     let client = Client::new(args)?;
     match command {
+        DeployCommand::Apply { file } => {
+            let text = std::fs::read_to_string(&file)
+                .with_context(|| format!("reading {}", file.display()))?;
+            let deployment: crate::api::deployments::DeploymentFile = toml::from_str(&text)
+                .with_context(|| format!("{} is not a deployment file", file.display()))?;
+            deployment.spec().map_err(anyhow::Error::msg)?;
+            let answer: serde_json::Value = client.post("/api/v1/deployments", &deployment).await?;
+            println!("{}", serde_json::to_string_pretty(&answer)?);
+        }
+        DeployCommand::Scale { name, replicas } => {
+            let answer: serde_json::Value = client
+                .post(
+                    &format!("/api/v1/deployments/{name}/scale"),
+                    &serde_json::json!({"replicas": replicas}),
+                )
+                .await?;
+            println!("{}", serde_json::to_string_pretty(&answer)?);
+        }
+        DeployCommand::Delete { name } => {
+            let answer: serde_json::Value = client
+                .delete(&format!("/api/v1/deployments/{name}"))
+                .await?;
+            println!("{}", serde_json::to_string_pretty(&answer)?);
+        }
         DeployCommand::List => {
             let deployments: Vec<serde_json::Value> = client.get("/api/v1/deployments").await?;
             if args.output == Output::Json {

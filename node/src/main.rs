@@ -4,6 +4,7 @@
 //! This crate is the only one that wires the others together and the only one that knows
 //! HTTP and JSON shapes.
 
+mod agent;
 mod api;
 mod auth;
 mod cli;
@@ -127,6 +128,28 @@ enum Commands {
         #[command(subcommand)]
         command: TokenCommand,
     },
+    /// Run the deploy agent of this host: it joins the cluster, runs the replicas placed
+    /// here and serves them to gateways.
+    Agent {
+        /// This node's id (unique in the cluster).
+        #[arg(long, env = "SHOAL_NODE_ID")]
+        id: u64,
+        /// Servers to join through, `HOST:PORT,HOST:PORT,...` (their HTTP addresses).
+        #[arg(long, env = "SHOAL_SERVERS")]
+        servers: String,
+        /// Data-plane address gateways reach this agent at.
+        #[arg(long, default_value = "127.0.0.1:7200", env = "SHOAL_AGENT_LISTEN")]
+        listen: SocketAddr,
+        /// Where the artifact cache lives.
+        #[arg(long, default_value = ".shoal-agent", env = "SHOAL_DATA_DIR")]
+        data_dir: PathBuf,
+        /// A label for placement constraints, `KEY=VALUE`; repeat for more.
+        #[arg(long = "label")]
+        labels: Vec<String>,
+        /// An admin token, when the servers require one.
+        #[arg(long, env = "SHOAL_TOKEN", hide_env_values = true)]
+        token: Option<String>,
+    },
     /// The control plane's members and leader.
     Cluster {
         #[command(subcommand)]
@@ -162,6 +185,49 @@ enum Commands {
         #[command(flatten)]
         client: cli::ClientArgs,
     },
+}
+
+fn agent_config(
+    id: u64,
+    servers: &str,
+    listen: SocketAddr,
+    data_dir: PathBuf,
+    labels: &[String],
+    token: Option<String>,
+) -> anyhow::Result<agent::AgentConfig> {
+    if id == 0 {
+        anyhow::bail!("--id must be at least 1");
+    }
+    let servers: Vec<String> = servers
+        .split(',')
+        .map(str::trim)
+        .filter(|server| !server.is_empty())
+        .map(|server| {
+            if server.starts_with("http://") {
+                server.trim_end_matches('/').to_string()
+            } else {
+                format!("http://{server}")
+            }
+        })
+        .collect();
+    if servers.is_empty() {
+        anyhow::bail!("--servers needs at least one server address");
+    }
+    let mut parsed = std::collections::BTreeMap::new();
+    for label in labels {
+        let Some((key, value)) = label.split_once('=') else {
+            anyhow::bail!("label {label:?} is not KEY=VALUE");
+        };
+        parsed.insert(key.to_string(), value.to_string());
+    }
+    Ok(agent::AgentConfig {
+        id,
+        servers,
+        listen,
+        data_dir,
+        labels: parsed,
+        token,
+    })
 }
 
 fn token(command: &TokenCommand) -> anyhow::Result<()> {
@@ -249,6 +315,18 @@ fn main() -> ExitCode {
                 Ok(config) => runtime.block_on(server::run(config)),
                 Err(error) => Err(error),
             }
+        }
+        Commands::Agent {
+            id,
+            servers,
+            listen,
+            data_dir,
+            labels,
+            token,
+        } => {
+            tracing_setup::init(format, "info");
+            agent_config(id, &servers, listen, data_dir, &labels, token)
+                .and_then(|config| runtime.block_on(agent::run(config)))
         }
         Commands::Cluster { command, client } => {
             tracing_setup::init(format, "warn");

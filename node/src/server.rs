@@ -155,6 +155,7 @@ pub async fn run(config: ServerConfig) -> anyhow::Result<()> {
         tokens: config.tokens.clone(),
         member_id: config.id,
         leases: Some(leases.clone()),
+        gateway: crate::api::gateway::Gateway::new().context("building the gateway client")?,
     });
     let listener = tokio::net::TcpListener::bind(config.listen)
         .await

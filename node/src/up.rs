@@ -99,6 +99,7 @@ pub async fn run(config: UpConfig) -> anyhow::Result<()> {
         tokens: config.tokens.clone(),
         member_id: MEMBER_ID,
         leases: None,
+        gateway: crate::api::gateway::Gateway::new().context("building the gateway client")?,
     });
     let mut server = tokio::spawn(
         axum::serve(listener, api::router(app))

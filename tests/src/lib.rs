@@ -191,6 +191,8 @@ pub struct ServerCluster {
     pub raft: std::collections::BTreeMap<u64, String>,
     pub http: std::collections::BTreeMap<u64, String>,
     processes: std::collections::BTreeMap<u64, ServerProcess>,
+    /// Agents by node id, with their data-plane address.
+    agents: std::collections::BTreeMap<u64, (Child, String)>,
     /// Extra arguments and environment every server is started with.
     extra_args: Vec<String>,
     extra_env: Vec<(String, String)>,
@@ -221,6 +223,7 @@ impl ServerCluster {
             raft,
             http,
             processes: std::collections::BTreeMap::new(),
+            agents: std::collections::BTreeMap::new(),
             extra_args: args.iter().map(|arg| (*arg).to_string()).collect(),
             extra_env: env
                 .iter()
@@ -282,6 +285,44 @@ impl ServerCluster {
         self.processes.insert(id, ServerProcess { child });
     }
 
+    /// Starts `shoal agent` for node `id`, joining through every server.
+    pub fn start_agent(&mut self, id: u64) {
+        let address = free_addresses(1).remove(0);
+        let servers: Vec<&str> = self.http.values().map(String::as_str).collect();
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.root.join(format!("agent-{id}.stderr")))
+            .expect("log file");
+        let child = Command::new(shoal_binary())
+            .arg("agent")
+            .args(["--id", &id.to_string()])
+            .args(["--servers", &servers.join(",")])
+            .args(["--listen", &address])
+            .arg("--data-dir")
+            .arg(self.root.join(format!("agent-{id}")))
+            .envs(self.extra_env.iter().map(|(key, value)| (key, value)))
+            .env("RUST_LOG", "info")
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("shoal agent starts");
+        self.agents.insert(id, (child, address));
+    }
+
+    /// SIGKILLs agent `id`.
+    pub fn kill_agent(&mut self, id: u64) {
+        if let Some((mut child, _)) = self.agents.remove(&id) {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// What agent `id` logged.
+    pub fn agent_log(&self, id: u64) -> String {
+        std::fs::read_to_string(self.root.join(format!("agent-{id}.stderr"))).unwrap_or_default()
+    }
+
     /// SIGKILLs member `id` and reaps it.
     pub fn kill(&mut self, id: u64) {
         if let Some(mut process) = self.processes.remove(&id) {
@@ -290,8 +331,14 @@ impl ServerCluster {
         }
     }
 
-    /// Sends SIGINT to every member and waits for them.
+    /// Sends SIGINT to every member and agent and waits for them.
     pub fn stop_all(&mut self) {
+        for (_, (mut child, _)) in std::mem::take(&mut self.agents) {
+            if let Ok(pid) = i32::try_from(child.id()) {
+                signal(pid, libc::SIGINT);
+            }
+            let _ = child.wait();
+        }
         for (_, mut process) in std::mem::take(&mut self.processes) {
             if let Ok(pid) = i32::try_from(process.child.id()) {
                 signal(pid, libc::SIGINT);
@@ -413,6 +460,10 @@ pub fn sha256_hex(bytes: &[u8]) -> String {
 
 impl Drop for ServerCluster {
     fn drop(&mut self) {
+        for (_, (mut child, _)) in std::mem::take(&mut self.agents) {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
         for (_, mut process) in std::mem::take(&mut self.processes) {
             let _ = process.child.kill();
             let _ = process.child.wait();

@@ -6,6 +6,7 @@ use axum::Json;
 use axum::body::Bytes;
 use axum::extract::rejection::BytesRejection;
 use axum::extract::{Path, State};
+use axum::response::{IntoResponse, Response};
 use shoal_actors::batcher::InferError;
 use shoal_actors::tensor::validate_inputs;
 use shoal_scheduler::{ClusterState, ModelVersion};
@@ -169,7 +170,7 @@ pub async fn infer(
     State(app): State<Arc<AppState>>,
     Path(model): Path<String>,
     body: Result<Bytes, BytesRejection>,
-) -> Result<Json<InferResponse>, ApiError> {
+) -> Response {
     observed(&app, model, None, body).await
 }
 
@@ -177,7 +178,7 @@ pub async fn version_infer(
     State(app): State<Arc<AppState>>,
     Path((model, version)): Path<(String, String)>,
     body: Result<Bytes, BytesRejection>,
-) -> Result<Json<InferResponse>, ApiError> {
+) -> Response {
     observed(&app, model, Some(version), body).await
 }
 
@@ -187,7 +188,7 @@ async fn observed(
     model: String,
     version: Option<String>,
     body: Result<Bytes, BytesRejection>,
-) -> Result<Json<InferResponse>, ApiError> {
+) -> Response {
     let started = Instant::now();
     let result = serve(app, &model, version.as_deref(), body).await;
     let label = if app.control.state().models.contains_key(&model) {
@@ -196,7 +197,7 @@ async fn observed(
         UNKNOWN_MODEL_LABEL
     };
     let code = match &result {
-        Ok(_) => "200".to_string(),
+        Ok(response) => response.status().as_u16().to_string(),
         Err(error) => error.status().as_u16().to_string(),
     };
     let metrics = shoal_ops::metrics::metrics();
@@ -211,7 +212,7 @@ async fn observed(
     if let Err(error) = &result {
         tracing::debug!(model = %model, status = %error.status(), %error, "inference request refused");
     }
-    result.map(Json)
+    result.unwrap_or_else(IntoResponse::into_response)
 }
 
 async fn serve(
@@ -219,7 +220,7 @@ async fn serve(
     model: &str,
     version: Option<&str>,
     body: Result<Bytes, BytesRejection>,
-) -> Result<InferResponse, ApiError> {
+) -> Result<Response, ApiError> {
     let deadline = tokio::time::Instant::now() + REQUEST_TIMEOUT;
     let body = body?;
     let request: InferRequest = serde_json::from_slice(&body)
@@ -253,10 +254,15 @@ async fn serve(
         .filter(|route| route.version == resolved.version)
         .collect();
     if candidates.is_empty() {
-        return Err(ApiError::Unavailable(format!(
-            "model {model:?} version {} has no ready replica",
-            resolved.version
-        )));
+        // No replica in this process: send it to one on an agent.
+        let targets = super::gateway::targets(&state, model, resolved.version);
+        if targets.is_empty() {
+            return Err(ApiError::Unavailable(format!(
+                "model {model:?} version {} has no ready replica",
+                resolved.version
+            )));
+        }
+        return app.gateway.forward(targets, body).await;
     }
     let position = app.next_route.fetch_add(1, Ordering::Relaxed) % candidates.len();
     let route = candidates[position];
@@ -273,7 +279,7 @@ async fn serve(
                 "no answer within {} s",
                 REQUEST_TIMEOUT.as_secs()
             )),
-            InferError::Stopped => {
+            InferError::Stopped | InferError::Draining => {
                 ApiError::Unavailable(format!("the replica of {model:?} stopped; retry"))
             }
             InferError::Model(message) => ApiError::ReplicaFailed(message),
@@ -285,10 +291,11 @@ async fn serve(
         })
         .map(oip::to_output)
         .collect();
-    Ok(InferResponse {
+    Ok(Json(InferResponse {
         model_name: model.to_string(),
         model_version: route.version.to_string(),
         id: request.id,
         outputs,
     })
+    .into_response())
 }

@@ -5,7 +5,9 @@
 mod admin;
 mod blobs;
 pub mod cluster;
+pub mod deployments;
 mod error;
+pub mod gateway;
 mod inference;
 pub mod nodes;
 pub mod oip;
@@ -49,6 +51,8 @@ pub struct AppState {
     pub member_id: u64,
     /// Node leases, on servers (the leader uses them); `None` in `shoal up`.
     pub leases: Option<Arc<crate::leases::Leases>>,
+    /// Sends requests to replicas on agents.
+    pub gateway: gateway::Gateway,
 }
 
 /// The router of the embedded `shoal up` process: inference, admin and metrics together.
@@ -73,7 +77,6 @@ pub fn router(state: Arc<AppState>) -> Router {
             post(inference::version_infer),
         )
         .route("/api/v1/models", get(admin::list_models))
-        .route("/api/v1/deployments", get(admin::list_deployments))
         .route("/api/v1/cluster", get(cluster::status))
         .route("/api/v1/cluster/members", post(cluster::add_member))
         .route(
@@ -104,6 +107,12 @@ pub fn router(state: Arc<AppState>) -> Router {
                 .put(blobs::put)
                 .layer(DefaultBodyLimit::max(BLOB_BODY_MAX_BYTES)),
         )
+        .route(
+            "/api/v1/deployments",
+            get(admin::list_deployments).post(deployments::apply),
+        )
+        .route("/api/v1/deployments/{name}", delete(deployments::delete))
+        .route("/api/v1/deployments/{name}/scale", post(deployments::scale))
         .route("/api/v1/nodes", get(nodes::list))
         .route("/api/v1/nodes/{id}/heartbeat", post(nodes::heartbeat))
         .route("/api/v1/nodes/{id}/assignments", get(nodes::assignments))

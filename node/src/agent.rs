@@ -1,0 +1,402 @@
+//! `shoal agent`: the deploy agent of one host. It joins the cluster through any server
+//! (retrying until one answers), renews its lease with heartbeats, long-polls its
+//! assignments and has the actor system match them, reports replica states, fetches
+//! artifacts by digest into a local cache, and serves its replicas on a data-plane port
+//! that gateways forward requests to.
+
+use crate::api::nodes::{Assignment, Assignments, Heartbeat, ReplicaReport};
+use crate::api::{ApiError, oip};
+use crate::datadir::DataDir;
+use crate::store::ArtifactStore;
+use anyhow::Context;
+use axum::Json;
+use axum::body::Bytes;
+use axum::extract::rejection::BytesRejection;
+use axum::extract::{Path, State};
+use axum::routing::{get, post};
+use shoal_actors::agent::{AgentHandle, Routes};
+use shoal_actors::batcher::InferError;
+use shoal_actors::replica::ReplicaSpec;
+use shoal_actors::{ArtifactFetcher, FetchError, ReplicaReporter};
+use shoal_scheduler::{NodeId, ReplicaId, ReplicaState};
+use std::collections::{BTreeMap, HashMap};
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+use tokio::sync::{mpsc, watch};
+
+/// Time between heartbeats; the lease outlives three of them.
+const HEARTBEAT_INTERVAL: Duration = Duration::from_secs(1);
+/// How long one assignments poll may wait on the server.
+const POLL_WAIT: Duration = Duration::from_secs(20);
+/// Pause after a failed call before trying the next server.
+const RETRY_PAUSE: Duration = Duration::from_millis(200);
+/// Reports waiting to be sent; a few per replica lifetime, so this is generous.
+const REPORT_QUEUE_CAPACITY: usize = 1_024;
+/// Longest a request may take in the replica, from arrival at the agent.
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Settings of `shoal agent`, validated.
+#[derive(Clone, Debug)]
+pub struct AgentConfig {
+    pub id: u64,
+    /// Base URLs of the servers, `http://host:port`.
+    pub servers: Vec<String>,
+    /// Data-plane address gateways reach this agent at.
+    pub listen: SocketAddr,
+    pub data_dir: PathBuf,
+    pub labels: BTreeMap<String, String>,
+    pub token: Option<String>,
+}
+
+/// Calls servers, rotating to the next on failure.
+#[derive(Clone, Debug)]
+struct Servers {
+    http: reqwest::Client,
+    bases: Arc<Vec<String>>,
+    next: Arc<AtomicUsize>,
+    token: Option<String>,
+}
+
+impl Servers {
+    fn base(&self) -> &str {
+        &self.bases[self.next.load(Ordering::Relaxed) % self.bases.len()]
+    }
+
+    fn rotate(&self) {
+        self.next.fetch_add(1, Ordering::Relaxed);
+    }
+
+    fn request(&self, method: reqwest::Method, path: &str) -> reqwest::RequestBuilder {
+        let request = self.http.request(method, format!("{}{path}", self.base()));
+        match &self.token {
+            Some(token) => request.bearer_auth(token),
+            None => request,
+        }
+    }
+}
+
+/// Fetches blobs into a local cache, from any server; verified by the replica.
+struct CachingFetcher {
+    cache: ArtifactStore,
+    servers: Servers,
+    runtime: tokio::runtime::Handle,
+}
+
+impl ArtifactFetcher for CachingFetcher {
+    fn fetch(&self, digest: &str) -> Result<Vec<u8>, FetchError> {
+        if let Ok(bytes) = self.cache.fetch(digest) {
+            return Ok(bytes);
+        }
+        // Called from a blocking thread: waiting on the runtime here is allowed.
+        for _ in 0..self.servers.bases.len() {
+            let request = self
+                .servers
+                .request(reqwest::Method::GET, &format!("/api/v1/blobs/{digest}"));
+            let bytes = self.runtime.block_on(async {
+                let answer = request.send().await.ok()?;
+                if !answer.status().is_success() {
+                    return None;
+                }
+                answer.bytes().await.ok()
+            });
+            if let Some(bytes) = bytes {
+                if self.cache.put(&bytes).ok().as_deref() == Some(digest) {
+                    return Ok(bytes.to_vec());
+                }
+                tracing::warn!(%digest, "a server served a blob that does not match its digest");
+            }
+            self.servers.rotate();
+        }
+        Err(FetchError::NotFound(digest.into()))
+    }
+}
+
+struct Report {
+    replica: ReplicaId,
+    report: ReplicaReport,
+}
+
+/// Sends replica reports to the servers, in order, through a bounded queue.
+struct HttpReporter {
+    reports: mpsc::Sender<Report>,
+}
+
+impl ReplicaReporter for HttpReporter {
+    fn report(&self, replica: ReplicaId, epoch: u64, state: ReplicaState, failure: Option<String>) {
+        let report = Report {
+            replica,
+            report: ReplicaReport {
+                epoch,
+                state,
+                failure,
+            },
+        };
+        if self.reports.try_send(report).is_err() {
+            tracing::warn!(%replica, "replica report dropped: queue full");
+        }
+    }
+}
+
+async fn send_reports(servers: Servers, mut reports: mpsc::Receiver<Report>) {
+    while let Some(Report { replica, report }) = reports.recv().await {
+        // A report is retried until a server takes it or refuses it for good (a 4xx:
+        // a stale epoch, a replica that no longer exists).
+        for attempt in 0..20u32 {
+            let answer = servers
+                .request(
+                    reqwest::Method::POST,
+                    &format!("/api/v1/replicas/{}/state", replica.0),
+                )
+                .json(&report)
+                .send()
+                .await;
+            match answer {
+                Ok(answer) if answer.status().is_success() => break,
+                Ok(answer) if answer.status().is_client_error() => {
+                    tracing::info!(%replica, status = %answer.status(), "replica report refused");
+                    break;
+                }
+                _ => {
+                    servers.rotate();
+                    tokio::time::sleep(RETRY_PAUSE * (attempt + 1).min(5)).await;
+                }
+            }
+        }
+    }
+}
+
+fn spec_of(assignment: Assignment) -> ReplicaSpec {
+    ReplicaSpec {
+        id: assignment.id,
+        epoch: assignment.epoch,
+        model: assignment.model,
+        version: assignment.version,
+        device: assignment.device,
+        reserved_bytes: assignment.reserved_bytes,
+        files: assignment.files,
+        batching: assignment.batching,
+    }
+}
+
+/// Polls assignments and hands them to the actors. Refuses answers older than what it has
+/// seen (a lagging server), and any replica at an epoch older than one it already ran.
+async fn reconcile(
+    servers: Servers,
+    node: NodeId,
+    agent: AgentHandle,
+    mut stopping: watch::Receiver<bool>,
+) {
+    let mut revision = 0u64;
+    let mut epochs: HashMap<ReplicaId, u64> = HashMap::new();
+    loop {
+        let path = format!(
+            "/api/v1/nodes/{}/assignments?revision={revision}&wait_ms={}",
+            node.0,
+            POLL_WAIT.as_millis()
+        );
+        let request = servers
+            .request(reqwest::Method::GET, &path)
+            .timeout(POLL_WAIT + Duration::from_secs(5));
+        let polled = tokio::select! {
+            _ = stopping.changed() => return,
+            answer = request.send() => answer,
+        };
+        let answer = match polled {
+            Ok(answer) if answer.status().is_success() => answer.json::<Assignments>().await,
+            _ => {
+                servers.rotate();
+                tokio::time::sleep(RETRY_PAUSE).await;
+                continue;
+            }
+        };
+        let Ok(assignments) = answer else {
+            servers.rotate();
+            continue;
+        };
+        if assignments.revision < revision {
+            // A server behind one we heard from: its view is older than ours.
+            servers.rotate();
+            continue;
+        }
+        revision = assignments.revision;
+        let mut wanted = Vec::new();
+        for assignment in assignments.replicas {
+            let seen = epochs.entry(assignment.id).or_insert(assignment.epoch);
+            if assignment.epoch < *seen {
+                tracing::warn!(replica = %assignment.id, epoch = assignment.epoch, newest = *seen, "refusing a stale assignment");
+                continue;
+            }
+            *seen = assignment.epoch;
+            wanted.push(spec_of(assignment));
+        }
+        if !assignments.node_up {
+            tracing::warn!(%node, "this node is marked down; stopping every replica");
+        }
+        if !agent.reconcile(wanted) {
+            return;
+        }
+    }
+}
+
+async fn heartbeat(
+    servers: Servers,
+    node: NodeId,
+    beat: Heartbeat,
+    mut stopping: watch::Receiver<bool>,
+) {
+    let mut joined = false;
+    loop {
+        let answer = servers
+            .request(
+                reqwest::Method::POST,
+                &format!("/api/v1/nodes/{}/heartbeat", node.0),
+            )
+            .json(&beat)
+            .timeout(HEARTBEAT_INTERVAL * 2)
+            .send()
+            .await;
+        match answer {
+            Ok(answer) if answer.status().is_success() => {
+                if !joined {
+                    tracing::info!(%node, server = servers.base(), "joined the cluster");
+                    joined = true;
+                }
+            }
+            other => {
+                let status = other
+                    .map(|a| a.status().to_string())
+                    .unwrap_or_else(|e| e.to_string());
+                tracing::warn!(server = servers.base(), %status, "heartbeat failed; trying the next server");
+                servers.rotate();
+            }
+        }
+        tokio::select! {
+            _ = stopping.changed() => return,
+            () = tokio::time::sleep(HEARTBEAT_INTERVAL) => {}
+        }
+    }
+}
+
+/// What the data plane's handlers reach.
+struct DataPlane {
+    routes: watch::Receiver<Arc<Routes>>,
+}
+
+/// `POST /internal/v1/replicas/{id}/infer`: an Open Inference Protocol request for one
+/// replica of this agent, forwarded by a gateway.
+async fn infer(
+    State(plane): State<Arc<DataPlane>>,
+    Path(id): Path<u64>,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Json<oip::InferResponse>, ApiError> {
+    let deadline = tokio::time::Instant::now() + REQUEST_TIMEOUT;
+    let body = body?;
+    let request: oip::InferRequest = serde_json::from_slice(&body)
+        .map_err(|error| ApiError::BadRequest(format!("malformed infer request: {error}")))?;
+    let routes = plane.routes.borrow().clone();
+    let Some((model, route)) = routes.by_model.iter().find_map(|(model, routes)| {
+        routes
+            .iter()
+            .find(|r| r.replica.0 == id)
+            .map(|r| (model, r))
+    }) else {
+        return Err(ApiError::Unavailable(format!(
+            "replica {id} is not serving here"
+        )));
+    };
+    let mut inputs = Vec::with_capacity(request.inputs.len());
+    for input in request.inputs {
+        inputs.push(oip::to_tensor(input).map_err(ApiError::BadRequest)?);
+    }
+    let outputs = route
+        .handle
+        .infer(inputs, deadline)
+        .await
+        .map_err(|error| match error {
+            InferError::Input(input) => ApiError::BadRequest(input.to_string()),
+            InferError::Overloaded => ApiError::Overloaded("the replica is overloaded".into()),
+            InferError::DeadlineExceeded => ApiError::DeadlineExceeded("no answer in time".into()),
+            InferError::Model(message) => ApiError::ReplicaFailed(message),
+            other => ApiError::Unavailable(other.to_string()),
+        })?;
+    let outputs = outputs
+        .into_iter()
+        .filter(|output| {
+            request.outputs.is_empty() || request.outputs.iter().any(|w| w.name == output.name)
+        })
+        .map(oip::to_output)
+        .collect();
+    Ok(Json(oip::InferResponse {
+        model_name: model.clone(),
+        model_version: route.version.to_string(),
+        id: request.id,
+        outputs,
+    }))
+}
+
+pub async fn run(config: AgentConfig) -> anyhow::Result<()> {
+    let data_dir = DataDir::lock(&config.data_dir)?;
+    let servers = Servers {
+        http: reqwest::Client::builder()
+            .timeout(Duration::from_secs(60))
+            .build()
+            .context("building the HTTP client")?,
+        bases: Arc::new(config.servers.clone()),
+        next: Arc::new(AtomicUsize::new(0)),
+        token: config.token.clone(),
+    };
+    let cache = ArtifactStore::open(&data_dir.blobs()).context("opening the artifact cache")?;
+    let fetcher = Arc::new(CachingFetcher {
+        cache,
+        servers: servers.clone(),
+        runtime: tokio::runtime::Handle::current(),
+    });
+    let (reports, queue) = mpsc::channel(REPORT_QUEUE_CAPACITY);
+    tokio::spawn(send_reports(servers.clone(), queue));
+    let devices = shoal_actors::device::discover_devices();
+    let (agent, routes) =
+        shoal_actors::agent::start(devices.clone(), fetcher, Arc::new(HttpReporter { reports }))
+            .await
+            .context("starting the actor system")?;
+
+    let listener = tokio::net::TcpListener::bind(config.listen)
+        .await
+        .with_context(|| format!("listening on {}", config.listen))?;
+    let address = listener.local_addr()?;
+    let node = NodeId(config.id);
+    let (stop, stopping) = watch::channel(false);
+    let beat = Heartbeat {
+        address: address.to_string(),
+        devices,
+        labels: config.labels.clone(),
+    };
+    let heartbeats = tokio::spawn(heartbeat(servers.clone(), node, beat, stopping.clone()));
+    let reconciler = tokio::spawn(reconcile(servers, node, agent.clone(), stopping));
+    let plane = Arc::new(DataPlane { routes });
+    let router = axum::Router::new()
+        .route("/internal/v1/replicas/{id}/infer", post(infer))
+        .route(
+            "/v2/health/live",
+            get(|| async { Json(serde_json::json!({"live": true})) }),
+        )
+        .route("/metrics", get(|| async { shoal_ops::metrics::encode() }))
+        .layer(axum::extract::DefaultBodyLimit::max(
+            crate::api::REQUEST_BODY_MAX_BYTES,
+        ))
+        .with_state(plane);
+    println!("shoal: listening on http://{address}");
+    tracing::info!(%node, data_plane = %address, "agent started");
+    let served = axum::serve(listener, router)
+        .with_graceful_shutdown(crate::up::shutdown_signal())
+        .await;
+    let _ = stop.send(true);
+    let _ = tokio::join!(heartbeats, reconciler);
+    agent.stop().await;
+    drop(data_dir);
+    served.context("serving the data plane")?;
+    tracing::info!("agent stopped");
+    Ok(())
+}

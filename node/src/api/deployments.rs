@@ -1,0 +1,233 @@
+//! Deployments over HTTP: apply (create or update) from a small operator-facing shape,
+//! scale, delete. Writes that land on a follower are forwarded to the leader.
+
+use super::cluster::{WriteRequest, Written, json_body, propose};
+use super::{AdminError, ApiError, AppState};
+use axum::Json;
+use axum::body::Bytes;
+use axum::extract::rejection::BytesRejection;
+use axum::extract::{Path, State};
+use axum::http::{HeaderMap, Method, StatusCode, Uri};
+use axum::response::{IntoResponse, Response};
+use serde::{Deserialize, Serialize};
+use shoal_scheduler::{
+    AutoscalePolicy, BatchingPolicy, Command, DeploymentSpec, ReplicaPolicy, VersionSelector,
+};
+use std::sync::Arc;
+
+/// What an operator writes (as TOML for `shoal deploy apply -f`, or as JSON here). Fields
+/// left out take the defaults of a fixed-size deployment.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DeploymentFile {
+    pub name: String,
+    pub model: String,
+    /// A version number; or give `alias` instead.
+    #[serde(default)]
+    pub version: Option<u32>,
+    /// Follow whatever version this alias names.
+    #[serde(default)]
+    pub alias: Option<String>,
+    /// Replicas to start with (and to keep, without autoscaling).
+    #[serde(default = "one")]
+    pub replicas: u32,
+    #[serde(default)]
+    pub autoscale: Option<AutoscaleFile>,
+    #[serde(default)]
+    pub batching: Option<BatchingPolicy>,
+}
+
+fn one() -> u32 {
+    1
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AutoscaleFile {
+    pub min: u32,
+    pub max: u32,
+    pub target_ongoing_requests: u32,
+    #[serde(default = "upscale_delay_ms")]
+    pub upscale_delay_ms: u64,
+    #[serde(default = "downscale_delay_ms")]
+    pub downscale_delay_ms: u64,
+    #[serde(default)]
+    pub scale_to_zero_after_ms: Option<u64>,
+}
+
+fn upscale_delay_ms() -> u64 {
+    3_000
+}
+
+fn downscale_delay_ms() -> u64 {
+    30_000
+}
+
+impl DeploymentFile {
+    /// The scheduler's spec; refuses contradictions before anything is proposed.
+    pub fn spec(&self) -> Result<DeploymentSpec, String> {
+        let versions = match (&self.version, &self.alias) {
+            (Some(version), None) => VersionSelector::Version(*version),
+            (None, Some(alias)) => VersionSelector::Alias(alias.clone()),
+            _ => return Err("give exactly one of `version` and `alias`".into()),
+        };
+        let mut spec = DeploymentSpec::new(&self.name, &self.model, 0, self.replicas);
+        spec.versions = versions;
+        if let Some(batching) = self.batching {
+            spec.batching = batching;
+        }
+        if let Some(autoscale) = &self.autoscale {
+            if autoscale.min > autoscale.max || autoscale.target_ongoing_requests == 0 {
+                return Err("autoscale needs min <= max and a target of at least 1".into());
+            }
+            spec.replicas = ReplicaPolicy {
+                initial: self.replicas.clamp(autoscale.min, autoscale.max),
+                min: autoscale.min,
+                max: autoscale.max,
+            };
+            spec.autoscale = Some(AutoscalePolicy {
+                target_ongoing_requests: autoscale.target_ongoing_requests,
+                upscale_delay_ms: autoscale.upscale_delay_ms,
+                downscale_delay_ms: autoscale.downscale_delay_ms,
+                scale_to_zero_after_ms: autoscale.scale_to_zero_after_ms,
+            });
+        }
+        Ok(spec)
+    }
+}
+
+/// `POST /api/v1/deployments`: creates the deployment, or updates it if it exists.
+pub async fn apply(
+    State(app): State<Arc<AppState>>,
+    method: Method,
+    uri: Uri,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Response, AdminError> {
+    let body = body.map_err(ApiError::from)?;
+    let file: DeploymentFile = json_body(&body)?;
+    let spec = file.spec().map_err(ApiError::BadRequest)?;
+    let exists = app.control.state().deployments.contains_key(&file.name);
+    let command = if exists {
+        Command::UpdateDeployment { spec }
+    } else {
+        Command::CreateDeployment { spec }
+    };
+    match propose(
+        &app,
+        WriteRequest::new(method, uri, &headers, body),
+        &command,
+    )
+    .await?
+    {
+        Written::Forwarded(response) => Ok(response),
+        Written::Here(outcome) => {
+            let status = if exists {
+                StatusCode::OK
+            } else {
+                StatusCode::CREATED
+            };
+            let body = serde_json::json!({"name": file.name, "outcome": format!("{outcome:?}")});
+            Ok((status, Json(body)).into_response())
+        }
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Scale {
+    replicas: u32,
+}
+
+/// `POST /api/v1/deployments/{name}/scale`.
+pub async fn scale(
+    State(app): State<Arc<AppState>>,
+    Path(name): Path<String>,
+    method: Method,
+    uri: Uri,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Response, AdminError> {
+    let body = body.map_err(ApiError::from)?;
+    let scale: Scale = json_body(&body)?;
+    let command = Command::SetDesiredReplicas {
+        deployment: name.clone(),
+        replicas: scale.replicas,
+    };
+    match propose(
+        &app,
+        WriteRequest::new(method, uri, &headers, body),
+        &command,
+    )
+    .await?
+    {
+        Written::Forwarded(response) => Ok(response),
+        Written::Here(_) => {
+            Ok(Json(serde_json::json!({"name": name, "replicas": scale.replicas})).into_response())
+        }
+    }
+}
+
+/// `DELETE /api/v1/deployments/{name}`.
+pub async fn delete(
+    State(app): State<Arc<AppState>>,
+    Path(name): Path<String>,
+    method: Method,
+    uri: Uri,
+    headers: HeaderMap,
+) -> Result<Response, AdminError> {
+    let command = Command::DeleteDeployment { name: name.clone() };
+    match propose(
+        &app,
+        WriteRequest::new(method, uri, &headers, Bytes::new()),
+        &command,
+    )
+    .await?
+    {
+        Written::Forwarded(response) => Ok(response),
+        Written::Here(_) => Ok(Json(serde_json::json!({"deleted": name})).into_response()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn file(text: &str) -> DeploymentFile {
+        toml::from_str(text).unwrap()
+    }
+
+    #[test]
+    fn a_minimal_file_is_a_fixed_deployment_of_one_version() {
+        let spec = file("name = \"iris\"\nmodel = \"iris\"\nversion = 2\nreplicas = 3\n")
+            .spec()
+            .unwrap();
+        assert_eq!(spec, DeploymentSpec::new("iris", "iris", 2, 3));
+    }
+
+    #[test]
+    fn autoscaling_bounds_the_initial_count() {
+        let spec = file(
+            "name = \"m\"\nmodel = \"m\"\nalias = \"stable\"\nreplicas = 9\n\
+             [autoscale]\nmin = 0\nmax = 4\ntarget_ongoing_requests = 2\nscale_to_zero_after_ms = 60000\n",
+        )
+        .spec()
+        .unwrap();
+        assert_eq!(spec.replicas.initial, 4);
+        assert_eq!(spec.versions, VersionSelector::Alias("stable".into()));
+        assert_eq!(spec.autoscale.unwrap().scale_to_zero_after_ms, Some(60_000));
+    }
+
+    #[test]
+    fn contradictions_and_unknown_fields_are_refused() {
+        assert!(file("name = \"m\"\nmodel = \"m\"\n").spec().is_err());
+        assert!(
+            file("name = \"m\"\nmodel = \"m\"\nversion = 1\nalias = \"a\"\n")
+                .spec()
+                .is_err()
+        );
+        assert!(
+            toml::from_str::<DeploymentFile>("name = \"m\"\nmodel = \"m\"\nreplica = 2\n").is_err()
+        );
+    }
+}

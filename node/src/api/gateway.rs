@@ -1,0 +1,236 @@
+//! The gateway's remote path: send an inference request to a ready replica on some agent.
+//! Replicas are picked by least outstanding requests among two chosen at random (power
+//! of two choices); a connection that fails before an answer is retried on another
+//! replica, since inference is idempotent.
+
+use super::ApiError;
+use axum::body::Bytes;
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use shoal_scheduler::{ClusterState, NodeStatus, ReplicaId, ReplicaState};
+use std::collections::HashMap;
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+/// Replicas tried for one request before giving up with 502.
+const ATTEMPTS_MAX: usize = 3;
+/// Longest one forwarded request may take.
+const FORWARD_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// A replica that can take a request, and where.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Target {
+    pub replica: ReplicaId,
+    pub address: String,
+}
+
+/// Ready, unsharded replicas of `model` at `version` on nodes that are up.
+pub fn targets(state: &ClusterState, model: &str, version: u32) -> Vec<Target> {
+    state
+        .replicas
+        .values()
+        .filter(|r| r.model == model && r.version == version && r.shard == 0)
+        .filter(|r| r.state == ReplicaState::Ready)
+        .filter_map(|r| {
+            let node = state.nodes.get(&r.node)?;
+            (node.status != NodeStatus::Down).then(|| Target {
+                replica: r.id,
+                address: node.address.clone(),
+            })
+        })
+        .collect()
+}
+
+#[derive(Debug)]
+pub struct Gateway {
+    http: reqwest::Client,
+    /// Requests in flight per replica, for the least-outstanding choice.
+    outstanding: Mutex<HashMap<ReplicaId, usize>>,
+    random: AtomicU64,
+}
+
+/// Decrements a replica's outstanding count when the request ends, however it ends.
+struct InFlight<'a> {
+    gateway: &'a Gateway,
+    replica: ReplicaId,
+}
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        if let Ok(mut counts) = self.gateway.outstanding.lock()
+            && let Some(count) = counts.get_mut(&self.replica)
+        {
+            *count = count.saturating_sub(1);
+        }
+    }
+}
+
+impl Gateway {
+    pub fn new() -> Result<Gateway, reqwest::Error> {
+        Ok(Gateway {
+            http: reqwest::Client::builder()
+                .timeout(FORWARD_TIMEOUT)
+                .build()?,
+            outstanding: Mutex::new(HashMap::new()),
+            random: AtomicU64::new(0x9E37_79B9_7F4A_7C15),
+        })
+    }
+
+    fn next_random(&self) -> u64 {
+        // xorshift: cheap, and quality does not matter for picking two replicas.
+        let mut x = self.random.load(Ordering::Relaxed);
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        self.random.store(x, Ordering::Relaxed);
+        x
+    }
+
+    fn load_of(&self, replica: ReplicaId) -> usize {
+        self.outstanding
+            .lock()
+            .map_or(0, |counts| counts.get(&replica).copied().unwrap_or(0))
+    }
+
+    /// Power of two choices over `candidates`, least outstanding wins.
+    fn choose<'a>(&self, candidates: &'a [Target]) -> &'a Target {
+        if candidates.len() == 1 {
+            return &candidates[0];
+        }
+        let first = (self.next_random() as usize) % candidates.len();
+        let mut second = (self.next_random() as usize) % (candidates.len() - 1);
+        if second >= first {
+            second += 1;
+        }
+        let (a, b) = (&candidates[first], &candidates[second]);
+        if self.load_of(b.replica) < self.load_of(a.replica) {
+            b
+        } else {
+            a
+        }
+    }
+
+    fn start(&self, replica: ReplicaId) -> InFlight<'_> {
+        if let Ok(mut counts) = self.outstanding.lock() {
+            *counts.entry(replica).or_insert(0) += 1;
+        }
+        InFlight {
+            gateway: self,
+            replica,
+        }
+    }
+
+    /// Sends an Open Inference Protocol body to one of `targets`, retrying others when
+    /// a replica cannot be reached or is no longer serving.
+    pub async fn forward(
+        &self,
+        mut candidates: Vec<Target>,
+        body: Bytes,
+    ) -> Result<Response, ApiError> {
+        let mut last_error = String::new();
+        for _ in 0..ATTEMPTS_MAX {
+            if candidates.is_empty() {
+                break;
+            }
+            let target = self.choose(&candidates).clone();
+            candidates.retain(|candidate| candidate.replica != target.replica);
+            let _in_flight = self.start(target.replica);
+            let url = format!(
+                "http://{}/internal/v1/replicas/{}/infer",
+                target.address, target.replica.0
+            );
+            let sent = self
+                .http
+                .post(url)
+                .header("content-type", "application/json")
+                .body(body.clone())
+                .send()
+                .await;
+            match sent {
+                Ok(answer) => {
+                    let status = StatusCode::from_u16(answer.status().as_u16())
+                        .unwrap_or(StatusCode::BAD_GATEWAY);
+                    let bytes = match answer.bytes().await {
+                        Ok(bytes) => bytes,
+                        Err(error) => {
+                            last_error = format!("{}: {error}", target.replica);
+                            continue;
+                        }
+                    };
+                    // The replica went away between the state and the request: another.
+                    if status == StatusCode::SERVICE_UNAVAILABLE {
+                        last_error = format!("{} is not serving", target.replica);
+                        continue;
+                    }
+                    return Ok(
+                        (status, [("content-type", "application/json")], bytes).into_response()
+                    );
+                }
+                Err(error) if error.is_timeout() => {
+                    return Err(ApiError::DeadlineExceeded(format!(
+                        "no answer from {} within {} s",
+                        target.replica,
+                        FORWARD_TIMEOUT.as_secs()
+                    )));
+                }
+                Err(error) => {
+                    tracing::debug!(replica = %target.replica, %error, "replica unreachable; trying another");
+                    last_error = format!("{}: {error}", target.replica);
+                }
+            }
+        }
+        if last_error.is_empty() {
+            return Err(ApiError::Unavailable("no ready replica".into()));
+        }
+        Err(ApiError::ReplicaFailed(format!(
+            "no replica answered after retries; last: {last_error}"
+        )))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn target(id: u64) -> Target {
+        Target {
+            replica: ReplicaId(id),
+            address: format!("127.0.0.1:{id}"),
+        }
+    }
+
+    #[test]
+    fn two_choices_prefer_the_less_loaded_replica() {
+        let gateway = Gateway::new().unwrap();
+        let candidates = vec![target(1), target(2)];
+        let _busy = (0..5)
+            .map(|_| gateway.start(ReplicaId(1)))
+            .collect::<Vec<_>>();
+        for _ in 0..20 {
+            assert_eq!(gateway.choose(&candidates).replica, ReplicaId(2));
+        }
+    }
+
+    #[test]
+    fn outstanding_counts_return_to_zero_when_requests_end() {
+        let gateway = Gateway::new().unwrap();
+        {
+            let _one = gateway.start(ReplicaId(3));
+            let _two = gateway.start(ReplicaId(3));
+            assert_eq!(gateway.load_of(ReplicaId(3)), 2);
+        }
+        assert_eq!(gateway.load_of(ReplicaId(3)), 0);
+    }
+
+    #[tokio::test]
+    async fn an_unreachable_replica_is_retried_elsewhere_then_reported() {
+        let gateway = Gateway::new().unwrap();
+        // Nothing listens on these ports.
+        let error = gateway
+            .forward(vec![target(1), target(2)], Bytes::from_static(b"{}"))
+            .await
+            .unwrap_err();
+        assert!(matches!(error, ApiError::ReplicaFailed(_)), "{error:?}");
+    }
+}

@@ -1,0 +1,237 @@
+//! The whole system as processes: three `shoal server`s and two `shoal agent`s on
+//! loopback. A model is trained, pushed and deployed with two replicas; inference goes
+//! through any server's gateway to the agents. Killing an agent under steady load fails no
+//! request (the gateway retries another replica) and its replica is placed again;
+//! killing the leader keeps inference answering and admin writes resume.
+
+#![allow(
+    clippy::unwrap_used,
+    reason = "a test fails loudly on any unexpected error"
+)]
+
+use serde_json::{Value, json};
+use shoal_tests::{ServerCluster, shoal_binary};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+const SAMPLES: [([f32; 4], &str); 3] = [
+    ([5.1, 3.5, 1.4, 0.2], "setosa"),
+    ([6.4, 3.2, 4.5, 1.5], "versicolor"),
+    ([6.3, 3.3, 6.0, 2.5], "virginica"),
+];
+
+fn run(args: &[&str]) -> String {
+    let output = std::process::Command::new(shoal_binary())
+        .args(args)
+        .output()
+        .unwrap();
+    assert!(
+        output.status.success(),
+        "shoal {args:?}: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    String::from_utf8_lossy(&output.stdout).into_owned()
+}
+
+async fn ready_replicas(cluster: &ServerCluster, http: &reqwest::Client, via: u64) -> Vec<Value> {
+    let Ok(answer) = http
+        .get(cluster.url(via, "/api/v1/deployments"))
+        .send()
+        .await
+    else {
+        return Vec::new();
+    };
+    let deployments: Value = answer.json().await.unwrap_or_default();
+    deployments[0]["replicas"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter(|r| r["state"] == "Ready")
+        .cloned()
+        .collect()
+}
+
+async fn wait_ready(cluster: &ServerCluster, http: &reqwest::Client, via: u64, count: usize) {
+    let started = Instant::now();
+    while ready_replicas(cluster, http, via).await.len() < count {
+        assert!(
+            started.elapsed() < Duration::from_secs(30),
+            "{count} replicas never became ready; agents:\n{}\n---\n{}",
+            cluster.agent_log(1),
+            cluster.agent_log(2)
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// One inference request; the client tries the next server if one is unreachable, as a
+/// client behind a load balancer would.
+async fn classify(
+    http: &reqwest::Client,
+    servers: &[String],
+    row: [f32; 4],
+) -> Result<String, String> {
+    let body = json!({"inputs": [{"name": "features", "shape": [1, 4], "datatype": "FP32", "data": [row]}]});
+    let mut last = String::new();
+    for server in servers {
+        match http
+            .post(format!("http://{server}/v2/models/iris/infer"))
+            .json(&body)
+            .send()
+            .await
+        {
+            Ok(answer) => {
+                let status = answer.status();
+                let answer: Value = answer.json().await.map_err(|e| e.to_string())?;
+                if !status.is_success() {
+                    return Err(format!("{status}: {answer}"));
+                }
+                let label = answer["outputs"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .find(|o| o["name"] == "label")
+                    .unwrap();
+                return Ok(label["data"][0].as_str().unwrap().to_string());
+            }
+            Err(error) if error.is_connect() => last = error.to_string(),
+            Err(error) => return Err(error.to_string()),
+        }
+    }
+    Err(format!("no server reachable: {last}"))
+}
+
+/// Sends requests from `clients` tasks until stopped; counts successes and failures.
+fn load(
+    http: &reqwest::Client,
+    servers: Vec<String>,
+    stop: Arc<AtomicBool>,
+) -> (tokio::task::JoinHandle<Vec<String>>, Arc<AtomicUsize>) {
+    let done = Arc::new(AtomicUsize::new(0));
+    let (http, counter) = (http.clone(), done.clone());
+    let task = tokio::spawn(async move {
+        let mut failures = Vec::new();
+        let mut turn = 0usize;
+        while !stop.load(Ordering::Relaxed) {
+            let (row, species) = SAMPLES[turn % 3];
+            let mut order = servers.clone();
+            order.rotate_left(turn % servers.len());
+            turn += 1;
+            match classify(&http, &order, row).await {
+                Ok(label) if label == species => {}
+                Ok(label) => failures.push(format!("wrong label {label} for {species}")),
+                Err(error) => failures.push(error),
+            }
+            counter.fetch_add(1, Ordering::Relaxed);
+        }
+        failures
+    });
+    (task, done)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_model_pushed_and_deployed_on_agents_survives_an_agent_and_a_leader_kill() {
+    let root = tempfile::tempdir().unwrap();
+    let mut cluster = ServerCluster::start(root.path(), 3);
+    let http = reqwest::Client::builder()
+        .timeout(Duration::from_secs(35))
+        .build()
+        .unwrap();
+    let leader = cluster.leader(&http, Duration::from_secs(20)).await;
+    cluster.start_agent(1);
+    cluster.start_agent(2);
+
+    // Train, push, deploy two replicas, through the CLI against a follower.
+    let follower = cluster.live().into_iter().find(|&id| id != leader).unwrap();
+    let addr = format!("http://{}", cluster.http[&follower]);
+    let model_dir = root.path().join("iris");
+    run(&["model", "demo", "--out", model_dir.to_str().unwrap()]);
+    let pushed = run(&[
+        "model",
+        "push",
+        model_dir.to_str().unwrap(),
+        "--name",
+        "iris",
+        "--addr",
+        &addr,
+    ]);
+    assert!(pushed.contains("iris version 1"), "{pushed}");
+    let deployment = root.path().join("iris.toml");
+    std::fs::write(
+        &deployment,
+        "name = \"iris\"\nmodel = \"iris\"\nversion = 1\nreplicas = 2\n",
+    )
+    .unwrap();
+    run(&[
+        "deploy",
+        "apply",
+        "-f",
+        deployment.to_str().unwrap(),
+        "--addr",
+        &addr,
+    ]);
+    wait_ready(&cluster, &http, follower, 2).await;
+
+    let servers: Vec<String> = cluster.http.values().cloned().collect();
+    for (row, species) in SAMPLES {
+        assert_eq!(classify(&http, &servers, row).await.unwrap(), species);
+    }
+
+    // Steady load; kill -9 the agent of one replica.
+    let stop = Arc::new(AtomicBool::new(false));
+    let (traffic, sent) = load(&http, servers.clone(), stop.clone());
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let victim = ready_replicas(&cluster, &http, follower).await[0]["node"]
+        .as_u64()
+        .unwrap();
+    cluster.kill_agent(victim);
+    // Its lease runs out, its node goes Down and the replica is placed again.
+    let started = Instant::now();
+    loop {
+        let ready = ready_replicas(&cluster, &http, follower).await;
+        if ready.len() == 2 && ready.iter().all(|r| r["node"].as_u64() != Some(victim)) {
+            break;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(30),
+            "the replica was not rescheduled"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+
+    // Kill -9 the leader: inference goes on through the other servers; admin writes
+    // resume once a new leader is elected.
+    let leader = cluster.leader(&http, Duration::from_secs(20)).await;
+    cluster.kill(leader);
+    tokio::time::sleep(Duration::from_millis(1_500)).await;
+    let survivor = cluster.live()[0];
+    let started = Instant::now();
+    loop {
+        let answer = http
+            .post(cluster.url(survivor, "/api/v1/deployments/iris/scale"))
+            .json(&json!({"replicas": 2}))
+            .send()
+            .await;
+        if answer.is_ok_and(|a| a.status().is_success()) {
+            break;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(20),
+            "admin writes did not resume"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    stop.store(true, Ordering::Relaxed);
+    let failures = traffic.await.unwrap();
+    let total = sent.load(Ordering::Relaxed);
+    eprintln!("{total} requests under faults, {} failed", failures.len());
+    assert!(total > 50, "too little load to mean anything: {total}");
+    assert!(
+        failures.is_empty(),
+        "{} of {total} failed: {:?}",
+        failures.len(),
+        &failures[..failures.len().min(5)]
+    );
+    cluster.stop_all();
+}
