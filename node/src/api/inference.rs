@@ -279,7 +279,7 @@ async fn serve(
                 "no answer within {} s",
                 REQUEST_TIMEOUT.as_secs()
             )),
-            InferError::Stopped | InferError::Draining => {
+            InferError::Stopped => {
                 ApiError::Unavailable(format!("the replica of {model:?} stopped; retry"))
             }
             InferError::Model(message) => ApiError::ReplicaFailed(message),
