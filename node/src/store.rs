@@ -295,7 +295,7 @@ mod tests {
         let command = version_command(
             &store,
             "m",
-            vec![("data.bin".into(), digest.clone())],
+            vec![("data.txt".into(), digest.clone())],
             "raw",
         )
         .unwrap();
@@ -310,7 +310,7 @@ mod tests {
         assert_eq!(
             files,
             vec![ArtifactFile {
-                name: "data.bin".into(),
+                name: "data.txt".into(),
                 digest,
                 size_bytes: 10
             }]
