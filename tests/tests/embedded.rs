@@ -56,6 +56,10 @@ async fn expect_error(
         .await
         .expect("request sent");
     assert_eq!(response.status(), status, "{path}");
+    assert!(
+        response.headers().contains_key("x-request-id"),
+        "every answer has a request id"
+    );
     if status == 413 {
         // Regression: without this the client reused the half-read connection and its
         // next request was lost.
@@ -103,6 +107,15 @@ async fn shoal_up_serves_iris_refuses_bad_input_stops_gracefully_and_recovers() 
         metadata["inputs"][0],
         json!({"name": "features", "datatype": "FP32", "shape": [-1, 4]})
     );
+
+    // A caller's request id comes back with the answer.
+    let echoed = client
+        .get(shoal.url("/v2/health/ready"))
+        .header("x-request-id", "caller-chosen-42")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(echoed.headers()["x-request-id"], "caller-chosen-42");
 
     // Every bad input gets its status and a JSON error, and the server keeps serving.
     let infer = "/v2/models/iris/infer";

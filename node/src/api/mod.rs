@@ -126,7 +126,50 @@ pub fn router(state: Arc<AppState>) -> Router {
             state.clone(),
             authenticate,
         ))
+        .layer(axum::middleware::from_fn(request_id))
         .with_state(state)
+}
+
+/// The header that carries a request's id.
+pub const REQUEST_ID_HEADER: &str = "x-request-id";
+
+/// Gives every answer a request id: the caller's, when it sent one of sane length and
+/// characters, else a new one. Logs name it, so a caller's complaint can be found.
+async fn request_id(
+    mut request: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> axum::response::Response {
+    /// Longest caller-chosen id kept; longer ones are replaced.
+    const REQUEST_ID_LENGTH_MAX: usize = 128;
+    static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let given = request
+        .headers()
+        .get(REQUEST_ID_HEADER)
+        .and_then(|value| value.to_str().ok())
+        .filter(|id| {
+            !id.is_empty()
+                && id.len() <= REQUEST_ID_LENGTH_MAX
+                && id
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || "-_.:".contains(c))
+        })
+        .map(str::to_string);
+    let id = given.unwrap_or_else(|| {
+        format!(
+            "{:x}-{:x}",
+            std::process::id(),
+            NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+        )
+    });
+    let value = axum::http::HeaderValue::from_str(&id)
+        .unwrap_or_else(|_| axum::http::HeaderValue::from_static("invalid"));
+    request
+        .headers_mut()
+        .insert(REQUEST_ID_HEADER, value.clone());
+    let span = tracing::debug_span!("request", request_id = %id, path = %request.uri().path());
+    let mut response = tracing::Instrument::instrument(next.run(request), span).await;
+    response.headers_mut().insert(REQUEST_ID_HEADER, value);
+    response
 }
 
 /// Checks the bearer token before anything reads the body.
