@@ -244,11 +244,13 @@ async fn reconcile(
 async fn heartbeat(
     servers: Servers,
     node: NodeId,
-    beat: Heartbeat,
+    mut beat: Heartbeat,
+    plane: Arc<DataPlane>,
     mut stopping: watch::Receiver<bool>,
 ) {
     let mut joined = false;
     loop {
+        beat.load = plane.take_load(HEARTBEAT_INTERVAL);
         let answer = servers
             .request(
                 reqwest::Method::POST,
@@ -280,9 +282,71 @@ async fn heartbeat(
     }
 }
 
+/// One replica's traffic since the last heartbeat.
+#[derive(Debug, Default)]
+struct Traffic {
+    in_flight: u64,
+    /// Summed time requests spent here since the last report: divided by the interval it
+    /// is the average number in flight (Little's law), which a sample at one instant
+    /// would miss for fast models.
+    busy: Duration,
+    last_request_ms: Option<u64>,
+}
+
 /// What the data plane's handlers reach.
 struct DataPlane {
     routes: watch::Receiver<Arc<Routes>>,
+    /// Locked only to update counters, never across an await.
+    traffic: std::sync::Mutex<HashMap<u64, Traffic>>,
+}
+
+impl DataPlane {
+    fn started(&self, replica: u64) {
+        if let Ok(mut traffic) = self.traffic.lock() {
+            traffic.entry(replica).or_default().in_flight += 1;
+        }
+    }
+
+    fn finished(&self, replica: u64, took: Duration) {
+        if let Ok(mut traffic) = self.traffic.lock() {
+            let entry = traffic.entry(replica).or_default();
+            entry.in_flight = entry.in_flight.saturating_sub(1);
+            entry.busy += took;
+            entry.last_request_ms = Some(crate::store::now_ms());
+        }
+    }
+
+    /// Each replica's load over the `interval` just ended; starts the next one.
+    fn take_load(&self, interval: Duration) -> BTreeMap<u64, shoal_scheduler::ReplicaLoad> {
+        let Ok(mut traffic) = self.traffic.lock() else {
+            return BTreeMap::new();
+        };
+        traffic
+            .iter_mut()
+            .map(|(replica, traffic)| {
+                let average = (traffic.busy.as_secs_f64() / interval.as_secs_f64()).ceil() as u64;
+                traffic.busy = Duration::ZERO;
+                let load = shoal_scheduler::ReplicaLoad {
+                    requests_in_flight: average.max(traffic.in_flight),
+                    last_request_ms: traffic.last_request_ms,
+                };
+                (*replica, load)
+            })
+            .collect()
+    }
+}
+
+/// Counts a request against its replica until dropped.
+struct Tracked<'a> {
+    plane: &'a DataPlane,
+    replica: u64,
+    started: std::time::Instant,
+}
+
+impl Drop for Tracked<'_> {
+    fn drop(&mut self) {
+        self.plane.finished(self.replica, self.started.elapsed());
+    }
 }
 
 /// `POST /internal/v1/replicas/{id}/infer`: an Open Inference Protocol request for one
@@ -293,6 +357,12 @@ async fn infer(
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Json<oip::InferResponse>, ApiError> {
     let deadline = tokio::time::Instant::now() + REQUEST_TIMEOUT;
+    plane.started(id);
+    let _tracked = Tracked {
+        plane: &plane,
+        replica: id,
+        started: std::time::Instant::now(),
+    };
     let body = body?;
     let request: oip::InferRequest = serde_json::from_slice(&body)
         .map_err(|error| ApiError::BadRequest(format!("malformed infer request: {error}")))?;
@@ -372,10 +442,20 @@ pub async fn run(config: AgentConfig) -> anyhow::Result<()> {
         address: address.to_string(),
         devices,
         labels: config.labels.clone(),
+        load: BTreeMap::new(),
     };
-    let heartbeats = tokio::spawn(heartbeat(servers.clone(), node, beat, stopping.clone()));
+    let plane = Arc::new(DataPlane {
+        routes,
+        traffic: std::sync::Mutex::new(HashMap::new()),
+    });
+    let heartbeats = tokio::spawn(heartbeat(
+        servers.clone(),
+        node,
+        beat,
+        plane.clone(),
+        stopping.clone(),
+    ));
     let reconciler = tokio::spawn(reconcile(servers, node, agent.clone(), stopping));
-    let plane = Arc::new(DataPlane { routes });
     let router = axum::Router::new()
         .route("/internal/v1/replicas/{id}/infer", post(infer))
         .route(

@@ -3,8 +3,11 @@
 //! Down, back to Ready). A new leader grants every node a fresh lease before judging any.
 
 use crate::control::ControlPlane;
-use shoal_scheduler::{ClusterState, Command, NodeId, NodeStatus};
-use std::collections::HashMap;
+use shoal_scheduler::autoscale::Autoscaler;
+use shoal_scheduler::{
+    ClusterState, Command, DeploymentLoad, LoadSnapshot, NodeId, NodeStatus, ReplicaId, ReplicaLoad,
+};
+use std::collections::{BTreeMap, HashMap};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 use tokio::sync::watch;
@@ -52,6 +55,105 @@ impl Leases {
             .filter(|node| expires.get(&node.id).is_none_or(|until| *until <= now))
             .map(|node| node.id)
             .collect()
+    }
+}
+
+/// Live load: what agents last reported per replica, and requests gateways hold for
+/// deployments scaled to zero. Kept in memory on every server; the leader's feeds the
+/// autoscaler. Never replicated.
+#[derive(Debug, Default)]
+pub struct LoadBoard {
+    replicas: Mutex<HashMap<NodeId, BTreeMap<ReplicaId, ReplicaLoad>>>,
+    held: Mutex<HashMap<String, u64>>,
+}
+
+impl LoadBoard {
+    /// Records a node's report, replacing its previous one.
+    pub fn report(&self, node: NodeId, load: BTreeMap<ReplicaId, ReplicaLoad>) {
+        if let Ok(mut replicas) = self.replicas.lock() {
+            replicas.insert(node, load);
+        }
+    }
+
+    /// Counts a request waiting at a gateway for a deployment with no replica.
+    pub fn hold(&self, deployment: &str) {
+        if let Ok(mut held) = self.held.lock() {
+            *held.entry(deployment.to_string()).or_insert(0) += 1;
+        }
+    }
+
+    pub fn release(&self, deployment: &str) {
+        if let Ok(mut held) = self.held.lock()
+            && let Some(count) = held.get_mut(deployment)
+        {
+            *count = count.saturating_sub(1);
+        }
+    }
+
+    /// The load of every deployment in `state`, from the replicas it still has.
+    pub fn snapshot(&self, state: &ClusterState) -> LoadSnapshot {
+        let mut snapshot = LoadSnapshot::default();
+        if let Ok(nodes) = self.replicas.lock() {
+            for (node, replicas) in nodes.iter() {
+                for (id, load) in replicas {
+                    let Some(replica) = state.replicas.get(id) else {
+                        continue;
+                    };
+                    if replica.node != *node {
+                        continue;
+                    }
+                    snapshot.replicas.insert(*id, *load);
+                    let deployment: &mut DeploymentLoad = snapshot
+                        .deployments
+                        .entry(replica.deployment.clone())
+                        .or_default();
+                    deployment.requests_in_flight += load.requests_in_flight;
+                    deployment.last_request_ms =
+                        deployment.last_request_ms.max(load.last_request_ms);
+                }
+            }
+        }
+        if let Ok(held) = self.held.lock() {
+            for (name, count) in held.iter().filter(|(_, count)| **count > 0) {
+                snapshot
+                    .deployments
+                    .entry(name.clone())
+                    .or_default()
+                    .requests_held = *count;
+            }
+        }
+        snapshot
+    }
+}
+
+/// How often the leader's autoscaler looks at the load.
+const AUTOSCALE_INTERVAL: Duration = Duration::from_millis(500);
+
+/// On the leader, turns load into replica counts, until `shutdown` fires.
+pub async fn run_autoscaler(
+    control: ControlPlane,
+    board: std::sync::Arc<LoadBoard>,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    let mut autoscaler = Autoscaler::new();
+    loop {
+        if control.raft_status().is_leader {
+            let state = control.state();
+            let load = board.snapshot(&state);
+            for command in autoscaler.decide(&state, &load, crate::store::now_ms()) {
+                match control.propose(&command).await {
+                    Ok(_) => tracing::info!(?command, "autoscaler changed a replica count"),
+                    Err(error) => tracing::warn!(%error, "autoscaler proposal not applied"),
+                }
+            }
+        } else {
+            // A new leader starts with fresh stabilisation windows.
+            autoscaler = Autoscaler::new();
+        }
+        tokio::select! {
+            _ = shutdown.changed() => return,
+            () = tokio::time::sleep(AUTOSCALE_INTERVAL) => {}
+        }
     }
 }
 

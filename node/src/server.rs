@@ -145,6 +145,7 @@ pub async fn run(config: ServerConfig) -> anyhow::Result<()> {
         .collect();
     let (_no_agent, routes) = watch::channel(Arc::new(shoal_actors::agent::Routes::default()));
     let leases = Arc::new(crate::leases::Leases::default());
+    let load = Arc::new(crate::leases::LoadBoard::default());
     let app = Arc::new(AppState {
         control: control.clone(),
         routes,
@@ -156,6 +157,7 @@ pub async fn run(config: ServerConfig) -> anyhow::Result<()> {
         member_id: config.id,
         leases: Some(leases.clone()),
         gateway: crate::api::gateway::Gateway::new().context("building the gateway client")?,
+        load: load.clone(),
     });
     let listener = tokio::net::TcpListener::bind(config.listen)
         .await
@@ -163,6 +165,11 @@ pub async fn run(config: ServerConfig) -> anyhow::Result<()> {
     let address = listener.local_addr()?;
     let (stop, stopping) = watch::channel(false);
     let controller = tokio::spawn(loops::run_controller(control.clone(), stopping.clone()));
+    let autoscaler = tokio::spawn(crate::leases::run_autoscaler(
+        control.clone(),
+        load,
+        stopping.clone(),
+    ));
     let detector = tokio::spawn(crate::leases::run_failure_detector(
         control.clone(),
         leases,
@@ -189,6 +196,7 @@ pub async fn run(config: ServerConfig) -> anyhow::Result<()> {
     let _ = stop.send(true);
     let _ = controller.await;
     let _ = detector.await;
+    let _ = autoscaler.await;
     registration.abort();
     tokio::task::spawn_blocking(move || consensus.shutdown()).await?;
     drop(data_dir);

@@ -100,6 +100,7 @@ pub async fn run(config: UpConfig) -> anyhow::Result<()> {
         member_id: MEMBER_ID,
         leases: None,
         gateway: crate::api::gateway::Gateway::new().context("building the gateway client")?,
+        load: Arc::default(),
     });
     let mut server = tokio::spawn(
         axum::serve(listener, api::router(app))

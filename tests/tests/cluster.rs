@@ -65,8 +65,8 @@ async fn wait_ready(cluster: &ServerCluster, http: &reqwest::Client, via: u64, c
     }
 }
 
-/// One inference request; the client tries the next server if one is unreachable, as a
-/// client behind a load balancer would.
+/// One inference request; the client tries the next server if one is unreachable or dies
+/// mid-request, as a client behind a load balancer would. HTTP errors are not retried.
 async fn classify(
     http: &reqwest::Client,
     servers: &[String],
@@ -95,8 +95,9 @@ async fn classify(
                     .unwrap();
                 return Ok(label["data"][0].as_str().unwrap().to_string());
             }
-            Err(error) if error.is_connect() => last = error.to_string(),
-            Err(error) => return Err(error.to_string()),
+            // The server went away (refused, or reset while it had our request, as when it
+            // is killed): inference is idempotent, so ask the next one.
+            Err(error) => last = error.to_string(),
         }
     }
     Err(format!("no server reachable: {last}"))
@@ -141,6 +142,26 @@ async fn a_model_pushed_and_deployed_on_agents_survives_an_agent_and_a_leader_ki
     let leader = cluster.leader(&http, Duration::from_secs(20)).await;
     cluster.start_agent(1);
     cluster.start_agent(2);
+    // Both agents join before the deployment, so its replicas spread over them.
+    let started = Instant::now();
+    loop {
+        let nodes: Value = http
+            .get(cluster.url(leader, "/api/v1/nodes"))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        if nodes.as_array().map(Vec::len) == Some(2) {
+            break;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(20),
+            "the agents never joined"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
 
     // Train, push, deploy two replicas, through the CLI against a follower.
     let follower = cluster.live().into_iter().find(|&id| id != leader).unwrap();
@@ -233,5 +254,100 @@ async fn a_model_pushed_and_deployed_on_agents_survives_an_agent_and_a_leader_ki
         failures.len(),
         &failures[..failures.len().min(5)]
     );
+    cluster.stop_all();
+}
+
+async fn wanted(cluster: &ServerCluster, http: &reqwest::Client) -> u64 {
+    let deployments: Value = http
+        .get(cluster.url(1, "/api/v1/deployments"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    deployments[0]["replicas_wanted"].as_u64().unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn load_scales_a_deployment_up_idleness_to_zero_and_a_request_brings_it_back() {
+    let root = tempfile::tempdir().unwrap();
+    let mut cluster = ServerCluster::start(root.path(), 1);
+    let http = reqwest::Client::builder()
+        .timeout(Duration::from_secs(35))
+        .build()
+        .unwrap();
+    cluster.leader(&http, Duration::from_secs(20)).await;
+    cluster.start_agent(1);
+    let addr = format!("http://{}", cluster.http[&1]);
+    let model_dir = root.path().join("iris");
+    run(&["model", "demo", "--out", model_dir.to_str().unwrap()]);
+    run(&[
+        "model",
+        "push",
+        model_dir.to_str().unwrap(),
+        "--name",
+        "iris",
+        "--addr",
+        &addr,
+    ]);
+    let deployment = root.path().join("iris.toml");
+    std::fs::write(
+        &deployment,
+        "name = \"iris\"\nmodel = \"iris\"\nversion = 1\nreplicas = 1\n\
+         [autoscale]\nmin = 0\nmax = 3\ntarget_ongoing_requests = 1\n\
+         upscale_delay_ms = 500\ndownscale_delay_ms = 1500\nscale_to_zero_after_ms = 2500\n",
+    )
+    .unwrap();
+    run(&[
+        "deploy",
+        "apply",
+        "-f",
+        deployment.to_str().unwrap(),
+        "--addr",
+        &addr,
+    ]);
+    wait_ready(&cluster, &http, 1, 1).await;
+
+    // Many callers at once: more requests in flight than one replica's target.
+    let servers: Vec<String> = cluster.http.values().cloned().collect();
+    let stop = Arc::new(AtomicBool::new(false));
+    let traffic: Vec<_> = (0..12)
+        .map(|_| load(&http, servers.clone(), stop.clone()))
+        .collect();
+    let started = Instant::now();
+    while wanted(&cluster, &http).await < 2 {
+        assert!(
+            started.elapsed() < Duration::from_secs(20),
+            "load never scaled the deployment up"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    wait_ready(&cluster, &http, 1, 2).await;
+    stop.store(true, Ordering::Relaxed);
+    for (task, _) in traffic {
+        assert!(
+            task.await.unwrap().is_empty(),
+            "no request failed while scaling"
+        );
+    }
+
+    // Idle: down to zero replicas.
+    let started = Instant::now();
+    while wanted(&cluster, &http).await > 0 {
+        assert!(
+            started.elapsed() < Duration::from_secs(20),
+            "idleness never scaled to zero"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    // The next request is held until a replica is back, then answered.
+    let asked = Instant::now();
+    assert_eq!(
+        classify(&http, &servers, SAMPLES[2].0).await.unwrap(),
+        "virginica"
+    );
+    eprintln!("answered from zero replicas in {:?}", asked.elapsed());
+    assert!(wanted(&cluster, &http).await >= 1);
     cluster.stop_all();
 }

@@ -55,6 +55,42 @@ impl Forwarder {
         addresses
     }
 
+    /// Sends an inference request to the leader (for a deployment scaled to zero, whose
+    /// held requests the leader's autoscaler counts), with the caller's credentials.
+    pub async fn forward_infer(
+        &self,
+        state: &ClusterState,
+        leader: u64,
+        path: &str,
+        headers: &HeaderMap,
+        body: Bytes,
+    ) -> Result<Response, ApiError> {
+        let Some(base) = self.addresses(state, 0).remove(&leader) else {
+            return Err(ApiError::Unavailable(
+                "the leader's address is not known yet; retry".into(),
+            ));
+        };
+        let mut request = self
+            .http
+            .post(format!("{base}{path}"))
+            .header(FORWARDED_HEADER, "1")
+            .header("content-type", "application/json")
+            .body(body);
+        if let Some(authorization) = headers.get(axum::http::header::AUTHORIZATION) {
+            request = request.header(axum::http::header::AUTHORIZATION, authorization.clone());
+        }
+        let answer = request
+            .send()
+            .await
+            .map_err(|error| ApiError::Unavailable(format!("reaching the leader: {error}")))?;
+        let status =
+            StatusCode::from_u16(answer.status().as_u16()).unwrap_or(StatusCode::BAD_GATEWAY);
+        let bytes = answer.bytes().await.map_err(|error| {
+            ApiError::Unavailable(format!("reading the leader's answer: {error}"))
+        })?;
+        Ok((status, [("content-type", "application/json")], bytes).into_response())
+    }
+
     /// Sends the request to `leader`, found in the replicated server list or, before the
     /// leader registered itself there, in the configured peers.
     async fn forward(

@@ -6,6 +6,7 @@ use axum::Json;
 use axum::body::Bytes;
 use axum::extract::rejection::BytesRejection;
 use axum::extract::{Path, State};
+use axum::http::HeaderMap;
 use axum::response::{IntoResponse, Response};
 use shoal_actors::batcher::InferError;
 use shoal_actors::tensor::validate_inputs;
@@ -169,17 +170,19 @@ pub async fn version_ready(
 pub async fn infer(
     State(app): State<Arc<AppState>>,
     Path(model): Path<String>,
+    headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Response {
-    observed(&app, model, None, body).await
+    observed(&app, model, None, &headers, body).await
 }
 
 pub async fn version_infer(
     State(app): State<Arc<AppState>>,
     Path((model, version)): Path<(String, String)>,
+    headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Response {
-    observed(&app, model, Some(version), body).await
+    observed(&app, model, Some(version), &headers, body).await
 }
 
 /// Runs [`serve`] and records its outcome in the request metrics.
@@ -187,10 +190,11 @@ async fn observed(
     app: &AppState,
     model: String,
     version: Option<String>,
+    headers: &HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Response {
     let started = Instant::now();
-    let result = serve(app, &model, version.as_deref(), body).await;
+    let result = serve(app, &model, version.as_deref(), headers, body).await;
     let label = if app.control.state().models.contains_key(&model) {
         model.as_str()
     } else {
@@ -215,10 +219,67 @@ async fn observed(
     result.unwrap_or_else(IntoResponse::into_response)
 }
 
+/// Requests held at once for one deployment scaled to zero; beyond this, 503.
+const HELD_REQUESTS_MAX: u64 = 1_024;
+
+/// For a deployment scaled to zero: holds the request, counted so the autoscaler brings a
+/// replica back, until one is ready or the deadline passes (then 503).
+async fn hold_for_scale_up(
+    app: &AppState,
+    model: &str,
+    version: u32,
+    deadline: tokio::time::Instant,
+) -> Result<Vec<super::gateway::Target>, ApiError> {
+    let state = app.control.state();
+    let scaled_to_zero = state
+        .deployments
+        .values()
+        .find(|deployment| deployment.model() == model && deployment.replicas_desired == 0);
+    let Some(deployment) = scaled_to_zero else {
+        return Err(ApiError::Unavailable(format!(
+            "model {model:?} version {version} has no ready replica"
+        )));
+    };
+    let name = deployment.name().to_string();
+    let held = app
+        .load
+        .snapshot(&state)
+        .deployments
+        .get(&name)
+        .map_or(0, |load| load.requests_held);
+    if held >= HELD_REQUESTS_MAX {
+        return Err(ApiError::Unavailable(format!(
+            "{name} is scaling up from zero and already holds {held} requests"
+        )));
+    }
+    app.load.hold(&name);
+    let mut states = app.control.watch_state();
+    let found = tokio::time::timeout_at(deadline, async {
+        loop {
+            let targets = super::gateway::targets(&states.borrow_and_update(), model, version);
+            if !targets.is_empty() {
+                return Some(targets);
+            }
+            if states.changed().await.is_err() {
+                return None;
+            }
+        }
+    })
+    .await;
+    app.load.release(&name);
+    match found {
+        Ok(Some(targets)) => Ok(targets),
+        _ => Err(ApiError::Unavailable(format!(
+            "{name} did not scale up from zero in time; retry"
+        ))),
+    }
+}
+
 async fn serve(
     app: &AppState,
     model: &str,
     version: Option<&str>,
+    headers: &HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
     let deadline = tokio::time::Instant::now() + REQUEST_TIMEOUT;
@@ -255,12 +316,24 @@ async fn serve(
         .collect();
     if candidates.is_empty() {
         // No replica in this process: send it to one on an agent.
-        let targets = super::gateway::targets(&state, model, resolved.version);
+        let mut targets = super::gateway::targets(&state, model, resolved.version);
         if targets.is_empty() {
-            return Err(ApiError::Unavailable(format!(
-                "model {model:?} version {} has no ready replica",
-                resolved.version
-            )));
+            let forwarded = headers.contains_key(super::cluster::FORWARDED_HEADER);
+            let status = app.control.raft_status();
+            // The leader's autoscaler counts held requests: hold them there.
+            if !status.is_leader
+                && !forwarded
+                && let (Some(leader), Some(forwarder)) = (status.leader, &app.forwarder)
+            {
+                let path = match version {
+                    Some(version) => format!("/v2/models/{model}/versions/{version}/infer"),
+                    None => format!("/v2/models/{model}/infer"),
+                };
+                return forwarder
+                    .forward_infer(&state, leader, &path, headers, body)
+                    .await;
+            }
+            targets = hold_for_scale_up(app, model, resolved.version, deadline).await?;
         }
         return app.gateway.forward(targets, body).await;
     }

@@ -53,6 +53,8 @@ pub struct AppState {
     pub leases: Option<Arc<crate::leases::Leases>>,
     /// Sends requests to replicas on agents.
     pub gateway: gateway::Gateway,
+    /// Live load reported by agents and held at the gateway.
+    pub load: Arc<crate::leases::LoadBoard>,
 }
 
 /// The router of the embedded `shoal up` process: inference, admin and metrics together.

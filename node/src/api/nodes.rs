@@ -15,7 +15,7 @@ use serde::{Deserialize, Serialize};
 use shoal_consensus::ProposeError;
 use shoal_scheduler::{
     ArtifactFile, BatchingPolicy, ClusterState, Command, Device, DeviceId, NodeId, NodeStatus,
-    ReplicaId, ReplicaState,
+    ReplicaId, ReplicaLoad, ReplicaState,
 };
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -32,6 +32,9 @@ pub struct Heartbeat {
     pub devices: Vec<Device>,
     #[serde(default)]
     pub labels: BTreeMap<String, String>,
+    /// Load of each replica the agent runs, by replica id.
+    #[serde(default)]
+    pub load: BTreeMap<u64, ReplicaLoad>,
 }
 
 /// `POST /api/v1/nodes/{id}/heartbeat`: renews the node's lease on the leader, registering
@@ -62,6 +65,13 @@ pub async fn heartbeat(
         return Err(ApiError::NotFound("this process keeps no node leases".into()).into());
     };
     leases.renew(node, Instant::now());
+    app.load.report(
+        node,
+        beat.load
+            .iter()
+            .map(|(id, load)| (ReplicaId(*id), *load))
+            .collect(),
+    );
     let state = app.control.state();
     let known = state.nodes.get(&node);
     let changed = known.is_none_or(|known| {
