@@ -35,6 +35,8 @@ const POLL_WAIT: Duration = Duration::from_secs(20);
 const RETRY_PAUSE: Duration = Duration::from_millis(200);
 /// Reports waiting to be sent; a few per replica lifetime, so this is generous.
 const REPORT_QUEUE_CAPACITY: usize = 1_024;
+/// How long a replica that is no longer assigned here keeps serving before it stops.
+const DRAIN_GRACE: Duration = Duration::from_secs(2);
 /// Longest a request may take in the replica, from arrival at the agent.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
 
@@ -191,11 +193,41 @@ async fn reconcile(
 ) {
     let mut revision = 0u64;
     let mut epochs: HashMap<ReplicaId, u64> = HashMap::new();
+    // Replicas no longer assigned keep serving for a grace period: gateways whose view
+    // lags still send them requests for a moment.
+    let mut running: HashMap<ReplicaId, ReplicaSpec> = HashMap::new();
+    let mut leaving: HashMap<ReplicaId, (ReplicaSpec, std::time::Instant)> = HashMap::new();
     loop {
+        let now = std::time::Instant::now();
+        let expired: Vec<ReplicaId> = leaving
+            .iter()
+            .filter(|(_, (_, since))| now.duration_since(*since) >= DRAIN_GRACE)
+            .map(|(id, _)| *id)
+            .collect();
+        if !expired.is_empty() {
+            for id in &expired {
+                leaving.remove(id);
+            }
+            let keep: Vec<ReplicaSpec> = running
+                .values()
+                .chain(leaving.values().map(|(spec, _)| spec))
+                .cloned()
+                .collect();
+            if !agent.reconcile(keep) {
+                return;
+            }
+        }
+        let wait = leaving
+            .values()
+            .map(|(_, since)| DRAIN_GRACE.saturating_sub(now.duration_since(*since)))
+            .min()
+            .map_or(POLL_WAIT, |left| {
+                left.min(POLL_WAIT).max(Duration::from_millis(50))
+            });
         let path = format!(
             "/api/v1/nodes/{}/assignments?revision={revision}&wait_ms={}",
             node.0,
-            POLL_WAIT.as_millis()
+            wait.as_millis()
         );
         let request = servers
             .request(reqwest::Method::GET, &path)
@@ -233,9 +265,28 @@ async fn reconcile(
             wanted.push(spec_of(assignment));
         }
         if !assignments.node_up {
+            // Down: nothing here is ours any more; stop at once, no grace.
             tracing::warn!(%node, "this node is marked down; stopping every replica");
+            running.clear();
+            leaving.clear();
         }
-        if !agent.reconcile(wanted) {
+        let now = std::time::Instant::now();
+        let wanted_ids: std::collections::HashSet<ReplicaId> =
+            wanted.iter().map(|spec| spec.id).collect();
+        for (id, spec) in running.drain() {
+            if !wanted_ids.contains(&id) && assignments.node_up {
+                leaving.entry(id).or_insert((spec, now));
+            }
+        }
+        for spec in &wanted {
+            leaving.remove(&spec.id);
+            running.insert(spec.id, spec.clone());
+        }
+        let keep: Vec<ReplicaSpec> = wanted
+            .into_iter()
+            .chain(leaving.values().map(|(spec, _)| spec.clone()))
+            .collect();
+        if !agent.reconcile(keep) {
             return;
         }
     }

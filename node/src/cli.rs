@@ -59,6 +59,9 @@ pub enum ModelCommand {
     Demo {
         #[arg(long)]
         out: PathBuf,
+        /// Seed of the initial weights; another seed is another version.
+        #[arg(long)]
+        seed: Option<u64>,
     },
     /// Point an alias (e.g. `stable`) at a version.
     Alias {
@@ -439,15 +442,15 @@ pub async fn node(command: NodeCommand, args: &ClientArgs) -> anyhow::Result<()>
 }
 
 pub async fn model(command: ModelCommand, args: &ClientArgs) -> anyhow::Result<()> {
-    if let ModelCommand::Demo { out } = &command {
+    if let ModelCommand::Demo { out, seed } = &command {
         std::fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
         let out = out.clone();
+        let mut config = shoal_actors::train::TrainConfig::iris();
+        if let Some(seed) = seed {
+            config.seed = *seed;
+        }
         let report = tokio::task::spawn_blocking(move || {
-            shoal_actors::train::train_classifier(
-                shoal_actors::IRIS_CSV,
-                &shoal_actors::train::TrainConfig::iris(),
-                &out,
-            )
+            shoal_actors::train::train_classifier(shoal_actors::IRIS_CSV, &config, &out)
         })
         .await??;
         println!(

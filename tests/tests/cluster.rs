@@ -351,3 +351,98 @@ async fn load_scales_a_deployment_up_idleness_to_zero_and_a_request_brings_it_ba
     assert!(wanted(&cluster, &http).await >= 1);
     cluster.stop_all();
 }
+
+async fn ready_versions(cluster: &ServerCluster, http: &reqwest::Client) -> Vec<u64> {
+    let mut versions: Vec<u64> = ready_replicas(cluster, http, 1)
+        .await
+        .iter()
+        .filter_map(|replica| replica["version"].as_u64())
+        .collect();
+    versions.sort_unstable();
+    versions
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rolling_update_and_its_rollback_fail_no_request() {
+    let root = tempfile::tempdir().unwrap();
+    let mut cluster = ServerCluster::start(root.path(), 1);
+    let http = reqwest::Client::builder()
+        .timeout(Duration::from_secs(35))
+        .build()
+        .unwrap();
+    cluster.leader(&http, Duration::from_secs(20)).await;
+    cluster.start_agent(1);
+    cluster.start_agent(2);
+    let addr = format!("http://{}", cluster.http[&1]);
+    for (seed, version) in [("7", "1"), ("8", "2")] {
+        let dir = root.path().join(format!("iris-{seed}"));
+        run(&[
+            "model",
+            "demo",
+            "--out",
+            dir.to_str().unwrap(),
+            "--seed",
+            seed,
+        ]);
+        let pushed = run(&[
+            "model",
+            "push",
+            dir.to_str().unwrap(),
+            "--name",
+            "iris",
+            "--addr",
+            &addr,
+        ]);
+        assert!(
+            pushed.contains(&format!("iris version {version} (new)")),
+            "{pushed}"
+        );
+    }
+    let deployment = root.path().join("iris.toml");
+    let apply = |version: u32| {
+        std::fs::write(
+            &deployment,
+            format!("name = \"iris\"\nmodel = \"iris\"\nversion = {version}\nreplicas = 2\n"),
+        )
+        .unwrap();
+        run(&[
+            "deploy",
+            "apply",
+            "-f",
+            deployment.to_str().unwrap(),
+            "--addr",
+            &addr,
+        ]);
+    };
+    apply(1);
+    wait_ready(&cluster, &http, 1, 2).await;
+
+    let servers: Vec<String> = cluster.http.values().cloned().collect();
+    let stop = Arc::new(AtomicBool::new(false));
+    let (traffic, sent) = load(&http, servers, stop.clone());
+    for (version, expected) in [(2u32, vec![2u64, 2]), (1, vec![1, 1])] {
+        apply(version);
+        let started = Instant::now();
+        while ready_versions(&cluster, &http).await != expected {
+            assert!(
+                started.elapsed() < Duration::from_secs(30),
+                "the rollout to version {version} did not finish: {:?}",
+                ready_versions(&cluster, &http).await
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        // Let traffic run on the new version for a moment.
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    stop.store(true, Ordering::Relaxed);
+    let failures = traffic.await.unwrap();
+    let total = sent.load(Ordering::Relaxed);
+    assert!(total > 50, "too little load: {total}");
+    assert!(
+        failures.is_empty(),
+        "{} of {total} failed: {:?}",
+        failures.len(),
+        &failures[..failures.len().min(5)]
+    );
+    cluster.stop_all();
+}

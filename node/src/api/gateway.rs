@@ -42,6 +42,23 @@ pub fn targets(state: &ClusterState, model: &str, version: u32) -> Vec<Target> {
         .collect()
 }
 
+/// Ready replicas of any version of the deployments of `model`: where a request that named
+/// no version may go while a rollout moves traffic from one version to another.
+pub fn targets_any_version(state: &ClusterState, model: &str) -> Vec<Target> {
+    let mut versions: Vec<u32> = state
+        .replicas
+        .values()
+        .filter(|r| r.model == model && r.state == ReplicaState::Ready)
+        .map(|r| r.version)
+        .collect();
+    versions.sort_unstable();
+    versions.dedup();
+    versions
+        .into_iter()
+        .flat_map(|version| targets(state, model, version))
+        .collect()
+}
+
 #[derive(Debug)]
 pub struct Gateway {
     http: reqwest::Client,

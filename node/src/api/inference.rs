@@ -317,6 +317,11 @@ async fn serve(
     if candidates.is_empty() {
         // No replica in this process: send it to one on an agent.
         let mut targets = super::gateway::targets(&state, model, resolved.version);
+        if targets.is_empty() && version.is_none() {
+            // Mid-rollout the deployment's version may have no ready replica yet (or any
+            // more); a request that named no version goes to the one that has.
+            targets = super::gateway::targets_any_version(&state, model);
+        }
         if targets.is_empty() {
             let forwarded = headers.contains_key(super::cluster::FORWARDED_HEADER);
             let status = app.control.raft_status();
