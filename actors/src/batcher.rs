@@ -3,14 +3,26 @@
 //! comes first; the forward pass runs on a blocking thread; each caller gets its rows back.
 //!
 //! The queue is bounded: when it is full a request is refused as `Overloaded` at once.
-//! One batch runs at a time per replica; requests arriving meanwhile form the next batch.
+//! At most two batches of a replica are with the compute pool at once (one running, the
+//! next waiting), so the model never idles between batches; requests arriving meanwhile
+//! form the batch after.
+//! Forward passes run on the host's [`ComputePool`], never on an async worker thread.
+//!
+//! Draining stops admission (new requests get `Draining`), answers everything already
+//! queued, then ends the batcher. Generative models sit behind the same handle: each row
+//! of a `text` input becomes one sequence of the [`crate::generate`] continuous batcher.
 
+use crate::compute::ComputePool;
+use crate::device::Activity;
+use crate::generate::{GenerateError, GenerationHandle, GenerationRequest};
 use crate::runtime::ModelRuntime;
-use crate::tensor::{InputError, NamedTensor, concat_rows, split_rows, validate_inputs};
+use crate::tensor::{
+    InputError, NamedTensor, TensorData, concat_rows, split_rows, validate_inputs,
+};
 use shoal_scheduler::Signature;
 use std::sync::Arc;
 use std::time::Duration;
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{mpsc, oneshot, watch};
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
@@ -38,6 +50,8 @@ pub enum InferError {
     DeadlineExceeded,
     #[error("the replica stopped before answering")]
     Stopped,
+    #[error("the replica is draining and takes no new requests")]
+    Draining,
     #[error("the model failed: {0}")]
     Model(String),
 }
@@ -51,17 +65,58 @@ struct Job {
 }
 
 /// The sending side of a batcher; clone it freely. The batcher stops, after answering
-/// everything queued, once every handle is dropped.
+/// everything queued, once every handle is dropped or [`BatcherHandle::drain`] is called.
 #[derive(Clone, Debug)]
 pub struct BatcherHandle {
-    jobs: mpsc::Sender<Job>,
+    queue: Queue,
     signature: Arc<Signature>,
     model: Arc<str>,
+    control: Arc<Control>,
+}
+
+#[derive(Clone, Debug)]
+enum Queue {
+    /// Fixed-shape models: rows go to the dynamic batcher.
+    Rows(mpsc::Sender<Job>),
+    /// Generative models: each row is one sequence of the continuous batcher.
+    Tokens(GenerationHandle),
+}
+
+/// Shared between the handles and the batcher task.
+#[derive(Debug)]
+struct Control {
+    draining: watch::Sender<bool>,
+    finished: watch::Receiver<bool>,
+    activity: Arc<Activity>,
+}
+
+/// Counts a request as in flight for as long as it lives, even when the caller goes away.
+struct InFlight<'a>(&'a Activity);
+
+impl<'a> InFlight<'a> {
+    fn new(activity: &'a Activity) -> InFlight<'a> {
+        activity.begin();
+        InFlight(activity)
+    }
+}
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        self.0.end();
+    }
 }
 
 impl BatcherHandle {
     pub fn signature(&self) -> &Signature {
         &self.signature
+    }
+
+    /// The generation handle of a generative model (streaming, per-token), if this is one.
+    pub fn generation(&self) -> Option<&GenerationHandle> {
+        match &self.queue {
+            Queue::Tokens(handle) => Some(handle),
+            Queue::Rows(_) => None,
+        }
     }
 
     /// Validates `inputs`, queues them, and waits for their rows of a batch's output.
@@ -71,6 +126,23 @@ impl BatcherHandle {
         deadline: Instant,
     ) -> Result<Vec<NamedTensor>, InferError> {
         let rows = validate_inputs(&self.signature, &inputs)?;
+        if *self.control.draining.borrow() {
+            return Err(InferError::Draining);
+        }
+        let _in_flight = InFlight::new(&self.control.activity);
+        match &self.queue {
+            Queue::Rows(jobs) => self.infer_rows(jobs, inputs, rows, deadline).await,
+            Queue::Tokens(generation) => generate_rows(generation, inputs, deadline).await,
+        }
+    }
+
+    async fn infer_rows(
+        &self,
+        jobs: &mpsc::Sender<Job>,
+        inputs: Vec<NamedTensor>,
+        rows: usize,
+        deadline: Instant,
+    ) -> Result<Vec<NamedTensor>, InferError> {
         let (reply, answer) = oneshot::channel();
         let job = Job {
             inputs,
@@ -79,7 +151,7 @@ impl BatcherHandle {
             deadline,
             reply,
         };
-        match self.jobs.try_send(job) {
+        match jobs.try_send(job) {
             Ok(()) => {}
             Err(mpsc::error::TrySendError::Full(_)) => {
                 shoal_ops::metrics::metrics()
@@ -87,6 +159,9 @@ impl BatcherHandle {
                     .with_label_values(&[&self.model])
                     .inc();
                 return Err(InferError::Overloaded);
+            }
+            Err(mpsc::error::TrySendError::Closed(_)) if *self.control.draining.borrow() => {
+                return Err(InferError::Draining);
             }
             Err(mpsc::error::TrySendError::Closed(_)) => return Err(InferError::Stopped),
         }
@@ -96,55 +171,230 @@ impl BatcherHandle {
             Err(_) => Err(InferError::DeadlineExceeded),
         }
     }
+
+    /// Stops admission, lets everything queued finish, and returns once the batcher is done.
+    pub async fn drain(&self) {
+        self.control.draining.send_replace(true);
+        if let Queue::Tokens(generation) = &self.queue {
+            generation.drain().await;
+        }
+        let mut finished = self.control.finished.clone();
+        let _ = finished.wait_for(|done| *done).await;
+    }
+
+    /// Whether the batcher has stopped (drained, or its task ended).
+    pub fn is_finished(&self) -> bool {
+        *self.control.finished.borrow()
+    }
+
+    /// The request tally the device manager reads to find idle replicas.
+    pub fn activity(&self) -> &Arc<Activity> {
+        &self.control.activity
+    }
 }
 
-/// Starts a batcher over `model` on the current runtime.
+/// Runs each `text` row as one generated sequence and answers the texts in row order.
+/// Every row is queued before any is awaited, so they run together in the batch.
+async fn generate_rows(
+    generation: &GenerationHandle,
+    inputs: Vec<NamedTensor>,
+    deadline: Instant,
+) -> Result<Vec<NamedTensor>, InferError> {
+    let Some(TensorData::Bytes(prompts)) = inputs.into_iter().next().map(|input| input.data) else {
+        return Err(InferError::Model(
+            "a generative model takes BYTES prompts".into(),
+        ));
+    };
+    let rows = prompts.len();
+    let mut streams = Vec::with_capacity(rows);
+    for prompt in prompts {
+        streams.push(generation.submit(&GenerationRequest {
+            prompt,
+            max_new_tokens: None,
+            deadline,
+        })?);
+    }
+    let mut texts = Vec::with_capacity(rows);
+    for stream in streams {
+        texts.push(stream.collect().await?.text);
+    }
+    Ok(vec![NamedTensor {
+        name: crate::runtime::TEXT.into(),
+        shape: vec![rows],
+        data: TensorData::Bytes(texts),
+    }])
+}
+
+impl From<GenerateError> for InferError {
+    fn from(error: GenerateError) -> Self {
+        match error {
+            GenerateError::Overloaded => InferError::Overloaded,
+            GenerateError::DeadlineExceeded => InferError::DeadlineExceeded,
+            GenerateError::Draining => InferError::Draining,
+            GenerateError::Stopped => InferError::Stopped,
+            other => InferError::Model(other.to_string()),
+        }
+    }
+}
+
+/// Starts a batcher over `model` on the current runtime; forward passes run on `compute`.
 pub fn spawn(
     model: Arc<dyn ModelRuntime>,
     config: BatcherConfig,
-) -> (BatcherHandle, JoinHandle<()>) {
+    compute: ComputePool,
+    activity: Arc<Activity>,
+) -> (BatcherHandle, JoinHandle<Result<(), BatcherCrashed>>) {
     let (jobs, queue) = mpsc::channel(config.queue_capacity.max(1));
+    let (draining, draining_seen) = watch::channel(false);
+    let (finished_sender, finished) = watch::channel(false);
     let handle = BatcherHandle {
-        jobs,
+        queue: Queue::Rows(jobs),
         signature: Arc::new(model.signature().clone()),
         model: Arc::from(config.model.as_str()),
+        control: Arc::new(Control {
+            draining,
+            finished,
+            activity,
+        }),
     };
-    let task = tokio::spawn(run(model, config, queue));
+    let task = tokio::spawn(async move {
+        let ended = run(model, config, compute, queue, draining_seen).await;
+        finished_sender.send_replace(true);
+        ended
+    });
     (handle, task)
 }
 
-async fn run(model: Arc<dyn ModelRuntime>, config: BatcherConfig, mut queue: mpsc::Receiver<Job>) {
-    let metrics = shoal_ops::metrics::metrics();
-    let batch_rows = metrics.batch_rows.with_label_values(&[&config.model]);
-    let queue_seconds = metrics
-        .queue_duration_seconds
-        .with_label_values(&[&config.model]);
-    let compute_seconds = metrics
-        .compute_duration_seconds
-        .with_label_values(&[&config.model]);
-    let mut carried: Option<Job> = None;
+/// A handle over a continuous batcher, so generative replicas route like the others.
+pub fn for_generation(
+    generation: GenerationHandle,
+    signature: Signature,
+    model: &str,
+    activity: Arc<Activity>,
+) -> BatcherHandle {
+    let (draining, _) = watch::channel(false);
+    BatcherHandle {
+        signature: Arc::new(signature),
+        model: Arc::from(model),
+        control: Arc::new(Control {
+            draining,
+            finished: generation.finished(),
+            activity,
+        }),
+        queue: Queue::Tokens(generation),
+    }
+}
+
+/// Takes the next job: from the carried-over one, the queue, or nothing once the queue is
+/// closed and empty. Closes the queue when draining starts, so it empties and then ends.
+async fn next_job(
+    carried: &mut Option<Job>,
+    queue: &mut mpsc::Receiver<Job>,
+    draining: &mut watch::Receiver<bool>,
+) -> Option<Job> {
+    if let Some(job) = carried.take() {
+        return Some(job);
+    }
     loop {
-        let first = match carried.take() {
-            Some(job) => job,
-            None => match queue.recv().await {
-                Some(job) => job,
-                None => break,
-            },
+        // Draining (or every handle gone): take nothing new, finish what is queued.
+        let closing = draining.has_changed().is_err() || *draining.borrow();
+        if closing {
+            queue.close();
+            return queue.recv().await;
+        }
+        tokio::select! {
+            job = queue.recv() => return job,
+            _ = draining.changed() => {}
+        }
+    }
+}
+
+/// Batches handed to the compute pool and not yet answered. Two keep the model busy: the
+/// next batch waits in the pool while one runs, so no forward pass waits on a round trip
+/// through the async runtime; more would only add latency.
+const BATCHES_IN_FLIGHT_MAX: usize = 2;
+
+/// The metrics one batcher updates.
+struct BatchMetrics {
+    batch_rows: prometheus::Histogram,
+    queue_seconds: prometheus::Histogram,
+    compute_seconds: prometheus::Histogram,
+}
+
+async fn run(
+    model: Arc<dyn ModelRuntime>,
+    config: BatcherConfig,
+    compute: ComputePool,
+    mut queue: mpsc::Receiver<Job>,
+    mut draining: watch::Receiver<bool>,
+) -> Result<(), BatcherCrashed> {
+    let metrics = shoal_ops::metrics::metrics();
+    let metrics = Arc::new(BatchMetrics {
+        batch_rows: metrics.batch_rows.with_label_values(&[&config.model]),
+        queue_seconds: metrics
+            .queue_duration_seconds
+            .with_label_values(&[&config.model]),
+        compute_seconds: metrics
+            .compute_duration_seconds
+            .with_label_values(&[&config.model]),
+    });
+    let mut carried: Option<Job> = None;
+    let mut in_flight: std::collections::VecDeque<JoinHandle<Result<(), BatcherCrashed>>> =
+        std::collections::VecDeque::new();
+    loop {
+        if in_flight.len() >= BATCHES_IN_FLIGHT_MAX
+            && let Some(oldest) = in_flight.pop_front()
+        {
+            finished_batch(oldest.await, &mut queue, &mut carried)?;
+        }
+        // Wait for the next request, noticing meanwhile when a batch in flight ends.
+        let first = {
+            let oldest = async {
+                match in_flight.front_mut() {
+                    Some(handle) => handle.await,
+                    None => std::future::pending().await,
+                }
+            };
+            tokio::select! {
+                job = next_job(&mut carried, &mut queue, &mut draining) => Some(job),
+                ended = oldest => {
+                    in_flight.pop_front();
+                    finished_batch(ended, &mut queue, &mut carried)?;
+                    None
+                }
+            }
+        };
+        let first = match first {
+            None => continue,
+            Some(None) => break,
+            Some(Some(job)) => job,
         };
         let close_at = first.enqueued_at + config.queue_delay_max;
         let mut rows = first.rows;
         let mut batch = vec![first];
         while rows < config.batch_rows_max {
-            match tokio::time::timeout_at(close_at, queue.recv()).await {
-                Ok(Some(job)) if rows + job.rows > config.batch_rows_max => {
+            // What is queued already joins without arming a timer; only an empty queue
+            // waits, and no longer than the first request's delay allows.
+            let next = match queue.try_recv() {
+                Ok(job) => Some(job),
+                Err(mpsc::error::TryRecvError::Empty) => {
+                    tokio::time::timeout_at(close_at, queue.recv())
+                        .await
+                        .ok()
+                        .flatten()
+                }
+                Err(mpsc::error::TryRecvError::Disconnected) => None,
+            };
+            match next {
+                Some(job) if rows + job.rows > config.batch_rows_max => {
                     carried = Some(job);
                     break;
                 }
-                Ok(Some(job)) => {
+                Some(job) => {
                     rows += job.rows;
                     batch.push(job);
                 }
-                Ok(None) | Err(_) => break,
+                None => break,
             }
         }
 
@@ -158,46 +408,103 @@ async fn run(model: Arc<dyn ModelRuntime>, config: BatcherConfig, mut queue: mps
                 let _ = job.reply.send(Err(InferError::DeadlineExceeded));
                 continue;
             }
-            queue_seconds.observe(now.duration_since(job.enqueued_at).as_secs_f64());
+            metrics
+                .queue_seconds
+                .observe(now.duration_since(job.enqueued_at).as_secs_f64());
             live.push(job);
         }
         if live.is_empty() {
             continue;
         }
-        let rows_per_job: Vec<usize> = live.iter().map(|job| job.rows).collect();
-        let inputs = {
-            let slices: Vec<&[NamedTensor]> =
-                live.iter().map(|job| job.inputs.as_slice()).collect();
-            concat_rows(&slices)
-        };
-        batch_rows.observe(rows_per_job.iter().sum::<usize>() as f64);
-        let started = std::time::Instant::now();
-        let runner = Arc::clone(&model);
-        let result = tokio::task::spawn_blocking(move || runner.forward(&inputs)).await;
-        compute_seconds.observe(started.elapsed().as_secs_f64());
-        match result {
-            Ok(Ok(outputs)) => {
-                for (job, outputs) in live.into_iter().zip(split_rows(&outputs, &rows_per_job)) {
-                    let _ = job.reply.send(Ok(outputs));
-                }
+        in_flight.push_back(tokio::spawn(run_batch(
+            Arc::clone(&model),
+            live,
+            compute.clone(),
+            Arc::clone(&metrics),
+            config.model.clone(),
+        )));
+    }
+    while let Some(batch) = in_flight.pop_front() {
+        finished_batch(batch.await, &mut queue, &mut carried)?;
+    }
+    Ok(())
+}
+
+/// Runs one batch on the compute pool and answers its callers.
+async fn run_batch(
+    model: Arc<dyn ModelRuntime>,
+    live: Vec<Job>,
+    compute: ComputePool,
+    metrics: Arc<BatchMetrics>,
+    model_name: String,
+) -> Result<(), BatcherCrashed> {
+    let rows_per_job: Vec<usize> = live.iter().map(|job| job.rows).collect();
+    let inputs = {
+        let slices: Vec<&[NamedTensor]> = live.iter().map(|job| job.inputs.as_slice()).collect();
+        concat_rows(&slices)
+    };
+    metrics
+        .batch_rows
+        .observe(rows_per_job.iter().sum::<usize>() as f64);
+    let started = std::time::Instant::now();
+    let result = compute.run(move || model.forward(&inputs)).await;
+    metrics
+        .compute_seconds
+        .observe(started.elapsed().as_secs_f64());
+    match result {
+        Ok(Ok(outputs)) => {
+            for (job, outputs) in live.into_iter().zip(split_rows(&outputs, &rows_per_job)) {
+                let _ = job.reply.send(Ok(outputs));
             }
-            Ok(Err(error)) => {
-                let message = error.to_string();
-                tracing::warn!(model = %config.model, error = %message, "forward pass failed");
-                for job in live {
-                    let _ = job.reply.send(Err(InferError::Model(message.clone())));
-                }
+            Ok(())
+        }
+        Ok(Err(error)) => {
+            let message = error.to_string();
+            tracing::warn!(model = %model_name, error = %message, "forward pass failed");
+            for job in live {
+                let _ = job.reply.send(Err(InferError::Model(message.clone())));
             }
-            Err(join_error) => {
-                let message = format!("forward pass panicked: {join_error}");
-                tracing::error!(model = %config.model, "{message}");
-                for job in live {
-                    let _ = job.reply.send(Err(InferError::Model(message.clone())));
-                }
+            Ok(())
+        }
+        Err(compute_error) => {
+            let message = compute_error.to_string();
+            tracing::error!(model = %model_name, error = %message, "forward pass panicked");
+            for job in live {
+                let _ = job.reply.send(Err(InferError::Model(message.clone())));
             }
+            Err(BatcherCrashed(message))
         }
     }
 }
+
+/// Takes a finished batch's outcome. After a panic the model may be left in any state:
+/// refuse everything queued and end the batcher, so the replica fails and its supervisor
+/// reloads it.
+fn finished_batch(
+    ended: Result<Result<(), BatcherCrashed>, tokio::task::JoinError>,
+    queue: &mut mpsc::Receiver<Job>,
+    carried: &mut Option<Job>,
+) -> Result<(), BatcherCrashed> {
+    let crash = match ended {
+        Ok(Ok(())) => return Ok(()),
+        Ok(Err(crash)) => crash,
+        Err(join_error) => BatcherCrashed(join_error.to_string()),
+    };
+    queue.close();
+    while let Ok(job) = queue.try_recv() {
+        let _ = job.reply.send(Err(InferError::Stopped));
+    }
+    if let Some(job) = carried.take() {
+        let _ = job.reply.send(Err(InferError::Stopped));
+    }
+    Err(crash)
+}
+
+/// How a batcher's task ends when its model panicked; the replica watching the task turns
+/// it into an actor failure, and its supervisor restarts it.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("the batcher stopped after a crash: {0}")]
+pub struct BatcherCrashed(pub String);
 
 #[cfg(test)]
 mod tests;

@@ -1,9 +1,12 @@
 //! The node-local actor system that runs on every agent host.
 //!
 //! One supervision tree per host: the [`agent::Agent`] supervises a [`device::DeviceManager`]
-//! (one memory ledger per device) and one [`replica::Replica`] per placed replica. A replica
-//! fetches and verifies its weights, reserves memory, loads a [`runtime::ModelRuntime`]
-//! (candle) and serves through a [`batcher::Batcher`].
+//! (one memory ledger per device) and one [`replica::Replica`] per placed replica, and
+//! restarts replicas that crash. A replica fetches and verifies its weights, reserves
+//! memory, loads a model ([`runtime`], candle) and serves through a [`batcher`]: dynamic
+//! batching for fixed-shape models, continuous batching ([`generate`]) for generation.
+//! Models split into pipeline stages run as chains of [`shard`] actors. Forward passes run
+//! on the [`compute`] pool.
 //!
 //! This crate reaches the outside only through the [`ArtifactFetcher`] and
 //! [`ReplicaReporter`] traits that `node` implements; it never opens a socket or knows
@@ -12,10 +15,14 @@
 
 pub mod agent;
 pub mod batcher;
+pub mod compute;
 pub mod device;
+pub mod fixtures;
+pub mod generate;
 pub mod ledger;
 pub mod replica;
 pub mod runtime;
+pub mod shard;
 pub mod tensor;
 pub mod train;
 

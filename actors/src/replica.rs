@@ -6,16 +6,34 @@
 
 use crate::ArtifactFetcher;
 use crate::agent::AgentMsg;
-use crate::batcher::{self, BatcherConfig, BatcherHandle};
-use crate::device::DeviceHandle;
-use crate::runtime::{self, ModelRuntime};
+use crate::batcher::{self, BatcherConfig, BatcherCrashed, BatcherHandle};
+use crate::compute::ComputePool;
+use crate::device::{Activity, DeviceHandle};
+use crate::generate::{self, GenerationConfig};
+use crate::runtime::{self, LoadedModel, ModelFiles};
 use crate::tensor::{NamedTensor, TensorData};
-use ractor::{Actor, ActorProcessingErr, ActorRef};
+use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
 use sha2::{Digest, Sha256};
 use shoal_scheduler::{ArtifactFile, BatchingPolicy, DataType, DeviceId, ReplicaId, Signature};
-use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
+
+/// Most tokens one generation request may ask for: bounds a stream's buffer and a
+/// sequence's time in the running batch.
+pub const NEW_TOKENS_LIMIT: usize = 1_024;
+
+/// Turns a version's verified files into a model on a candle device. The agent's default
+/// is [`runtime::load_on`]; tests substitute their own.
+pub type Loader = Arc<
+    dyn Fn(&ModelFiles, &candle_core::Device) -> Result<LoadedModel, runtime::RuntimeError>
+        + Send
+        + Sync,
+>;
+
+/// The loader that reads every architecture Shoal knows.
+pub fn default_loader() -> Loader {
+    Arc::new(runtime::load_on)
+}
 
 /// Everything a replica needs to know about what it runs.
 #[derive(Clone, Debug, PartialEq)]
@@ -36,11 +54,17 @@ pub struct ReplicaArgs {
     pub devices: DeviceHandle,
     pub fetcher: Arc<dyn ArtifactFetcher>,
     pub agent: ActorRef<AgentMsg>,
+    pub compute: ComputePool,
+    pub loader: Loader,
 }
 
 /// A replica takes no requests through its mailbox: requests go straight to its batcher.
-#[derive(Debug)]
-pub enum ReplicaMsg {}
+pub enum ReplicaMsg {
+    /// Stop taking requests, finish those in flight, then stop. Answers once drained.
+    Drain(Option<RpcReplyPort<()>>),
+    /// The batcher's task ended: drained, or crashed after its model panicked.
+    BatcherEnded(Result<(), BatcherCrashed>),
+}
 
 #[derive(Debug)]
 pub struct Replica;
@@ -49,9 +73,11 @@ pub struct ReplicaState {
     args: ReplicaArgs,
     /// Kept so the batcher lives as long as the replica.
     batcher: Option<BatcherHandle>,
+    draining: bool,
 }
 
-/// Why a replica could not start serving.
+/// Why a replica could not start serving. Each repeats on a retry with the same files and
+/// device, so the supervisor reports it instead of restarting.
 #[derive(Debug, thiserror::Error)]
 pub enum LoadError {
     #[error("artifact {name} ({digest}): {message}")]
@@ -66,8 +92,8 @@ pub enum LoadError {
     Runtime(#[from] runtime::RuntimeError),
     #[error("the warm-up pass failed: {0}")]
     WarmUp(String),
-    #[error("the loading thread panicked")]
-    Panicked,
+    #[error("loading panicked: {0}")]
+    Panicked(String),
 }
 
 impl Actor for Replica {
@@ -83,38 +109,88 @@ impl Actor for Replica {
         Ok(ReplicaState {
             args,
             batcher: None,
+            draining: false,
         })
     }
 
     async fn post_start(
         &self,
-        _myself: ActorRef<ReplicaMsg>,
+        myself: ActorRef<ReplicaMsg>,
         state: &mut ReplicaState,
     ) -> Result<(), ActorProcessingErr> {
         let spec = &state.args.spec;
         let started = std::time::Instant::now();
-        state
+        let activity = Activity::new();
+        let device = state
             .args
             .devices
-            .reserve(spec.id, spec.device, spec.reserved_bytes)
+            .reserve(
+                spec.id,
+                spec.device,
+                spec.reserved_bytes,
+                Some(Arc::clone(&activity)),
+            )
             .await
             .map_err(LoadError::from)?;
+        let candle_device = runtime::candle_device(&device).map_err(LoadError::from)?;
+        // Fetching and hashing is IO: a blocking thread. Loading and the warm-up pass are
+        // compute: the compute pool.
         let files = spec.files.clone();
         let fetcher = Arc::clone(&state.args.fetcher);
-        let model = tokio::task::spawn_blocking(move || load_verified(fetcher.as_ref(), &files))
+        let contents =
+            tokio::task::spawn_blocking(move || fetch_verified(fetcher.as_ref(), &files))
+                .await
+                .map_err(|error| LoadError::Panicked(error.to_string()))??;
+        let loader = Arc::clone(&state.args.loader);
+        let model = state
+            .args
+            .compute
+            .run(move || load_and_warm_up(&loader, &contents, &candle_device))
             .await
-            .map_err(|_| LoadError::Panicked)??;
-        let batcher_config = BatcherConfig {
-            batch_rows_max: spec.batching.batch_size_max as usize,
-            queue_delay_max: Duration::from_micros(spec.batching.queue_delay_max_us),
-            queue_capacity: spec.batching.queue_capacity as usize,
-            model: spec.model.clone(),
+            .map_err(|error| LoadError::Panicked(error.to_string()))??;
+        let handle = match model {
+            LoadedModel::Fixed(model) => {
+                let config = BatcherConfig {
+                    batch_rows_max: spec.batching.batch_size_max as usize,
+                    queue_delay_max: Duration::from_micros(spec.batching.queue_delay_max_us),
+                    queue_capacity: spec.batching.queue_capacity as usize,
+                    model: spec.model.clone(),
+                };
+                let (handle, task) =
+                    batcher::spawn(model, config, state.args.compute.clone(), activity);
+                let watcher = myself.clone();
+                tokio::spawn(async move {
+                    let ended = task
+                        .await
+                        .unwrap_or_else(|error| Err(BatcherCrashed(error.to_string())));
+                    let _ = watcher.cast(ReplicaMsg::BatcherEnded(ended));
+                });
+                handle
+            }
+            LoadedModel::Generative(model) => {
+                let signature = model.signature().clone();
+                let config = GenerationConfig {
+                    running_max: spec.batching.batch_size_max as usize,
+                    queue_capacity: spec.batching.queue_capacity as usize,
+                    new_tokens_limit: NEW_TOKENS_LIMIT,
+                    model: spec.model.clone(),
+                };
+                let (generation, task) = generate::spawn(model, config, state.args.compute.clone());
+                let watcher = myself.clone();
+                tokio::spawn(async move {
+                    let ended = task
+                        .await
+                        .map_err(|error| BatcherCrashed(error.to_string()));
+                    let _ = watcher.cast(ReplicaMsg::BatcherEnded(ended));
+                });
+                batcher::for_generation(generation, signature, &spec.model, activity)
+            }
         };
-        let (handle, _task) = batcher::spawn(model, batcher_config);
         tracing::info!(
             replica = %spec.id,
             model = %spec.model,
             version = spec.version,
+            device = %device.id,
             load_ms = started.elapsed().as_millis() as u64,
             "replica serving"
         );
@@ -124,6 +200,40 @@ impl Actor for Replica {
             epoch: spec.epoch,
             handle,
         })?;
+        Ok(())
+    }
+
+    async fn handle(
+        &self,
+        myself: ActorRef<ReplicaMsg>,
+        message: ReplicaMsg,
+        state: &mut ReplicaState,
+    ) -> Result<(), ActorProcessingErr> {
+        match message {
+            ReplicaMsg::Drain(reply) => {
+                state.draining = true;
+                let batcher = state.batcher.clone();
+                // Draining waits on in-flight requests: do it beside the mailbox, then stop.
+                tokio::spawn(async move {
+                    if let Some(batcher) = batcher {
+                        batcher.drain().await;
+                    }
+                    if let Some(reply) = reply {
+                        let _ = reply.send(());
+                    }
+                    myself.stop(Some("drained".into()));
+                });
+            }
+            ReplicaMsg::BatcherEnded(Err(crash)) => {
+                // Fail the actor: the agent, its supervisor, reports and restarts it.
+                return Err(Box::new(crash));
+            }
+            ReplicaMsg::BatcherEnded(Ok(())) => {
+                if !state.draining {
+                    return Err(Box::new(BatcherCrashed("the batcher ended unasked".into())));
+                }
+            }
+        }
         Ok(())
     }
 
@@ -142,13 +252,12 @@ impl Actor for Replica {
     }
 }
 
-/// Fetches every file, checks each against its digest, loads the model and runs one
-/// warm-up pass. Blocking.
-fn load_verified(
+/// Fetches every file and checks each against its digest. Blocking.
+fn fetch_verified(
     fetcher: &dyn ArtifactFetcher,
     files: &[ArtifactFile],
-) -> Result<Arc<dyn ModelRuntime>, LoadError> {
-    let mut contents = HashMap::new();
+) -> Result<ModelFiles, LoadError> {
+    let mut contents = ModelFiles::new();
     for file in files {
         let artifact_error = |message: String| LoadError::Artifact {
             name: file.name.clone(),
@@ -164,11 +273,34 @@ fn load_verified(
         }
         contents.insert(file.name.clone(), bytes);
     }
-    let model = runtime::load(&contents)?;
+    Ok(contents)
+}
+
+/// Loads the model and runs one warm-up pass. Blocking; runs on the compute pool.
+fn load_and_warm_up(
+    loader: &Loader,
+    contents: &ModelFiles,
+    device: &candle_core::Device,
+) -> Result<LoadedModel, LoadError> {
+    let model = loader(contents, device)?;
     let warm_up = zeros_for(model.signature());
-    model
-        .forward(&warm_up)
-        .map_err(|error| LoadError::WarmUp(error.to_string()))?;
+    match &model {
+        LoadedModel::Fixed(fixed) => {
+            fixed
+                .forward(&warm_up)
+                .map_err(|error| LoadError::WarmUp(error.to_string()))?;
+        }
+        LoadedModel::Generative(generative) => {
+            let prompt = generative
+                .encode("warm up")
+                .map_err(|error| LoadError::WarmUp(error.to_string()))?;
+            if !prompt.is_empty() {
+                generative
+                    .prefill(&prompt)
+                    .map_err(|error| LoadError::WarmUp(error.to_string()))?;
+            }
+        }
+    }
     Ok(model)
 }
 

@@ -115,10 +115,10 @@ fn parse_csv(csv: &str) -> Result<DataSet, TrainError> {
 }
 
 /// SplitMix64: a tiny, well-mixed generator, enough for reproducible initial weights.
-struct SplitMix(u64);
+pub(crate) struct SplitMix(pub(crate) u64);
 
 impl SplitMix {
-    fn next_unit(&mut self) -> f32 {
+    pub(crate) fn next_unit(&mut self) -> f32 {
         self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
         let mut z = self.0;
         z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
@@ -270,7 +270,10 @@ mod tests {
                 std::fs::read(dir.path().join(name)).unwrap(),
             );
         }
-        let model = crate::runtime::load(&files).unwrap();
+        let crate::runtime::LoadedModel::Fixed(model) = crate::runtime::load(&files).unwrap()
+        else {
+            panic!("the classifier is a fixed-shape model");
+        };
         let samples = vec![5.1, 3.5, 1.4, 0.2, 6.4, 3.2, 4.5, 1.5, 6.3, 3.3, 6.0, 2.5];
         let outputs = model
             .forward(&[NamedTensor {

@@ -1,6 +1,7 @@
 //! Batcher tests with paused time: when batches close, who gets which rows, and refusals.
 
 use super::*;
+use crate::compute::ComputePool;
 use crate::runtime::RuntimeError;
 use crate::tensor::TensorData;
 use shoal_scheduler::{DataType, TensorSpec};
@@ -64,6 +65,11 @@ fn config(
     }
 }
 
+/// Inline: these tests run under paused time (see [`ComputePool::inline`]).
+fn compute() -> ComputePool {
+    ComputePool::inline()
+}
+
 fn x(values: &[f32]) -> Vec<NamedTensor> {
     vec![NamedTensor {
         name: "x".into(),
@@ -79,7 +85,12 @@ fn far() -> Instant {
 #[tokio::test(start_paused = true)]
 async fn a_batch_closes_when_it_is_full_without_waiting_for_the_delay() {
     let model = Doubler::new();
-    let (handle, _task) = spawn(model.clone(), config(4, Duration::from_secs(10), 64));
+    let (handle, _task) = spawn(
+        model.clone(),
+        config(4, Duration::from_secs(10), 64),
+        compute(),
+        Activity::new(),
+    );
     let started = Instant::now();
     let calls: Vec<_> = (0..4)
         .map(|i| {
@@ -102,7 +113,12 @@ async fn a_batch_closes_when_it_is_full_without_waiting_for_the_delay() {
 async fn a_batch_closes_after_the_delay_when_it_is_not_full() {
     let model = Doubler::new();
     let delay = Duration::from_millis(5);
-    let (handle, _task) = spawn(model.clone(), config(8, delay, 64));
+    let (handle, _task) = spawn(
+        model.clone(),
+        config(8, delay, 64),
+        compute(),
+        Activity::new(),
+    );
     let started = Instant::now();
     let (a, b) = tokio::join!(
         handle.infer(x(&[1.0]), far()),
@@ -120,7 +136,12 @@ async fn a_batch_closes_after_the_delay_when_it_is_not_full() {
 #[tokio::test(start_paused = true)]
 async fn a_request_that_would_overfill_a_batch_starts_the_next_one() {
     let model = Doubler::new();
-    let (handle, _task) = spawn(model.clone(), config(4, Duration::from_millis(5), 64));
+    let (handle, _task) = spawn(
+        model.clone(),
+        config(4, Duration::from_millis(5), 64),
+        compute(),
+        Activity::new(),
+    );
     let (a, b) = tokio::join!(
         handle.infer(x(&[1.0, 1.0, 1.0]), far()),
         handle.infer(x(&[2.0, 2.0]), far())
@@ -132,7 +153,12 @@ async fn a_request_that_would_overfill_a_batch_starts_the_next_one() {
 #[tokio::test(start_paused = true)]
 async fn a_full_queue_answers_overloaded_at_once() {
     let model = Doubler::new();
-    let (handle, _task) = spawn(model, config(1, Duration::from_secs(1), 2));
+    let (handle, _task) = spawn(
+        model,
+        config(1, Duration::from_secs(1), 2),
+        compute(),
+        Activity::new(),
+    );
     // On this single-threaded runtime all six callers enqueue before the batcher runs
     // again, so a queue of two must refuse four of them.
     let calls: Vec<_> = (0..6)
@@ -156,7 +182,12 @@ async fn a_full_queue_answers_overloaded_at_once() {
 #[tokio::test(start_paused = true)]
 async fn a_request_past_its_deadline_is_answered_deadline_exceeded() {
     let model = Doubler::new();
-    let (handle, _task) = spawn(model.clone(), config(8, Duration::from_millis(50), 64));
+    let (handle, _task) = spawn(
+        model.clone(),
+        config(8, Duration::from_millis(50), 64),
+        compute(),
+        Activity::new(),
+    );
     let soon = Instant::now() + Duration::from_millis(10);
     assert_eq!(
         handle.infer(x(&[1.0]), soon).await,
@@ -170,7 +201,12 @@ async fn a_request_past_its_deadline_is_answered_deadline_exceeded() {
 #[tokio::test(start_paused = true)]
 async fn invalid_inputs_are_refused_before_queueing() {
     let model = Doubler::new();
-    let (handle, _task) = spawn(model.clone(), config(8, Duration::from_millis(1), 64));
+    let (handle, _task) = spawn(
+        model.clone(),
+        config(8, Duration::from_millis(1), 64),
+        compute(),
+        Activity::new(),
+    );
     let wrong = vec![NamedTensor {
         name: "z".into(),
         shape: vec![1, 1],
@@ -181,4 +217,100 @@ async fn invalid_inputs_are_refused_before_queueing() {
         Err(InferError::Input(_))
     ));
     assert!(model.batches().is_empty());
+}
+
+#[tokio::test(start_paused = true)]
+async fn draining_answers_what_is_queued_and_refuses_what_comes_after() {
+    let model = Doubler::new();
+    let (handle, task) = spawn(
+        model.clone(),
+        config(2, Duration::from_millis(5), 64),
+        compute(),
+        Activity::new(),
+    );
+    let queued: Vec<_> = (0..5)
+        .map(|i| {
+            let handle = handle.clone();
+            tokio::spawn(async move { handle.infer(x(&[i as f32]), far()).await })
+        })
+        .collect();
+    tokio::task::yield_now().await;
+    let drained = {
+        let handle = handle.clone();
+        tokio::spawn(async move { handle.drain().await })
+    };
+    tokio::task::yield_now().await;
+    assert_eq!(
+        handle.infer(x(&[9.0]), far()).await,
+        Err(InferError::Draining)
+    );
+    for (i, call) in queued.into_iter().enumerate() {
+        let outputs = call.await.unwrap().unwrap();
+        assert_eq!(outputs[0].data, TensorData::Fp32(vec![2.0 * i as f32]));
+    }
+    drained.await.unwrap();
+    assert!(handle.is_finished());
+    assert_eq!(task.await.unwrap(), Ok(()));
+    assert_eq!(model.batches().iter().sum::<usize>(), 5);
+    assert_eq!(
+        handle.activity().in_flight(),
+        0,
+        "every request was counted out"
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn requests_are_batched_in_arrival_order() {
+    let model = Doubler::new();
+    let (handle, _task) = spawn(
+        model.clone(),
+        config(3, Duration::from_millis(5), 64),
+        compute(),
+        Activity::new(),
+    );
+    let calls: Vec<_> = (0..7)
+        .map(|i| {
+            let handle = handle.clone();
+            tokio::spawn(async move { handle.infer(x(&[i as f32]), far()).await })
+        })
+        .collect();
+    for (i, call) in calls.into_iter().enumerate() {
+        let outputs = call.await.unwrap().unwrap();
+        assert_eq!(outputs[0].data, TensorData::Fp32(vec![2.0 * i as f32]));
+    }
+    assert_eq!(model.batches(), vec![3, 3, 1]);
+}
+
+/// A model whose forward pass panics.
+struct Panicking(Signature);
+
+impl ModelRuntime for Panicking {
+    fn signature(&self) -> &Signature {
+        &self.0
+    }
+
+    fn forward(&self, _inputs: &[NamedTensor]) -> Result<Vec<NamedTensor>, RuntimeError> {
+        panic!("model exploded")
+    }
+}
+
+#[tokio::test]
+async fn a_panicking_model_fails_its_batch_and_ends_the_batcher_as_crashed() {
+    let signature = Doubler::new().signature.clone();
+    let (handle, task) = spawn(
+        Arc::new(Panicking(signature)),
+        config(4, Duration::from_millis(1), 64),
+        compute(),
+        Activity::new(),
+    );
+    match handle.infer(x(&[1.0]), far()).await {
+        Err(InferError::Model(message)) => assert!(message.contains("model exploded"), "{message}"),
+        other => panic!("unexpected {other:?}"),
+    }
+    let ended = task.await.unwrap();
+    assert!(matches!(ended, Err(BatcherCrashed(message)) if message.contains("model exploded")));
+    assert_eq!(
+        handle.infer(x(&[1.0]), far()).await,
+        Err(InferError::Stopped)
+    );
 }

@@ -90,10 +90,19 @@ pub struct MlpClassifier {
 impl MlpClassifier {
     /// Loads from config.json bytes and safetensors bytes onto the CPU.
     pub fn load(config_json: &[u8], safetensors: &[u8]) -> Result<MlpClassifier, RuntimeError> {
+        MlpClassifier::load_on(config_json, safetensors, &Device::Cpu)
+    }
+
+    /// Loads from config.json bytes and safetensors bytes onto `device`.
+    pub fn load_on(
+        config_json: &[u8],
+        safetensors: &[u8],
+        device: &Device,
+    ) -> Result<MlpClassifier, RuntimeError> {
         let config: MlpConfig = serde_json::from_slice(config_json)
             .map_err(|error| RuntimeError::Config(error.to_string()))?;
         config.validate()?;
-        let device = Device::Cpu;
+        let device = device.clone();
         let mut tensors = candle_core::safetensors::load_buffer(safetensors, &device)?;
         let mut take = |name: String, shape: &[usize]| -> Result<Tensor, RuntimeError> {
             let tensor = tensors

@@ -357,7 +357,7 @@ async fn serve(
                 "no answer within {} s",
                 REQUEST_TIMEOUT.as_secs()
             )),
-            InferError::Stopped => {
+            InferError::Stopped | InferError::Draining => {
                 ApiError::Unavailable(format!("the replica of {model:?} stopped; retry"))
             }
             InferError::Model(message) => ApiError::ReplicaFailed(message),
