@@ -109,8 +109,13 @@ pub fn check(history: &[Operation], initial: u32, states_max: usize) -> Verdict 
             // Only unknown-outcome operations remain; each may simply never have happened.
             return Verdict::Linearizable;
         }
-        if cursor >= count {
-            // Ran off the end with required operations left: backtrack.
+        let call = match events.get(cursor) {
+            Some(Event::Call(id)) if cursor < count => Some(*id),
+            // An operation returned before it could be placed, or the list ran out with
+            // required operations left: undo the last choice and try the next one.
+            _ => None,
+        };
+        let Some(id) = call else {
             let Some((id, before)) = stack.pop() else {
                 return Verdict::NotLinearizable { longest };
             };
@@ -125,53 +130,33 @@ pub fn check(history: &[Operation], initial: u32, states_max: usize) -> Verdict 
             }
             cursor = next[call_of[id]];
             continue;
+        };
+        let (allowed, after) = match history[id].op {
+            Op::Write(value) => (true, value),
+            Op::Read(value) => (value == state, state),
+        };
+        let mut candidate = linearized.clone();
+        candidate[id / 64] |= 1 << (id % 64);
+        if !allowed || !seen.insert((candidate.clone(), after)) {
+            cursor = next[cursor];
+            continue;
         }
-        match events[cursor] {
-            Event::Call(id) => {
-                let (allowed, after) = match history[id].op {
-                    Op::Write(value) => (true, value),
-                    Op::Read(value) => (value == state, state),
-                };
-                let mut candidate = linearized.clone();
-                candidate[id / 64] |= 1 << (id % 64);
-                if allowed && seen.insert((candidate.clone(), after)) {
-                    visited += 1;
-                    if visited > states_max {
-                        return Verdict::Undecided { limit: states_max };
-                    }
-                    stack.push((id, state));
-                    longest = longest.max(stack.len());
-                    if history[id].returned.is_some() {
-                        required_done += 1;
-                    }
-                    state = after;
-                    linearized = candidate;
-                    unlink(&mut next, &mut previous, call_of[id]);
-                    if return_of[id] != usize::MAX {
-                        unlink(&mut next, &mut previous, return_of[id]);
-                    }
-                    cursor = next[head];
-                } else {
-                    cursor = next[cursor];
-                }
-            }
-            Event::Return(_) => {
-                // An operation returned before we could place it: undo the last choice.
-                let Some((id, before)) = stack.pop() else {
-                    return Verdict::NotLinearizable { longest };
-                };
-                if history[id].returned.is_some() {
-                    required_done -= 1;
-                }
-                state = before;
-                linearized[id / 64] &= !(1 << (id % 64));
-                relink(&mut next, &mut previous, call_of[id]);
-                if return_of[id] != usize::MAX {
-                    relink(&mut next, &mut previous, return_of[id]);
-                }
-                cursor = next[call_of[id]];
-            }
+        visited += 1;
+        if visited > states_max {
+            return Verdict::Undecided { limit: states_max };
         }
+        stack.push((id, state));
+        longest = longest.max(stack.len());
+        if history[id].returned.is_some() {
+            required_done += 1;
+        }
+        state = after;
+        linearized = candidate;
+        unlink(&mut next, &mut previous, call_of[id]);
+        if return_of[id] != usize::MAX {
+            unlink(&mut next, &mut previous, return_of[id]);
+        }
+        cursor = next[head];
     }
 }
 

@@ -187,6 +187,27 @@ impl WriteRequest {
     }
 }
 
+impl WriteRequest {
+    /// For work only the leader may do: on the leader, the request back to go ahead with;
+    /// elsewhere, the leader's answer (or why it could not be reached).
+    pub(super) async fn leader_or_forward(
+        self,
+        app: &AppState,
+    ) -> Result<Result<Self, Response>, AdminError> {
+        let status = app.control.raft_status();
+        if status.is_leader {
+            return Ok(Ok(self));
+        }
+        let error = ControlError::Consensus(ProposeError::NotLeader {
+            leader: status.leader,
+        });
+        match self.forward_or(app, error).await? {
+            Written::Forwarded(response) => Ok(Err(response)),
+            Written::Here(_) => Err(ApiError::Internal("forwarding answered here".into()).into()),
+        }
+    }
+}
+
 pub(super) async fn propose(
     app: &AppState,
     request: WriteRequest,
@@ -362,17 +383,9 @@ pub async fn transfer_leader(
     if !status.voters.contains(&transfer.to) {
         return Err(ApiError::BadRequest(format!("member {} is not a voter", transfer.to)).into());
     }
-    if !status.is_leader {
-        let error = ControlError::Consensus(ProposeError::NotLeader {
-            leader: status.leader,
-        });
-        return match WriteRequest::new(method, uri, &headers, body)
-            .forward_or(&app, error)
-            .await?
-        {
-            Written::Forwarded(response) => Ok(response),
-            Written::Here(_) => Err(ApiError::Internal("unreachable".into()).into()),
-        };
+    let request = WriteRequest::new(method, uri, &headers, body);
+    if let Err(answer) = request.leader_or_forward(&app).await? {
+        return Ok(answer);
     }
     app.control.transfer_leader(transfer.to)?;
     Ok((
@@ -541,15 +554,13 @@ pub async fn register_version(
     if new.files.is_empty() {
         return Err(ApiError::BadRequest("a version needs at least one file".into()).into());
     }
-    let request = WriteRequest::new(method, uri, &headers, body);
-    if !app.control.raft_status().is_leader {
-        let leader = app.control.raft_status().leader;
-        let error = ControlError::Consensus(ProposeError::NotLeader { leader });
-        return match request.forward_or(&app, error).await? {
-            Written::Forwarded(response) => Ok(response),
-            Written::Here(_) => Err(ApiError::Internal("unreachable".into()).into()),
-        };
-    }
+    let request = match WriteRequest::new(method, uri, &headers, body)
+        .leader_or_forward(&app)
+        .await?
+    {
+        Ok(request) => request,
+        Err(answer) => return Ok(answer),
+    };
     for file in &new.files {
         super::blobs::ensure_local(&app, &file.digest, request.authorization.as_ref()).await?;
     }

@@ -4,7 +4,6 @@
 
 use super::cluster::{WriteRequest, Written, json_body, propose};
 use super::{AdminError, ApiError, AppState};
-use crate::control::ControlError;
 use axum::Json;
 use axum::body::Bytes;
 use axum::extract::rejection::BytesRejection;
@@ -12,7 +11,6 @@ use axum::extract::{Path, Query, State};
 use axum::http::{HeaderMap, Method, Uri};
 use axum::response::{IntoResponse, Response};
 use serde::{Deserialize, Serialize};
-use shoal_consensus::ProposeError;
 use shoal_scheduler::{
     ArtifactFile, BatchingPolicy, ClusterState, Command, Device, DeviceId, NodeId, NodeStatus,
     ReplicaId, ReplicaLoad, ReplicaState,
@@ -49,16 +47,11 @@ pub async fn heartbeat(
 ) -> Result<Response, AdminError> {
     let body = body.map_err(ApiError::from)?;
     let beat: Heartbeat = json_body(&body)?;
-    let request = WriteRequest::new(method, uri, &headers, body);
-    let status = app.control.raft_status();
-    if !status.is_leader {
-        let error = ControlError::Consensus(ProposeError::NotLeader {
-            leader: status.leader,
-        });
-        return match request.forward_or(&app, error).await? {
-            Written::Forwarded(response) => Ok(response),
-            Written::Here(_) => Err(ApiError::Internal("unreachable".into()).into()),
-        };
+    if let Err(answer) = WriteRequest::new(method, uri, &headers, body)
+        .leader_or_forward(&app)
+        .await?
+    {
+        return Ok(answer);
     }
     let node = NodeId(id);
     let Some(leases) = &app.leases else {
