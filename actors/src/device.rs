@@ -310,6 +310,20 @@ impl DeviceState {
             .device_memory_total_bytes
             .with_label_values(&[&label])
             .set(total);
+        if let Some(used) = used_bytes(&self.devices[index]) {
+            metrics
+                .device_memory_used_bytes
+                .with_label_values(&[&label])
+                .set(i64::try_from(used).unwrap_or(i64::MAX));
+        }
+        // The ledger keeps the running total; the counter catches up to it.
+        let evictions = metrics.device_evictions_total.with_label_values(&[&label]);
+        let counted = evictions.get();
+        evictions.inc_by(
+            self.ledgers[index]
+                .evictions_total()
+                .saturating_sub(counted),
+        );
     }
 
     fn reserve(

@@ -41,6 +41,10 @@ pub struct Metrics {
     pub device_memory_reserved_bytes: IntGaugeVec,
     /// Capacity of each device of this agent, by device.
     pub device_memory_total_bytes: IntGaugeVec,
+    /// Memory in use on each device as its driver (or the kernel, for RAM) reports it.
+    pub device_memory_used_bytes: IntGaugeVec,
+    /// Idle replicas evicted to make room for another, by device.
+    pub device_evictions_total: IntCounterVec,
     /// Current raft term.
     pub raft_term: IntGauge,
     /// 1 while this member is the raft leader.
@@ -138,6 +142,18 @@ impl Metrics {
                 &registry,
                 "shoal_device_memory_total_bytes",
                 "Memory capacity of each device of this agent.",
+                &["device"],
+            ),
+            device_memory_used_bytes: gauge_vec(
+                &registry,
+                "shoal_device_memory_used_bytes",
+                "Memory in use on each device as its driver or the kernel reports it.",
+                &["device"],
+            ),
+            device_evictions_total: counter_vec(
+                &registry,
+                "shoal_device_evictions_total",
+                "Idle replicas evicted from each device to make room.",
                 &["device"],
             ),
             raft_term: gauge(&registry, "shoal_raft_term", "Current raft term."),
