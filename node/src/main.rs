@@ -51,6 +51,9 @@ struct SecurityArgs {
     /// change the cluster.
     #[arg(long)]
     insecure: bool,
+    /// Requests one model may have in flight through this gateway; beyond it, 429.
+    #[arg(long, default_value_t = api::ADMISSION_LIMIT_DEFAULT, env = "SHOAL_ADMISSION_LIMIT")]
+    admission_limit: usize,
 }
 
 impl SecurityArgs {
@@ -276,6 +279,7 @@ fn main() -> ExitCode {
                     data_dir,
                     listen,
                     tokens,
+                    admission_limit: security.admission_limit,
                 })
             });
             config.and_then(|config| runtime.block_on(up::run(config)))
@@ -308,6 +312,7 @@ fn main() -> ExitCode {
                         tokens: security.tokens()?,
                         token: security.own_token.clone(),
                         insecure: security.insecure,
+                        admission_limit: security.admission_limit,
                     }
                     .validate()
                 });

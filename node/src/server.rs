@@ -49,6 +49,8 @@ pub struct ServerConfig {
     pub token: Option<String>,
     /// Allow listening beyond loopback without tokens.
     pub insecure: bool,
+    /// Per-model bound on requests in flight through this server's gateway.
+    pub admission_limit: usize,
 }
 
 /// Refuses to serve beyond loopback with no tokens, unless told `--insecure`.
@@ -158,6 +160,7 @@ pub async fn run(config: ServerConfig) -> anyhow::Result<()> {
         leases: Some(leases.clone()),
         gateway: crate::api::gateway::Gateway::new().context("building the gateway client")?,
         load: load.clone(),
+        admission: crate::api::Admission::new(config.admission_limit),
     });
     let listener = tokio::net::TcpListener::bind(config.listen)
         .await
@@ -274,6 +277,7 @@ mod tests {
             tokens: Tokens::default(),
             token: None,
             insecure: false,
+            admission_limit: 1,
         };
         let three = "1=127.0.0.1:1,2=127.0.0.1:2,3=127.0.0.1:3";
         assert!(config(1, three, false).validate().is_ok());

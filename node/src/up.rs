@@ -31,6 +31,8 @@ pub struct UpConfig {
     pub listen: SocketAddr,
     /// Accepted bearer tokens; empty turns authentication off.
     pub tokens: crate::auth::Tokens,
+    /// Per-model bound on requests in flight through the gateway.
+    pub admission_limit: usize,
 }
 
 pub async fn run(config: UpConfig) -> anyhow::Result<()> {
@@ -101,6 +103,7 @@ pub async fn run(config: UpConfig) -> anyhow::Result<()> {
         leases: None,
         gateway: crate::api::gateway::Gateway::new().context("building the gateway client")?,
         load: Arc::default(),
+        admission: crate::api::Admission::new(config.admission_limit),
     });
     let mut server = tokio::spawn(
         axum::serve(listener, api::router(app))

@@ -48,6 +48,11 @@ impl Shoal {
     /// Starts `shoal up` on `data_dir` with a free loopback port and waits for the line
     /// that names the port. Logs go to `data_dir/../<name>.stderr` for post-mortems.
     pub fn up(data_dir: &Path, log_name: &str) -> Shoal {
+        Shoal::up_with(data_dir, log_name, &[])
+    }
+
+    /// Like [`Shoal::up`], with extra arguments for `shoal up`.
+    pub fn up_with(data_dir: &Path, log_name: &str, args: &[&str]) -> Shoal {
         let stderr_path = data_dir
             .parent()
             .unwrap_or(data_dir)
@@ -56,6 +61,7 @@ impl Shoal {
         let mut child = Command::new(shoal_binary())
             .args(["up", "--listen", "127.0.0.1:0", "--data-dir"])
             .arg(data_dir)
+            .args(args)
             .env(
                 "RUST_LOG",
                 std::env::var("SHOAL_TEST_LOG")

@@ -194,7 +194,13 @@ async fn observed(
     body: Result<Bytes, BytesRejection>,
 ) -> Response {
     let started = Instant::now();
-    let result = serve(app, &model, version.as_deref(), headers, body).await;
+    let result = match app.admission.admit(&model) {
+        Some(_admitted) => serve(app, &model, version.as_deref(), headers, body).await,
+        None => Err(ApiError::Overloaded(format!(
+            "model {model:?} has {} requests in flight here, its limit; retry later",
+            app.admission.limit()
+        ))),
+    };
     let label = if app.control.state().models.contains_key(&model) {
         model.as_str()
     } else {
@@ -217,6 +223,20 @@ async fn observed(
         tracing::debug!(model = %model, status = %error.status(), %error, "inference request refused");
     }
     result.unwrap_or_else(IntoResponse::into_response)
+}
+
+/// A caller may ask for a shorter deadline than [`REQUEST_TIMEOUT`] with this header.
+pub const TIMEOUT_HEADER: &str = "x-shoal-timeout-ms";
+
+/// The request's deadline budget: the caller's, capped at [`REQUEST_TIMEOUT`].
+fn request_timeout(headers: &HeaderMap) -> Duration {
+    headers
+        .get(TIMEOUT_HEADER)
+        .and_then(|value| value.to_str().ok())
+        .and_then(|value| value.parse::<u64>().ok())
+        .map_or(REQUEST_TIMEOUT, |ms| {
+            Duration::from_millis(ms).min(REQUEST_TIMEOUT)
+        })
 }
 
 /// Requests held at once for one deployment scaled to zero; beyond this, 503.
@@ -282,7 +302,7 @@ async fn serve(
     headers: &HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
-    let deadline = tokio::time::Instant::now() + REQUEST_TIMEOUT;
+    let deadline = tokio::time::Instant::now() + request_timeout(headers);
     let body = body?;
     let request: InferRequest = serde_json::from_slice(&body)
         .map_err(|error| ApiError::BadRequest(format!("malformed infer request: {error}")))?;

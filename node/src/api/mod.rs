@@ -55,6 +55,63 @@ pub struct AppState {
     pub gateway: gateway::Gateway,
     /// Live load reported by agents and held at the gateway.
     pub load: Arc<crate::leases::LoadBoard>,
+    /// Per-model bound on requests in flight through this gateway.
+    pub admission: Admission,
+}
+
+/// Default bound on one model's requests in flight through one gateway: far above what a
+/// replica's queue holds, so it only bites when the model is already overloaded.
+pub const ADMISSION_LIMIT_DEFAULT: usize = 4_096;
+
+/// Counts each model's requests in flight and refuses those beyond the limit (429).
+#[derive(Debug)]
+pub struct Admission {
+    limit: usize,
+    in_flight: std::sync::Mutex<std::collections::HashMap<String, usize>>,
+}
+
+/// A request counted against its model until dropped.
+#[derive(Debug)]
+pub struct Admitted<'a> {
+    admission: &'a Admission,
+    model: String,
+}
+
+impl Admission {
+    pub fn new(limit: usize) -> Admission {
+        Admission {
+            limit,
+            in_flight: std::sync::Mutex::new(std::collections::HashMap::new()),
+        }
+    }
+
+    pub fn limit(&self) -> usize {
+        self.limit
+    }
+
+    /// Counts a request for `model`, or `None` when the model is at its limit.
+    pub fn admit(&self, model: &str) -> Option<Admitted<'_>> {
+        let mut in_flight = self.in_flight.lock().ok()?;
+        let count = in_flight.entry(model.to_string()).or_insert(0);
+        if *count >= self.limit {
+            return None;
+        }
+        *count += 1;
+        Some(Admitted {
+            admission: self,
+            model: model.to_string(),
+        })
+    }
+}
+
+impl Drop for Admitted<'_> {
+    fn drop(&mut self) {
+        if let Ok(mut in_flight) = self.admission.in_flight.lock()
+            && let Some(count) = in_flight.get_mut(&self.model)
+        {
+            *count = count.saturating_sub(1);
+        }
+    }
 }
 
 /// The router of the embedded `shoal up` process: inference, admin and metrics together.

@@ -1,0 +1,69 @@
+//! Limits a gateway enforces: a per-model bound on requests in flight (429 with
+//! Retry-After, the rest served) and a caller's deadline (504), while serving on.
+
+#![allow(
+    clippy::unwrap_used,
+    reason = "a test fails loudly on any unexpected error"
+)]
+
+use serde_json::json;
+use shoal_tests::Shoal;
+
+fn body() -> serde_json::Value {
+    json!({"inputs": [{"name": "features", "shape": [1, 4], "datatype": "FP32", "data": [[5.1, 3.5, 1.4, 0.2]]}]})
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn over_the_admission_limit_is_429_and_past_the_deadline_is_504() {
+    let temp = tempfile::tempdir().unwrap();
+    let mut shoal = Shoal::up_with(
+        &temp.path().join("data"),
+        "limits",
+        &["--admission-limit", "2"],
+    );
+    let client = reqwest::Client::new();
+    shoal.wait_ready(&client).await;
+    let url = shoal.url("/v2/models/iris/infer");
+
+    let calls: Vec<_> = (0..64)
+        .map(|_| {
+            let (client, url) = (client.clone(), url.clone());
+            tokio::spawn(async move { client.post(url).json(&body()).send().await.unwrap() })
+        })
+        .collect();
+    let (mut served, mut refused) = (0, 0);
+    for call in calls {
+        let answer = call.await.unwrap();
+        match answer.status().as_u16() {
+            200 => served += 1,
+            429 => {
+                assert_eq!(answer.headers()["retry-after"], "1");
+                let error: serde_json::Value = answer.json().await.unwrap();
+                assert!(error["error"].as_str().unwrap().contains("limit"));
+                refused += 1;
+            }
+            other => panic!("unexpected status {other}"),
+        }
+    }
+    assert!(
+        served >= 2 && refused >= 1,
+        "served {served}, refused {refused}"
+    );
+
+    let late = client
+        .post(&url)
+        .header("x-shoal-timeout-ms", "0")
+        .json(&body())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(late.status(), 504);
+    let served_again = client.post(&url).json(&body()).send().await.unwrap();
+    assert_eq!(served_again.status(), 200, "it keeps serving");
+    shoal.interrupt();
+    assert!(
+        shoal
+            .wait_exit(std::time::Duration::from_secs(30))
+            .success()
+    );
+}
