@@ -60,7 +60,7 @@ pub async fn ready(State(app): State<Arc<AppState>>) -> Result<Json<serde_json::
 }
 
 /// The version a request addresses: the one given, else the one deployed.
-fn resolve<'a>(
+pub(super) fn resolve<'a>(
     state: &'a ClusterState,
     model: &str,
     version: Option<&str>,
@@ -186,7 +186,7 @@ pub async fn version_infer(
 }
 
 /// Runs [`serve`] and records its outcome in the request metrics.
-async fn observed(
+pub(super) async fn observed(
     app: &AppState,
     model: String,
     version: Option<String>,

@@ -11,6 +11,7 @@ pub mod gateway;
 mod inference;
 pub mod nodes;
 pub mod oip;
+mod openai;
 
 use crate::auth::{self, AuthError, Tokens};
 use crate::control::ControlPlane;
@@ -135,6 +136,8 @@ pub fn router(state: Arc<AppState>) -> Router {
             "/v2/models/{model}/versions/{version}/infer",
             post(inference::version_infer),
         )
+        .route("/v1/models", get(openai::models))
+        .route("/v1/embeddings", post(openai::embeddings))
         .route("/api/v1/models", get(admin::list_models))
         .route("/api/v1/cluster", get(cluster::status))
         .route("/api/v1/cluster/members", post(cluster::add_member))

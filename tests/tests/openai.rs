@@ -1,0 +1,159 @@
+//! OpenAI-compatible routes on a real cluster: a real all-MiniLM-L6-v2 pushed to a server,
+//! served by an agent, asked through `/v1/embeddings`; the cosines of sentence pairs match
+//! the independent reference the actors crate keeps. Errors use OpenAI's envelope.
+
+#![allow(
+    clippy::unwrap_used,
+    reason = "a test fails loudly on any unexpected error"
+)]
+
+use serde_json::{Value, json};
+use shoal_tests::{ServerCluster, shoal_binary};
+use std::time::{Duration, Instant};
+
+fn cosine(a: &[f64], b: &[f64]) -> f64 {
+    let dot: f64 = a.iter().zip(b).map(|(x, y)| x * y).sum();
+    let norm = |v: &[f64]| v.iter().map(|x| x * x).sum::<f64>().sqrt();
+    dot / (norm(a) * norm(b))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn minilm_embeddings_through_the_cluster_match_the_reference() {
+    let files = shoal_actors::fixtures::minilm_files().expect("MiniLM from its PyPI wheel");
+    let root = tempfile::tempdir().unwrap();
+    let model_dir = root.path().join("minilm");
+    std::fs::create_dir(&model_dir).unwrap();
+    for (name, bytes) in &files {
+        std::fs::write(model_dir.join(name), bytes).unwrap();
+    }
+    let mut cluster = ServerCluster::start(root.path(), 1);
+    let http = reqwest::Client::builder()
+        .timeout(Duration::from_secs(60))
+        .build()
+        .unwrap();
+    cluster.leader(&http, Duration::from_secs(20)).await;
+    cluster.start_agent(1);
+    let addr = format!("http://{}", cluster.http[&1]);
+    let run = |args: &[&str]| {
+        let output = std::process::Command::new(shoal_binary())
+            .args(args)
+            .output()
+            .unwrap();
+        assert!(
+            output.status.success(),
+            "{}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+    };
+    run(&[
+        "model",
+        "push",
+        model_dir.to_str().unwrap(),
+        "--name",
+        "minilm",
+        "--addr",
+        &addr,
+    ]);
+    let deployment = root.path().join("minilm.toml");
+    std::fs::write(
+        &deployment,
+        "name = \"minilm\"\nmodel = \"minilm\"\nversion = 1\nreplicas = 1\n",
+    )
+    .unwrap();
+    run(&[
+        "deploy",
+        "apply",
+        "-f",
+        deployment.to_str().unwrap(),
+        "--addr",
+        &addr,
+    ]);
+
+    let reference: Value = serde_json::from_str(include_str!(
+        "../../actors/tests/reference/minilm_reference.json"
+    ))
+    .unwrap();
+    let sentences: Vec<String> = reference["sentences"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| {
+            s.as_str()
+                .map_or_else(|| s["text"].as_str().unwrap().to_string(), str::to_string)
+        })
+        .collect();
+    let url = cluster.url(1, "/v1/embeddings");
+    let started = Instant::now();
+    let answer: Value = loop {
+        let answer = http
+            .post(&url)
+            .json(&json!({"model": "minilm", "input": sentences}))
+            .send()
+            .await
+            .unwrap();
+        if answer.status() == 200 {
+            break answer.json().await.unwrap();
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(60),
+            "never served: {}",
+            answer.text().await.unwrap()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    assert_eq!(answer["object"], "list");
+    let vectors: Vec<Vec<f64>> = answer["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|item| {
+            item["embedding"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|x| x.as_f64().unwrap())
+                .collect()
+        })
+        .collect();
+    assert_eq!(vectors.len(), sentences.len());
+    assert!(vectors.iter().all(|v| v.len() == 384));
+    for pair in reference["pairs"].as_array().unwrap() {
+        let (a, b) = (
+            pair["a"].as_u64().unwrap() as usize,
+            pair["b"].as_u64().unwrap() as usize,
+        );
+        let expected = pair["cosine"].as_f64().unwrap();
+        let got = cosine(&vectors[a], &vectors[b]);
+        assert!(
+            (got - expected).abs() < 1e-3,
+            "pair {a}-{b}: {got} vs reference {expected}"
+        );
+    }
+
+    let models: Value = http
+        .get(cluster.url(1, "/v1/models"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(models["data"][0]["id"], "minilm");
+    let unknown = http
+        .post(&url)
+        .json(&json!({"model": "nope", "input": "x"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(unknown.status(), 404);
+    let body: Value = unknown.json().await.unwrap();
+    assert_eq!(body["error"]["type"], "invalid_request_error");
+    let bad = http
+        .post(&url)
+        .json(&json!({"model": "minilm", "input": [1, 2]}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(bad.status(), 400);
+    cluster.stop_all();
+}
