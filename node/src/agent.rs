@@ -458,6 +458,80 @@ async fn infer(
     }))
 }
 
+/// What `/internal/v1/replicas/{id}/generate` takes.
+#[derive(Debug, serde::Deserialize, serde::Serialize)]
+pub struct GenerateRequest {
+    pub prompt: String,
+    #[serde(default)]
+    pub max_tokens: Option<usize>,
+}
+
+/// `POST /internal/v1/replicas/{id}/generate`: the tokens of one generation as they are
+/// produced, one JSON object per line (`{"text": ...}`, then `{"finish": ...}` or
+/// `{"error": ...}`). Closing the connection cancels the sequence.
+async fn generate(
+    State(plane): State<Arc<DataPlane>>,
+    Path(id): Path<u64>,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<axum::response::Response, ApiError> {
+    use axum::response::IntoResponse;
+    let body = body?;
+    let request: GenerateRequest = serde_json::from_slice(&body)
+        .map_err(|error| ApiError::BadRequest(format!("malformed generate request: {error}")))?;
+    let routes = plane.routes.borrow().clone();
+    let Some(route) = routes
+        .by_model
+        .values()
+        .flatten()
+        .find(|r| r.replica.0 == id)
+    else {
+        return Err(ApiError::Unavailable(format!(
+            "replica {id} is not serving here"
+        )));
+    };
+    let Some(generation) = route.handle.generation() else {
+        return Err(ApiError::BadRequest(format!(
+            "replica {id} does not generate text"
+        )));
+    };
+    let stream = generation
+        .submit(&shoal_actors::generate::GenerationRequest {
+            prompt: request.prompt,
+            max_new_tokens: request.max_tokens,
+            deadline: tokio::time::Instant::now() + REQUEST_TIMEOUT,
+        })
+        .map_err(|error| match error {
+            shoal_actors::generate::GenerateError::Overloaded => {
+                ApiError::Overloaded(error.to_string())
+            }
+            shoal_actors::generate::GenerateError::Prompt(message) => ApiError::BadRequest(message),
+            other => ApiError::Unavailable(other.to_string()),
+        })?;
+    let lines = futures_util::stream::unfold(Some(stream), |stream| async move {
+        let mut stream = stream?;
+        let line = match stream.next().await {
+            Some(Ok(piece)) => serde_json::json!({"text": piece.text}),
+            Some(Err(error)) => serde_json::json!({"error": error.to_string()}),
+            None => {
+                let finish = match stream.finish() {
+                    Some(shoal_actors::generate::FinishReason::EndToken) | None => "stop",
+                    Some(_) => "length",
+                };
+                let line = format!("{}\n", serde_json::json!({"finish": finish}));
+                return Some((Ok::<_, std::io::Error>(line), None));
+            }
+        };
+        let is_error = line.get("error").is_some();
+        let text = format!("{line}\n");
+        Some((Ok(text), (!is_error).then_some(stream)))
+    });
+    Ok((
+        [("content-type", "application/x-ndjson")],
+        axum::body::Body::from_stream(lines),
+    )
+        .into_response())
+}
+
 pub async fn run(config: AgentConfig) -> anyhow::Result<()> {
     let data_dir = DataDir::lock(&config.data_dir)?;
     let servers = Servers {
@@ -509,6 +583,7 @@ pub async fn run(config: AgentConfig) -> anyhow::Result<()> {
     let reconciler = tokio::spawn(reconcile(servers, node, agent.clone(), stopping));
     let router = axum::Router::new()
         .route("/internal/v1/replicas/{id}/infer", post(infer))
+        .route("/internal/v1/replicas/{id}/generate", post(generate))
         .route(
             "/v2/health/live",
             get(|| async { Json(serde_json::json!({"live": true})) }),

@@ -157,3 +157,137 @@ async fn minilm_embeddings_through_the_cluster_match_the_reference() {
     assert_eq!(bad.status(), 400);
     cluster.stop_all();
 }
+
+/// Reads a server-sent event stream to its end; returns the `data:` payloads.
+async fn events(answer: reqwest::Response) -> Vec<String> {
+    let text = answer.text().await.unwrap();
+    text.split("\n\n")
+        .filter_map(|event| event.strip_prefix("data: "))
+        .map(str::to_string)
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn completions_stream_the_same_tokens_they_answer_whole() {
+    let files = shoal_actors::fixtures::tiny_llama(&shoal_actors::fixtures::TinyLlama::for_tests())
+        .unwrap();
+    let root = tempfile::tempdir().unwrap();
+    let model_dir = root.path().join("llama");
+    std::fs::create_dir(&model_dir).unwrap();
+    for (name, bytes) in &files {
+        std::fs::write(model_dir.join(name), bytes).unwrap();
+    }
+    let mut cluster = ServerCluster::start(root.path(), 1);
+    let http = reqwest::Client::builder()
+        .timeout(Duration::from_secs(60))
+        .build()
+        .unwrap();
+    cluster.leader(&http, Duration::from_secs(20)).await;
+    cluster.start_agent(1);
+    let addr = format!("http://{}", cluster.http[&1]);
+    let run = |args: &[&str]| {
+        let output = std::process::Command::new(shoal_binary())
+            .args(args)
+            .output()
+            .unwrap();
+        assert!(
+            output.status.success(),
+            "{}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+    };
+    run(&[
+        "model",
+        "push",
+        model_dir.to_str().unwrap(),
+        "--name",
+        "tiny",
+        "--addr",
+        &addr,
+    ]);
+    let deployment = root.path().join("tiny.toml");
+    std::fs::write(
+        &deployment,
+        "name = \"tiny\"\nmodel = \"tiny\"\nversion = 1\nreplicas = 1\n",
+    )
+    .unwrap();
+    run(&[
+        "deploy",
+        "apply",
+        "-f",
+        deployment.to_str().unwrap(),
+        "--addr",
+        &addr,
+    ]);
+
+    let url = cluster.url(1, "/v1/completions");
+    let request = json!({"model": "tiny", "prompt": "hello", "max_tokens": 8});
+    let started = Instant::now();
+    let whole: Value = loop {
+        let answer = http.post(&url).json(&request).send().await.unwrap();
+        if answer.status() == 200 {
+            break answer.json().await.unwrap();
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(60),
+            "never served: {}",
+            answer.text().await.unwrap()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    assert_eq!(whole["object"], "text_completion");
+    let text = whole["choices"][0]["text"].as_str().unwrap().to_string();
+    assert!(!text.is_empty());
+    assert_eq!(
+        whole["choices"][0]["finish_reason"], "length",
+        "8 tokens asked, 8 given"
+    );
+
+    // Streamed: chunks as tokens come, then [DONE]; greedy decoding gives the same text.
+    let mut streaming = request.clone();
+    streaming["stream"] = json!(true);
+    let answer = http.post(&url).json(&streaming).send().await.unwrap();
+    assert_eq!(answer.headers()["content-type"], "text/event-stream");
+    let data = events(answer).await;
+    assert_eq!(data.last().map(String::as_str), Some("[DONE]"));
+    let chunks: Vec<Value> = data[..data.len() - 1]
+        .iter()
+        .map(|d| serde_json::from_str(d).unwrap())
+        .collect();
+    assert!(
+        chunks.len() >= 8,
+        "one chunk per token at least: {}",
+        chunks.len()
+    );
+    let streamed: String = chunks
+        .iter()
+        .filter_map(|c| c["choices"][0]["text"].as_str())
+        .collect();
+    assert_eq!(streamed, text);
+
+    // Chat shape, streamed.
+    let chat = json!({"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4, "stream": true});
+    let data = events(
+        http.post(cluster.url(1, "/v1/chat/completions"))
+            .json(&chat)
+            .send()
+            .await
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(data.last().map(String::as_str), Some("[DONE]"));
+    let first: Value = serde_json::from_str(&data[0]).unwrap();
+    assert_eq!(first["object"], "chat.completion.chunk");
+
+    // Bad input in OpenAI's envelope.
+    let bad = http
+        .post(&url)
+        .json(&json!({"model": "tiny", "prompt": "x", "max_tokens": 0}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(bad.status(), 400);
+    let body: Value = bad.json().await.unwrap();
+    assert_eq!(body["error"]["type"], "invalid_request_error");
+    cluster.stop_all();
+}

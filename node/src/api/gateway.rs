@@ -138,6 +138,57 @@ impl Gateway {
         }
     }
 
+    /// Opens a streamed generation on one of `candidates` (retrying others that cannot be
+    /// reached or are not serving); the answer's body is the agent's line stream.
+    pub async fn open_generation(
+        &self,
+        mut candidates: Vec<Target>,
+        body: Bytes,
+    ) -> Result<reqwest::Response, ApiError> {
+        let mut last_error = String::from("no ready replica");
+        for _ in 0..ATTEMPTS_MAX {
+            if candidates.is_empty() {
+                break;
+            }
+            let target = self.choose(&candidates).clone();
+            candidates.retain(|candidate| candidate.replica != target.replica);
+            let url = format!(
+                "http://{}/internal/v1/replicas/{}/generate",
+                target.address, target.replica.0
+            );
+            match self
+                .http
+                .post(url)
+                .header("content-type", "application/json")
+                .body(body.clone())
+                .send()
+                .await
+            {
+                Ok(answer) if answer.status().is_success() => return Ok(answer),
+                Ok(answer) if answer.status() == StatusCode::SERVICE_UNAVAILABLE => {
+                    last_error = format!("{} is not serving", target.replica);
+                }
+                Ok(answer) => {
+                    let status = answer.status().as_u16();
+                    let text = answer.text().await.unwrap_or_default();
+                    let message = serde_json::from_str::<serde_json::Value>(&text)
+                        .ok()
+                        .and_then(|body| body["error"].as_str().map(str::to_string))
+                        .unwrap_or(text);
+                    return Err(match status {
+                        400 => ApiError::BadRequest(message),
+                        429 => ApiError::Overloaded(message),
+                        _ => ApiError::ReplicaFailed(message),
+                    });
+                }
+                Err(error) => last_error = format!("{}: {error}", target.replica),
+            }
+        }
+        Err(ApiError::ReplicaFailed(format!(
+            "no replica took the generation; last: {last_error}"
+        )))
+    }
+
     /// Sends an Open Inference Protocol body to one of `targets`, retrying others when
     /// a replica cannot be reached or is no longer serving.
     pub async fn forward(

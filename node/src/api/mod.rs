@@ -138,6 +138,8 @@ pub fn router(state: Arc<AppState>) -> Router {
         )
         .route("/v1/models", get(openai::models))
         .route("/v1/embeddings", post(openai::embeddings))
+        .route("/v1/completions", post(openai::completions))
+        .route("/v1/chat/completions", post(openai::chat_completions))
         .route("/api/v1/models", get(admin::list_models))
         .route("/api/v1/cluster", get(cluster::status))
         .route("/api/v1/cluster/members", post(cluster::add_member))

@@ -189,3 +189,268 @@ pub async fn embeddings(
         .collect();
     Json(json!({"object": "list", "data": data, "model": request.model})).into_response()
 }
+
+/// One event of a generation, whichever path it came by.
+enum Piece {
+    Text(String),
+    Finish(String),
+    Failed(String),
+}
+
+/// A generation's pieces as they come.
+type Pieces = std::pin::Pin<Box<dyn futures_util::Stream<Item = Piece> + Send>>;
+
+/// Largest `max_tokens` accepted: a bound on how long one request may hold a replica.
+const MAX_TOKENS_LIMIT: usize = 4_096;
+
+/// Starts a generation of `prompt` on a replica of `model`: in this process when one runs
+/// here, else on an agent.
+async fn start_generation(
+    app: &AppState,
+    model: &str,
+    prompt: String,
+    max_tokens: Option<usize>,
+) -> Result<Pieces, Response> {
+    use futures_util::StreamExt;
+    if max_tokens.is_some_and(|tokens| tokens == 0 || tokens > MAX_TOKENS_LIMIT) {
+        return Err(error(
+            StatusCode::BAD_REQUEST,
+            format!("max_tokens must be 1..={MAX_TOKENS_LIMIT}"),
+        ));
+    }
+    let state = app.control.state();
+    let version = match super::inference::resolve(&state, model, None) {
+        Ok(version) => version.version,
+        Err(problem) => return Err(error(problem.status(), problem.to_string())),
+    };
+    let routes = app.routes.borrow().clone();
+    if let Some(route) = routes
+        .for_model(model)
+        .iter()
+        .find(|r| r.version == version)
+    {
+        let Some(generation) = route.handle.generation() else {
+            return Err(error(
+                StatusCode::BAD_REQUEST,
+                format!("model {model:?} does not generate text"),
+            ));
+        };
+        let request = shoal_actors::generate::GenerationRequest {
+            prompt,
+            max_new_tokens: max_tokens,
+            deadline: tokio::time::Instant::now() + std::time::Duration::from_secs(30),
+        };
+        let stream = match generation.submit(&request) {
+            Ok(stream) => stream,
+            Err(problem) => {
+                return Err(error(StatusCode::SERVICE_UNAVAILABLE, problem.to_string()));
+            }
+        };
+        let pieces = futures_util::stream::unfold(Some(stream), |stream| async move {
+            let mut stream = stream?;
+            match stream.next().await {
+                Some(Ok(piece)) => Some((Piece::Text(piece.text), Some(stream))),
+                Some(Err(problem)) => Some((Piece::Failed(problem.to_string()), None)),
+                None => {
+                    let finish = match stream.finish() {
+                        Some(shoal_actors::generate::FinishReason::EndToken) | None => "stop",
+                        Some(_) => "length",
+                    };
+                    Some((Piece::Finish(finish.to_string()), None))
+                }
+            }
+        });
+        return Ok(Box::pin(pieces));
+    }
+    let mut targets = super::gateway::targets(&state, model, version);
+    if targets.is_empty() {
+        targets = super::gateway::targets_any_version(&state, model);
+    }
+    let body = json!({"prompt": prompt, "max_tokens": max_tokens}).to_string();
+    let answer = match app
+        .gateway
+        .open_generation(targets, Bytes::from(body))
+        .await
+    {
+        Ok(answer) => answer,
+        Err(problem) => return Err(error(problem.status(), problem.to_string())),
+    };
+    // The agent's lines, re-cut on newlines whatever the chunking.
+    let lines = futures_util::stream::unfold(
+        (answer.bytes_stream(), Vec::<u8>::new(), false),
+        |(mut chunks, mut buffer, done)| async move {
+            if done {
+                return None;
+            }
+            loop {
+                if let Some(end) = buffer.iter().position(|b| *b == b'\n') {
+                    let line: Vec<u8> = buffer.drain(..=end).collect();
+                    let value: Value = serde_json::from_slice(&line).unwrap_or(Value::Null);
+                    let piece = if let Some(text) = value["text"].as_str() {
+                        Piece::Text(text.to_string())
+                    } else if let Some(finish) = value["finish"].as_str() {
+                        Piece::Finish(finish.to_string())
+                    } else {
+                        Piece::Failed(
+                            value["error"]
+                                .as_str()
+                                .unwrap_or("a malformed line from the replica")
+                                .to_string(),
+                        )
+                    };
+                    let last = !matches!(piece, Piece::Text(_));
+                    return Some((piece, (chunks, buffer, last)));
+                }
+                match chunks.next().await {
+                    Some(Ok(chunk)) => buffer.extend_from_slice(&chunk),
+                    _ => {
+                        return Some((
+                            Piece::Failed("the replica's stream broke off".into()),
+                            (chunks, buffer, true),
+                        ));
+                    }
+                }
+            }
+        },
+    );
+    Ok(Box::pin(lines))
+}
+
+fn now_seconds() -> u64 {
+    crate::store::now_ms() / 1000
+}
+
+/// The OpenAI answer for a finished or streamed generation.
+async fn answer_generation(pieces: Pieces, model: String, stream: bool, chat: bool) -> Response {
+    use futures_util::StreamExt;
+    static NEXT_ID: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let id = format!(
+        "{}-{}",
+        if chat { "chatcmpl" } else { "cmpl" },
+        NEXT_ID.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+    );
+    let (object, chunk_object) = if chat {
+        ("chat.completion", "chat.completion.chunk")
+    } else {
+        ("text_completion", "text_completion")
+    };
+    let created = now_seconds();
+    if !stream {
+        let mut text = String::new();
+        let mut finish = String::from("stop");
+        let mut pieces = pieces;
+        while let Some(piece) = pieces.next().await {
+            match piece {
+                Piece::Text(more) => text.push_str(&more),
+                Piece::Finish(reason) => finish = reason,
+                Piece::Failed(message) => return error(StatusCode::BAD_GATEWAY, message),
+            }
+        }
+        let choice = if chat {
+            json!({"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": finish})
+        } else {
+            json!({"index": 0, "text": text, "finish_reason": finish})
+        };
+        return Json(json!({"id": id, "object": object, "created": created, "model": model, "choices": [choice]}))
+            .into_response();
+    }
+    let events = pieces
+        .map(move |piece| {
+            let (delta, finish) = match piece {
+                Piece::Text(text) => (text, Value::Null),
+                Piece::Finish(reason) => (String::new(), Value::String(reason)),
+                Piece::Failed(message) => {
+                    let body = json!({"error": {"message": message, "type": "server_error", "param": null, "code": null}});
+                    return format!("data: {body}\n\n");
+                }
+            };
+            let choice = if chat {
+                json!({"index": 0, "delta": {"content": delta}, "finish_reason": finish})
+            } else {
+                json!({"index": 0, "text": delta, "finish_reason": finish})
+            };
+            let chunk = json!({"id": id, "object": chunk_object, "created": created, "model": model, "choices": [choice]});
+            format!("data: {chunk}\n\n")
+        })
+        .chain(futures_util::stream::once(async { "data: [DONE]\n\n".to_string() }))
+        .map(Ok::<_, std::io::Error>);
+    (
+        [
+            ("content-type", "text/event-stream"),
+            ("cache-control", "no-cache"),
+        ],
+        axum::body::Body::from_stream(events),
+    )
+        .into_response()
+}
+
+#[derive(Debug, Deserialize)]
+pub struct CompletionRequest {
+    model: String,
+    prompt: String,
+    #[serde(default)]
+    max_tokens: Option<usize>,
+    #[serde(default)]
+    stream: bool,
+}
+
+/// `POST /v1/completions`, streamed as server-sent events with `stream: true`.
+pub async fn completions(
+    State(app): State<Arc<AppState>>,
+    body: Result<Bytes, BytesRejection>,
+) -> Response {
+    let request: CompletionRequest = match body
+        .map_err(|r| r.body_text())
+        .and_then(|b| serde_json::from_slice(&b).map_err(|e| format!("malformed request: {e}")))
+    {
+        Ok(request) => request,
+        Err(message) => return error(StatusCode::BAD_REQUEST, message),
+    };
+    match start_generation(&app, &request.model, request.prompt, request.max_tokens).await {
+        Ok(pieces) => answer_generation(pieces, request.model, request.stream, false).await,
+        Err(response) => response,
+    }
+}
+
+#[derive(Debug, Deserialize)]
+pub struct ChatMessage {
+    role: String,
+    content: String,
+}
+
+#[derive(Debug, Deserialize)]
+pub struct ChatRequest {
+    model: String,
+    messages: Vec<ChatMessage>,
+    #[serde(default)]
+    max_tokens: Option<usize>,
+    #[serde(default)]
+    stream: bool,
+}
+
+/// `POST /v1/chat/completions`: the messages become one prompt, `role: content` a line,
+/// ending with `assistant:` for the model to continue.
+pub async fn chat_completions(
+    State(app): State<Arc<AppState>>,
+    body: Result<Bytes, BytesRejection>,
+) -> Response {
+    let request: ChatRequest = match body
+        .map_err(|r| r.body_text())
+        .and_then(|b| serde_json::from_slice(&b).map_err(|e| format!("malformed request: {e}")))
+    {
+        Ok(request) => request,
+        Err(message) => return error(StatusCode::BAD_REQUEST, message),
+    };
+    if request.messages.is_empty() {
+        return error(StatusCode::BAD_REQUEST, "messages must not be empty");
+    }
+    let mut prompt = String::new();
+    for message in &request.messages {
+        prompt.push_str(&format!("{}: {}\n", message.role, message.content));
+    }
+    prompt.push_str("assistant:");
+    match start_generation(&app, &request.model, prompt, request.max_tokens).await {
+        Ok(pieces) => answer_generation(pieces, request.model, request.stream, true).await,
+        Err(response) => response,
+    }
+}
