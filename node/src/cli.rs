@@ -95,6 +95,11 @@ pub enum DeployCommand {
     Scale { name: String, replicas: u32 },
     /// Remove a deployment and all its replicas.
     Delete { name: String },
+    /// Return to the previous version: abandon a rollout in progress, or roll out the
+    /// version the current one was made from.
+    Rollback { name: String },
+    /// One deployment with its replicas.
+    Show { name: String },
 }
 
 #[derive(Debug, Subcommand)]
@@ -581,6 +586,47 @@ pub async fn deploy(command: DeployCommand, args: &ClientArgs) -> anyhow::Result
                 )
                 .await?;
             println!("{}", serde_json::to_string_pretty(&answer)?);
+        }
+        DeployCommand::Rollback { name } => {
+            let answer: serde_json::Value = client
+                .post(
+                    &format!("/api/v1/deployments/{name}/rollback"),
+                    &serde_json::json!({}),
+                )
+                .await?;
+            println!("{}", serde_json::to_string_pretty(&answer)?);
+        }
+        DeployCommand::Show { name } => {
+            let deployments: Vec<serde_json::Value> = client.get("/api/v1/deployments").await?;
+            let Some(deployment) = deployments.iter().find(|d| d["name"] == name.as_str()) else {
+                bail!("no deployment {name}");
+            };
+            if args.output == Output::Json {
+                println!("{}", serde_json::to_string_pretty(deployment)?);
+                return Ok(());
+            }
+            println!(
+                "{name}: model {} version {}, {}/{} ready",
+                text(deployment, "model"),
+                text(deployment, "version"),
+                text(deployment, "replicas_ready"),
+                text(deployment, "replicas_wanted")
+            );
+            let rows: Vec<Vec<String>> = deployment["replicas"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .map(|r| {
+                    vec![
+                        text(r, "id"),
+                        text(r, "version"),
+                        text(r, "node"),
+                        text(r, "state"),
+                        text(r, "failure"),
+                    ]
+                })
+                .collect();
+            print_table(&["REPLICA", "VERSION", "NODE", "STATE", "FAILURE"], &rows);
         }
         DeployCommand::Delete { name } => {
             let answer: serde_json::Value = client

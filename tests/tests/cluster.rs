@@ -421,7 +421,12 @@ async fn a_rolling_update_and_its_rollback_fail_no_request() {
     let stop = Arc::new(AtomicBool::new(false));
     let (traffic, sent) = load(&http, servers, stop.clone());
     for (version, expected) in [(2u32, vec![2u64, 2]), (1, vec![1, 1])] {
-        apply(version);
+        if version == 2 {
+            apply(version);
+        } else {
+            // One command returns to the version the current one was made from.
+            run(&["deploy", "rollback", "iris", "--addr", &addr]);
+        }
         let started = Instant::now();
         while ready_versions(&cluster, &http).await != expected {
             assert!(
@@ -437,6 +442,8 @@ async fn a_rolling_update_and_its_rollback_fail_no_request() {
     stop.store(true, Ordering::Relaxed);
     let failures = traffic.await.unwrap();
     let total = sent.load(Ordering::Relaxed);
+    let shown = run(&["deploy", "show", "iris", "--addr", &addr]);
+    assert!(shown.contains("version 1, 2/2 ready"), "{shown}");
     assert!(total > 50, "too little load: {total}");
     assert!(
         failures.is_empty(),

@@ -11,7 +11,8 @@ use axum::http::{HeaderMap, Method, StatusCode, Uri};
 use axum::response::{IntoResponse, Response};
 use serde::{Deserialize, Serialize};
 use shoal_scheduler::{
-    AutoscalePolicy, BatchingPolicy, Command, DeploymentSpec, ReplicaPolicy, VersionSelector,
+    AutoscalePolicy, BatchingPolicy, Command, DeploymentSpec, ReplicaPolicy, RollbackReason,
+    VersionSelector,
 };
 use std::sync::Arc;
 
@@ -165,6 +166,51 @@ pub async fn scale(
         Written::Here(_) => {
             Ok(Json(serde_json::json!({"name": name, "replicas": scale.replicas})).into_response())
         }
+    }
+}
+
+/// `POST /api/v1/deployments/{name}/rollback`: abandons a rollout in progress (the old
+/// version's replicas are still warm), or, with none, rolls out the version the current
+/// one was made from.
+pub async fn rollback(
+    State(app): State<Arc<AppState>>,
+    Path(name): Path<String>,
+    method: Method,
+    uri: Uri,
+    headers: HeaderMap,
+) -> Result<Response, AdminError> {
+    let state = app.control.state();
+    let Some(deployment) = state.deployments.get(&name) else {
+        return Err(ApiError::NotFound(format!("unknown deployment {name:?}")).into());
+    };
+    let command = match &deployment.rollout {
+        Some(rollout) => Command::RollbackRollout {
+            deployment: name.clone(),
+            version: rollout.to,
+            reason: RollbackReason::Operator,
+        },
+        None => {
+            let previous = state
+                .version(deployment.model(), deployment.stable_version)
+                .and_then(|version| version.parent)
+                .ok_or_else(|| {
+                    ApiError::Conflict(format!(
+                        "{name} runs version {} and no rollout is in progress; there is no previous version to return to",
+                        deployment.stable_version
+                    ))
+                })?;
+            let mut spec = deployment.spec.clone();
+            spec.versions = VersionSelector::Version(previous);
+            Command::UpdateDeployment { spec }
+        }
+    };
+    let request = WriteRequest::new(method, uri, &headers, Bytes::new());
+    match propose(&app, request, &command).await? {
+        Written::Forwarded(response) => Ok(response),
+        Written::Here(outcome) => Ok(Json(
+            serde_json::json!({"name": name, "outcome": format!("{outcome:?}")}),
+        )
+        .into_response()),
     }
 }
 

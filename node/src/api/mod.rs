@@ -177,6 +177,10 @@ pub fn router(state: Arc<AppState>) -> Router {
         )
         .route("/api/v1/deployments/{name}", delete(deployments::delete))
         .route("/api/v1/deployments/{name}/scale", post(deployments::scale))
+        .route(
+            "/api/v1/deployments/{name}/rollback",
+            post(deployments::rollback),
+        )
         .route("/api/v1/nodes", get(nodes::list))
         .route("/api/v1/nodes/{id}/heartbeat", post(nodes::heartbeat))
         .route("/api/v1/nodes/{id}/assignments", get(nodes::assignments))
