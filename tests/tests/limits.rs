@@ -1,5 +1,6 @@
 //! Limits a gateway enforces: a per-model bound on requests in flight (429 with
-//! Retry-After, the rest served) and a caller's deadline (504), while serving on.
+//! Retry-After, the rest served), a caller's deadline (504) and rows per request (413),
+//! while serving on.
 
 #![allow(
     clippy::unwrap_used,
@@ -58,6 +59,14 @@ async fn over_the_admission_limit_is_429_and_past_the_deadline_is_504() {
         .await
         .unwrap();
     assert_eq!(late.status(), 504);
+    let rows: Vec<[f32; 4]> = vec![[5.1, 3.5, 1.4, 0.2]; 1_025];
+    let too_many = json!({"inputs": [{"name": "features", "shape": [rows.len(), 4], "datatype": "FP32", "data": rows}]});
+    let refused = client.post(&url).json(&too_many).send().await.unwrap();
+    assert_eq!(
+        refused.status(),
+        413,
+        "more rows than one request may carry"
+    );
     let served_again = client.post(&url).json(&body()).send().await.unwrap();
     assert_eq!(served_again.status(), 200, "it keeps serving");
     shoal.interrupt();

@@ -225,6 +225,10 @@ pub(super) async fn observed(
     result.unwrap_or_else(IntoResponse::into_response)
 }
 
+/// Most rows one request may carry: a batch a replica can take in a few passes, not a
+/// job that holds it for minutes.
+const ROWS_PER_REQUEST_MAX: usize = 1_024;
+
 /// A caller may ask for a shorter deadline than [`REQUEST_TIMEOUT`] with this header.
 pub const TIMEOUT_HEADER: &str = "x-shoal-timeout-ms";
 
@@ -312,8 +316,13 @@ async fn serve(
     for input in request.inputs {
         inputs.push(oip::to_tensor(input).map_err(ApiError::BadRequest)?);
     }
-    validate_inputs(&resolved.signature, &inputs)
+    let rows = validate_inputs(&resolved.signature, &inputs)
         .map_err(|error| ApiError::BadRequest(error.to_string()))?;
+    if rows > ROWS_PER_REQUEST_MAX {
+        return Err(ApiError::PayloadTooLarge(format!(
+            "{rows} rows in one request; the limit is {ROWS_PER_REQUEST_MAX}, split the batch"
+        )));
+    }
     for wanted in &request.outputs {
         if !resolved
             .signature
