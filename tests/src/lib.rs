@@ -316,6 +316,31 @@ impl ServerCluster {
         self.agents.insert(id, (child, address));
     }
 
+    /// Pushes the model files in `dir` as model `name` through member `via`; returns what
+    /// the CLI printed.
+    pub fn push(&self, via: u64, dir: &Path, name: &str) -> String {
+        let dir = dir.to_str().expect("a UTF-8 path");
+        self.cli(via, &["model", "push", dir, "--name", name])
+    }
+
+    /// Applies a fixed-size deployment named after its model through member `via`.
+    pub fn deploy(&self, via: u64, model: &str, version: u32, replicas: u32) {
+        let file = self.root.join(format!("{model}.toml"));
+        let spec = format!(
+            "name = \"{model}\"\nmodel = \"{model}\"\nversion = {version}\nreplicas = {replicas}\n"
+        );
+        std::fs::write(&file, spec).expect("deployment file");
+        self.cli(
+            via,
+            &[
+                "deploy",
+                "apply",
+                "-f",
+                file.to_str().expect("a UTF-8 path"),
+            ],
+        );
+    }
+
     /// SIGKILLs agent `id`.
     pub fn kill_agent(&mut self, id: u64) {
         if let Some((mut child, _)) = self.agents.remove(&id) {

@@ -165,33 +165,11 @@ async fn a_model_pushed_and_deployed_on_agents_survives_an_agent_and_a_leader_ki
 
     // Train, push, deploy two replicas, through the CLI against a follower.
     let follower = cluster.live().into_iter().find(|&id| id != leader).unwrap();
-    let addr = format!("http://{}", cluster.http[&follower]);
     let model_dir = root.path().join("iris");
     run(&["model", "demo", "--out", model_dir.to_str().unwrap()]);
-    let pushed = run(&[
-        "model",
-        "push",
-        model_dir.to_str().unwrap(),
-        "--name",
-        "iris",
-        "--addr",
-        &addr,
-    ]);
+    let pushed = cluster.push(follower, &model_dir, "iris");
     assert!(pushed.contains("iris version 1"), "{pushed}");
-    let deployment = root.path().join("iris.toml");
-    std::fs::write(
-        &deployment,
-        "name = \"iris\"\nmodel = \"iris\"\nversion = 1\nreplicas = 2\n",
-    )
-    .unwrap();
-    run(&[
-        "deploy",
-        "apply",
-        "-f",
-        deployment.to_str().unwrap(),
-        "--addr",
-        &addr,
-    ]);
+    cluster.deploy(follower, "iris", 1, 2);
     wait_ready(&cluster, &http, follower, 2).await;
 
     let servers: Vec<String> = cluster.http.values().cloned().collect();

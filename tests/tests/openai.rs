@@ -8,7 +8,7 @@
 )]
 
 use serde_json::{Value, json};
-use shoal_tests::{ServerCluster, shoal_binary};
+use shoal_tests::ServerCluster;
 use std::time::{Duration, Instant};
 
 fn cosine(a: &[f64], b: &[f64]) -> f64 {
@@ -33,41 +33,8 @@ async fn minilm_embeddings_through_the_cluster_match_the_reference() {
         .unwrap();
     cluster.leader(&http, Duration::from_secs(20)).await;
     cluster.start_agent(1);
-    let addr = format!("http://{}", cluster.http[&1]);
-    let run = |args: &[&str]| {
-        let output = std::process::Command::new(shoal_binary())
-            .args(args)
-            .output()
-            .unwrap();
-        assert!(
-            output.status.success(),
-            "{}",
-            String::from_utf8_lossy(&output.stderr)
-        );
-    };
-    run(&[
-        "model",
-        "push",
-        model_dir.to_str().unwrap(),
-        "--name",
-        "minilm",
-        "--addr",
-        &addr,
-    ]);
-    let deployment = root.path().join("minilm.toml");
-    std::fs::write(
-        &deployment,
-        "name = \"minilm\"\nmodel = \"minilm\"\nversion = 1\nreplicas = 1\n",
-    )
-    .unwrap();
-    run(&[
-        "deploy",
-        "apply",
-        "-f",
-        deployment.to_str().unwrap(),
-        "--addr",
-        &addr,
-    ]);
+    cluster.push(1, &model_dir, "minilm");
+    cluster.deploy(1, "minilm", 1, 1);
 
     let reference: Value = serde_json::from_str(include_str!(
         "../../actors/tests/reference/minilm_reference.json"
@@ -184,41 +151,8 @@ async fn completions_stream_the_same_tokens_they_answer_whole() {
         .unwrap();
     cluster.leader(&http, Duration::from_secs(20)).await;
     cluster.start_agent(1);
-    let addr = format!("http://{}", cluster.http[&1]);
-    let run = |args: &[&str]| {
-        let output = std::process::Command::new(shoal_binary())
-            .args(args)
-            .output()
-            .unwrap();
-        assert!(
-            output.status.success(),
-            "{}",
-            String::from_utf8_lossy(&output.stderr)
-        );
-    };
-    run(&[
-        "model",
-        "push",
-        model_dir.to_str().unwrap(),
-        "--name",
-        "tiny",
-        "--addr",
-        &addr,
-    ]);
-    let deployment = root.path().join("tiny.toml");
-    std::fs::write(
-        &deployment,
-        "name = \"tiny\"\nmodel = \"tiny\"\nversion = 1\nreplicas = 1\n",
-    )
-    .unwrap();
-    run(&[
-        "deploy",
-        "apply",
-        "-f",
-        deployment.to_str().unwrap(),
-        "--addr",
-        &addr,
-    ]);
+    cluster.push(1, &model_dir, "tiny");
+    cluster.deploy(1, "tiny", 1, 1);
 
     let url = cluster.url(1, "/v1/completions");
     let request = json!({"model": "tiny", "prompt": "hello", "max_tokens": 8});
