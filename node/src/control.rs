@@ -10,7 +10,7 @@ use tokio::sync::watch;
 /// Longest a caller waits for a command to be applied.
 pub const PROPOSAL_TIMEOUT: Duration = Duration::from_secs(10);
 
-fn wire() -> bincode::config::Configuration {
+pub fn wire() -> bincode::config::Configuration {
     bincode::config::standard()
 }
 
@@ -87,20 +87,48 @@ impl StateMachine for ClusterStateMachine {
 /// A cloneable way to propose commands and read the replicated state.
 #[derive(Clone, Debug)]
 pub struct ControlPlane {
-    consensus: ConsensusHandle,
+    /// `None` in a standalone gateway, which follows the state without being a member.
+    consensus: Option<ConsensusHandle>,
     state: watch::Receiver<Arc<ClusterState>>,
+    raft: watch::Receiver<RaftStatus>,
 }
 
 impl ControlPlane {
     pub fn new(consensus: ConsensusHandle, state: watch::Receiver<Arc<ClusterState>>) -> Self {
-        ControlPlane { consensus, state }
+        let raft = consensus.watch_status();
+        ControlPlane {
+            consensus: Some(consensus),
+            state,
+            raft,
+        }
+    }
+
+    /// A view of the state kept by someone else (a standalone gateway following a
+    /// server): reads work, writes answer `NotLeader` with the leader it was told of.
+    pub fn follower(
+        state: watch::Receiver<Arc<ClusterState>>,
+        raft: watch::Receiver<RaftStatus>,
+    ) -> Self {
+        ControlPlane {
+            consensus: None,
+            state,
+            raft,
+        }
+    }
+
+    fn member(&self) -> Result<&ConsensusHandle, ControlError> {
+        self.consensus.as_ref().ok_or_else(|| {
+            ControlError::Consensus(ProposeError::NotLeader {
+                leader: self.raft.borrow().leader,
+            })
+        })
     }
 
     /// Replicates `command` and returns what applying it did.
     pub async fn propose(&self, command: &Command) -> Result<Outcome, ControlError> {
         let data = bincode::serde::encode_to_vec(command, wire())
             .map_err(|error| ControlError::Codec(error.to_string()))?;
-        let answer = self.consensus.propose(data, PROPOSAL_TIMEOUT).await?;
+        let answer = self.member()?.propose(data, PROPOSAL_TIMEOUT).await?;
         let (result, _): (Result<Outcome, Rejected>, usize) =
             bincode::serde::decode_from_slice(&answer, wire())
                 .map_err(|error| ControlError::Codec(error.to_string()))?;
@@ -110,7 +138,7 @@ impl ControlPlane {
     /// The state after every write acknowledged before this call: a linearizable read,
     /// through raft's read index. Works on followers too.
     pub async fn linearizable_state(&self) -> Result<Arc<ClusterState>, ControlError> {
-        let index = self.consensus.read_index(PROPOSAL_TIMEOUT).await?;
+        let index = self.member()?.read_index(PROPOSAL_TIMEOUT).await?;
         let mut states = self.state.clone();
         // The read index is answered after the state machine published that index, so
         // this normally returns at once.
@@ -127,13 +155,13 @@ impl ControlPlane {
 
     pub async fn change_membership(&self, change: MembershipChange) -> Result<(), ControlError> {
         Ok(self
-            .consensus
+            .member()?
             .change_membership(change, PROPOSAL_TIMEOUT)
             .await?)
     }
 
     pub fn transfer_leader(&self, to: u64) -> Result<(), ControlError> {
-        Ok(self.consensus.transfer_leader(to)?)
+        Ok(self.member()?.transfer_leader(to)?)
     }
 
     /// The state as of the last applied run of entries (possibly stale on a follower).
@@ -146,11 +174,11 @@ impl ControlPlane {
     }
 
     pub fn raft_status(&self) -> RaftStatus {
-        self.consensus.status()
+        self.raft.borrow().clone()
     }
 
     pub fn watch_raft(&self) -> watch::Receiver<RaftStatus> {
-        self.consensus.watch_status()
+        self.raft.clone()
     }
 }
 

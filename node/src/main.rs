@@ -11,6 +11,7 @@ mod cli;
 mod control;
 mod datadir;
 mod demo;
+mod gateway;
 mod leases;
 mod loops;
 mod server;
@@ -153,6 +154,21 @@ enum Commands {
         #[arg(long, env = "SHOAL_TOKEN", hide_env_values = true)]
         token: Option<String>,
     },
+    /// Run the HTTP submit endpoint alone: it follows the cluster state from the servers
+    /// and sends inference to agents.
+    Gateway {
+        /// Servers to follow, `HOST:PORT,HOST:PORT,...` (their HTTP addresses).
+        #[arg(long, env = "SHOAL_SERVERS")]
+        servers: String,
+        /// HTTP address for inference (and forwarded admin calls).
+        #[arg(long, default_value = "127.0.0.1:7080", env = "SHOAL_LISTEN")]
+        listen: SocketAddr,
+        /// A scratch directory (locked, so two gateways never share it).
+        #[arg(long, default_value = ".shoal-gateway", env = "SHOAL_DATA_DIR")]
+        data_dir: PathBuf,
+        #[command(flatten)]
+        security: SecurityArgs,
+    },
     /// The control plane's members and leader.
     Cluster {
         #[command(subcommand)]
@@ -190,17 +206,8 @@ enum Commands {
     },
 }
 
-fn agent_config(
-    id: u64,
-    servers: &str,
-    listen: SocketAddr,
-    data_dir: PathBuf,
-    labels: &[String],
-    token: Option<String>,
-) -> anyhow::Result<agent::AgentConfig> {
-    if id == 0 {
-        anyhow::bail!("--id must be at least 1");
-    }
+/// `HOST:PORT,...` (or URLs) as base URLs; at least one.
+fn server_urls(servers: &str) -> anyhow::Result<Vec<String>> {
     let servers: Vec<String> = servers
         .split(',')
         .map(str::trim)
@@ -216,6 +223,21 @@ fn agent_config(
     if servers.is_empty() {
         anyhow::bail!("--servers needs at least one server address");
     }
+    Ok(servers)
+}
+
+fn agent_config(
+    id: u64,
+    servers: &str,
+    listen: SocketAddr,
+    data_dir: PathBuf,
+    labels: &[String],
+    token: Option<String>,
+) -> anyhow::Result<agent::AgentConfig> {
+    if id == 0 {
+        anyhow::bail!("--id must be at least 1");
+    }
+    let servers = server_urls(servers)?;
     let mut parsed = std::collections::BTreeMap::new();
     for label in labels {
         let Some((key, value)) = label.split_once('=') else {
@@ -332,6 +354,27 @@ fn main() -> ExitCode {
             tracing_setup::init(format, "info");
             agent_config(id, &servers, listen, data_dir, &labels, token)
                 .and_then(|config| runtime.block_on(agent::run(config)))
+        }
+        Commands::Gateway {
+            servers,
+            listen,
+            data_dir,
+            security,
+        } => {
+            tracing_setup::init(format, "info");
+            let config = server_urls(&servers).and_then(|servers| {
+                let tokens = security.tokens()?;
+                server::check_exposure(listen, &tokens, security.insecure)?;
+                Ok(gateway::GatewayConfig {
+                    servers,
+                    listen,
+                    data_dir,
+                    tokens,
+                    token: security.own_token.clone(),
+                    admission_limit: security.admission_limit,
+                })
+            });
+            config.and_then(|config| runtime.block_on(gateway::run(config)))
         }
         Commands::Cluster { command, client } => {
             tracing_setup::init(format, "warn");

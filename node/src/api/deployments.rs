@@ -140,7 +140,8 @@ pub struct Scale {
     replicas: u32,
 }
 
-/// `POST /api/v1/deployments/{name}/scale`.
+/// `POST /api/v1/deployments/{name}/scale`: a new size for a fixed deployment, or a count
+/// within an autoscaled one's bounds.
 pub async fn scale(
     State(app): State<Arc<AppState>>,
     Path(name): Path<String>,
@@ -151,9 +152,20 @@ pub async fn scale(
 ) -> Result<Response, AdminError> {
     let body = body.map_err(ApiError::from)?;
     let scale: Scale = json_body(&body)?;
-    let command = Command::SetDesiredReplicas {
-        deployment: name.clone(),
-        replicas: scale.replicas,
+    let state = app.control.state();
+    let Some(deployment) = state.deployments.get(&name) else {
+        return Err(ApiError::NotFound(format!("unknown deployment {name:?}")).into());
+    };
+    // A fixed-size deployment changes its size; an autoscaled one moves within its bounds.
+    let command = if deployment.spec.autoscale.is_none() {
+        let mut spec = deployment.spec.clone();
+        spec.replicas = ReplicaPolicy::fixed(scale.replicas);
+        Command::UpdateDeployment { spec }
+    } else {
+        Command::SetDesiredReplicas {
+            deployment: name.clone(),
+            replicas: scale.replicas,
+        }
     };
     match propose(
         &app,

@@ -43,12 +43,18 @@ pub async fn ready(State(app): State<Arc<AppState>>) -> Result<Json<serde_json::
     }
     let state = app.control.state();
     let routes = app.routes.borrow().clone();
+    // A deployment is served when a replica runs here or on any agent; one scaled to zero
+    // waits for its first request, which is served by holding it.
     let waiting: Vec<&str> = state
         .deployments
         .values()
+        .filter(|deployment| deployment.replicas_desired > 0)
         .map(|deployment| deployment.model())
         .chain(app.required_models.iter().map(String::as_str))
-        .filter(|model| routes.for_model(model).is_empty())
+        .filter(|model| {
+            routes.for_model(model).is_empty()
+                && super::gateway::targets_any_version(&state, model).is_empty()
+        })
         .collect();
     if !waiting.is_empty() {
         return Err(ApiError::Unavailable(format!(

@@ -181,6 +181,7 @@ pub fn router(state: Arc<AppState>) -> Router {
             "/api/v1/deployments/{name}/rollback",
             post(deployments::rollback),
         )
+        .route("/api/v1/state", get(nodes::state))
         .route("/api/v1/nodes", get(nodes::list))
         .route("/api/v1/nodes/{id}/heartbeat", post(nodes::heartbeat))
         .route("/api/v1/nodes/{id}/assignments", get(nodes::assignments))

@@ -184,6 +184,42 @@ pub async fn assignments(
     })
 }
 
+/// The header naming the leader in a state answer, for followers of the state.
+pub const LEADER_HEADER: &str = "x-shoal-leader";
+
+/// `GET /api/v1/state?revision=N&wait_ms=M`: the whole cluster state (bincode), for a
+/// standalone gateway; a blocking query that answers once the state is past revision N
+/// or M ms passed.
+pub async fn state(
+    State(app): State<Arc<AppState>>,
+    Query(options): Query<PollOptions>,
+) -> Response {
+    let wait = Duration::from_millis(options.wait_ms).min(POLL_WAIT_MAX);
+    let mut states = app.control.watch_state();
+    let _ = tokio::time::timeout(
+        wait,
+        states.wait_for(|state| state.applied_index > options.revision),
+    )
+    .await;
+    let state = app.control.state();
+    let Ok(bytes) = bincode::serde::encode_to_vec(state.as_ref(), crate::control::wire()) else {
+        return ApiError::Internal("encoding the state failed".into()).into_response();
+    };
+    let leader = app
+        .control
+        .raft_status()
+        .leader
+        .map_or_else(String::new, |leader| leader.to_string());
+    (
+        [
+            ("content-type", "application/octet-stream".to_string()),
+            (LEADER_HEADER, leader),
+        ],
+        bytes,
+    )
+        .into_response()
+}
+
 #[derive(Debug, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ReplicaReport {

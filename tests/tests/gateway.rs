@@ -1,0 +1,92 @@
+//! `shoal gateway` alone: no raft member, it follows the state from a server, serves
+//! inference through the agents, answers readiness, and forwards admin writes.
+
+#![allow(
+    clippy::unwrap_used,
+    reason = "a test fails loudly on any unexpected error"
+)]
+
+use serde_json::{Value, json};
+use shoal_tests::{ServerCluster, free_addresses, shoal_binary};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_standalone_gateway_follows_the_state_and_serves_through_agents() {
+    let root = tempfile::tempdir().unwrap();
+    let mut cluster = ServerCluster::start(root.path(), 1);
+    let http = reqwest::Client::builder()
+        .timeout(Duration::from_secs(30))
+        .build()
+        .unwrap();
+    cluster.leader(&http, Duration::from_secs(20)).await;
+    cluster.start_agent(1);
+    let model_dir = root.path().join("iris");
+    cluster.cli(1, &["model", "demo", "--out", model_dir.to_str().unwrap()]);
+    cluster.push(1, &model_dir, "iris");
+    cluster.deploy(1, "iris", 1, 1);
+
+    let listen = free_addresses(1).remove(0);
+    let mut gateway = Command::new(shoal_binary())
+        .args([
+            "gateway",
+            "--servers",
+            &cluster.http[&1],
+            "--listen",
+            &listen,
+            "--data-dir",
+        ])
+        .arg(root.path().join("gateway"))
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(root.path().join("gateway.stderr")).unwrap())
+        .spawn()
+        .unwrap();
+    let base = format!("http://{listen}");
+    let started = Instant::now();
+    loop {
+        if let Ok(answer) = http.get(format!("{base}/v2/health/ready")).send().await
+            && answer.status() == 200
+        {
+            break;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(30),
+            "the gateway never became ready: {}",
+            std::fs::read_to_string(root.path().join("gateway.stderr")).unwrap_or_default()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let body = json!({"inputs": [{"name": "features", "shape": [1, 4], "datatype": "FP32", "data": [[6.3, 3.3, 6.0, 2.5]]}]});
+    let answer: Value = http
+        .post(format!("{base}/v2/models/iris/infer"))
+        .json(&body)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let label = answer["outputs"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|o| o["name"] == "label")
+        .unwrap();
+    assert_eq!(label["data"][0], "virginica");
+
+    // An admin write through the gateway reaches the leader.
+    let scaled = http
+        .post(format!("{base}/api/v1/deployments/iris/scale"))
+        .json(&json!({"replicas": 2}))
+        .send()
+        .await
+        .unwrap();
+    assert!(
+        scaled.status().is_success(),
+        "{}",
+        scaled.text().await.unwrap()
+    );
+    let _ = gateway.kill();
+    let _ = gateway.wait();
+    cluster.stop_all();
+}
