@@ -74,6 +74,53 @@ async fn a_standalone_gateway_follows_the_state_and_serves_through_agents() {
         .unwrap();
     assert_eq!(label["data"][0], "virginica");
 
+    // A version that exists but runs nowhere: 503 with Retry-After, and serving goes on.
+    let second = root.path().join("iris-2");
+    cluster.cli(
+        1,
+        &[
+            "model",
+            "demo",
+            "--out",
+            second.to_str().unwrap(),
+            "--seed",
+            "8",
+        ],
+    );
+    cluster.push(1, &second, "iris");
+    let started = Instant::now();
+    let idle = loop {
+        let answer = http
+            .post(format!("{base}/v2/models/iris/versions/2/infer"))
+            .json(&body)
+            .send()
+            .await
+            .unwrap();
+        if answer.status() != 404 {
+            break answer;
+        }
+        // The gateway has not followed the new version yet.
+        assert!(started.elapsed() < Duration::from_secs(10));
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert_eq!(idle.status(), 503);
+    assert_eq!(idle.headers()["retry-after"], "1");
+    let message: Value = idle.json().await.unwrap();
+    assert!(
+        message["error"]
+            .as_str()
+            .unwrap()
+            .contains("no ready replica"),
+        "{message}"
+    );
+    let again = http
+        .post(format!("{base}/v2/models/iris/versions/1/infer"))
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(again.status(), 200);
+
     // An admin write through the gateway reaches the leader.
     let scaled = http
         .post(format!("{base}/api/v1/deployments/iris/scale"))

@@ -213,6 +213,20 @@ async fn completions_stream_the_same_tokens_they_answer_whole() {
     let first: Value = serde_json::from_str(&data[0]).unwrap();
     assert_eq!(first["object"], "chat.completion.chunk");
 
+    // The same model over the Open Inference Protocol: BYTES prompts in, BYTES text out.
+    let oip = json!({"inputs": [{"name": "text", "shape": [2], "datatype": "BYTES", "data": ["hello", "hi"]}]});
+    let answer: Value = http
+        .post(cluster.url(1, "/v2/models/tiny/infer"))
+        .json(&oip)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(answer["outputs"][0]["datatype"], "BYTES", "{answer}");
+    assert_eq!(answer["outputs"][0]["shape"], json!([2]));
+
     // Bad input in OpenAI's envelope.
     let bad = http
         .post(&url)

@@ -17,6 +17,21 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
+/// The leader's answer to a forwarded request, passed on with the header a client acts on.
+fn relay(
+    status: StatusCode,
+    retry_after: Option<axum::http::HeaderValue>,
+    bytes: axum::body::Bytes,
+) -> Response {
+    let mut response = (status, [("content-type", "application/json")], bytes).into_response();
+    if let Some(retry_after) = retry_after {
+        response
+            .headers_mut()
+            .insert(axum::http::header::RETRY_AFTER, retry_after);
+    }
+    response
+}
+
 /// Marks a request another server forwarded, so it is never forwarded again.
 pub const FORWARDED_HEADER: &str = "x-shoal-forwarded";
 
@@ -85,10 +100,14 @@ impl Forwarder {
             .map_err(|error| ApiError::Unavailable(format!("reaching the leader: {error}")))?;
         let status =
             StatusCode::from_u16(answer.status().as_u16()).unwrap_or(StatusCode::BAD_GATEWAY);
+        let retry_after = answer
+            .headers()
+            .get(axum::http::header::RETRY_AFTER)
+            .cloned();
         let bytes = answer.bytes().await.map_err(|error| {
             ApiError::Unavailable(format!("reading the leader's answer: {error}"))
         })?;
-        Ok((status, [("content-type", "application/json")], bytes).into_response())
+        Ok(relay(status, retry_after, bytes))
     }
 
     /// Sends the request to `leader`, found in the replicated server list or, before the
@@ -133,10 +152,14 @@ impl Forwarder {
         })?;
         let status =
             StatusCode::from_u16(answer.status().as_u16()).unwrap_or(StatusCode::BAD_GATEWAY);
+        let retry_after = answer
+            .headers()
+            .get(axum::http::header::RETRY_AFTER)
+            .cloned();
         let bytes = answer.bytes().await.map_err(|error| {
             ApiError::DeadlineExceeded(format!("reading the leader's answer: {error}"))
         })?;
-        Ok((status, [("content-type", "application/json")], bytes).into_response())
+        Ok(relay(status, retry_after, bytes))
     }
 }
 
