@@ -431,3 +431,68 @@ async fn a_rolling_update_and_its_rollback_fail_no_request() {
     );
     cluster.stop_all();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_traffic_split_sends_requests_to_both_versions() {
+    let root = tempfile::tempdir().unwrap();
+    let mut cluster = ServerCluster::start(root.path(), 1);
+    let http = reqwest::Client::builder()
+        .timeout(Duration::from_secs(35))
+        .build()
+        .unwrap();
+    cluster.leader(&http, Duration::from_secs(20)).await;
+    cluster.start_agent(1);
+    cluster.start_agent(2);
+    for seed in ["7", "8"] {
+        let dir = root.path().join(format!("iris-{seed}"));
+        cluster.cli(
+            1,
+            &[
+                "model",
+                "demo",
+                "--out",
+                dir.to_str().unwrap(),
+                "--seed",
+                seed,
+            ],
+        );
+        cluster.push(1, &dir, "iris");
+    }
+    let file = root.path().join("split.toml");
+    std::fs::write(
+        &file,
+        "name = \"iris\"\nmodel = \"iris\"\nreplicas = 2\nsplit = [{version = 1, weight = 50}, {version = 2, weight = 50}]\n",
+    )
+    .unwrap();
+    cluster.cli(1, &["deploy", "apply", "-f", file.to_str().unwrap()]);
+    let started = Instant::now();
+    while ready_versions(&cluster, &http).await != vec![1, 2] {
+        assert!(
+            started.elapsed() < Duration::from_secs(30),
+            "the split never ran both versions"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let body = json!({"inputs": [{"name": "features", "shape": [1, 4], "datatype": "FP32", "data": [[5.1, 3.5, 1.4, 0.2]]}]});
+    let mut served = std::collections::BTreeMap::new();
+    for _ in 0..60 {
+        let answer: Value = http
+            .post(cluster.url(1, "/v2/models/iris/infer"))
+            .json(&body)
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        *served
+            .entry(answer["model_version"].as_str().unwrap().to_string())
+            .or_insert(0) += 1;
+    }
+    assert_eq!(served.len(), 2, "both versions serve: {served:?}");
+    assert!(
+        served.values().all(|count| *count >= 10),
+        "roughly half each: {served:?}"
+    );
+    cluster.stop_all();
+}

@@ -12,7 +12,7 @@ use axum::response::{IntoResponse, Response};
 use serde::{Deserialize, Serialize};
 use shoal_scheduler::{
     AutoscalePolicy, BatchingPolicy, Command, DeploymentSpec, ReplicaPolicy, RollbackReason,
-    VersionSelector,
+    VersionSelector, VersionWeight,
 };
 use std::sync::Arc;
 
@@ -29,6 +29,9 @@ pub struct DeploymentFile {
     /// Follow whatever version this alias names.
     #[serde(default)]
     pub alias: Option<String>,
+    /// Run several versions at once, each taking a share of replicas and traffic by weight.
+    #[serde(default)]
+    pub split: Option<Vec<VersionWeight>>,
     /// Replicas to start with (and to keep, without autoscaling).
     #[serde(default = "one")]
     pub replicas: u32,
@@ -67,10 +70,15 @@ fn downscale_delay_ms() -> u64 {
 impl DeploymentFile {
     /// The scheduler's spec; refuses contradictions before anything is proposed.
     pub fn spec(&self) -> Result<DeploymentSpec, String> {
-        let versions = match (&self.version, &self.alias) {
-            (Some(version), None) => VersionSelector::Version(*version),
-            (None, Some(alias)) => VersionSelector::Alias(alias.clone()),
-            _ => return Err("give exactly one of `version` and `alias`".into()),
+        let versions = match (&self.version, &self.alias, &self.split) {
+            (Some(version), None, None) => VersionSelector::Version(*version),
+            (None, Some(alias), None) => VersionSelector::Alias(alias.clone()),
+            (None, None, Some(split)) if split.iter().any(|share| share.weight > 0) => {
+                VersionSelector::Split(split.clone())
+            }
+            _ => {
+                return Err("give exactly one of `version`, `alias` and a non-zero `split`".into());
+            }
         };
         let mut spec = DeploymentSpec::new(&self.name, &self.model, 0, self.replicas);
         spec.versions = versions;

@@ -104,6 +104,23 @@ impl Gateway {
         x
     }
 
+    /// A version drawn in proportion to `weights`; `None` when they are all zero.
+    pub fn pick_weighted(&self, weights: &[shoal_scheduler::VersionWeight]) -> Option<u32> {
+        let total: u64 = weights.iter().map(|w| u64::from(w.weight)).sum();
+        if total == 0 {
+            return None;
+        }
+        let mut draw = self.next_random() % total;
+        for share in weights {
+            let weight = u64::from(share.weight);
+            if draw < weight {
+                return Some(share.version);
+            }
+            draw -= weight;
+        }
+        None
+    }
+
     fn load_of(&self, replica: ReplicaId) -> usize {
         self.outstanding
             .lock()
@@ -278,6 +295,30 @@ mod tests {
         for _ in 0..20 {
             assert_eq!(gateway.choose(&candidates).replica, ReplicaId(2));
         }
+    }
+
+    #[test]
+    fn versions_are_drawn_in_proportion_to_their_weights() {
+        let gateway = Gateway::new().unwrap();
+        let weights = [
+            shoal_scheduler::VersionWeight {
+                version: 1,
+                weight: 90,
+            },
+            shoal_scheduler::VersionWeight {
+                version: 2,
+                weight: 10,
+            },
+        ];
+        let draws = 10_000;
+        let second = (0..draws)
+            .filter(|_| gateway.pick_weighted(&weights) == Some(2))
+            .count();
+        assert!(
+            (800..1_200).contains(&second),
+            "{second} of {draws} went to the 10% version"
+        );
+        assert_eq!(gateway.pick_weighted(&[]), None);
     }
 
     #[test]

@@ -235,6 +235,20 @@ pub(super) async fn observed(
 /// job that holds it for minutes.
 const ROWS_PER_REQUEST_MAX: usize = 1_024;
 
+/// For a request that names no version: the version its deployment's traffic split (or
+/// rollout in progress) sends it to, drawn by weight.
+fn split_version(app: &AppState, state: &ClusterState, model: &str) -> Option<u32> {
+    let deployment = state.deployments.values().find(|d| d.model() == model)?;
+    let mut ready_groups = std::collections::BTreeMap::new();
+    for replica in state.replicas_of(deployment.name()) {
+        if replica.shard == 0 && replica.state == shoal_scheduler::ReplicaState::Ready {
+            *ready_groups.entry(replica.version).or_insert(0u32) += 1;
+        }
+    }
+    let weights = shoal_scheduler::rollout::traffic(deployment, &ready_groups);
+    app.gateway.pick_weighted(&weights)
+}
+
 /// A caller may ask for a shorter deadline than [`REQUEST_TIMEOUT`] with this header.
 pub const TIMEOUT_HEADER: &str = "x-shoal-timeout-ms";
 
@@ -317,7 +331,13 @@ async fn serve(
     let request: InferRequest = serde_json::from_slice(&body)
         .map_err(|error| ApiError::BadRequest(format!("malformed infer request: {error}")))?;
     let state = app.control.state();
-    let resolved = resolve(&state, model, version)?;
+    let mut resolved = resolve(&state, model, version)?;
+    if version.is_none()
+        && let Some(chosen) = split_version(app, &state, model)
+        && let Some(split) = state.version(model, chosen)
+    {
+        resolved = split;
+    }
     let mut inputs = Vec::with_capacity(request.inputs.len());
     for input in request.inputs {
         inputs.push(oip::to_tensor(input).map_err(ApiError::BadRequest)?);
