@@ -160,14 +160,28 @@ impl Client {
         })
     }
 
-    async fn get<T: DeserializeOwned>(&self, path: &str) -> anyhow::Result<T> {
-        let response = self
-            .http
-            .get(format!("{}{path}", self.base))
+    /// One call with an optional JSON body; the answer decoded, or its error explained.
+    async fn call<T: DeserializeOwned>(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        body: Option<Vec<u8>>,
+    ) -> anyhow::Result<T> {
+        let mut request = self.http.request(method, format!("{}{path}", self.base));
+        if let Some(body) = body {
+            request = request
+                .header("content-type", "application/json")
+                .body(body);
+        }
+        let response = request
             .send()
             .await
             .with_context(|| format!("cannot reach Shoal at {} (set SHOAL_ADDR)", self.base))?;
         decode(response).await
+    }
+
+    async fn get<T: DeserializeOwned>(&self, path: &str) -> anyhow::Result<T> {
+        self.call(reqwest::Method::GET, path, None).await
     }
 
     async fn put<B: serde::Serialize, T: DeserializeOwned>(
@@ -175,24 +189,12 @@ impl Client {
         path: &str,
         body: &B,
     ) -> anyhow::Result<T> {
-        let response = self
-            .http
-            .put(format!("{}{path}", self.base))
-            .json(body)
-            .send()
-            .await
-            .with_context(|| format!("cannot reach Shoal at {} (set SHOAL_ADDR)", self.base))?;
-        decode(response).await
+        let body = serde_json::to_vec(body)?;
+        self.call(reqwest::Method::PUT, path, Some(body)).await
     }
 
     async fn delete<T: DeserializeOwned>(&self, path: &str) -> anyhow::Result<T> {
-        let response = self
-            .http
-            .delete(format!("{}{path}", self.base))
-            .send()
-            .await
-            .with_context(|| format!("cannot reach Shoal at {} (set SHOAL_ADDR)", self.base))?;
-        decode(response).await
+        self.call(reqwest::Method::DELETE, path, None).await
     }
 
     async fn post<B: serde::Serialize, T: DeserializeOwned>(
@@ -200,14 +202,8 @@ impl Client {
         path: &str,
         body: &B,
     ) -> anyhow::Result<T> {
-        let response = self
-            .http
-            .post(format!("{}{path}", self.base))
-            .json(body)
-            .send()
-            .await
-            .with_context(|| format!("cannot reach Shoal at {} (set SHOAL_ADDR)", self.base))?;
-        decode(response).await
+        let body = serde_json::to_vec(body)?;
+        self.call(reqwest::Method::POST, path, Some(body)).await
     }
 }
 

@@ -104,6 +104,7 @@ pub async fn run(config: UpConfig) -> anyhow::Result<()> {
         gateway: crate::api::gateway::Gateway::new().context("building the gateway client")?,
         load: Arc::default(),
         admission: crate::api::Admission::new(config.admission_limit),
+        embedded: true,
     });
     let mut server = tokio::spawn(
         axum::serve(listener, api::router(app))

@@ -80,38 +80,12 @@ impl Forwarder {
         headers: &HeaderMap,
         body: Bytes,
     ) -> Result<Response, ApiError> {
-        let Some(base) = self.addresses(state, 0).remove(&leader) else {
-            return Err(ApiError::Unavailable(
-                "the leader's address is not known yet; retry".into(),
-            ));
-        };
-        let mut request = self
-            .http
-            .post(format!("{base}{path}"))
-            .header(FORWARDED_HEADER, "1")
-            .header("content-type", "application/json")
-            .body(body);
-        if let Some(authorization) = headers.get(axum::http::header::AUTHORIZATION) {
-            request = request.header(axum::http::header::AUTHORIZATION, authorization.clone());
-        }
-        let answer = request
-            .send()
+        let authorization = headers.get(axum::http::header::AUTHORIZATION).cloned();
+        self.send_to_leader(state, leader, Method::POST, path, authorization, body)
             .await
-            .map_err(|error| ApiError::Unavailable(format!("reaching the leader: {error}")))?;
-        let status =
-            StatusCode::from_u16(answer.status().as_u16()).unwrap_or(StatusCode::BAD_GATEWAY);
-        let retry_after = answer
-            .headers()
-            .get(axum::http::header::RETRY_AFTER)
-            .cloned();
-        let bytes = answer.bytes().await.map_err(|error| {
-            ApiError::Unavailable(format!("reading the leader's answer: {error}"))
-        })?;
-        Ok(relay(status, retry_after, bytes))
     }
 
-    /// Sends the request to `leader`, found in the replicated server list or, before the
-    /// leader registered itself there, in the configured peers.
+    /// Sends the request to `leader`.
     async fn forward(
         &self,
         state: &ClusterState,
@@ -125,6 +99,23 @@ impl Forwarder {
             body,
             ..
         } = request;
+        let path = uri.path_and_query().map_or("/", |p| p.as_str());
+        self.send_to_leader(state, leader, method, path, authorization, body)
+            .await
+    }
+
+    /// One forwarded call: to `leader`, found in the replicated server list or, before it
+    /// registered itself there, in the configured peers; marked forwarded, with the
+    /// caller's credentials; the answer relayed as it came.
+    async fn send_to_leader(
+        &self,
+        state: &ClusterState,
+        leader: u64,
+        method: Method,
+        path: &str,
+        authorization: Option<axum::http::HeaderValue>,
+        body: Bytes,
+    ) -> Result<Response, ApiError> {
         let registered = state
             .servers
             .get(&leader)
@@ -137,17 +128,16 @@ impl Forwarder {
                 ),
             });
         };
-        let path = uri.path_and_query().map_or("/", |p| p.as_str());
         let mut forwarded = self
             .http
             .request(method, format!("{base}{path}"))
             .header(FORWARDED_HEADER, "1")
             .header("content-type", "application/json");
         if let Some(authorization) = authorization {
-            forwarded = forwarded.header("authorization", authorization);
+            forwarded = forwarded.header(axum::http::header::AUTHORIZATION, authorization);
         }
         let answer = forwarded.body(body).send().await.map_err(|error| {
-            // The leader may have applied it before the connection broke.
+            // The leader may have acted on it before the connection broke.
             ApiError::DeadlineExceeded(format!("forwarding to the leader ({base}) failed: {error}"))
         })?;
         let status =

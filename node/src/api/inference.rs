@@ -53,7 +53,7 @@ pub async fn ready(State(app): State<Arc<AppState>>) -> Result<Json<serde_json::
         .chain(app.required_models.iter().map(String::as_str))
         .filter(|model| {
             routes.for_model(model).is_empty()
-                && super::gateway::targets_any_version(&state, model).is_empty()
+                && (app.embedded || super::gateway::targets_any_version(&state, model).is_empty())
         })
         .collect();
     if !waiting.is_empty() {
@@ -369,6 +369,12 @@ async fn serve(
         .iter()
         .filter(|route| route.version == resolved.version)
         .collect();
+    if candidates.is_empty() && app.embedded {
+        return Err(ApiError::Unavailable(format!(
+            "model {model:?} version {} has no ready replica yet",
+            resolved.version
+        )));
+    }
     if candidates.is_empty() {
         // No replica in this process: send it to one on an agent.
         let mut targets = super::gateway::targets(&state, model, resolved.version);

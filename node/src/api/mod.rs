@@ -58,6 +58,8 @@ pub struct AppState {
     pub load: Arc<crate::leases::LoadBoard>,
     /// Per-model bound on requests in flight through this gateway.
     pub admission: Admission,
+    /// `shoal up`: replicas run only in this process; there are no agents to send to.
+    pub embedded: bool,
 }
 
 /// Default bound on one model's requests in flight through one gateway: far above what a

@@ -262,6 +262,12 @@ async fn start_generation(
         });
         return Ok(Box::pin(pieces));
     }
+    if app.embedded {
+        return Err(error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("model {model:?} has no ready replica yet"),
+        ));
+    }
     let mut targets = super::gateway::targets(&state, model, version);
     if targets.is_empty() {
         targets = super::gateway::targets_any_version(&state, model);
