@@ -300,8 +300,12 @@ async fn heartbeat(
     mut stopping: watch::Receiver<bool>,
 ) {
     let mut joined = false;
+    let mut delivered = true;
     loop {
-        beat.load = plane.take_load(HEARTBEAT_INTERVAL);
+        // A beat that did not get through is sent again as it was, load included.
+        if delivered {
+            beat.load = plane.take_load(HEARTBEAT_INTERVAL);
+        }
         let answer = servers
             .request(
                 reqwest::Method::POST,
@@ -324,8 +328,16 @@ async fn heartbeat(
                     .unwrap_or_else(|e| e.to_string());
                 tracing::warn!(server = servers.base(), %status, "heartbeat failed; trying the next server");
                 servers.rotate();
+                delivered = false;
+                // The lease keeps running: try the next server soon, not an interval later.
+                tokio::select! {
+                    _ = stopping.changed() => return,
+                    () = tokio::time::sleep(RETRY_PAUSE) => {}
+                }
+                continue;
             }
         }
+        delivered = true;
         tokio::select! {
             _ = stopping.changed() => return,
             () = tokio::time::sleep(HEARTBEAT_INTERVAL) => {}

@@ -16,6 +16,10 @@ use tokio::sync::watch;
 /// second), not one slow one.
 pub const LEASE_TTL: Duration = Duration::from_secs(3);
 
+/// The lease a new leader grants every node: agents learn of the new leader only when a
+/// heartbeat fails over to it, so a healthy node must not go Down for that.
+const NEW_LEADER_GRACE: Duration = Duration::from_secs(2 * 3);
+
 /// How often the leader looks for expired leases.
 const CHECK_INTERVAL: Duration = Duration::from_millis(250);
 
@@ -32,13 +36,14 @@ impl Leases {
         }
     }
 
-    /// Gives every node in `state` a full lease from `now`: what a new leader does, since
-    /// it has not been hearing heartbeats until now.
+    /// Gives every node in `state` a lease of [`NEW_LEADER_GRACE`] from `now`: what a new
+    /// leader does, since it has not been hearing heartbeats until now and agents need a
+    /// moment to find it.
     fn grant_all(&self, state: &ClusterState, now: Instant) {
         if let Ok(mut expires) = self.expires.lock() {
             expires.clear();
             for node in state.nodes.keys() {
-                expires.insert(*node, now + LEASE_TTL);
+                expires.insert(*node, now + NEW_LEADER_GRACE);
             }
         }
     }
@@ -216,10 +221,24 @@ mod tests {
         let state = state_with_nodes(&[1, 2]);
         let leases = Leases::default();
         let start = Instant::now();
-        leases.grant_all(&state, start);
-        assert!(leases.expired(&state, start + LEASE_TTL / 2).is_empty());
+        leases.renew(NodeId(1), start);
         leases.renew(NodeId(2), start + LEASE_TTL / 2);
+        assert!(leases.expired(&state, start + LEASE_TTL / 2).is_empty());
         assert_eq!(leases.expired(&state, start + LEASE_TTL), vec![NodeId(1)]);
+    }
+
+    #[test]
+    fn a_new_leader_gives_every_node_time_to_find_it() {
+        let state = state_with_nodes(&[1, 2]);
+        let leases = Leases::default();
+        let start = Instant::now();
+        leases.grant_all(&state, start);
+        assert!(
+            leases
+                .expired(&state, start + LEASE_TTL + LEASE_TTL / 2)
+                .is_empty()
+        );
+        assert_eq!(leases.expired(&state, start + NEW_LEADER_GRACE).len(), 2);
     }
 
     #[test]
