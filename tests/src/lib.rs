@@ -14,6 +14,14 @@ use std::time::{Duration, Instant};
 /// Longest a fresh `shoal up` may take to become ready (it trains the demo model).
 pub const READY_TIMEOUT: Duration = Duration::from_secs(120);
 
+/// An HTTP client whose every request gives up after `timeout`.
+pub fn http_client(timeout: Duration) -> reqwest::Client {
+    reqwest::Client::builder()
+        .timeout(timeout)
+        .build()
+        .expect("an HTTP client")
+}
+
 /// The `shoal` binary: `$SHOAL_BIN`, else `shoal` next to this test's `deps` directory
 /// (cargo builds it there when `cargo test --workspace` runs).
 pub fn shoal_binary() -> PathBuf {

@@ -7,7 +7,7 @@
     reason = "a test fails loudly on any unexpected error"
 )]
 
-use shoal_tests::{ServerCluster, sha256_hex, shoal_binary};
+use shoal_tests::{ServerCluster, http_client, sha256_hex, shoal_binary};
 use std::io::Write;
 use std::path::Path;
 use std::time::Duration;
@@ -53,10 +53,7 @@ async fn holders(cluster: &ServerCluster, http: &reqwest::Client, digest: &str) 
 async fn a_pushed_version_is_durable_on_a_majority_and_survives_losing_a_server() {
     let root = tempfile::tempdir().unwrap();
     let mut cluster = ServerCluster::start(root.path(), 3);
-    let http = reqwest::Client::builder()
-        .timeout(Duration::from_secs(10))
-        .build()
-        .unwrap();
+    let http = http_client(Duration::from_secs(10));
     let leader = cluster.leader(&http, Duration::from_secs(20)).await;
     let follower = cluster.live().into_iter().find(|&id| id != leader).unwrap();
 
@@ -113,10 +110,7 @@ async fn a_pushed_version_is_durable_on_a_majority_and_survives_losing_a_server(
 async fn bad_uploads_and_code_are_refused_and_leave_nothing_behind() {
     let root = tempfile::tempdir().unwrap();
     let cluster = ServerCluster::start(root.path(), 3);
-    let http = reqwest::Client::builder()
-        .timeout(Duration::from_secs(10))
-        .build()
-        .unwrap();
+    let http = http_client(Duration::from_secs(10));
     let leader = cluster.leader(&http, Duration::from_secs(20)).await;
 
     // Content that does not hash to the digest it claims.

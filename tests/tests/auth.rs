@@ -7,7 +7,7 @@
     reason = "a test fails loudly on any unexpected error"
 )]
 
-use shoal_tests::{ServerCluster, shoal_binary};
+use shoal_tests::{ServerCluster, http_client, shoal_binary};
 use std::time::Duration;
 
 const ADMIN: &str = "shoal_admin_token_for_tests";
@@ -40,10 +40,7 @@ async fn tokens_gate_each_route_by_scope_and_survive_forwarding() {
         &["--tokens", tokens_file.to_str().unwrap()],
         &[("SHOAL_TOKEN", ADMIN)],
     );
-    let http = reqwest::Client::builder()
-        .timeout(Duration::from_secs(5))
-        .build()
-        .unwrap();
+    let http = http_client(Duration::from_secs(5));
     // Health stays open for probes; wait for a leader through it.
     let leader = cluster.leader(&http, Duration::from_secs(20)).await;
     let follower = cluster.live().into_iter().find(|&id| id != leader).unwrap();

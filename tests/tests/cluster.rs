@@ -10,7 +10,7 @@
 )]
 
 use serde_json::{Value, json};
-use shoal_tests::{ServerCluster, shoal_binary};
+use shoal_tests::{ServerCluster, http_client, shoal_binary};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
@@ -135,10 +135,7 @@ fn load(
 async fn a_model_pushed_and_deployed_on_agents_survives_an_agent_and_a_leader_kill() {
     let root = tempfile::tempdir().unwrap();
     let mut cluster = ServerCluster::start(root.path(), 3);
-    let http = reqwest::Client::builder()
-        .timeout(Duration::from_secs(35))
-        .build()
-        .unwrap();
+    let http = http_client(Duration::from_secs(35));
     let leader = cluster.leader(&http, Duration::from_secs(20)).await;
     cluster.start_agent(1);
     cluster.start_agent(2);
@@ -251,10 +248,7 @@ async fn wanted(cluster: &ServerCluster, http: &reqwest::Client) -> u64 {
 async fn load_scales_a_deployment_up_idleness_to_zero_and_a_request_brings_it_back() {
     let root = tempfile::tempdir().unwrap();
     let mut cluster = ServerCluster::start(root.path(), 1);
-    let http = reqwest::Client::builder()
-        .timeout(Duration::from_secs(35))
-        .build()
-        .unwrap();
+    let http = http_client(Duration::from_secs(35));
     cluster.leader(&http, Duration::from_secs(20)).await;
     cluster.start_agent(1);
     let addr = format!("http://{}", cluster.http[&1]);
@@ -344,10 +338,7 @@ async fn ready_versions(cluster: &ServerCluster, http: &reqwest::Client) -> Vec<
 async fn a_rolling_update_and_its_rollback_fail_no_request() {
     let root = tempfile::tempdir().unwrap();
     let mut cluster = ServerCluster::start(root.path(), 1);
-    let http = reqwest::Client::builder()
-        .timeout(Duration::from_secs(35))
-        .build()
-        .unwrap();
+    let http = http_client(Duration::from_secs(35));
     cluster.leader(&http, Duration::from_secs(20)).await;
     cluster.start_agent(1);
     cluster.start_agent(2);
@@ -436,10 +427,7 @@ async fn a_rolling_update_and_its_rollback_fail_no_request() {
 async fn a_traffic_split_sends_requests_to_both_versions() {
     let root = tempfile::tempdir().unwrap();
     let mut cluster = ServerCluster::start(root.path(), 1);
-    let http = reqwest::Client::builder()
-        .timeout(Duration::from_secs(35))
-        .build()
-        .unwrap();
+    let http = http_client(Duration::from_secs(35));
     cluster.leader(&http, Duration::from_secs(20)).await;
     cluster.start_agent(1);
     cluster.start_agent(2);

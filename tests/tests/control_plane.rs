@@ -10,8 +10,8 @@
 )]
 
 use serde_json::{Value, json};
-use shoal_tests::ServerCluster;
 use shoal_tests::linearizability::{Op, Operation, Verdict, check};
+use shoal_tests::{ServerCluster, http_client};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -23,10 +23,7 @@ const LEADER_TIMEOUT: Duration = Duration::from_secs(20);
 const CHECK_STATES_MAX: usize = 5_000_000;
 
 fn client() -> reqwest::Client {
-    reqwest::Client::builder()
-        .timeout(Duration::from_secs(3))
-        .build()
-        .unwrap()
+    http_client(Duration::from_secs(3))
 }
 
 /// What one client call did, as the checker needs it.

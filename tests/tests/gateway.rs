@@ -7,7 +7,7 @@
 )]
 
 use serde_json::{Value, json};
-use shoal_tests::{ServerCluster, free_addresses, shoal_binary};
+use shoal_tests::{ServerCluster, free_addresses, http_client, shoal_binary};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -15,10 +15,7 @@ use std::time::{Duration, Instant};
 async fn a_standalone_gateway_follows_the_state_and_serves_through_agents() {
     let root = tempfile::tempdir().unwrap();
     let mut cluster = ServerCluster::start(root.path(), 1);
-    let http = reqwest::Client::builder()
-        .timeout(Duration::from_secs(30))
-        .build()
-        .unwrap();
+    let http = http_client(Duration::from_secs(30));
     cluster.leader(&http, Duration::from_secs(20)).await;
     cluster.start_agent(1);
     let model_dir = root.path().join("iris");

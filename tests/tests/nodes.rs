@@ -8,7 +8,7 @@
 )]
 
 use serde_json::{Value, json};
-use shoal_tests::ServerCluster;
+use shoal_tests::{ServerCluster, http_client};
 use std::time::{Duration, Instant};
 
 async fn node_status(cluster: &ServerCluster, http: &reqwest::Client, via: u64) -> Value {
@@ -41,10 +41,7 @@ async fn beat(cluster: &ServerCluster, http: &reqwest::Client, via: u64) -> reqw
 async fn a_silent_node_goes_down_and_a_heartbeat_brings_it_back() {
     let root = tempfile::tempdir().unwrap();
     let cluster = ServerCluster::start(root.path(), 3);
-    let http = reqwest::Client::builder()
-        .timeout(Duration::from_secs(35))
-        .build()
-        .unwrap();
+    let http = http_client(Duration::from_secs(35));
     let leader = cluster.leader(&http, Duration::from_secs(20)).await;
     let follower = cluster.live().into_iter().find(|&id| id != leader).unwrap();
 

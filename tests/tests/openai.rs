@@ -8,7 +8,7 @@
 )]
 
 use serde_json::{Value, json};
-use shoal_tests::ServerCluster;
+use shoal_tests::{ServerCluster, http_client};
 use std::time::{Duration, Instant};
 
 fn cosine(a: &[f64], b: &[f64]) -> f64 {
@@ -27,10 +27,7 @@ async fn minilm_embeddings_through_the_cluster_match_the_reference() {
         std::fs::write(model_dir.join(name), bytes).unwrap();
     }
     let mut cluster = ServerCluster::start(root.path(), 1);
-    let http = reqwest::Client::builder()
-        .timeout(Duration::from_secs(60))
-        .build()
-        .unwrap();
+    let http = http_client(Duration::from_secs(60));
     cluster.leader(&http, Duration::from_secs(20)).await;
     cluster.start_agent(1);
     cluster.push(1, &model_dir, "minilm");
@@ -145,10 +142,7 @@ async fn completions_stream_the_same_tokens_they_answer_whole() {
         std::fs::write(model_dir.join(name), bytes).unwrap();
     }
     let mut cluster = ServerCluster::start(root.path(), 1);
-    let http = reqwest::Client::builder()
-        .timeout(Duration::from_secs(60))
-        .build()
-        .unwrap();
+    let http = http_client(Duration::from_secs(60));
     cluster.leader(&http, Duration::from_secs(20)).await;
     cluster.start_agent(1);
     cluster.push(1, &model_dir, "tiny");
