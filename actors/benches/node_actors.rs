@@ -99,6 +99,7 @@ fn mlp_batcher(
         queue_delay_max: Duration::from_millis(2),
         queue_capacity: 1_024,
         model: "bench-mlp".into(),
+        version: 1,
     };
     batcher::spawn(Arc::clone(model), config, compute.clone(), Activity::new()).0
 }
@@ -231,6 +232,7 @@ fn main() {
             queue_capacity: 64,
             new_tokens_limit: NEW_TOKENS,
             model: "bench-llama".into(),
+            version: 1,
         };
         let (handle, _task) = generate::spawn(llama, config, compute.clone());
         handle.complete(&request(99)).await.expect("warm up");

@@ -73,6 +73,7 @@ fn main() {
     let devices = discover_devices();
     let usage = runtime.block_on(async {
         let manager = DeviceHandle::start(DeviceManagerArgs {
+            node: "gpu-check".into(),
             devices: devices.clone(),
             policy: DevicePolicy::default(),
             on_evict: None,

@@ -37,6 +37,8 @@ impl Default for RestartPolicy {
 /// How an agent runs its host.
 #[derive(Clone)]
 pub struct AgentConfig {
+    /// This host's node id, for metric labels.
+    pub node: String,
     /// Threads that run forward passes (and loads); at least one.
     pub compute_threads: usize,
     pub device_policy: DevicePolicy,
@@ -47,6 +49,7 @@ pub struct AgentConfig {
 impl Default for AgentConfig {
     fn default() -> Self {
         AgentConfig {
+            node: "1".to_string(),
             compute_threads: std::thread::available_parallelism().map_or(1, usize::from),
             device_policy: DevicePolicy::default(),
             restart: RestartPolicy::default(),
@@ -58,6 +61,7 @@ impl Default for AgentConfig {
 impl std::fmt::Debug for AgentConfig {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("AgentConfig")
+            .field("node", &self.node)
             .field("compute_threads", &self.compute_threads)
             .field("device_policy", &self.device_policy)
             .field("restart", &self.restart)
@@ -148,20 +152,24 @@ impl AgentState {
                     });
             }
         }
-        let serving = self
-            .replicas
-            .values()
-            .filter(|r| r.serving.is_some())
-            .count();
-        let metrics = shoal_ops::metrics::metrics();
-        metrics
-            .replicas
-            .with_label_values(&["ready"])
-            .set(serving as i64);
-        metrics
-            .replicas
-            .with_label_values(&["loading"])
-            .set((self.replicas.len() - serving) as i64);
+        let mut counts: BTreeMap<(&str, u32, &str), i64> = BTreeMap::new();
+        for running in self.replicas.values() {
+            let state = if running.serving.is_some() {
+                "ready"
+            } else {
+                "loading"
+            };
+            let key = (running.spec.model.as_str(), running.spec.version, state);
+            *counts.entry(key).or_default() += 1;
+        }
+        // Rebuilt from scratch, so a model this agent no longer runs leaves no stale series.
+        let gauge = &shoal_ops::metrics::metrics().replicas;
+        gauge.reset();
+        for ((model, version, state), count) in counts {
+            gauge
+                .with_label_values(&[model, &version.to_string(), state])
+                .set(count);
+        }
         self.args.routes.send_replace(Arc::new(routes));
     }
 
@@ -259,6 +267,7 @@ impl Actor for Agent {
     ) -> Result<AgentState, ActorProcessingErr> {
         let agent = myself.clone();
         let device_args = DeviceManagerArgs {
+            node: args.config.node.clone(),
             devices: args.devices.clone(),
             policy: args.config.device_policy.clone(),
             on_evict: Some(Arc::new(move |replica, device| {

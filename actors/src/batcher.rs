@@ -35,8 +35,9 @@ pub struct BatcherConfig {
     pub queue_delay_max: Duration,
     /// Requests that may wait; beyond this they are refused as overloaded.
     pub queue_capacity: usize,
-    /// The model's name, for metric labels.
+    /// The model's name and version, for metric labels.
     pub model: String,
+    pub version: u32,
 }
 
 /// Why a request got no result.
@@ -62,6 +63,24 @@ struct Job {
     enqueued_at: Instant,
     deadline: Instant,
     reply: oneshot::Sender<Result<Vec<NamedTensor>, InferError>>,
+    /// Counts the job in `shoal_queued_requests` until its batch starts (or it is dropped).
+    queued: Option<Queued>,
+}
+
+/// One request in the queued-requests gauge, for as long as it lives.
+pub(crate) struct Queued(prometheus::IntGauge);
+
+impl Queued {
+    pub(crate) fn new(gauge: &prometheus::IntGauge) -> Queued {
+        gauge.inc();
+        Queued(gauge.clone())
+    }
+}
+
+impl Drop for Queued {
+    fn drop(&mut self) {
+        self.0.dec();
+    }
 }
 
 /// The sending side of a batcher; clone it freely. The batcher stops, after answering
@@ -70,8 +89,26 @@ struct Job {
 pub struct BatcherHandle {
     queue: Queue,
     signature: Arc<Signature>,
-    model: Arc<str>,
     control: Arc<Control>,
+    metrics: HandleMetrics,
+}
+
+/// The metrics a handle updates, resolved once for its model and version.
+#[derive(Clone, Debug)]
+struct HandleMetrics {
+    overloaded: prometheus::IntCounter,
+    queued: prometheus::IntGauge,
+}
+
+impl HandleMetrics {
+    fn new(model: &str, version: u32) -> HandleMetrics {
+        let metrics = shoal_ops::metrics::metrics();
+        let labels = [model, &version.to_string()];
+        HandleMetrics {
+            overloaded: metrics.overloaded_total.with_label_values(&labels),
+            queued: metrics.queued_requests.with_label_values(&labels),
+        }
+    }
 }
 
 #[derive(Clone, Debug)]
@@ -150,14 +187,12 @@ impl BatcherHandle {
             enqueued_at: Instant::now(),
             deadline,
             reply,
+            queued: Some(Queued::new(&self.metrics.queued)),
         };
         match jobs.try_send(job) {
             Ok(()) => {}
             Err(mpsc::error::TrySendError::Full(_)) => {
-                shoal_ops::metrics::metrics()
-                    .overloaded_total
-                    .with_label_values(&[&self.model])
-                    .inc();
+                self.metrics.overloaded.inc();
                 return Err(InferError::Overloaded);
             }
             Err(mpsc::error::TrySendError::Closed(_)) if *self.control.draining.borrow() => {
@@ -250,7 +285,7 @@ pub fn spawn(
     let handle = BatcherHandle {
         queue: Queue::Rows(jobs),
         signature: Arc::new(model.signature().clone()),
-        model: Arc::from(config.model.as_str()),
+        metrics: HandleMetrics::new(&config.model, config.version),
         control: Arc::new(Control {
             draining,
             finished,
@@ -270,12 +305,13 @@ pub fn for_generation(
     generation: GenerationHandle,
     signature: Signature,
     model: &str,
+    version: u32,
     activity: Arc<Activity>,
 ) -> BatcherHandle {
     let (draining, _) = watch::channel(false);
     BatcherHandle {
         signature: Arc::new(signature),
-        model: Arc::from(model),
+        metrics: HandleMetrics::new(model, version),
         control: Arc::new(Control {
             draining,
             finished: generation.finished(),
@@ -329,14 +365,11 @@ async fn run(
     mut draining: watch::Receiver<bool>,
 ) -> Result<(), BatcherCrashed> {
     let metrics = shoal_ops::metrics::metrics();
+    let labels = [config.model.as_str(), &config.version.to_string()];
     let metrics = Arc::new(BatchMetrics {
-        batch_rows: metrics.batch_rows.with_label_values(&[&config.model]),
-        queue_seconds: metrics
-            .queue_duration_seconds
-            .with_label_values(&[&config.model]),
-        compute_seconds: metrics
-            .compute_duration_seconds
-            .with_label_values(&[&config.model]),
+        batch_rows: metrics.batch_rows.with_label_values(&labels),
+        queue_seconds: metrics.queue_duration_seconds.with_label_values(&labels),
+        compute_seconds: metrics.compute_duration_seconds.with_label_values(&labels),
     });
     let mut carried: Option<Job> = None;
     let mut in_flight: std::collections::VecDeque<JoinHandle<Result<(), BatcherCrashed>>> =
@@ -400,7 +433,8 @@ async fn run(
 
         let now = Instant::now();
         let mut live = Vec::with_capacity(batch.len());
-        for job in batch {
+        for mut job in batch {
+            job.queued = None;
             if job.reply.is_closed() {
                 continue;
             }

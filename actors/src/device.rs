@@ -273,6 +273,8 @@ pub enum DeviceError {
 
 /// What the manager is started with.
 pub struct DeviceManagerArgs {
+    /// This host's node id, for metric labels.
+    pub node: String,
     pub devices: Vec<Device>,
     pub policy: DevicePolicy,
     /// Told about every eviction; `None` where nobody stops evicted replicas (tests).
@@ -284,6 +286,7 @@ pub struct DeviceManagerArgs {
 pub struct DeviceManager;
 
 pub struct DeviceState {
+    node: String,
     devices: Vec<Device>,
     ledgers: Vec<Ledger>,
     policy: DevicePolicy,
@@ -298,26 +301,27 @@ impl DeviceState {
     }
 
     fn publish(&self, index: usize) {
-        let label = self.devices[index].id.to_string();
+        let device = self.devices[index].id.to_string();
+        let label = [self.node.as_str(), &device];
         let metrics = shoal_ops::metrics::metrics();
         let reserved = i64::try_from(self.ledgers[index].reserved_bytes()).unwrap_or(i64::MAX);
         let total = i64::try_from(self.ledgers[index].capacity_bytes()).unwrap_or(i64::MAX);
         metrics
             .device_memory_reserved_bytes
-            .with_label_values(&[&label])
+            .with_label_values(&label)
             .set(reserved);
         metrics
             .device_memory_total_bytes
-            .with_label_values(&[&label])
+            .with_label_values(&label)
             .set(total);
         if let Some(used) = used_bytes(&self.devices[index]) {
             metrics
                 .device_memory_used_bytes
-                .with_label_values(&[&label])
+                .with_label_values(&label)
                 .set(i64::try_from(used).unwrap_or(i64::MAX));
         }
         // The ledger keeps the running total; the counter catches up to it.
-        let evictions = metrics.device_evictions_total.with_label_values(&[&label]);
+        let evictions = metrics.device_evictions_total.with_label_values(&label);
         let counted = evictions.get();
         evictions.inc_by(
             self.ledgers[index]
@@ -380,6 +384,7 @@ impl Actor for DeviceManager {
             })
             .collect();
         let state = DeviceState {
+            node: args.node,
             devices: args.devices,
             ledgers,
             policy: args.policy,
@@ -529,6 +534,7 @@ mod tests {
             evict_idle: false,
         };
         let manager = DeviceHandle::start(DeviceManagerArgs {
+            node: "test".into(),
             devices: cpu(1_000),
             policy,
             on_evict: None,
@@ -563,6 +569,7 @@ mod tests {
         let evicted = Arc::new(Mutex::new(Vec::new()));
         let sink_evicted = Arc::clone(&evicted);
         let manager = DeviceHandle::start(DeviceManagerArgs {
+            node: "test".into(),
             devices: cpu(100),
             policy: DevicePolicy {
                 headroom_percent: 0,

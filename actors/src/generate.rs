@@ -10,6 +10,7 @@
 //! Bounds: `queue_capacity` requests may wait (beyond that `Overloaded`), at most
 //! `running_max` run, and each stream holds at most one sequence's tokens.
 
+use crate::batcher::Queued;
 use crate::compute::ComputePool;
 use crate::runtime::RuntimeError;
 use std::sync::Arc;
@@ -49,8 +50,9 @@ pub struct GenerationConfig {
     pub queue_capacity: usize,
     /// Upper bound on `max_new_tokens` a request may ask for.
     pub new_tokens_limit: usize,
-    /// The model's name, for logs.
+    /// The model's name and version, for logs and metric labels.
     pub model: String,
+    pub version: u32,
 }
 
 /// One generation request.
@@ -164,6 +166,35 @@ struct Pending {
     max_new_tokens: usize,
     deadline: Instant,
     events: mpsc::Sender<Event>,
+    submitted_at: Instant,
+    /// Counts the request in `shoal_queued_requests` until it starts (or is dropped).
+    queued: Option<Queued>,
+}
+
+/// The metrics one continuous batcher updates, resolved once for its model and version.
+#[derive(Clone, Debug)]
+struct TokenMetrics {
+    queued: prometheus::IntGauge,
+    first_token_seconds: prometheus::Histogram,
+    inter_token_seconds: prometheus::Histogram,
+    tokens: prometheus::IntCounter,
+}
+
+impl TokenMetrics {
+    fn new(model: &str, version: u32) -> TokenMetrics {
+        let metrics = shoal_ops::metrics::metrics();
+        let labels = [model, &version.to_string()];
+        TokenMetrics {
+            queued: metrics.queued_requests.with_label_values(&labels),
+            first_token_seconds: metrics
+                .time_to_first_token_seconds
+                .with_label_values(&labels),
+            inter_token_seconds: metrics
+                .inter_token_latency_seconds
+                .with_label_values(&labels),
+            tokens: metrics.generated_tokens_total.with_label_values(&labels),
+        }
+    }
 }
 
 /// The sending side of a continuous batcher; clone it freely.
@@ -177,6 +208,7 @@ pub struct GenerationHandle {
     draining: Arc<watch::Sender<bool>>,
     finished: watch::Receiver<bool>,
     stats: watch::Receiver<GenerationStats>,
+    metrics: TokenMetrics,
 }
 
 /// What the continuous batcher has done, published after every step.
@@ -236,6 +268,8 @@ impl GenerationHandle {
             max_new_tokens,
             deadline: request.deadline,
             events,
+            submitted_at: Instant::now(),
+            queued: Some(Queued::new(&self.metrics.queued)),
         };
         match self.queue.try_send(pending) {
             Ok(()) => Ok(TokenStream {
@@ -279,6 +313,8 @@ impl GenerationHandle {
 struct Running<S> {
     sequence: S,
     last_token: u32,
+    /// When the previous token was streamed (the request's submission, before the first).
+    last_token_at: Instant,
     generated: Vec<u32>,
     /// Text already streamed, to send only what each token adds.
     text_sent: String,
@@ -298,6 +334,7 @@ pub fn spawn<G: Generator>(
     let (finished_sender, finished) = watch::channel(false);
     let (stats_sender, stats) = watch::channel(GenerationStats::default());
     let encoder_model = Arc::clone(&model);
+    let metrics = TokenMetrics::new(&config.model, config.version);
     let handle = GenerationHandle {
         queue,
         encoder: Encoder(Arc::new(move |text: &str| encoder_model.encode(text))),
@@ -307,9 +344,19 @@ pub fn spawn<G: Generator>(
         draining: Arc::new(draining),
         finished,
         stats,
+        metrics: metrics.clone(),
     };
     let task = tokio::spawn(async move {
-        run(model, config, compute, waiting, draining_seen, stats_sender).await;
+        run(
+            model,
+            config,
+            compute,
+            waiting,
+            draining_seen,
+            stats_sender,
+            metrics,
+        )
+        .await;
         finished_sender.send_replace(true);
     });
     (handle, task)
@@ -330,6 +377,7 @@ async fn run<G: Generator>(
     mut waiting: mpsc::Receiver<Pending>,
     mut draining: watch::Receiver<bool>,
     stats: watch::Sender<GenerationStats>,
+    metrics: TokenMetrics,
 ) {
     let mut running: Vec<Running<G::Sequence>> = Vec::new();
     let mut open = true;
@@ -359,6 +407,9 @@ async fn run<G: Generator>(
                 Ok(pending) => newcomers.push(pending),
                 Err(_) => break,
             }
+        }
+        for pending in &mut newcomers {
+            pending.queued = None;
         }
         let now = Instant::now();
         let before = newcomers.len() + running.len();
@@ -442,6 +493,7 @@ async fn run<G: Generator>(
                         max_new_tokens: pending.max_new_tokens,
                         deadline: pending.deadline,
                         events: pending.events,
+                        last_token_at: pending.submitted_at,
                     });
                 }
             }
@@ -454,7 +506,8 @@ async fn run<G: Generator>(
             }
         }
         // Stream the newest token of each sequence and retire the finished ones.
-        running.retain_mut(|sequence| emit(model.as_ref(), sequence));
+        let now = Instant::now();
+        running.retain_mut(|sequence| emit(model.as_ref(), sequence, &metrics, now));
         stats.send_modify(|stats| stats.running = running.len());
     }
 }
@@ -488,10 +541,25 @@ fn keep<S>(sequence: &Running<S>, now: Instant) -> bool {
 }
 
 /// Sends the sequence's newest token; returns whether it keeps running.
-fn emit<G: Generator>(model: &G, sequence: &mut Running<G::Sequence>) -> bool {
+fn emit<G: Generator>(
+    model: &G,
+    sequence: &mut Running<G::Sequence>,
+    metrics: &TokenMetrics,
+    now: Instant,
+) -> bool {
     let Some(&token) = sequence.generated.last() else {
         return true;
     };
+    // The first token's wait runs from submission (queue and prefill); later ones from
+    // the token before.
+    let waited = now.duration_since(sequence.last_token_at).as_secs_f64();
+    if sequence.generated.len() == 1 {
+        metrics.first_token_seconds.observe(waited);
+    } else {
+        metrics.inter_token_seconds.observe(waited);
+    }
+    metrics.tokens.inc();
+    sequence.last_token_at = now;
     let ended = model.eos_token() == Some(token);
     if !ended {
         let text = model

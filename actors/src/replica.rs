@@ -155,6 +155,7 @@ impl Actor for Replica {
                     queue_delay_max: Duration::from_micros(spec.batching.queue_delay_max_us),
                     queue_capacity: spec.batching.queue_capacity as usize,
                     model: spec.model.clone(),
+                    version: spec.version,
                 };
                 let (handle, task) =
                     batcher::spawn(model, config, state.args.compute.clone(), activity);
@@ -174,6 +175,7 @@ impl Actor for Replica {
                     queue_capacity: spec.batching.queue_capacity as usize,
                     new_tokens_limit: NEW_TOKENS_LIMIT,
                     model: spec.model.clone(),
+                    version: spec.version,
                 };
                 let (generation, task) = generate::spawn(model, config, state.args.compute.clone());
                 let watcher = myself.clone();
@@ -183,15 +185,20 @@ impl Actor for Replica {
                         .map_err(|error| BatcherCrashed(error.to_string()));
                     let _ = watcher.cast(ReplicaMsg::BatcherEnded(ended));
                 });
-                batcher::for_generation(generation, signature, &spec.model, activity)
+                batcher::for_generation(generation, signature, &spec.model, spec.version, activity)
             }
         };
+        let load_time = started.elapsed();
+        shoal_ops::metrics::metrics()
+            .model_load_duration_seconds
+            .with_label_values(&[&spec.model, &spec.version.to_string()])
+            .observe(load_time.as_secs_f64());
         tracing::info!(
             replica = %spec.id,
             model = %spec.model,
             version = spec.version,
             device = %device.id,
-            load_ms = started.elapsed().as_millis() as u64,
+            load_ms = load_time.as_millis() as u64,
             "replica serving"
         );
         state.batcher = Some(handle.clone());

@@ -344,6 +344,16 @@ impl<L: LogStore, S: StateMachine> Core<L, S> {
         self.raw.store()
     }
 
+    /// This member's raft role, as named in the `shoal_raft_role` metric.
+    pub(crate) fn role_name(&self) -> &'static str {
+        match self.raw.raft.state {
+            StateRole::Leader => "leader",
+            StateRole::Candidate => "candidate",
+            StateRole::PreCandidate => "pre_candidate",
+            StateRole::Follower => "follower",
+        }
+    }
+
     pub(crate) fn status(&self) -> RaftStatus {
         let raft = &self.raw.raft;
         let conf_state = self.raw.store().conf_state();

@@ -468,7 +468,7 @@ impl<S: StateMachine> Driver<S> {
         let status = self.core.status();
         let metrics = shoal_ops::metrics::metrics();
         metrics.raft_term.set(saturating_i64(status.term));
-        metrics.raft_is_leader.set(i64::from(status.is_leader));
+        metrics.set_raft_role(self.core.role_name());
         metrics
             .raft_commit_index
             .set(saturating_i64(status.commit_index));

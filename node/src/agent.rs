@@ -105,6 +105,9 @@ impl ArtifactFetcher for CachingFetcher {
                 answer.bytes().await.ok()
             });
             if let Some(bytes) = bytes {
+                shoal_ops::metrics::metrics()
+                    .artifact_fetched_bytes_total
+                    .inc_by(bytes.len() as u64);
                 if self.cache.put(&bytes).ok().as_deref() == Some(digest) {
                     return Ok(bytes.to_vec());
                 }
@@ -545,6 +548,7 @@ async fn generate(
 }
 
 pub async fn run(config: AgentConfig) -> anyhow::Result<()> {
+    shoal_ops::metrics::set_process_role("agent");
     let data_dir = DataDir::lock(&config.data_dir)?;
     let servers = Servers {
         http: reqwest::Client::builder()
@@ -564,8 +568,13 @@ pub async fn run(config: AgentConfig) -> anyhow::Result<()> {
     let (reports, queue) = mpsc::channel(REPORT_QUEUE_CAPACITY);
     tokio::spawn(send_reports(servers.clone(), queue));
     let devices = shoal_actors::device::discover_devices();
+    let actors = shoal_actors::agent::AgentConfig {
+        node: config.id.to_string(),
+        ..Default::default()
+    };
+    let reporter = Arc::new(HttpReporter { reports });
     let (agent, routes) =
-        shoal_actors::agent::start(devices.clone(), fetcher, Arc::new(HttpReporter { reports }))
+        shoal_actors::agent::start_with(devices.clone(), fetcher, reporter, actors)
             .await
             .context("starting the actor system")?;
 

@@ -3,7 +3,7 @@
 //! Down, back to Ready). A new leader grants every node a fresh lease before judging any.
 
 use crate::control::ControlPlane;
-use shoal_scheduler::autoscale::Autoscaler;
+use shoal_scheduler::autoscale::{Autoscaler, recommended_replicas};
 use shoal_scheduler::{
     ClusterState, Command, DeploymentLoad, LoadSnapshot, NodeId, NodeStatus, ReplicaId, ReplicaLoad,
 };
@@ -142,23 +142,62 @@ pub async fn run_autoscaler(
 ) {
     let mut autoscaler = Autoscaler::new();
     loop {
+        let metrics = shoal_ops::metrics::metrics();
         if control.raft_status().is_leader {
             let state = control.state();
             let load = board.snapshot(&state);
+            publish_recommendations(&state, &load);
             for command in autoscaler.decide(&state, &load, crate::store::now_ms()) {
+                let Command::SetDesiredReplicas {
+                    deployment,
+                    replicas,
+                } = &command
+                else {
+                    continue;
+                };
+                let current = state
+                    .deployments
+                    .get(deployment)
+                    .map_or(0, |d| d.replicas_desired);
+                let direction = if *replicas > current { "up" } else { "down" };
                 match control.propose(&command).await {
-                    Ok(_) => tracing::info!(?command, "autoscaler changed a replica count"),
+                    Ok(_) => {
+                        tracing::info!(?command, "autoscaler changed a replica count");
+                        metrics
+                            .autoscaler_decisions_total
+                            .with_label_values(&[deployment, direction])
+                            .inc();
+                    }
                     Err(error) => tracing::warn!(%error, "autoscaler proposal not applied"),
                 }
             }
         } else {
             // A new leader starts with fresh stabilisation windows.
             autoscaler = Autoscaler::new();
+            metrics.autoscaler_recommended_replicas.reset();
         }
         tokio::select! {
             _ = shutdown.changed() => return,
             () = tokio::time::sleep(AUTOSCALE_INTERVAL) => {}
         }
+    }
+}
+
+/// Sets what the load asks of each autoscaled deployment, windows aside.
+fn publish_recommendations(state: &ClusterState, load: &LoadSnapshot) {
+    let gauge = &shoal_ops::metrics::metrics().autoscaler_recommended_replicas;
+    gauge.reset();
+    let idle = DeploymentLoad::default();
+    for deployment in state.deployments.values() {
+        let Some(policy) = &deployment.spec.autoscale else {
+            continue;
+        };
+        let bounds = deployment.spec.replicas;
+        let load = load.deployments.get(deployment.name()).unwrap_or(&idle);
+        let recommended = recommended_replicas(policy, bounds.min, bounds.max, load);
+        gauge
+            .with_label_values(&[deployment.name()])
+            .set(i64::from(recommended));
     }
 }
 

@@ -26,13 +26,29 @@ pub async fn run_controller(control: ControlPlane, mut shutdown: watch::Receiver
     loop {
         if control.raft_status().is_leader {
             let state = control.state();
+            let metrics = shoal_ops::metrics::metrics();
+            let started = std::time::Instant::now();
             // No live load is gathered yet: an empty snapshot judges no canary and evicts
             // nothing.
-            for command in placement::plan(&state, &LoadSnapshot::default(), now_ms()) {
-                match control.propose(&command).await {
-                    Ok(outcome) => tracing::info!(?outcome, "placement applied"),
-                    Err(error) => tracing::warn!(%error, "placement proposal not applied"),
-                }
+            let plan = placement::plan(&state, &LoadSnapshot::default(), now_ms());
+            metrics
+                .placement_round_duration_seconds
+                .observe(started.elapsed().as_secs_f64());
+            for command in plan {
+                let result = match control.propose(&command).await {
+                    Ok(outcome) => {
+                        tracing::info!(?outcome, "placement applied");
+                        "applied"
+                    }
+                    Err(error) => {
+                        tracing::warn!(%error, "placement proposal not applied");
+                        "refused"
+                    }
+                };
+                metrics
+                    .placement_commands_total
+                    .with_label_values(&[command.kind(), result])
+                    .inc();
             }
         }
         tokio::select! {

@@ -8,6 +8,7 @@ mod agent;
 mod api;
 mod auth;
 mod cli;
+mod cluster_metrics;
 mod control;
 mod datadir;
 mod demo;

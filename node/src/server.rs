@@ -116,6 +116,7 @@ impl ServerConfig {
 }
 
 pub async fn run(config: ServerConfig) -> anyhow::Result<()> {
+    shoal_ops::metrics::set_process_role("server");
     let data_dir = DataDir::lock(&config.data_dir)?;
     let mut peers = config.peers.clone();
     peers
@@ -169,6 +170,10 @@ pub async fn run(config: ServerConfig) -> anyhow::Result<()> {
     let address = listener.local_addr()?;
     let (stop, stopping) = watch::channel(false);
     let controller = tokio::spawn(loops::run_controller(control.clone(), stopping.clone()));
+    let publisher = tokio::spawn(crate::cluster_metrics::run_publisher(
+        control.clone(),
+        stopping.clone(),
+    ));
     let autoscaler = tokio::spawn(crate::leases::run_autoscaler(
         control.clone(),
         load,
@@ -199,6 +204,7 @@ pub async fn run(config: ServerConfig) -> anyhow::Result<()> {
         .await;
     let _ = stop.send(true);
     let _ = controller.await;
+    let _ = publisher.await;
     let _ = detector.await;
     let _ = autoscaler.await;
     registration.abort();

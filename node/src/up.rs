@@ -36,6 +36,7 @@ pub struct UpConfig {
 }
 
 pub async fn run(config: UpConfig) -> anyhow::Result<()> {
+    shoal_ops::metrics::set_process_role("up");
     let data_dir = DataDir::lock(&config.data_dir)?;
     let (machine, states) = ClusterStateMachine::new();
     let consensus = shoal_consensus::start(
@@ -78,12 +79,20 @@ pub async fn run(config: UpConfig) -> anyhow::Result<()> {
     let store =
         Arc::new(ArtifactStore::open(&data_dir.blobs()).context("opening the artifact store")?);
     let reporter = Arc::new(ProposingReporter::start(control.clone()));
-    let (agent, routes) = shoal_actors::agent::start(devices, store.clone(), reporter)
+    let actors = shoal_actors::agent::AgentConfig {
+        node: NODE_ID.0.to_string(),
+        ..Default::default()
+    };
+    let (agent, routes) = shoal_actors::agent::start_with(devices, store.clone(), reporter, actors)
         .await
         .context("starting the agent")?;
 
     let (stop, stopping) = watch::channel(false);
     let controller = tokio::spawn(loops::run_controller(control.clone(), stopping.clone()));
+    let publisher = tokio::spawn(crate::cluster_metrics::run_publisher(
+        control.clone(),
+        stopping.clone(),
+    ));
     let reconciler = tokio::spawn(loops::run_reconciler(
         control.clone(),
         NODE_ID,
@@ -142,7 +151,7 @@ pub async fn run(config: UpConfig) -> anyhow::Result<()> {
 
     tracing::info!("http server drained; stopping");
     let _ = stop.send(true);
-    let _ = tokio::join!(controller, reconciler);
+    let _ = tokio::join!(controller, publisher, reconciler);
     agent.stop().await;
     tokio::task::spawn_blocking(move || consensus.shutdown()).await?;
     drop(data_dir);

@@ -135,6 +135,33 @@ pub enum Command {
     },
 }
 
+impl Command {
+    /// The command's kind in snake case, for logs and metric labels.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Command::RegisterNode { .. } => "register_node",
+            Command::RegisterModelVersion { .. } => "register_model_version",
+            Command::CreateDeployment { .. } => "create_deployment",
+            Command::AssignReplica { .. } => "assign_replica",
+            Command::SetReplicaState { .. } => "set_replica_state",
+            Command::SetNodeStatus { .. } => "set_node_status",
+            Command::RemoveNode { .. } => "remove_node",
+            Command::SetAlias { .. } => "set_alias",
+            Command::RemoveAlias { .. } => "remove_alias",
+            Command::UpdateDeployment { .. } => "update_deployment",
+            Command::DeleteDeployment { .. } => "delete_deployment",
+            Command::ReassignReplica { .. } => "reassign_replica",
+            Command::RemoveReplica { .. } => "remove_replica",
+            Command::SetDesiredReplicas { .. } => "set_desired_replicas",
+            Command::StartRollout { .. } => "start_rollout",
+            Command::AdvanceRollout { .. } => "advance_rollout",
+            Command::CompleteRollout { .. } => "complete_rollout",
+            Command::RollbackRollout { .. } => "rollback_rollout",
+            Command::RegisterServer { .. } => "register_server",
+        }
+    }
+}
+
 /// What an accepted command did.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Outcome {

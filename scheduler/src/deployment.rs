@@ -175,6 +175,9 @@ pub struct DeploymentSpec {
     pub placement: PlacementConstraints,
     pub sharding: Sharding,
     pub rollout: RolloutStrategy,
+    /// The 99th percentile request latency the operator promises callers, if any; watched
+    /// by the alert rules, not by placement.
+    pub latency_objective_ms: Option<u64>,
 }
 
 impl DeploymentSpec {
@@ -190,6 +193,7 @@ impl DeploymentSpec {
             placement: PlacementConstraints::default(),
             sharding: Sharding::default(),
             rollout: RolloutStrategy::default(),
+            latency_objective_ms: None,
         }
     }
 }

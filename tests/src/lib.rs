@@ -5,6 +5,7 @@
 //! its HTTP endpoint, its output and its exit code.
 
 pub mod linearizability;
+pub mod prometheus;
 
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
@@ -347,6 +348,19 @@ impl ServerCluster {
                 file.to_str().expect("a UTF-8 path"),
             ],
         );
+    }
+
+    /// The data-plane address (`host:port`) of agent `id`, where it also serves `/metrics`.
+    pub fn agent_address(&self, id: u64) -> &str {
+        &self.agents[&id].1
+    }
+
+    /// Applies the deployment described by the TOML `spec` through member `via`.
+    pub fn apply_deployment(&self, via: u64, name: &str, spec: &str) {
+        let file = self.root.join(format!("{name}.toml"));
+        std::fs::write(&file, spec).expect("deployment file");
+        let path = file.to_str().expect("a UTF-8 path");
+        self.cli(via, &["deploy", "apply", "-f", path]);
     }
 
     /// SIGKILLs agent `id`.

@@ -62,6 +62,7 @@ fn config(
         queue_delay_max,
         queue_capacity,
         model: "doubler".into(),
+        version: 1,
     }
 }
 

@@ -33,6 +33,7 @@ fn config(running_max: usize, queue_capacity: usize) -> GenerationConfig {
         queue_capacity,
         new_tokens_limit: 64,
         model: "tiny-llama".into(),
+        version: 1,
     }
 }
 

@@ -46,10 +46,14 @@ pub async fn put(
         .await
         .map_err(receive_error)?;
     if headers.contains_key(REPLICA_HEADER) {
+        // A copy from another server, not a push: counted where it was pushed.
         return Ok(
             Json(serde_json::json!({"digest": digest, "size_bytes": size_bytes})).into_response(),
         );
     }
+    shoal_ops::metrics::metrics()
+        .artifact_pushed_bytes_total
+        .inc_by(size_bytes);
     let authorization = headers.get(header::AUTHORIZATION).cloned();
     let copies = 1 + replicate(&app, &digest, authorization).await;
     let needed = majority(&app);
@@ -160,6 +164,9 @@ pub async fn ensure_local(
         let Ok(bytes) = answer.bytes().await else {
             continue;
         };
+        shoal_ops::metrics::metrics()
+            .artifact_fetched_bytes_total
+            .inc_by(bytes.len() as u64);
         if hex::encode(Sha256::digest(&bytes)) != digest {
             tracing::warn!(%base, %digest, "a peer served a blob that does not match its digest");
             continue;

@@ -39,6 +39,10 @@ pub struct DeploymentFile {
     pub autoscale: Option<AutoscaleFile>,
     #[serde(default)]
     pub batching: Option<BatchingPolicy>,
+    /// The 99th percentile latency promised to callers, in milliseconds; an alert fires
+    /// when the deployment's model is slower.
+    #[serde(default)]
+    pub latency_objective_ms: Option<u64>,
 }
 
 fn one() -> u32 {
@@ -82,6 +86,10 @@ impl DeploymentFile {
         };
         let mut spec = DeploymentSpec::new(&self.name, &self.model, 0, self.replicas);
         spec.versions = versions;
+        if self.latency_objective_ms == Some(0) {
+            return Err("latency_objective_ms must be at least 1".into());
+        }
+        spec.latency_objective_ms = self.latency_objective_ms;
         if let Some(batching) = self.batching {
             spec.batching = batching;
         }

@@ -21,6 +21,9 @@ const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
 /// The metric label for a model name nobody deployed: keeps label values bounded.
 const UNKNOWN_MODEL_LABEL: &str = "_unknown";
 
+/// The metric label for the version of a request refused before a version was chosen.
+const UNRESOLVED_VERSION_LABEL: &str = "none";
+
 pub async fn live() -> Json<serde_json::Value> {
     Json(serde_json::json!({"live": true}))
 }
@@ -191,6 +194,55 @@ pub async fn version_infer(
     observed(&app, model, Some(version), &headers, body).await
 }
 
+/// One inference request in the gateway metrics: counted in flight while it lives, then
+/// counted and timed by the version that served it and the status it was answered with.
+pub(super) struct Observed {
+    model: String,
+    started: Instant,
+    in_flight: prometheus::IntGauge,
+}
+
+impl Observed {
+    pub(super) fn start(app: &AppState, model: &str) -> Observed {
+        // A name nobody deployed gets one shared label, so label values stay bounded.
+        let model = if app.control.state().models.contains_key(model) {
+            model
+        } else {
+            UNKNOWN_MODEL_LABEL
+        };
+        let in_flight = shoal_ops::metrics::metrics()
+            .requests_in_flight
+            .with_label_values(&[model]);
+        in_flight.inc();
+        Observed {
+            model: model.to_string(),
+            started: Instant::now(),
+            in_flight,
+        }
+    }
+
+    /// Records the answer: `version` is the one that served it, `None` when none was chosen.
+    pub(super) fn finish(self, version: Option<u32>, status: axum::http::StatusCode) {
+        let version =
+            version.map_or_else(|| UNRESOLVED_VERSION_LABEL.to_string(), |v| v.to_string());
+        let metrics = shoal_ops::metrics::metrics();
+        metrics
+            .requests_total
+            .with_label_values(&[&self.model, &version, status.as_str()])
+            .inc();
+        metrics
+            .request_duration_seconds
+            .with_label_values(&[&self.model, &version])
+            .observe(self.started.elapsed().as_secs_f64());
+    }
+}
+
+impl Drop for Observed {
+    fn drop(&mut self) {
+        self.in_flight.dec();
+    }
+}
+
 /// Runs [`serve`] and records its outcome in the request metrics.
 pub(super) async fn observed(
     app: &AppState,
@@ -199,32 +251,20 @@ pub(super) async fn observed(
     headers: &HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Response {
-    let started = Instant::now();
+    let observed = Observed::start(app, &model);
+    let mut served = None;
     let result = match app.admission.admit(&model) {
-        Some(_admitted) => serve(app, &model, version.as_deref(), headers, body).await,
+        Some(_admitted) => serve(app, &model, version.as_deref(), headers, body, &mut served).await,
         None => Err(ApiError::Overloaded(format!(
             "model {model:?} has {} requests in flight here, its limit; retry later",
             app.admission.limit()
         ))),
     };
-    let label = if app.control.state().models.contains_key(&model) {
-        model.as_str()
-    } else {
-        UNKNOWN_MODEL_LABEL
+    let status = match &result {
+        Ok(response) => response.status(),
+        Err(error) => error.status(),
     };
-    let code = match &result {
-        Ok(response) => response.status().as_u16().to_string(),
-        Err(error) => error.status().as_u16().to_string(),
-    };
-    let metrics = shoal_ops::metrics::metrics();
-    metrics
-        .requests_total
-        .with_label_values(&[label, &code])
-        .inc();
-    metrics
-        .request_duration_seconds
-        .with_label_values(&[label])
-        .observe(started.elapsed().as_secs_f64());
+    observed.finish(served, status);
     if let Err(error) = &result {
         tracing::debug!(model = %model, status = %error.status(), %error, "inference request refused");
     }
@@ -325,6 +365,7 @@ async fn serve(
     version: Option<&str>,
     headers: &HeaderMap,
     body: Result<Bytes, BytesRejection>,
+    served: &mut Option<u32>,
 ) -> Result<Response, ApiError> {
     let deadline = tokio::time::Instant::now() + request_timeout(headers);
     let body = body?;
@@ -338,6 +379,7 @@ async fn serve(
     {
         resolved = split;
     }
+    *served = Some(resolved.version);
     let mut inputs = Vec::with_capacity(request.inputs.len());
     for input in request.inputs {
         inputs.push(oip::to_tensor(input).map_err(ApiError::BadRequest)?);

@@ -322,6 +322,28 @@ async fn start_generation(
     Ok(Box::pin(lines))
 }
 
+/// Starts and answers a generation, recorded in the gateway's request metrics (a stream
+/// counts as answered when its first bytes go out).
+async fn observed_generation(
+    app: &AppState,
+    model: String,
+    prompt: String,
+    max_tokens: Option<usize>,
+    stream: bool,
+    chat: bool,
+) -> Response {
+    let observed = super::inference::Observed::start(app, &model);
+    let version = super::inference::resolve(&app.control.state(), &model, None)
+        .ok()
+        .map(|version| version.version);
+    let response = match start_generation(app, &model, prompt, max_tokens).await {
+        Ok(pieces) => answer_generation(pieces, model, stream, chat).await,
+        Err(response) => response,
+    };
+    observed.finish(version, response.status());
+    response
+}
+
 fn now_seconds() -> u64 {
     crate::store::now_ms() / 1000
 }
@@ -412,10 +434,16 @@ pub async fn completions(
         Ok(request) => request,
         Err(message) => return error(StatusCode::BAD_REQUEST, message),
     };
-    match start_generation(&app, &request.model, request.prompt, request.max_tokens).await {
-        Ok(pieces) => answer_generation(pieces, request.model, request.stream, false).await,
-        Err(response) => response,
-    }
+    let chat = false;
+    observed_generation(
+        &app,
+        request.model,
+        request.prompt,
+        request.max_tokens,
+        request.stream,
+        chat,
+    )
+    .await
 }
 
 #[derive(Debug, Deserialize)]
@@ -455,8 +483,14 @@ pub async fn chat_completions(
         prompt.push_str(&format!("{}: {}\n", message.role, message.content));
     }
     prompt.push_str("assistant:");
-    match start_generation(&app, &request.model, prompt, request.max_tokens).await {
-        Ok(pieces) => answer_generation(pieces, request.model, request.stream, true).await,
-        Err(response) => response,
-    }
+    let chat = true;
+    observed_generation(
+        &app,
+        request.model,
+        prompt,
+        request.max_tokens,
+        request.stream,
+        chat,
+    )
+    .await
 }
