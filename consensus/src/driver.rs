@@ -292,8 +292,30 @@ struct Driver<S: StateMachine> {
     peers: BTreeMap<u64, PeerSender>,
 }
 
+/// Every reason a raft message is dropped or an inbound frame refused, so each counter has
+/// a series (at zero) from the start and a rate over it is defined.
+const DROP_REASONS: [&str; 3] = ["inbound_full", "no_address", "queue_full"];
+const REJECT_REASONS: [&str; 5] = [
+    "oversized",
+    "corrupt",
+    "cluster_id",
+    "wrong_member",
+    "log_behind_leader",
+];
+
 impl<S: StateMachine> Driver<S> {
     fn run(mut self) {
+        let metrics = shoal_ops::metrics::metrics();
+        for reason in DROP_REASONS {
+            metrics
+                .raft_messages_dropped_total
+                .with_label_values(&[reason]);
+        }
+        for reason in REJECT_REASONS {
+            metrics
+                .raft_frames_rejected_total
+                .with_label_values(&[reason]);
+        }
         let mut next_tick = Instant::now() + self.tick_interval;
         loop {
             let wait = next_tick.saturating_duration_since(Instant::now());

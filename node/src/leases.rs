@@ -185,7 +185,9 @@ pub async fn run_autoscaler(
 
 /// Sets what the load asks of each autoscaled deployment, windows aside.
 fn publish_recommendations(state: &ClusterState, load: &LoadSnapshot) {
-    let gauge = &shoal_ops::metrics::metrics().autoscaler_recommended_replicas;
+    let metrics = shoal_ops::metrics::metrics();
+    let gauge = &metrics.autoscaler_recommended_replicas;
+    let decisions = &metrics.autoscaler_decisions_total;
     gauge.reset();
     let idle = DeploymentLoad::default();
     for deployment in state.deployments.values() {
@@ -195,6 +197,10 @@ fn publish_recommendations(state: &ClusterState, load: &LoadSnapshot) {
         let bounds = deployment.spec.replicas;
         let load = load.deployments.get(deployment.name()).unwrap_or(&idle);
         let recommended = recommended_replicas(policy, bounds.min, bounds.max, load);
+        // Both directions exist from the start, so a rate over decisions is defined.
+        for direction in ["up", "down"] {
+            decisions.with_label_values(&[deployment.name(), direction]);
+        }
         gauge
             .with_label_values(&[deployment.name()])
             .set(i64::from(recommended));
