@@ -259,10 +259,19 @@ async fn reconcile(
         revision = assignments.revision;
         let mut wanted = Vec::new();
         for assignment in assignments.replicas {
-            let seen = epochs.entry(assignment.id).or_insert(assignment.epoch);
+            let seen = epochs.entry(assignment.id).or_insert(0);
             if assignment.epoch < *seen {
                 tracing::warn!(replica = %assignment.id, epoch = assignment.epoch, newest = *seen, "refusing a stale assignment");
                 continue;
+            }
+            if assignment.epoch > *seen {
+                // The chaos harness reads these lines to check that no agent ever runs a
+                // stale assignment.
+                tracing::info!(
+                    replica = assignment.id.0,
+                    epoch = assignment.epoch,
+                    "accepted an assignment"
+                );
             }
             *seen = assignment.epoch;
             wanted.push(spec_of(assignment));
