@@ -1,5 +1,5 @@
 //! The clients: control-plane operations (the register alias, version registrations,
-//! scaling, draining) and inference, each recorded as invoked and then ok, fail or
+//! re-applying and scaling the deployment, draining) and inference, each recorded as invoked and then ok, fail or
 //! unknown. A 4xx answer is a definite refusal (fail); a 5xx or no answer may or may not
 //! have taken effect (unknown), except for reads and inference, where any answer is a
 //! clear error.
@@ -212,6 +212,21 @@ pub async fn control_client(
                 version,
             };
             (kind, outcome)
+        } else if roll < 85 {
+            let replicas = rng.range(1, 3) as u32;
+            let spec = json!({"name": DEPLOYMENT, "model": DEPLOYMENT, "version": 1,
+                "replicas": replicas});
+            let answer = http
+                .post(format!("{}/api/v1/deployments", base(server)))
+                .json(&spec)
+                .timeout(CONTROL_TIMEOUT)
+                .send()
+                .await;
+            let kind = OpKind::Deploy {
+                deployment: DEPLOYMENT.to_string(),
+                replicas,
+            };
+            (kind, write_outcome(answer))
         } else if roll < 90 {
             let replicas = rng.range(1, 3) as u32;
             let answer = http
