@@ -42,8 +42,11 @@ impl OutcomeCounts {
 pub struct Failover {
     /// Faults aimed at the leader after which a new leader was observed.
     pub measured: usize,
-    /// Faults aimed at the leader after which no new leader was ever observed.
+    /// Leader kills after which no new leader was ever observed.
     pub unresolved: usize,
+    /// Isolations of the leader too short to cost it the lead: no new leader by
+    /// [`KEPT_SLACK`] after healing. Not failovers, so not measured.
+    pub kept: usize,
     /// Nearest-rank percentiles of the measured times; `None` when none was measured.
     pub p50_ms: Option<f64>,
     pub p99_ms: Option<f64>,
@@ -153,9 +156,13 @@ pub fn build(history: &History, verdicts: &[Verdict]) -> Report {
 /// start (it was re-elected). Taking the highest earlier term, rather than the last
 /// observation's, keeps a lagging server's stale report from making the old leader's own
 /// term look new.
+/// How long after an isolation heals a new leader may still appear because of it (a few
+/// election timeouts).
+pub const KEPT_SLACK: Micros = 2_000_000;
+
 fn failover(history: &History) -> Failover {
     let mut times: Vec<Micros> = Vec::new();
-    let mut unresolved = 0;
+    let (mut unresolved, mut kept) = (0, 0);
     for event in &history.nemesis {
         if !matches!(
             event.kind,
@@ -186,9 +193,14 @@ fn failover(history: &History) -> Failover {
             })
             .map(|observation| observation.at)
             .min();
+        let isolation = event.kind == FaultKind::PartitionIsolate;
+        let window_end = event
+            .healed
+            .map_or(Micros::MAX, |healed| healed + KEPT_SLACK);
         match resolved {
-            Some(at) => times.push(at - event.started),
-            None => unresolved += 1,
+            Some(at) if !isolation || at <= window_end => times.push(at - event.started),
+            _ if isolation => kept += 1,
+            _ => unresolved += 1,
         }
     }
     times.sort_unstable();
@@ -196,6 +208,7 @@ fn failover(history: &History) -> Failover {
     Failover {
         measured: times.len(),
         unresolved,
+        kept,
         p50_ms: percentile_ms(50),
         p99_ms: percentile_ms(99),
         max_ms: percentile_ms(100),
@@ -386,12 +399,14 @@ pub fn text(report: &Report) -> String {
     out.push('\n');
     let failover = &report.failover;
     out.push_str(&format!(
-        "leader failover: p50 {} ms, p99 {} ms, max {} ms ({} measured, {} unresolved)\n",
+        "leader failover: p50 {} ms, p99 {} ms, max {} ms ({} measured, {} unresolved, \
+         {} isolations too short to cost the lead)\n",
         optional_ms(failover.p50_ms),
         optional_ms(failover.p99_ms),
         optional_ms(failover.max_ms),
         failover.measured,
-        failover.unresolved
+        failover.unresolved,
+        failover.kept
     ));
 
     out.push('\n');

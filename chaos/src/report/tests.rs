@@ -94,6 +94,7 @@ fn failover_is_measured_from_the_fault_to_a_new_leader() {
         Failover {
             measured: 2,
             unresolved: 1,
+            kept: 0,
             p50_ms: Some(1_500.0),
             p99_ms: Some(2_000.0),
             max_ms: Some(2_000.0),
@@ -115,8 +116,23 @@ fn the_old_leader_in_its_old_term_does_not_resolve_a_failover() {
         ..History::default()
     };
     let failover = build(&history, &[]).failover;
-    assert_eq!((failover.measured, failover.unresolved), (0, 1));
+    assert_eq!(
+        (failover.measured, failover.unresolved, failover.kept),
+        (0, 0, 1)
+    );
     assert_eq!(failover.p50_ms, None);
+}
+
+#[test]
+fn an_isolation_shorter_than_an_election_keeps_the_leader_and_is_not_a_failover() {
+    // Isolated 10-15 s; the next leader change, long after, has other causes.
+    let history = History {
+        nemesis: vec![aimed_at_leader(FaultKind::PartitionIsolate, 10_000, 1)],
+        leaders: vec![leader(9_000, Some(1), 7), leader(40_000, Some(2), 8)],
+        ..History::default()
+    };
+    let failover = build(&history, &[]).failover;
+    assert_eq!((failover.measured, failover.kept), (0, 1));
 }
 
 #[test]
