@@ -321,8 +321,12 @@ impl<S: StateMachine> Driver<S> {
             let wait = next_tick.saturating_duration_since(Instant::now());
             let mut stop = select! {
                 recv(self.inbound) -> inbound => {
-                    if let Ok(inbound) = inbound {
-                        self.step(inbound);
+                    match inbound {
+                        Ok(inbound) => self.step(inbound),
+                        // No transport feeds this member (a single member without a
+                        // listener): stop selecting on a closed queue, which would
+                        // otherwise be ready at once, forever, and spin this thread.
+                        Err(_) => self.inbound = crossbeam_channel::never(),
                     }
                     false
                 }

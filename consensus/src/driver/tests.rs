@@ -725,3 +725,42 @@ async fn garbage_foreign_and_stalled_peers_are_refused_while_the_group_keeps_wor
     }
     group.shutdown().await;
 }
+
+/// CPU time (user + system) a thread of this process named `name` has used, in clock
+/// ticks, from `/proc`.
+fn thread_cpu_ticks(name: &str) -> Option<u64> {
+    for task in std::fs::read_dir("/proc/self/task").ok()?.flatten() {
+        let comm = std::fs::read_to_string(task.path().join("comm")).unwrap_or_default();
+        if comm.trim() != name {
+            continue;
+        }
+        let stat = std::fs::read_to_string(task.path().join("stat")).ok()?;
+        // Fields after the parenthesised name: state is field 3, utime 14, stime 15.
+        let rest = stat.rsplit_once(')')?.1;
+        let fields: Vec<&str> = rest.split_whitespace().collect();
+        let utime: u64 = fields.get(11)?.parse().ok()?;
+        let stime: u64 = fields.get(12)?.parse().ok()?;
+        return Some(utime + stime);
+    }
+    None
+}
+
+#[tokio::test]
+async fn an_idle_member_without_a_listener_does_not_spin() {
+    // Regression: with no transport the inbound queue is closed, and selecting on it
+    // returned at once, so an idle `shoal up` burnt a whole core in its raft driver.
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = ConsensusConfig::single(77, dir.path().join("raft"));
+    config.tick_interval = Duration::from_millis(100);
+    let consensus = start(&config, Recorder::default()).await.unwrap();
+    propose(&consensus.handle(), 1).await.unwrap();
+    let before = thread_cpu_ticks("raft-driver-77").expect("the driver thread");
+    tokio::time::sleep(Duration::from_millis(1_000)).await;
+    let used = thread_cpu_ticks("raft-driver-77").expect("the driver thread") - before;
+    // A spinning driver uses about 100 ticks a second; an idle one a handful at most.
+    assert!(
+        used < 20,
+        "the idle driver used {used} ticks of CPU in a second"
+    );
+    shutdown(consensus).await;
+}
