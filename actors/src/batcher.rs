@@ -410,6 +410,9 @@ async fn run(
             // waits, and no longer than the first request's delay allows.
             let next = match queue.try_recv() {
                 Ok(job) => Some(job),
+                // The delay is spent (or zero): close now. Arming a timer anyway would
+                // cost a tick of tokio's millisecond timer wheel.
+                Err(mpsc::error::TryRecvError::Empty) if Instant::now() >= close_at => None,
                 Err(mpsc::error::TryRecvError::Empty) => {
                     tokio::time::timeout_at(close_at, queue.recv())
                         .await

@@ -173,6 +173,7 @@ pub async fn start<S: StateMachine>(
         tick_interval: config.tick_interval,
         runtime,
         peers,
+        published_role: "",
     };
     let thread = std::thread::Builder::new()
         .name(format!("raft-driver-{}", config.id))
@@ -290,6 +291,8 @@ struct Driver<S: StateMachine> {
     tick_interval: Duration,
     runtime: tokio::runtime::Handle,
     peers: BTreeMap<u64, PeerSender>,
+    /// The role last written to the metrics (labelled gauges are costly to set per loop).
+    published_role: &'static str,
 }
 
 /// Every reason a raft message is dropped or an inbound frame refused, so each counter has
@@ -494,7 +497,11 @@ impl<S: StateMachine> Driver<S> {
         let status = self.core.status();
         let metrics = shoal_ops::metrics::metrics();
         metrics.raft_term.set(saturating_i64(status.term));
-        metrics.set_raft_role(self.core.role_name());
+        let role = self.core.role_name();
+        if role != self.published_role {
+            metrics.set_raft_role(role);
+            self.published_role = role;
+        }
         metrics
             .raft_commit_index
             .set(saturating_i64(status.commit_index));

@@ -680,7 +680,7 @@ pub async fn infer(request: InferArgs, args: &ClientArgs) -> anyhow::Result<()> 
             name: input.name.clone(),
             shape,
             datatype: input.datatype.clone(),
-            data,
+            data: serde_json::from_value(data)?,
         }],
         outputs: Vec::new(),
     };

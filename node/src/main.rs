@@ -273,7 +273,23 @@ fn token(command: &TokenCommand) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Pins candle's intra-op thread count for the whole process, unless the operator chose
+/// one. Without `RAYON_NUM_THREADS` candle asks `num_cpus::get_physical()` on every
+/// operation, which reads and parses `/proc/cpuinfo`: a file read per matmul, several per
+/// forward pass. Same count as candle's default, read once.
+#[allow(unsafe_code)]
+fn pin_intra_op_threads() {
+    if std::env::var_os("RAYON_NUM_THREADS").is_some() {
+        return;
+    }
+    let threads = std::thread::available_parallelism().map_or(1, usize::from);
+    // SAFETY: called first thing in `main`, before any other thread exists, so nothing
+    // reads the environment concurrently.
+    unsafe { std::env::set_var("RAYON_NUM_THREADS", threads.to_string()) };
+}
+
 fn main() -> ExitCode {
+    pin_intra_op_threads();
     let args = Args::parse();
     let format = match args.log_format {
         LogFormatArg::Pretty => LogFormat::Pretty,

@@ -98,7 +98,11 @@ pub struct ArtifactFile {
 pub struct BatchingPolicy {
     /// Most rows one forward pass takes.
     pub batch_size_max: u32,
-    /// Longest a request waits for others to join its batch, in microseconds.
+    /// Longest a request waits for others to join its batch, in microseconds. The default,
+    /// 0, batches what is queued when the model is free, as Triton's dynamic batcher does:
+    /// under load requests queue while the model is busy, so batches still fill, and a
+    /// lone request never waits. (tokio's timer counts whole milliseconds, so a delay
+    /// under a millisecond costs about one.)
     pub queue_delay_max_us: u64,
     /// Most requests waiting for a batch before new ones are refused as overloaded.
     pub queue_capacity: u32,
@@ -108,7 +112,7 @@ impl Default for BatchingPolicy {
     fn default() -> Self {
         BatchingPolicy {
             batch_size_max: 32,
-            queue_delay_max_us: 1_000,
+            queue_delay_max_us: 0,
             queue_capacity: 1_024,
         }
     }

@@ -5,6 +5,7 @@
 //! its HTTP endpoint, its output and its exit code.
 
 pub mod linearizability;
+pub mod load;
 pub mod prometheus;
 
 use std::io::{BufRead, BufReader};
@@ -350,6 +351,16 @@ impl ServerCluster {
         );
     }
 
+    /// The process id of server `id`, if it runs.
+    pub fn server_pid(&self, id: u64) -> Option<u32> {
+        self.processes.get(&id).map(|process| process.child.id())
+    }
+
+    /// The process id of agent `id`, if it runs.
+    pub fn agent_pid(&self, id: u64) -> Option<u32> {
+        self.agents.get(&id).map(|(child, _)| child.id())
+    }
+
     /// The data-plane address (`host:port`) of agent `id`, where it also serves `/metrics`.
     pub fn agent_address(&self, id: u64) -> &str {
         &self.agents[&id].1
@@ -503,6 +514,14 @@ impl ServerCluster {
             );
         }
     }
+}
+
+/// The resident set size of process `pid` in bytes, from `/proc`.
+pub fn rss_bytes(pid: u32) -> Option<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let line = status.lines().find(|line| line.starts_with("VmRSS:"))?;
+    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib * 1024)
 }
 
 /// Lower-case hex sha256, as blobs are addressed.

@@ -21,8 +21,138 @@ pub struct RequestInput {
     pub name: String,
     pub shape: Vec<i64>,
     pub datatype: String,
-    /// Row-major elements, flat or nested as the shape.
-    pub data: serde_json::Value,
+    /// Row-major elements, flat or nested as the shape, flattened as they are read.
+    pub data: Elements,
+}
+
+/// One element of a request's data, as JSON gave it.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Element {
+    Float(f64),
+    Int(i64),
+    Unsigned(u64),
+    Text(String),
+    /// Anything else (`true`, `null`, an object), named for the error message.
+    Other(&'static str),
+}
+
+/// The leaves of a request input's (possibly nested) data array in row-major order.
+///
+/// Read straight from the JSON without building a `serde_json::Value` tree: decoding the
+/// numbers of a request was the largest cost of serving a small model (a `Value` per
+/// element, and an allocation per nested array).
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Elements(pub Vec<Element>);
+
+impl<'de> Deserialize<'de> for Elements {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Elements, D::Error> {
+        let mut elements = Vec::new();
+        deserializer.deserialize_any(Flatten(&mut elements))?;
+        Ok(Elements(elements))
+    }
+}
+
+/// Appends every leaf it visits to the vector, descending into arrays.
+struct Flatten<'a>(&'a mut Vec<Element>);
+
+impl<'de> serde::de::DeserializeSeed<'de> for Flatten<'_> {
+    type Value = ();
+
+    fn deserialize<D: serde::Deserializer<'de>>(self, deserializer: D) -> Result<(), D::Error> {
+        deserializer.deserialize_any(self)
+    }
+}
+
+impl<'de> serde::de::Visitor<'de> for Flatten<'_> {
+    type Value = ();
+
+    fn expecting(&self, formatter: &mut std::fmt::Formatter) -> std::fmt::Result {
+        formatter.write_str("an array of numbers or strings, flat or nested")
+    }
+
+    fn visit_f64<E>(self, value: f64) -> Result<(), E> {
+        self.0.push(Element::Float(value));
+        Ok(())
+    }
+
+    fn visit_i64<E>(self, value: i64) -> Result<(), E> {
+        self.0.push(Element::Int(value));
+        Ok(())
+    }
+
+    fn visit_u64<E>(self, value: u64) -> Result<(), E> {
+        self.0.push(Element::Unsigned(value));
+        Ok(())
+    }
+
+    fn visit_str<E>(self, value: &str) -> Result<(), E> {
+        self.0.push(Element::Text(value.to_string()));
+        Ok(())
+    }
+
+    fn visit_string<E>(self, value: String) -> Result<(), E> {
+        self.0.push(Element::Text(value));
+        Ok(())
+    }
+
+    fn visit_bool<E>(self, value: bool) -> Result<(), E> {
+        self.0
+            .push(Element::Other(if value { "true" } else { "false" }));
+        Ok(())
+    }
+
+    fn visit_unit<E>(self) -> Result<(), E> {
+        self.0.push(Element::Other("null"));
+        Ok(())
+    }
+
+    fn visit_none<E>(self) -> Result<(), E> {
+        self.0.push(Element::Other("null"));
+        Ok(())
+    }
+
+    fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<(), A::Error> {
+        while map
+            .next_entry::<serde::de::IgnoredAny, serde::de::IgnoredAny>()?
+            .is_some()
+        {}
+        self.0.push(Element::Other("an object"));
+        Ok(())
+    }
+
+    fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<(), A::Error> {
+        while seq.next_element_seed(Flatten(&mut *self.0))?.is_some() {}
+        Ok(())
+    }
+}
+
+impl Serialize for Elements {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeSeq;
+        let mut seq = serializer.serialize_seq(Some(self.0.len()))?;
+        for element in &self.0 {
+            match element {
+                Element::Float(value) => seq.serialize_element(value)?,
+                Element::Int(value) => seq.serialize_element(value)?,
+                Element::Unsigned(value) => seq.serialize_element(value)?,
+                Element::Text(value) => seq.serialize_element(value)?,
+                Element::Other(_) => seq.serialize_element(&())?,
+            }
+        }
+        seq.end()
+    }
+}
+
+impl std::fmt::Display for Element {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Element::Float(value) => write!(f, "{value}"),
+            Element::Int(value) => write!(f, "{value}"),
+            Element::Unsigned(value) => write!(f, "{value}"),
+            Element::Text(value) => write!(f, "{value:?}"),
+            Element::Other(what) => f.write_str(what),
+        }
+    }
 }
 
 #[derive(Debug, Deserialize, Serialize)]
@@ -110,42 +240,43 @@ pub fn to_tensor(input: RequestInput) -> Result<NamedTensor, String> {
         };
         shape.push(dimension);
     }
-    let mut leaves = Vec::new();
-    flatten(&input.data, &mut leaves);
-    let bad_element = |index: usize, expected: &str| {
-        format!(
-            "input {:?}: element {index} is {}, expected {expected}",
-            input.name, leaves[index]
-        )
+    let name = &input.name;
+    let bad_element = |index: usize, element: &Element, expected: &str| {
+        format!("input {name:?}: element {index} is {element}, expected {expected}")
     };
+    let elements = input.data.0;
     let data = match datatype {
         DataType::Fp32 => {
-            let mut values = Vec::with_capacity(leaves.len());
-            for (index, leaf) in leaves.iter().enumerate() {
-                let value = leaf
-                    .as_f64()
-                    .ok_or_else(|| bad_element(index, "a number"))?;
-                values.push(value as f32);
+            let mut values = Vec::with_capacity(elements.len());
+            for (index, element) in elements.iter().enumerate() {
+                values.push(match *element {
+                    Element::Float(value) => value as f32,
+                    Element::Int(value) => value as f32,
+                    Element::Unsigned(value) => value as f32,
+                    _ => return Err(bad_element(index, element, "a number")),
+                });
             }
             TensorData::Fp32(values)
         }
         DataType::Int64 => {
-            let mut values = Vec::with_capacity(leaves.len());
-            for (index, leaf) in leaves.iter().enumerate() {
-                let value = leaf
-                    .as_i64()
-                    .ok_or_else(|| bad_element(index, "an integer"))?;
-                values.push(value);
+            let mut values = Vec::with_capacity(elements.len());
+            for (index, element) in elements.iter().enumerate() {
+                values.push(match *element {
+                    Element::Int(value) => value,
+                    Element::Unsigned(value) => i64::try_from(value)
+                        .map_err(|_| bad_element(index, element, "an integer"))?,
+                    _ => return Err(bad_element(index, element, "an integer")),
+                });
             }
             TensorData::Int64(values)
         }
         DataType::Bytes => {
-            let mut values = Vec::with_capacity(leaves.len());
-            for (index, leaf) in leaves.iter().enumerate() {
-                let value = leaf
-                    .as_str()
-                    .ok_or_else(|| bad_element(index, "a string"))?;
-                values.push(value.to_string());
+            let mut values = Vec::with_capacity(elements.len());
+            for (index, element) in elements.into_iter().enumerate() {
+                match element {
+                    Element::Text(value) => values.push(value),
+                    other => return Err(bad_element(index, &other, "a string")),
+                }
             }
             TensorData::Bytes(values)
         }
@@ -155,18 +286,6 @@ pub fn to_tensor(input: RequestInput) -> Result<NamedTensor, String> {
         shape,
         data,
     })
-}
-
-/// Collects the leaves of nested arrays in row-major order.
-fn flatten<'a>(value: &'a serde_json::Value, leaves: &mut Vec<&'a serde_json::Value>) {
-    match value {
-        serde_json::Value::Array(items) => {
-            for item in items {
-                flatten(item, leaves);
-            }
-        }
-        leaf => leaves.push(leaf),
-    }
 }
 
 /// Converts a replica's output tensor into the protocol's shape.
@@ -195,8 +314,28 @@ mod tests {
             name: "x".into(),
             shape,
             datatype: datatype.into(),
-            data,
+            data: serde_json::from_value(data).unwrap(),
         }
+    }
+
+    #[test]
+    fn elements_flatten_nested_arrays_and_name_what_is_not_data() {
+        let elements: Elements =
+            serde_json::from_str(r#"[[1, -2], [3.5, "x"], [true, null, {"a": [1]}]]"#).unwrap();
+        assert_eq!(
+            elements.0,
+            vec![
+                Element::Unsigned(1),
+                Element::Int(-2),
+                Element::Float(3.5),
+                Element::Text("x".into()),
+                Element::Other("true"),
+                Element::Other("null"),
+                Element::Other("an object"),
+            ]
+        );
+        let refused = to_tensor(input("FP32", vec![2], json!([1, {"a": 1}]))).unwrap_err();
+        assert!(refused.contains("element 1 is an object"), "{refused}");
     }
 
     #[test]

