@@ -124,6 +124,10 @@ pub async fn closed_loop(
 
 /// POSTs `body` to `url` at `rate` requests per second for `duration`, on schedule;
 /// latencies count from each request's scheduled time.
+///
+/// The schedule is kept by an OS thread sleeping with `nanosleep` (tens of microseconds
+/// late at most), not by tokio's timer, whose millisecond wheel would add up to a
+/// millisecond of the generator's own lateness to every latency.
 pub async fn open_loop(
     client: &reqwest::Client,
     url: &str,
@@ -133,18 +137,29 @@ pub async fn open_loop(
 ) -> LoadResult {
     let count = (rate * duration.as_secs_f64()).round() as usize;
     let interval = Duration::from_secs_f64(1.0 / rate);
-    let started = tokio::time::Instant::now();
-    let url: Arc<str> = Arc::from(url);
-    let mut requests = Vec::with_capacity(count);
-    for index in 0..count {
-        let scheduled = started + interval * index as u32;
-        tokio::time::sleep_until(scheduled).await;
-        let (client, url) = (client.clone(), Arc::clone(&url));
-        requests.push(tokio::spawn(async move {
-            let answered = post(&client, &url, body).await;
-            (answered, scheduled.elapsed())
-        }));
-    }
+    let runtime = tokio::runtime::Handle::current();
+    let (client, url) = (client.clone(), Arc::<str>::from(url));
+    let pacer = std::thread::spawn(move || {
+        let started = Instant::now();
+        let mut requests = Vec::with_capacity(count);
+        for index in 0..count {
+            let scheduled = started + interval * index as u32;
+            if let Some(wait) = scheduled.checked_duration_since(Instant::now()) {
+                std::thread::sleep(wait);
+            }
+            let (client, url) = (client.clone(), Arc::clone(&url));
+            requests.push(runtime.spawn(async move {
+                let answered = post(&client, &url, body).await;
+                (answered, scheduled.elapsed())
+            }));
+        }
+        requests
+    });
+    let requests = tokio::task::spawn_blocking(move || pacer.join())
+        .await
+        .ok()
+        .and_then(Result::ok)
+        .unwrap_or_default();
     let (mut ok, mut errors, mut latencies) = (0, 0, Vec::with_capacity(count));
     for request in requests {
         match request.await {
