@@ -303,4 +303,12 @@ fn main() {
         std::thread::available_parallelism().map_or(1, usize::from),
         compute.threads()
     );
+    let report = serde_json::json!({
+        "scenario": "node_actors",
+        "measurements": rows.iter().map(|row| serde_json::json!({
+            "name": row.name, "value": row.value, "unit": row.unit})).collect::<Vec<_>>(),
+        "ratios": ratios.iter().map(|(name, ratio)| serde_json::json!({
+            "name": name, "value": ratio})).collect::<Vec<_>>(),
+    });
+    println!("{report}");
 }

@@ -171,8 +171,13 @@ async fn main() {
         "{:>12} {:>14} {:>12} {:>12}",
         "concurrency", "proposals/s", "p50 ms", "p99 ms"
     );
+    let mut rows = Vec::new();
     for concurrency in [1, 64, 1024] {
         let (rate, p50, p99) = throughput(&leader, concurrency, run_for).await;
+        rows.push(
+            serde_json::json!({"concurrency": concurrency, "proposals_per_second": rate,
+            "p50_ms": p50.as_secs_f64() * 1e3, "p99_ms": p99.as_secs_f64() * 1e3}),
+        );
         println!(
             "{concurrency:>12} {rate:>14.0} {:>12.2} {:>12.2}",
             p50.as_secs_f64() * 1e3,
@@ -215,6 +220,18 @@ async fn main() {
             .as_secs_f64()
             * 1e3,
     );
+    let ms = |duration: Duration| duration.as_secs_f64() * 1e3;
+    let report = serde_json::json!({
+        "scenario": "control_plane",
+        "proposals": rows,
+        "failover_ms": {
+            "runs": failover_times.len(),
+            "p50": ms(percentile(&failover_times, 50.0)),
+            "p99": ms(percentile(&failover_times, 99.0)),
+            "max": ms(failover_times.last().copied().unwrap_or_default()),
+        },
+    });
+    println!("{report}");
     for id in [1, 2, 3] {
         group.stop_member(id).await;
     }

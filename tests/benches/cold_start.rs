@@ -13,18 +13,11 @@
 
 use serde_json::{Value, json};
 use shoal_actors::fixtures::{minilm_files, mlp_classifier};
-use shoal_tests::{ServerCluster, http_client, rss_bytes};
+use shoal_tests::{ServerCluster, http_client, rss_bytes, write_model_dir};
 use std::path::Path;
 use std::time::{Duration, Instant};
 
 const MIB: f64 = 1024.0 * 1024.0;
-
-fn write_files(dir: &Path, files: &std::collections::HashMap<String, Vec<u8>>) {
-    std::fs::create_dir_all(dir).expect("model dir");
-    for (name, bytes) in files {
-        std::fs::write(dir.join(name), bytes).expect("model file");
-    }
-}
 
 /// POSTs `body` to `url` until it answers 200; returns when it did.
 async fn first_success(http: &reqwest::Client, url: &str, body: &Value) -> Instant {
@@ -99,7 +92,7 @@ async fn main() {
 
     // Cold start: the MLP, then MiniLM.
     let mlp_dir = root.path().join("mlp");
-    write_files(
+    write_model_dir(
         &mlp_dir,
         &mlp_classifier(&[784, 512, 512, 10], 7).expect("mlp"),
     );
@@ -118,7 +111,7 @@ async fn main() {
         .get("model.safetensors")
         .map_or(0, |weights| weights.len() as u64);
     let minilm_dir = root.path().join("minilm");
-    write_files(&minilm_dir, &minilm);
+    write_model_dir(&minilm_dir, &minilm);
     let embed_body = json!({"model": "minilm", "input": "a first sentence"});
     let minilm_cold = cold_start(
         &cluster,

