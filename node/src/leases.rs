@@ -70,6 +70,9 @@ impl Leases {
 pub struct LoadBoard {
     replicas: Mutex<HashMap<NodeId, BTreeMap<ReplicaId, ReplicaLoad>>>,
     held: Mutex<HashMap<String, u64>>,
+    /// Woken when a request is held, so the autoscaler brings a deployment back from
+    /// zero at once instead of at its next look.
+    held_request: tokio::sync::Notify,
 }
 
 impl LoadBoard {
@@ -85,6 +88,7 @@ impl LoadBoard {
         if let Ok(mut held) = self.held.lock() {
             *held.entry(deployment.to_string()).or_insert(0) += 1;
         }
+        self.held_request.notify_one();
     }
 
     pub fn release(&self, deployment: &str) {
@@ -178,6 +182,7 @@ pub async fn run_autoscaler(
         }
         tokio::select! {
             _ = shutdown.changed() => return,
+            () = board.held_request.notified() => {}
             () = tokio::time::sleep(AUTOSCALE_INTERVAL) => {}
         }
     }
@@ -296,5 +301,16 @@ mod tests {
         apply(&mut state, 10, command).unwrap();
         let leases = Leases::default();
         assert!(leases.expired(&state, Instant::now()).is_empty());
+    }
+
+    #[test]
+    fn a_held_request_wakes_the_autoscaler_before_its_next_look() {
+        use futures_util::FutureExt;
+        let board = LoadBoard::default();
+        board.hold("iris");
+        // The wake-up is stored for the autoscaler's next wait, which ends at once.
+        assert!(board.held_request.notified().now_or_never().is_some());
+        // Nothing held, nothing stored: the autoscaler waits out its interval.
+        assert!(board.held_request.notified().now_or_never().is_none());
     }
 }
