@@ -6,7 +6,6 @@ use super::{AdminError, ApiError, AppState};
 use crate::control::ControlError;
 use axum::Json;
 use axum::body::Bytes;
-use axum::extract::rejection::BytesRejection;
 use axum::extract::{Path, Query, State};
 use axum::http::{HeaderMap, Method, StatusCode, Uri};
 use axum::response::{IntoResponse, Response};
@@ -160,7 +159,7 @@ pub(super) enum Written {
 }
 
 /// The parts of a request a write needs to forward it.
-pub(super) struct WriteRequest {
+pub struct WriteRequest {
     method: Method,
     uri: Uri,
     forwarded: bool,
@@ -169,15 +168,37 @@ pub(super) struct WriteRequest {
     body: Bytes,
 }
 
-impl WriteRequest {
-    pub(super) fn new(method: Method, uri: Uri, headers: &HeaderMap, body: Bytes) -> WriteRequest {
-        WriteRequest {
+/// A write handler takes its request as a `WriteRequest`: the body (within the router's
+/// limit) and what forwarding it to the leader needs.
+impl<S: Send + Sync> axum::extract::FromRequest<S> for WriteRequest {
+    type Rejection = AdminError;
+
+    async fn from_request(
+        request: axum::extract::Request,
+        state: &S,
+    ) -> Result<WriteRequest, AdminError> {
+        let method = request.method().clone();
+        let uri = request.uri().clone();
+        let headers = request.headers();
+        let forwarded = headers.contains_key(FORWARDED_HEADER);
+        let authorization = headers.get(axum::http::header::AUTHORIZATION).cloned();
+        let body = Bytes::from_request(request, state)
+            .await
+            .map_err(ApiError::from)?;
+        Ok(WriteRequest {
             method,
             uri,
-            forwarded: headers.contains_key(FORWARDED_HEADER),
-            authorization: headers.get(axum::http::header::AUTHORIZATION).cloned(),
+            forwarded,
+            authorization,
             body,
-        }
+        })
+    }
+}
+
+impl WriteRequest {
+    /// The body as `T`, or a 400 saying why it is not.
+    pub(super) fn json<T: for<'de> Deserialize<'de>>(&self) -> Result<T, ApiError> {
+        json_body(&self.body)
     }
 
     /// Forwards to `leader` if this request may be, else gives the not-leader error back.
@@ -320,13 +341,9 @@ pub struct AddMember {
 
 pub async fn add_member(
     State(app): State<Arc<AppState>>,
-    method: Method,
-    uri: Uri,
-    headers: HeaderMap,
-    body: Result<Bytes, BytesRejection>,
+    write: WriteRequest,
 ) -> Result<Response, AdminError> {
-    let body = body.map_err(ApiError::from)?;
-    let add: AddMember = json_body(&body)?;
+    let add: AddMember = write.json()?;
     if add.address.parse::<std::net::SocketAddr>().is_err() {
         return Err(
             ApiError::BadRequest(format!("address {:?} is not host:port", add.address)).into(),
@@ -347,17 +364,15 @@ pub async fn add_member(
             );
         }
     };
-    change_membership(&app, WriteRequest::new(method, uri, &headers, body), change).await
+    change_membership(&app, write, change).await
 }
 
 pub async fn remove_member(
     State(app): State<Arc<AppState>>,
     Path(id): Path<u64>,
-    method: Method,
-    uri: Uri,
-    headers: HeaderMap,
+    write: WriteRequest,
 ) -> Result<Response, AdminError> {
-    let request = WriteRequest::new(method, uri, &headers, Bytes::new());
+    let request = write;
     change_membership(&app, request, MembershipChange::Remove { id }).await
 }
 
@@ -385,18 +400,14 @@ pub struct TransferLeader {
 
 pub async fn transfer_leader(
     State(app): State<Arc<AppState>>,
-    method: Method,
-    uri: Uri,
-    headers: HeaderMap,
-    body: Result<Bytes, BytesRejection>,
+    write: WriteRequest,
 ) -> Result<Response, AdminError> {
-    let body = body.map_err(ApiError::from)?;
-    let transfer: TransferLeader = json_body(&body)?;
+    let transfer: TransferLeader = write.json()?;
     let status = app.control.raft_status();
     if !status.voters.contains(&transfer.to) {
         return Err(ApiError::BadRequest(format!("member {} is not a voter", transfer.to)).into());
     }
-    let request = WriteRequest::new(method, uri, &headers, body);
+    let request = write;
     if let Err(answer) = request.leader_or_forward(&app).await? {
         return Ok(answer);
     }
@@ -419,24 +430,14 @@ pub struct RegisterServer {
 pub async fn register_server(
     State(app): State<Arc<AppState>>,
     Path(id): Path<u64>,
-    method: Method,
-    uri: Uri,
-    headers: HeaderMap,
-    body: Result<Bytes, BytesRejection>,
+    write: WriteRequest,
 ) -> Result<Response, AdminError> {
-    let body = body.map_err(ApiError::from)?;
-    let register: RegisterServer = json_body(&body)?;
+    let register: RegisterServer = write.json()?;
     let command = Command::RegisterServer {
         id,
         http_address: register.http_address.clone(),
     };
-    match propose(
-        &app,
-        WriteRequest::new(method, uri, &headers, body),
-        &command,
-    )
-    .await?
-    {
+    match propose(&app, write, &command).await? {
         Written::Forwarded(response) => Ok(response),
         Written::Here(_) => Ok(Json(
             serde_json::json!({"id": id, "http_address": register.http_address}),
@@ -480,25 +481,15 @@ pub struct SetAlias {
 pub async fn set_alias(
     State(app): State<Arc<AppState>>,
     Path((model, alias)): Path<(String, String)>,
-    method: Method,
-    uri: Uri,
-    headers: HeaderMap,
-    body: Result<Bytes, BytesRejection>,
+    write: WriteRequest,
 ) -> Result<Response, AdminError> {
-    let body = body.map_err(ApiError::from)?;
-    let set: SetAlias = json_body(&body)?;
+    let set: SetAlias = write.json()?;
     let command = Command::SetAlias {
         model: model.clone(),
         alias: alias.clone(),
         version: set.version,
     };
-    match propose(
-        &app,
-        WriteRequest::new(method, uri, &headers, body),
-        &command,
-    )
-    .await?
-    {
+    match propose(&app, write, &command).await? {
         Written::Forwarded(response) => Ok(response),
         Written::Here(_) => Ok(Json(AliasView {
             model,
@@ -512,18 +503,10 @@ pub async fn set_alias(
 pub async fn delete_alias(
     State(app): State<Arc<AppState>>,
     Path((model, alias)): Path<(String, String)>,
-    method: Method,
-    uri: Uri,
-    headers: HeaderMap,
+    write: WriteRequest,
 ) -> Result<Response, AdminError> {
     let command = Command::RemoveAlias { model, alias };
-    match propose(
-        &app,
-        WriteRequest::new(method, uri, &headers, Bytes::new()),
-        &command,
-    )
-    .await?
-    {
+    match propose(&app, write, &command).await? {
         Written::Forwarded(response) => Ok(response),
         Written::Here(_) => Ok(StatusCode::NO_CONTENT.into_response()),
     }
@@ -557,20 +540,13 @@ pub struct VersionRegistered {
 pub async fn register_version(
     State(app): State<Arc<AppState>>,
     Path(model): Path<String>,
-    method: Method,
-    uri: Uri,
-    headers: HeaderMap,
-    body: Result<Bytes, BytesRejection>,
+    write: WriteRequest,
 ) -> Result<Response, AdminError> {
-    let body = body.map_err(ApiError::from)?;
-    let new: NewVersion = json_body(&body)?;
+    let new: NewVersion = write.json()?;
     if new.files.is_empty() {
         return Err(ApiError::BadRequest("a version needs at least one file".into()).into());
     }
-    let request = match WriteRequest::new(method, uri, &headers, body)
-        .leader_or_forward(&app)
-        .await?
-    {
+    let request = match write.leader_or_forward(&app).await? {
         Ok(request) => request,
         Err(answer) => return Ok(answer),
     };

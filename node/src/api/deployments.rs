@@ -1,13 +1,11 @@
 //! Deployments over HTTP: apply (create or update) from a small operator-facing shape,
 //! scale, delete. Writes that land on a follower are forwarded to the leader.
 
-use super::cluster::{WriteRequest, Written, json_body, propose};
+use super::cluster::{WriteRequest, Written, propose};
 use super::{AdminError, ApiError, AppState};
 use axum::Json;
-use axum::body::Bytes;
-use axum::extract::rejection::BytesRejection;
 use axum::extract::{Path, State};
-use axum::http::{HeaderMap, Method, StatusCode, Uri};
+use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use serde::{Deserialize, Serialize};
 use shoal_scheduler::{
@@ -116,13 +114,9 @@ impl DeploymentFile {
 /// `POST /api/v1/deployments`: creates the deployment, or updates it if it exists.
 pub async fn apply(
     State(app): State<Arc<AppState>>,
-    method: Method,
-    uri: Uri,
-    headers: HeaderMap,
-    body: Result<Bytes, BytesRejection>,
+    write: WriteRequest,
 ) -> Result<Response, AdminError> {
-    let body = body.map_err(ApiError::from)?;
-    let file: DeploymentFile = json_body(&body)?;
+    let file: DeploymentFile = write.json()?;
     let spec = file.spec().map_err(ApiError::BadRequest)?;
     let exists = app.control.state().deployments.contains_key(&file.name);
     let command = if exists {
@@ -130,13 +124,7 @@ pub async fn apply(
     } else {
         Command::CreateDeployment { spec }
     };
-    match propose(
-        &app,
-        WriteRequest::new(method, uri, &headers, body),
-        &command,
-    )
-    .await?
-    {
+    match propose(&app, write, &command).await? {
         Written::Forwarded(response) => Ok(response),
         Written::Here(outcome) => {
             let status = if exists {
@@ -161,13 +149,9 @@ pub struct Scale {
 pub async fn scale(
     State(app): State<Arc<AppState>>,
     Path(name): Path<String>,
-    method: Method,
-    uri: Uri,
-    headers: HeaderMap,
-    body: Result<Bytes, BytesRejection>,
+    write: WriteRequest,
 ) -> Result<Response, AdminError> {
-    let body = body.map_err(ApiError::from)?;
-    let scale: Scale = json_body(&body)?;
+    let scale: Scale = write.json()?;
     let state = app.control.state();
     let Some(deployment) = state.deployments.get(&name) else {
         return Err(ApiError::NotFound(format!("unknown deployment {name:?}")).into());
@@ -183,13 +167,7 @@ pub async fn scale(
             replicas: scale.replicas,
         }
     };
-    match propose(
-        &app,
-        WriteRequest::new(method, uri, &headers, body),
-        &command,
-    )
-    .await?
-    {
+    match propose(&app, write, &command).await? {
         Written::Forwarded(response) => Ok(response),
         Written::Here(_) => {
             Ok(Json(serde_json::json!({"name": name, "replicas": scale.replicas})).into_response())
@@ -203,9 +181,7 @@ pub async fn scale(
 pub async fn rollback(
     State(app): State<Arc<AppState>>,
     Path(name): Path<String>,
-    method: Method,
-    uri: Uri,
-    headers: HeaderMap,
+    write: WriteRequest,
 ) -> Result<Response, AdminError> {
     let state = app.control.state();
     let Some(deployment) = state.deployments.get(&name) else {
@@ -232,7 +208,7 @@ pub async fn rollback(
             Command::UpdateDeployment { spec }
         }
     };
-    let request = WriteRequest::new(method, uri, &headers, Bytes::new());
+    let request = write;
     match propose(&app, request, &command).await? {
         Written::Forwarded(response) => Ok(response),
         Written::Here(outcome) => Ok(Json(
@@ -246,18 +222,10 @@ pub async fn rollback(
 pub async fn delete(
     State(app): State<Arc<AppState>>,
     Path(name): Path<String>,
-    method: Method,
-    uri: Uri,
-    headers: HeaderMap,
+    write: WriteRequest,
 ) -> Result<Response, AdminError> {
     let command = Command::DeleteDeployment { name: name.clone() };
-    match propose(
-        &app,
-        WriteRequest::new(method, uri, &headers, Bytes::new()),
-        &command,
-    )
-    .await?
-    {
+    match propose(&app, write, &command).await? {
         Written::Forwarded(response) => Ok(response),
         Written::Here(_) => Ok(Json(serde_json::json!({"deleted": name})).into_response()),
     }

@@ -2,13 +2,10 @@
 //! or revive it), long-polled assignments, replica reports; and the operator's node list
 //! and drain switch.
 
-use super::cluster::{WriteRequest, Written, json_body, propose};
+use super::cluster::{WriteRequest, Written, propose};
 use super::{AdminError, ApiError, AppState};
 use axum::Json;
-use axum::body::Bytes;
-use axum::extract::rejection::BytesRejection;
 use axum::extract::{Path, Query, State};
-use axum::http::{HeaderMap, Method, Uri};
 use axum::response::{IntoResponse, Response};
 use serde::{Deserialize, Serialize};
 use shoal_scheduler::{
@@ -40,17 +37,10 @@ pub struct Heartbeat {
 pub async fn heartbeat(
     State(app): State<Arc<AppState>>,
     Path(id): Path<u64>,
-    method: Method,
-    uri: Uri,
-    headers: HeaderMap,
-    body: Result<Bytes, BytesRejection>,
+    write: WriteRequest,
 ) -> Result<Response, AdminError> {
-    let body = body.map_err(ApiError::from)?;
-    let beat: Heartbeat = json_body(&body)?;
-    if let Err(answer) = WriteRequest::new(method, uri, &headers, body)
-        .leader_or_forward(&app)
-        .await?
-    {
+    let beat: Heartbeat = write.json()?;
+    if let Err(answer) = write.leader_or_forward(&app).await? {
         return Ok(answer);
     }
     let node = NodeId(id);
@@ -234,26 +224,16 @@ pub struct ReplicaReport {
 pub async fn report(
     State(app): State<Arc<AppState>>,
     Path(id): Path<u64>,
-    method: Method,
-    uri: Uri,
-    headers: HeaderMap,
-    body: Result<Bytes, BytesRejection>,
+    write: WriteRequest,
 ) -> Result<Response, AdminError> {
-    let body = body.map_err(ApiError::from)?;
-    let report: ReplicaReport = json_body(&body)?;
+    let report: ReplicaReport = write.json()?;
     let command = Command::SetReplicaState {
         replica: ReplicaId(id),
         epoch: report.epoch,
         state: report.state,
         failure: report.failure,
     };
-    match propose(
-        &app,
-        WriteRequest::new(method, uri, &headers, body),
-        &command,
-    )
-    .await?
-    {
+    match propose(&app, write, &command).await? {
         Written::Forwarded(response) => Ok(response),
         Written::Here(_) => Ok(Json(serde_json::json!({"replica": id})).into_response()),
     }
@@ -308,21 +288,17 @@ async fn set_status(
 pub async fn drain(
     State(app): State<Arc<AppState>>,
     Path(id): Path<u64>,
-    method: Method,
-    uri: Uri,
-    headers: HeaderMap,
+    write: WriteRequest,
 ) -> Result<Response, AdminError> {
-    let request = WriteRequest::new(method, uri, &headers, Bytes::new());
+    let request = write;
     set_status(&app, request, id, NodeStatus::Draining).await
 }
 
 pub async fn undrain(
     State(app): State<Arc<AppState>>,
     Path(id): Path<u64>,
-    method: Method,
-    uri: Uri,
-    headers: HeaderMap,
+    write: WriteRequest,
 ) -> Result<Response, AdminError> {
-    let request = WriteRequest::new(method, uri, &headers, Bytes::new());
+    let request = write;
     set_status(&app, request, id, NodeStatus::Ready).await
 }
