@@ -17,7 +17,7 @@ use serde_json::json;
 use shoal_actors::fixtures::{minilm_files, mlp_classifier};
 use shoal_actors::runtime::{LoadedModel, ModelRuntime, TEXT, load};
 use shoal_actors::tensor::{NamedTensor, TensorData};
-use shoal_tests::load::{LoadResult, client, closed_loop, open_loop, quantile};
+use shoal_tests::load::{LoadResult, Target, closed_loop, open_loop, quantile};
 use shoal_tests::{ServerCluster, Shoal, http_client, shoal_binary, write_model_dir};
 use std::path::Path;
 use std::process::Command;
@@ -192,12 +192,12 @@ async fn sweep(
     seconds: Duration,
     open: bool,
 ) -> Vec<Point> {
-    let load = client();
+    let target = Target::post_json(url, body);
     // Warm the connections and the model.
-    closed_loop(&load, url, body, 8, Duration::from_millis(500)).await;
+    closed_loop(&target, 8, Duration::from_millis(500)).await;
     let mut points = Vec::new();
     for concurrency in CONCURRENCY {
-        let result = closed_loop(&load, url, body, concurrency, seconds).await;
+        let result = closed_loop(&target, concurrency, seconds).await;
         points.push(Point {
             name: format!("{label}, closed loop c={concurrency}"),
             result,
@@ -205,7 +205,7 @@ async fn sweep(
     }
     if open {
         for rate in OPEN_RATES {
-            let result = open_loop(&load, url, body, rate, seconds).await;
+            let result = open_loop(&target, rate, seconds).await;
             points.push(Point {
                 name: format!("{label}, open loop {rate:.0}/s"),
                 result,
@@ -267,7 +267,7 @@ async fn main() {
     );
     let unbatched_url = up.url("/v2/models/mlp-unbatched/infer");
     wait_serving(&unbatched_url, body).await;
-    let unbatched = closed_loop(&client(), &unbatched_url, body, 64, seconds).await;
+    let unbatched = closed_loop(&Target::post_json(&unbatched_url, body), 64, seconds).await;
     let unbatched_rate = unbatched.rate();
     points.push(Point {
         name: "MLP via shoal up, batching off, closed loop c=64".into(),
@@ -313,9 +313,10 @@ async fn main() {
         let url = up.url("/v1/embeddings");
         let body = embedding_request();
         wait_serving(&url, body).await;
-        closed_loop(&client(), &url, body, 8, Duration::from_millis(500)).await;
+        let target = Target::post_json(&url, body);
+        closed_loop(&target, 8, Duration::from_millis(500)).await;
         for concurrency in [1, 8, 32] {
-            let result = closed_loop(&client(), &url, body, concurrency, seconds).await;
+            let result = closed_loop(&target, concurrency, seconds).await;
             points.push(Point {
                 name: format!("MiniLM via shoal up, closed loop c={concurrency}"),
                 result,

@@ -6,8 +6,11 @@
 //! server that falls behind shows its queueing in the latencies instead of hiding it by
 //! slowing the generator down (coordinated omission).
 
-use std::sync::Arc;
+use std::net::{SocketAddr, ToSocketAddrs};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
 
 /// What one load run measured.
 #[derive(Clone, Debug, Default)]
@@ -56,53 +59,182 @@ pub fn quantile(sorted: &[Duration], q: f64) -> Duration {
     sorted[rank.clamp(1, sorted.len()) - 1]
 }
 
-/// A client for load: keep-alive connections, enough of them for every caller.
-pub fn client() -> reqwest::Client {
-    reqwest::Client::builder()
-        .timeout(Duration::from_secs(30))
-        .pool_max_idle_per_host(1_024)
-        .tcp_nodelay(true)
-        .build()
-        .unwrap_or_else(|error| panic!("building the HTTP client: {error}"))
+/// One prepared request: where it goes and its bytes on the wire, built once.
+///
+/// The generator speaks HTTP/1.1 itself over keep-alive connections instead of going
+/// through a general client: it shares the machine's two cores with the server it
+/// measures, and every microsecond it spends per request is one the server does not get.
+/// Like `wrk`, it writes the prepared bytes and parses only the answer's head.
+#[derive(Clone, Debug)]
+pub struct Target {
+    address: SocketAddr,
+    request: Arc<[u8]>,
 }
 
-/// POSTs `body` to `url` and reports whether it was answered 2xx.
-async fn post(client: &reqwest::Client, url: &str, body: &'static [u8]) -> bool {
-    let answer = client
-        .post(url)
-        .header("content-type", "application/json")
-        .body(body)
-        .send()
-        .await;
-    match answer {
-        Ok(response) => {
-            let success = response.status().is_success();
-            // Read the whole answer: a request is done when its body has arrived.
-            response.bytes().await.is_ok() && success
+impl Target {
+    /// A `POST` of `body` as JSON to `url`, which is `http://host:port/path`.
+    pub fn post_json(url: &str, body: &[u8]) -> Target {
+        let rest = url
+            .strip_prefix("http://")
+            .unwrap_or_else(|| panic!("{url:?} is not an http:// URL"));
+        let (authority, path) = rest.split_at(rest.find('/').unwrap_or(rest.len()));
+        let path = if path.is_empty() { "/" } else { path };
+        let address = authority
+            .to_socket_addrs()
+            .ok()
+            .and_then(|mut addresses| addresses.next())
+            .unwrap_or_else(|| panic!("{authority:?} does not resolve"));
+        let mut request = format!(
+            "POST {path} HTTP/1.1\r\nhost: {authority}\r\ncontent-type: application/json\r\n\
+             content-length: {}\r\n\r\n",
+            body.len()
+        )
+        .into_bytes();
+        request.extend_from_slice(body);
+        Target {
+            address,
+            request: request.into(),
         }
-        Err(_) => false,
     }
 }
 
-/// `concurrency` closed-loop callers POSTing `body` to `url` for `duration`.
-pub async fn closed_loop(
-    client: &reqwest::Client,
-    url: &str,
-    body: &'static [u8],
-    concurrency: usize,
-    duration: Duration,
-) -> LoadResult {
+/// Longest answer head the generator reads; the server's are a few hundred bytes.
+const HEAD_BYTES_MAX: usize = 16 * 1024;
+
+/// Most header lines in an answer the generator parses.
+const HEADERS_MAX: usize = 32;
+
+/// A keep-alive connection to a target's server.
+struct Connection {
+    stream: TcpStream,
+    buffer: Vec<u8>,
+}
+
+/// What one exchange got back.
+struct Answer {
+    status: u16,
+    /// Whether the server keeps the connection open for the next request.
+    reusable: bool,
+}
+
+fn invalid(message: String) -> std::io::Error {
+    std::io::Error::new(std::io::ErrorKind::InvalidData, message)
+}
+
+impl Connection {
+    async fn open(address: SocketAddr) -> std::io::Result<Connection> {
+        let stream = TcpStream::connect(address).await?;
+        stream.set_nodelay(true)?;
+        Ok(Connection {
+            stream,
+            buffer: Vec::with_capacity(4096),
+        })
+    }
+
+    /// Reads more of the answer into the buffer; the end of the stream is an error here.
+    async fn fill(&mut self) -> std::io::Result<()> {
+        self.buffer.reserve(4096);
+        if self.stream.read_buf(&mut self.buffer).await? == 0 {
+            return Err(std::io::ErrorKind::UnexpectedEof.into());
+        }
+        Ok(())
+    }
+
+    /// Sends `request` and reads its whole answer (head and body).
+    async fn exchange(&mut self, request: &[u8]) -> std::io::Result<Answer> {
+        self.stream.write_all(request).await?;
+        self.buffer.clear();
+        let (head_bytes, body_bytes, answer) = loop {
+            self.fill().await?;
+            let mut headers = [httparse::EMPTY_HEADER; HEADERS_MAX];
+            let mut response = httparse::Response::new(&mut headers);
+            match response.parse(&self.buffer) {
+                Ok(httparse::Status::Complete(head_bytes)) => {
+                    let (body_bytes, reusable) = framing(response.headers)?;
+                    let status = response.code.unwrap_or_default();
+                    let reusable = reusable && response.version == Some(1);
+                    break (head_bytes, body_bytes, Answer { status, reusable });
+                }
+                Ok(httparse::Status::Partial) if self.buffer.len() < HEAD_BYTES_MAX => {}
+                Ok(httparse::Status::Partial) => {
+                    return Err(invalid(format!(
+                        "an answer head over {HEAD_BYTES_MAX} bytes"
+                    )));
+                }
+                Err(error) => return Err(invalid(format!("a malformed answer: {error}"))),
+            }
+        };
+        while self.buffer.len() < head_bytes + body_bytes {
+            self.fill().await?;
+        }
+        if self.buffer.len() > head_bytes + body_bytes {
+            return Err(invalid("bytes after the answer to a lone request".into()));
+        }
+        Ok(answer)
+    }
+}
+
+/// The body length and whether the connection stays open, from an answer's headers.
+/// Shoal's answers to the requests benchmarks send carry a `content-length`; a chunked
+/// answer is refused rather than misread.
+fn framing(headers: &[httparse::Header]) -> std::io::Result<(usize, bool)> {
+    let mut length = None;
+    let mut reusable = true;
+    for header in headers {
+        if header.name.eq_ignore_ascii_case("content-length") {
+            length = std::str::from_utf8(header.value)
+                .ok()
+                .and_then(|text| text.trim().parse::<usize>().ok());
+        } else if header.name.eq_ignore_ascii_case("transfer-encoding") {
+            return Err(invalid(
+                "a chunked answer: the generator reads sized ones".into(),
+            ));
+        } else if header.name.eq_ignore_ascii_case("connection") {
+            reusable = !header.value.eq_ignore_ascii_case(b"close");
+        }
+    }
+    let length = length.ok_or_else(|| invalid("an answer without content-length".into()))?;
+    Ok((length, reusable))
+}
+
+/// Sends the target's request on `connection` (opening one when there is none) and
+/// reports whether it was answered 2xx. A connection that failed or that the server
+/// closes is dropped, and the next request opens a new one.
+async fn post(connection: &mut Option<Connection>, target: &Target) -> bool {
+    if connection.is_none() {
+        *connection = Connection::open(target.address).await.ok();
+    }
+    let Some(open) = connection.as_mut() else {
+        return false;
+    };
+    match open.exchange(&target.request).await {
+        Ok(answer) => {
+            if !answer.reusable {
+                *connection = None;
+            }
+            (200..300).contains(&answer.status)
+        }
+        Err(_) => {
+            *connection = None;
+            false
+        }
+    }
+}
+
+/// `concurrency` closed-loop callers, each on its own connection, sending the target's
+/// request for `duration`.
+pub async fn closed_loop(target: &Target, concurrency: usize, duration: Duration) -> LoadResult {
     let started = Instant::now();
     let stop_at = started + duration;
-    let url: Arc<str> = Arc::from(url);
     let callers: Vec<_> = (0..concurrency)
         .map(|_| {
-            let (client, url) = (client.clone(), Arc::clone(&url));
+            let target = target.clone();
             tokio::spawn(async move {
                 let (mut ok, mut errors, mut latencies) = (0, 0, Vec::new());
+                let mut connection = None;
                 while Instant::now() < stop_at {
                     let sent = Instant::now();
-                    if post(&client, &url, body).await {
+                    if post(&mut connection, &target).await {
                         ok += 1;
                         latencies.push(sent.elapsed());
                     } else {
@@ -122,23 +254,19 @@ pub async fn closed_loop(
     LoadResult::merge(parts, started.elapsed())
 }
 
-/// POSTs `body` to `url` at `rate` requests per second for `duration`, on schedule;
-/// latencies count from each request's scheduled time.
+/// Sends the target's request at `rate` per second for `duration`, on schedule; latencies
+/// count from each request's scheduled time. A request takes an idle connection, or opens
+/// one when all are busy, so a slow answer never delays the next send.
 ///
 /// The schedule is kept by an OS thread sleeping with `nanosleep` (tens of microseconds
 /// late at most), not by tokio's timer, whose millisecond wheel would add up to a
 /// millisecond of the generator's own lateness to every latency.
-pub async fn open_loop(
-    client: &reqwest::Client,
-    url: &str,
-    body: &'static [u8],
-    rate: f64,
-    duration: Duration,
-) -> LoadResult {
+pub async fn open_loop(target: &Target, rate: f64, duration: Duration) -> LoadResult {
     let count = (rate * duration.as_secs_f64()).round() as usize;
     let interval = Duration::from_secs_f64(1.0 / rate);
     let runtime = tokio::runtime::Handle::current();
-    let (client, url) = (client.clone(), Arc::<str>::from(url));
+    let idle: Arc<Mutex<Vec<Connection>>> = Arc::default();
+    let target = target.clone();
     let pacer = std::thread::spawn(move || {
         let started = Instant::now();
         let mut requests = Vec::with_capacity(count);
@@ -147,10 +275,15 @@ pub async fn open_loop(
             if let Some(wait) = scheduled.checked_duration_since(Instant::now()) {
                 std::thread::sleep(wait);
             }
-            let (client, url) = (client.clone(), Arc::clone(&url));
+            let (target, idle) = (target.clone(), Arc::clone(&idle));
             requests.push(runtime.spawn(async move {
-                let answered = post(&client, &url, body).await;
-                (answered, scheduled.elapsed())
+                let mut connection = idle.lock().ok().and_then(|mut idle| idle.pop());
+                let answered = post(&mut connection, &target).await;
+                let latency = scheduled.elapsed();
+                if let (Some(connection), Ok(mut idle)) = (connection, idle.lock()) {
+                    idle.push(connection);
+                }
+                (answered, latency)
             }));
         }
         requests
@@ -187,6 +320,69 @@ mod tests {
         assert_eq!(quantile(&sorted, 1.0), Duration::from_millis(100));
         assert_eq!(quantile(&sorted, 0.0), Duration::from_millis(1));
         assert_eq!(quantile(&[], 0.5), Duration::ZERO);
+    }
+
+    /// Serves each connection the scripted answers in turn, one per request read.
+    async fn scripted_server(answers: Vec<&'static str>) -> String {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let address = listener.local_addr().unwrap();
+        tokio::spawn(async move {
+            let mut answers = answers.into_iter();
+            while let Ok((mut stream, _)) = listener.accept().await {
+                let mut request = vec![0; 64 * 1024];
+                // One answer per read: the generator sends a small request in one write.
+                while let Ok(read) = stream.read(&mut request).await {
+                    let Some(answer) = answers.next().filter(|_| read > 0) else {
+                        break;
+                    };
+                    if stream.write_all(answer.as_bytes()).await.is_err() {
+                        break;
+                    }
+                    if answer.contains("connection: close") {
+                        break;
+                    }
+                }
+            }
+        });
+        format!("http://{address}/v2/models/m/infer")
+    }
+
+    #[tokio::test]
+    async fn the_generator_counts_2xx_reads_whole_bodies_and_reopens_closed_connections() {
+        let url = scripted_server(vec![
+            "HTTP/1.1 200 OK\r\ncontent-length: 5\r\n\r\nhello",
+            "HTTP/1.1 503 Service Unavailable\r\ncontent-length: 2\r\n\r\n{}",
+            "HTTP/1.1 200 OK\r\nconnection: close\r\ncontent-length: 0\r\n\r\n",
+            "HTTP/1.1 200 OK\r\ncontent-length: 3\r\n\r\nabc",
+            "HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n0\r\n\r\n",
+        ])
+        .await;
+        let target = Target::post_json(&url, b"{}");
+        let mut connection = None;
+        let mut answered = Vec::new();
+        for _ in 0..5 {
+            answered.push(post(&mut connection, &target).await);
+        }
+        assert_eq!(answered, [true, false, true, true, false]);
+        assert!(
+            connection.is_none(),
+            "a refused answer drops its connection"
+        );
+    }
+
+    #[test]
+    fn a_target_is_the_prepared_request_bytes() {
+        let target = Target::post_json("http://127.0.0.1:7070/v2/models/m/infer", b"{\"a\":1}");
+        let text = std::str::from_utf8(&target.request).unwrap();
+        assert!(
+            text.starts_with("POST /v2/models/m/infer HTTP/1.1\r\n"),
+            "{text}"
+        );
+        assert!(
+            text.contains("content-length: 7\r\n\r\n{\"a\":1}"),
+            "{text}"
+        );
+        assert_eq!(target.address, "127.0.0.1:7070".parse().unwrap());
     }
 
     #[test]
