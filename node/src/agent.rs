@@ -439,8 +439,7 @@ async fn infer(
         started: std::time::Instant::now(),
     };
     let body = body?;
-    let request: oip::InferRequest = serde_json::from_slice(&body)
-        .map_err(|error| ApiError::BadRequest(format!("malformed infer request: {error}")))?;
+    let request = oip::read_request(&body).map_err(ApiError::BadRequest)?;
     let routes = plane.routes.borrow().clone();
     let Some((model, route)) = routes.by_model.iter().find_map(|(model, routes)| {
         routes
@@ -452,26 +451,23 @@ async fn infer(
             "replica {id} is not serving here"
         )));
     };
-    let mut inputs = Vec::with_capacity(request.inputs.len());
-    for input in request.inputs {
-        inputs.push(oip::to_tensor(input).map_err(ApiError::BadRequest)?);
-    }
-    let outputs = route
-        .handle
-        .infer(inputs, deadline)
-        .await
-        .map_err(|error| match error {
-            InferError::Input(input) => ApiError::BadRequest(input.to_string()),
-            InferError::Overloaded => ApiError::Overloaded("the replica is overloaded".into()),
-            InferError::DeadlineExceeded => ApiError::DeadlineExceeded("no answer in time".into()),
-            InferError::Model(message) => ApiError::ReplicaFailed(message),
-            other => ApiError::Unavailable(other.to_string()),
-        })?;
+    let outputs =
+        route
+            .handle
+            .infer(request.inputs, deadline)
+            .await
+            .map_err(|error| match error {
+                InferError::Input(input) => ApiError::BadRequest(input.to_string()),
+                InferError::Overloaded => ApiError::Overloaded("the replica is overloaded".into()),
+                InferError::DeadlineExceeded => {
+                    ApiError::DeadlineExceeded("no answer in time".into())
+                }
+                InferError::Model(message) => ApiError::ReplicaFailed(message),
+                other => ApiError::Unavailable(other.to_string()),
+            })?;
     let outputs = outputs
         .into_iter()
-        .filter(|output| {
-            request.outputs.is_empty() || request.outputs.iter().any(|w| w.name == output.name)
-        })
+        .filter(|output| request.outputs.is_empty() || request.outputs.contains(&output.name))
         .map(oip::to_output)
         .collect();
     Ok(Json(oip::InferResponse {

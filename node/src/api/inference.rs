@@ -1,6 +1,6 @@
 //! Open Inference Protocol v2 handlers: health, metadata, readiness and infer.
 
-use super::oip::{self, InferRequest, InferResponse, ModelMetadata, TensorMetadata};
+use super::oip::{self, InferResponse, ModelMetadata, TensorMetadata};
 use super::{ApiError, AppState};
 use axum::Json;
 use axum::body::Bytes;
@@ -369,8 +369,7 @@ async fn serve(
 ) -> Result<Response, ApiError> {
     let deadline = tokio::time::Instant::now() + request_timeout(headers);
     let body = body?;
-    let request: InferRequest = serde_json::from_slice(&body)
-        .map_err(|error| ApiError::BadRequest(format!("malformed infer request: {error}")))?;
+    let request = oip::read_request(&body).map_err(ApiError::BadRequest)?;
     let state = app.control.state();
     let mut resolved = resolve(&state, model, version)?;
     if version.is_none()
@@ -380,10 +379,7 @@ async fn serve(
         resolved = split;
     }
     *served = Some(resolved.version);
-    let mut inputs = Vec::with_capacity(request.inputs.len());
-    for input in request.inputs {
-        inputs.push(oip::to_tensor(input).map_err(ApiError::BadRequest)?);
-    }
+    let inputs = request.inputs;
     let rows = validate_inputs(&resolved.signature, &inputs)
         .map_err(|error| ApiError::BadRequest(error.to_string()))?;
     if rows > ROWS_PER_REQUEST_MAX {
@@ -396,11 +392,10 @@ async fn serve(
             .signature
             .outputs
             .iter()
-            .any(|spec| spec.name == wanted.name)
+            .any(|spec| &spec.name == wanted)
         {
             return Err(ApiError::BadRequest(format!(
-                "model {model:?} has no output {:?}",
-                wanted.name
+                "model {model:?} has no output {wanted:?}"
             )));
         }
     }
@@ -467,9 +462,7 @@ async fn serve(
         })?;
     let outputs = outputs
         .into_iter()
-        .filter(|output| {
-            request.outputs.is_empty() || request.outputs.iter().any(|w| w.name == output.name)
-        })
+        .filter(|output| request.outputs.is_empty() || request.outputs.contains(&output.name))
         .map(oip::to_output)
         .collect();
     Ok(Json(InferResponse {

@@ -8,6 +8,7 @@ pub mod cluster;
 pub mod deployments;
 mod error;
 pub mod gateway;
+mod infer_json;
 mod inference;
 pub mod nodes;
 pub mod oip;

@@ -1,6 +1,7 @@
 //! Open Inference Protocol v2 JSON shapes, and their conversion to and from the tensors
 //! replicas take. Pure: no HTTP here.
 
+pub use super::infer_json::Request;
 use serde::{Deserialize, Serialize};
 use shoal_actors::tensor::{NamedTensor, TensorData};
 use shoal_scheduler::{DataType, TensorSpec};
@@ -285,6 +286,36 @@ pub fn to_tensor(input: RequestInput) -> Result<NamedTensor, String> {
         name: input.name,
         shape,
         data,
+    })
+}
+
+/// An infer request read into tensors: by the fast reader when it has the common shape
+/// ([`super::infer_json`]), else through serde, which words every error.
+pub fn read_request(body: &[u8]) -> Result<Request, String> {
+    match super::infer_json::read(body) {
+        Some(request) => Ok(request),
+        None => read_with_serde(body),
+    }
+}
+
+/// An infer request read through serde: every shape the protocol allows, every error
+/// worded.
+pub(super) fn read_with_serde(body: &[u8]) -> Result<Request, String> {
+    let request: InferRequest = serde_json::from_slice(body)
+        .map_err(|error| format!("malformed infer request: {error}"))?;
+    let inputs = request
+        .inputs
+        .into_iter()
+        .map(to_tensor)
+        .collect::<Result<_, _>>()?;
+    Ok(Request {
+        id: request.id,
+        inputs,
+        outputs: request
+            .outputs
+            .into_iter()
+            .map(|output| output.name)
+            .collect(),
     })
 }
 

@@ -1,0 +1,556 @@
+//! A fast reader for the common shape of an OIP v2 infer request: numeric tensors
+//! (`FP32`, `INT64`) with `name`, `shape`, `datatype` and `data` and nothing else. Numbers
+//! go straight into the tensor's typed vector when `datatype` came first, as OIP clients
+//! write it.
+//!
+//! Anything else gives `None` — BYTES tensors, strings with escapes, `parameters`, fields it
+//! does not know, a malformed body — and the caller reads the body with serde instead
+//! ([`super::oip`]), which also words every error. So this reader only has to be right
+//! about what it accepts, and a property test holds it to serde's answer on those.
+//!
+//! Why it exists: serving a small model, reading a request's numbers through serde (a
+//! visitor call and an enum per element, then a second pass into `f32`) was the largest
+//! single cost of a request, about a third of the gateway's CPU.
+
+use shoal_actors::tensor::{NamedTensor, TensorData};
+
+/// A request read on the fast path.
+#[derive(Debug, PartialEq)]
+pub struct Request {
+    pub id: Option<String>,
+    pub inputs: Vec<NamedTensor>,
+    /// Names of the outputs asked for; all when empty.
+    pub outputs: Vec<String>,
+}
+
+/// Deepest nesting of a tensor's `data` arrays the fast path follows.
+const DATA_DEPTH_MAX: usize = 32;
+
+/// Reads `body` when it has the common shape; `None` when serde must.
+pub fn read(body: &[u8]) -> Option<Request> {
+    let mut cursor = Cursor { bytes: body, at: 0 };
+    let request = cursor.request()?;
+    cursor.skip_space();
+    (cursor.at == body.len()).then_some(request)
+}
+
+/// A tensor's data as read: typed, or numbers waiting for the `datatype` key.
+enum Data {
+    Typed(TensorData),
+    Numbers(Vec<Number>),
+}
+
+/// The element type the fast path reads a tensor's numbers into.
+#[derive(Clone, Copy, PartialEq)]
+enum Numeric {
+    Fp32,
+    Int64,
+}
+
+struct Cursor<'a> {
+    bytes: &'a [u8],
+    at: usize,
+}
+
+impl<'a> Cursor<'a> {
+    fn skip_space(&mut self) {
+        while let Some(b' ' | b'\t' | b'\n' | b'\r') = self.bytes.get(self.at) {
+            self.at += 1;
+        }
+    }
+
+    /// The next byte that is not white space, not consumed.
+    fn peek(&mut self) -> Option<u8> {
+        self.skip_space();
+        self.bytes.get(self.at).copied()
+    }
+
+    fn eat(&mut self, byte: u8) -> Option<()> {
+        (self.peek()? == byte).then(|| self.at += 1)
+    }
+
+    /// After an element of an array or object: `true` when another follows, `false` at
+    /// the closing byte.
+    fn more(&mut self, close: u8) -> Option<bool> {
+        match self.peek()? {
+            b',' => {
+                self.at += 1;
+                Some(true)
+            }
+            byte if byte == close => {
+                self.at += 1;
+                Some(false)
+            }
+            _ => None,
+        }
+    }
+
+    /// Whether the container just opened closes at once (`[]`, `{}`).
+    fn empty(&mut self, close: u8) -> Option<bool> {
+        if self.peek()? == close {
+            self.at += 1;
+            return Some(true);
+        }
+        Some(false)
+    }
+
+    /// A string without escapes or control characters.
+    fn string(&mut self) -> Option<&'a str> {
+        self.eat(b'"')?;
+        let start = self.at;
+        loop {
+            match *self.bytes.get(self.at)? {
+                b'"' => break,
+                b'\\' | 0..=0x1f => return None,
+                _ => self.at += 1,
+            }
+        }
+        let text = std::str::from_utf8(&self.bytes[start..self.at]).ok()?;
+        self.at += 1;
+        Some(text)
+    }
+
+    /// An object key and its colon.
+    fn key(&mut self) -> Option<&'a str> {
+        let key = self.string()?;
+        self.eat(b':')?;
+        Some(key)
+    }
+
+    /// `{"id"?, "inputs", "outputs"?}` in any order.
+    fn request(&mut self) -> Option<Request> {
+        self.eat(b'{')?;
+        let (mut id, mut inputs, mut outputs) = (None, None, None);
+        if !self.empty(b'}')? {
+            loop {
+                match self.key()? {
+                    "id" if id.is_none() => id = Some(self.string()?.to_string()),
+                    "inputs" if inputs.is_none() => inputs = Some(self.inputs()?),
+                    "outputs" if outputs.is_none() => outputs = Some(self.outputs()?),
+                    _ => return None,
+                }
+                if !self.more(b'}')? {
+                    break;
+                }
+            }
+        }
+        Some(Request {
+            id,
+            inputs: inputs?,
+            outputs: outputs.unwrap_or_default(),
+        })
+    }
+
+    fn inputs(&mut self) -> Option<Vec<NamedTensor>> {
+        self.eat(b'[')?;
+        let mut inputs = Vec::new();
+        if self.empty(b']')? {
+            return Some(inputs);
+        }
+        loop {
+            inputs.push(self.input()?);
+            if !self.more(b']')? {
+                return Some(inputs);
+            }
+        }
+    }
+
+    /// `[{"name": …}, …]`
+    fn outputs(&mut self) -> Option<Vec<String>> {
+        self.eat(b'[')?;
+        let mut names = Vec::new();
+        if self.empty(b']')? {
+            return Some(names);
+        }
+        loop {
+            self.eat(b'{')?;
+            if self.key()? != "name" {
+                return None;
+            }
+            names.push(self.string()?.to_string());
+            self.eat(b'}')?;
+            if !self.more(b']')? {
+                return Some(names);
+            }
+        }
+    }
+
+    /// One input: `name`, `shape`, `datatype` and `data` in any order.
+    fn input(&mut self) -> Option<NamedTensor> {
+        self.eat(b'{')?;
+        let (mut name, mut shape, mut numeric, mut data) = (None, None, None, None);
+        loop {
+            match self.key()? {
+                "name" if name.is_none() => name = Some(self.string()?.to_string()),
+                "shape" if shape.is_none() => shape = Some(self.shape()?),
+                "datatype" if numeric.is_none() => {
+                    numeric = Some(match self.string()? {
+                        "FP32" => Numeric::Fp32,
+                        "INT64" => Numeric::Int64,
+                        _ => return None,
+                    });
+                }
+                "data" if data.is_none() => {
+                    let expected = shape.as_ref().map_or(0, |shape: &Vec<usize>| {
+                        shape
+                            .iter()
+                            .try_fold(1usize, |n, &d| n.checked_mul(d))
+                            .unwrap_or(0)
+                    });
+                    data = Some(match numeric {
+                        Some(numeric) => Data::Typed(self.data(numeric, expected)?),
+                        // Keys in alphabetical order (as serde_json's maps write them) put
+                        // `data` before `datatype`: keep the numbers as read until then.
+                        None => Data::Numbers(self.numbers(expected)?),
+                    });
+                }
+                _ => return None,
+            }
+            if !self.more(b'}')? {
+                break;
+            }
+        }
+        let data = match data? {
+            Data::Typed(data) => data,
+            Data::Numbers(numbers) => match numeric? {
+                Numeric::Fp32 => TensorData::Fp32(numbers.iter().map(|n| n.to_f32()).collect()),
+                Numeric::Int64 => {
+                    TensorData::Int64(numbers.iter().map(|n| n.to_i64()).collect::<Option<_>>()?)
+                }
+            },
+        };
+        Some(NamedTensor {
+            name: name?,
+            shape: shape?,
+            data,
+        })
+    }
+
+    /// `[d0, d1, …]` with no negative dimension (serde's path words that error).
+    fn shape(&mut self) -> Option<Vec<usize>> {
+        self.eat(b'[')?;
+        let mut shape = Vec::new();
+        if self.empty(b']')? {
+            return Some(shape);
+        }
+        loop {
+            self.skip_space();
+            match self.number()? {
+                Number::Unsigned(dimension) => shape.push(usize::try_from(dimension).ok()?),
+                _ => return None,
+            }
+            if !self.more(b']')? {
+                return Some(shape);
+            }
+        }
+    }
+
+    /// A tensor's elements, flat or nested, into a typed vector. `expected` (the shape's
+    /// element count, when the shape came first) only sizes the vector; the count is
+    /// checked against the model's signature later, as on serde's path.
+    fn data(&mut self, numeric: Numeric, expected: usize) -> Option<TensorData> {
+        let capacity = self.capacity(expected);
+        match numeric {
+            Numeric::Fp32 => {
+                let mut values = Vec::with_capacity(capacity);
+                self.elements(0, &mut |number| {
+                    values.push(number.to_f32());
+                    Some(())
+                })?;
+                Some(TensorData::Fp32(values))
+            }
+            Numeric::Int64 => {
+                let mut values = Vec::with_capacity(capacity);
+                self.elements(0, &mut |number| {
+                    values.push(number.to_i64()?);
+                    Some(())
+                })?;
+                Some(TensorData::Int64(values))
+            }
+        }
+    }
+
+    /// A tensor's elements as numbers, for a tensor whose type is not known yet.
+    fn numbers(&mut self, expected: usize) -> Option<Vec<Number>> {
+        let mut numbers = Vec::with_capacity(self.capacity(expected));
+        self.elements(0, &mut |number| {
+            numbers.push(number);
+            Some(())
+        })?;
+        Some(numbers)
+    }
+
+    /// Room for `expected` elements, bounded by what the body could hold: a shape never
+    /// sizes memory on its own.
+    fn capacity(&self, expected: usize) -> usize {
+        expected.min(self.bytes.len() / 2)
+    }
+
+    /// Walks a (possibly nested) array of numbers, handing each to `push` in order.
+    fn elements(
+        &mut self,
+        depth: usize,
+        push: &mut impl FnMut(Number) -> Option<()>,
+    ) -> Option<()> {
+        if depth > DATA_DEPTH_MAX {
+            return None;
+        }
+        self.eat(b'[')?;
+        if self.empty(b']')? {
+            return Some(());
+        }
+        loop {
+            if self.peek()? == b'[' {
+                self.elements(depth + 1, push)?;
+            } else {
+                push(self.number()?)?;
+            }
+            if !self.more(b']')? {
+                return Some(());
+            }
+        }
+    }
+
+    /// One JSON number, classified as serde_json classifies it: an integer token is
+    /// unsigned (`u64`) or negative (`i64`); a fraction or an exponent makes a float, which
+    /// the fast path only ever needs as an `f32`.
+    fn number(&mut self) -> Option<Number> {
+        let start = self.at;
+        let negative = self.bytes.get(self.at) == Some(&b'-');
+        if negative {
+            self.at += 1;
+        }
+        let mut mantissa = Mantissa::default();
+        let integer_start = self.at;
+        match self.bytes.get(self.at)? {
+            b'0' => self.at += 1,
+            b'1'..=b'9' => self.digits(&mut mantissa),
+            _ => return None,
+        }
+        let integer_end = self.at;
+        let mut exponent: i64 = 0;
+        let mut is_float = false;
+        if self.bytes.get(self.at) == Some(&b'.') {
+            self.at += 1;
+            let fraction_start = self.at;
+            self.digits(&mut mantissa);
+            let fraction_digits = self.at - fraction_start;
+            if fraction_digits == 0 {
+                return None;
+            }
+            exponent -= fraction_digits as i64;
+            is_float = true;
+        }
+        if let Some(b'e' | b'E') = self.bytes.get(self.at) {
+            self.at += 1;
+            let exponent_negative = match self.bytes.get(self.at) {
+                Some(b'-') => {
+                    self.at += 1;
+                    true
+                }
+                Some(b'+') => {
+                    self.at += 1;
+                    false
+                }
+                _ => false,
+            };
+            let exponent_start = self.at;
+            let mut written: i64 = 0;
+            while let Some(&digit @ b'0'..=b'9') = self.bytes.get(self.at) {
+                written = written
+                    .saturating_mul(10)
+                    .saturating_add(i64::from(digit - b'0'));
+                self.at += 1;
+            }
+            if self.at == exponent_start {
+                return None;
+            }
+            exponent = exponent.saturating_add(if exponent_negative { -written } else { written });
+            is_float = true;
+        }
+        if !is_float {
+            // serde_json keeps an integer of up to 20 digits as a u64; past 19 digits this
+            // reader lets serde decide rather than repeat its overflow rule.
+            if integer_end - integer_start > 19 {
+                return None;
+            }
+            let value = mantissa.value;
+            if !negative {
+                return Some(Number::Unsigned(value));
+            }
+            // serde_json's rule, `-0` included: a negation that does not come out negative
+            // is a float.
+            let negated = (value as i64).wrapping_neg();
+            return Some(if negated >= 0 {
+                Number::Float(-(value as f64) as f32)
+            } else {
+                Number::Negative(negated)
+            });
+        }
+        let magnitude = mantissa
+            .to_f32(exponent)
+            .or_else(|| Some(parse_token(&self.bytes[start..self.at])?.abs() as f32))?;
+        Some(Number::Float(if negative { -magnitude } else { magnitude }))
+    }
+
+    /// Consumes decimal digits into `mantissa`: eight at a time while they last, then one
+    /// by one.
+    fn digits(&mut self, mantissa: &mut Mantissa) {
+        while let Some(chunk) = self.bytes.get(self.at..self.at + 8) {
+            let Some(eight) = eight_digits(chunk) else {
+                break;
+            };
+            mantissa.push_eight(eight);
+            self.at += 8;
+        }
+        while let Some(&digit @ b'0'..=b'9') = self.bytes.get(self.at) {
+            mantissa.push(digit - b'0');
+            self.at += 1;
+        }
+    }
+}
+
+/// The value of eight ASCII digits, or `None` if any byte is not one.
+///
+/// All eight are checked and combined at once in a `u64` (pairs, then fours, then the
+/// eight): the digits of the numbers clients send are most of a request's bytes.
+fn eight_digits(chunk: &[u8]) -> Option<u32> {
+    let bytes: [u8; 8] = chunk.try_into().ok()?;
+    let word = u64::from_le_bytes(bytes);
+    const ZEROS: u64 = 0x3030_3030_3030_3030;
+    // Every byte is 0x30..=0x39: its high nibble is 3, and adding 6 keeps it 3.
+    let high_nibbles = 0xF0F0_F0F0_F0F0_F0F0;
+    if word & high_nibbles != ZEROS
+        || word.wrapping_add(0x0606_0606_0606_0606) & high_nibbles != ZEROS
+    {
+        return None;
+    }
+    // The first digit is the lowest byte. Combine neighbours into two-digit values, then
+    // four-digit, then the eight-digit whole.
+    let digits = word - ZEROS;
+    let pairs = (digits * 10 + (digits >> 8)) & 0x00FF_00FF_00FF_00FF;
+    let fours = (pairs * 100 + (pairs >> 16)) & 0x0000_FFFF_0000_FFFF;
+    let eight = (fours * 10_000 + (fours >> 32)) & 0xFFFF_FFFF;
+    Some(eight as u32)
+}
+
+/// A number's significant digits as an integer, while they fit.
+#[derive(Default)]
+struct Mantissa {
+    value: u64,
+    /// Set once a digit did not fit; `value` then holds only the leading digits.
+    overflowed: bool,
+}
+
+impl Mantissa {
+    /// Below this, one more digit always fits a u64 (19 digits in all).
+    const ONE_MORE_MAX: u64 = 1_000_000_000_000_000_000;
+    /// Below this, eight more digits always fit.
+    const EIGHT_MORE_MAX: u64 = 100_000_000_000;
+
+    fn push(&mut self, digit: u8) {
+        if self.value < Self::ONE_MORE_MAX {
+            self.value = self.value * 10 + u64::from(digit);
+        } else {
+            self.overflowed = true;
+        }
+    }
+
+    fn push_eight(&mut self, eight: u32) {
+        if self.value < Self::EIGHT_MORE_MAX {
+            self.value = self.value * 100_000_000 + u64::from(eight);
+        } else {
+            self.overflowed = true;
+        }
+    }
+
+    /// `value × 10^exponent` as the `f32` serde's path gives (its correctly rounded `f64`,
+    /// then rounded to `f32`), when that can be had without the slow path.
+    ///
+    /// A mantissa within 2^53 and a power of ten up to 10^22 are both exact in an `f64`, so
+    /// one operation gives the correctly rounded `f64` (Clinger's fast path). A longer
+    /// mantissa (17-digit decimals, as `repr` writes a float) costs one more rounding: the
+    /// `f64` may be off by an ulp or so, which changes the `f32` only if it lies next to a
+    /// point halfway between two `f32`s. Those few go to the slow path.
+    fn to_f32(&self, exponent: i64) -> Option<f32> {
+        const EXACT_MANTISSA_MAX: u64 = 1 << 53;
+        if self.overflowed {
+            return None;
+        }
+        let power = *POWERS_OF_TEN.get(usize::try_from(exponent.unsigned_abs()).ok()?)?;
+        let value = if exponent < 0 {
+            self.value as f64 / power
+        } else {
+            self.value as f64 * power
+        };
+        if self.value <= EXACT_MANTISSA_MAX {
+            return Some(value as f32);
+        }
+        clear_of_halfway(value)
+    }
+}
+
+/// `value` (positive, within a few ulps of the exact number) as an `f32`, unless it lies
+/// so near a halfway point between two `f32`s that the exact number might round the other
+/// way, or outside the range of normal `f32`s.
+fn clear_of_halfway(value: f64) -> Option<f32> {
+    /// How far, in `f64` ulps, a value must stay from a halfway point: its error is at most
+    /// about two ulps, one more across a power of two; eight leaves room.
+    const MARGIN_ULPS: u64 = 8;
+    /// An `f64` has 29 more mantissa bits than an `f32`: the halfway point between two
+    /// neighbouring `f32`s has exactly the top one of those set.
+    const EXTRA_BITS: u32 = 52 - 23;
+    if !(f64::from(f32::MIN_POSITIVE)..=f64::from(f32::MAX)).contains(&value) {
+        return None;
+    }
+    let extra = value.to_bits() & ((1 << EXTRA_BITS) - 1);
+    if extra.abs_diff(1 << (EXTRA_BITS - 1)) <= MARGIN_ULPS {
+        return None;
+    }
+    Some(value as f32)
+}
+
+/// A number as JSON wrote it.
+#[derive(Clone, Copy, Debug)]
+enum Number {
+    Unsigned(u64),
+    Negative(i64),
+    /// A fraction or an exponent: only ever an FP32 element.
+    Float(f32),
+}
+
+impl Number {
+    /// As serde's path converts an element of an FP32 tensor.
+    fn to_f32(self) -> f32 {
+        match self {
+            Number::Unsigned(value) => value as f32,
+            Number::Negative(value) => value as f32,
+            Number::Float(value) => value,
+        }
+    }
+
+    /// As serde's path converts an element of an INT64 tensor; `None` where it refuses.
+    fn to_i64(self) -> Option<i64> {
+        match self {
+            Number::Unsigned(value) => i64::try_from(value).ok(),
+            Number::Negative(value) => Some(value),
+            Number::Float(_) => None,
+        }
+    }
+}
+
+/// Powers of ten that an `f64` holds exactly.
+const POWERS_OF_TEN: [f64; 23] = [
+    1e0, 1e1, 1e2, 1e3, 1e4, 1e5, 1e6, 1e7, 1e8, 1e9, 1e10, 1e11, 1e12, 1e13, 1e14, 1e15, 1e16,
+    1e17, 1e18, 1e19, 1e20, 1e21, 1e22,
+];
+
+/// The correctly rounded `f64` of a number token, by the standard library; `None` out of
+/// an `f64`'s range, which serde_json refuses.
+fn parse_token(token: &[u8]) -> Option<f64> {
+    let value: f64 = std::str::from_utf8(token).ok()?.parse().ok()?;
+    value.is_finite().then_some(value)
+}
+
+#[cfg(test)]
+mod tests;
