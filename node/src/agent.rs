@@ -13,6 +13,8 @@ use axum::Json;
 use axum::body::Bytes;
 use axum::extract::rejection::BytesRejection;
 use axum::extract::{Path, State};
+use axum::http::HeaderMap;
+use axum::response::Response;
 use axum::routing::{get, post};
 use shoal_actors::agent::{AgentHandle, Routes};
 use shoal_actors::batcher::InferError;
@@ -429,8 +431,9 @@ impl Drop for Tracked<'_> {
 async fn infer(
     State(plane): State<Arc<DataPlane>>,
     Path(id): Path<u64>,
+    headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
-) -> Result<Json<oip::InferResponse>, ApiError> {
+) -> Result<Response, ApiError> {
     let deadline = tokio::time::Instant::now() + REQUEST_TIMEOUT;
     plane.started(id);
     let _tracked = Tracked {
@@ -439,7 +442,8 @@ async fn infer(
         started: std::time::Instant::now(),
     };
     let body = body?;
-    let request = oip::read_request(&body).map_err(ApiError::BadRequest)?;
+    let header_bytes = crate::api::binary_header(&headers)?;
+    let mut request = oip::read_request(&body, header_bytes).map_err(ApiError::BadRequest)?;
     let routes = plane.routes.borrow().clone();
     let Some((model, route)) = routes.by_model.iter().find_map(|(model, routes)| {
         routes
@@ -451,31 +455,18 @@ async fn infer(
             "replica {id} is not serving here"
         )));
     };
-    let outputs =
-        route
-            .handle
-            .infer(request.inputs, deadline)
-            .await
-            .map_err(|error| match error {
-                InferError::Input(input) => ApiError::BadRequest(input.to_string()),
-                InferError::Overloaded => ApiError::Overloaded("the replica is overloaded".into()),
-                InferError::DeadlineExceeded => {
-                    ApiError::DeadlineExceeded("no answer in time".into())
-                }
-                InferError::Model(message) => ApiError::ReplicaFailed(message),
-                other => ApiError::Unavailable(other.to_string()),
-            })?;
-    let outputs = outputs
-        .into_iter()
-        .filter(|output| request.outputs.is_empty() || request.outputs.contains(&output.name))
-        .map(oip::to_output)
-        .collect();
-    Ok(Json(oip::InferResponse {
-        model_name: model.clone(),
-        model_version: route.version.to_string(),
-        id: request.id,
-        outputs,
-    }))
+    let outputs = route
+        .handle
+        .infer(std::mem::take(&mut request.inputs), deadline)
+        .await
+        .map_err(|error| match error {
+            InferError::Input(input) => ApiError::BadRequest(input.to_string()),
+            InferError::Overloaded => ApiError::Overloaded("the replica is overloaded".into()),
+            InferError::DeadlineExceeded => ApiError::DeadlineExceeded("no answer in time".into()),
+            InferError::Model(message) => ApiError::ReplicaFailed(message),
+            other => ApiError::Unavailable(other.to_string()),
+        })?;
+    Ok(crate::api::answer(model, route.version, outputs, &request))
 }
 
 /// What `/internal/v1/replicas/{id}/generate` takes.

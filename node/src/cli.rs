@@ -680,9 +680,11 @@ pub async fn infer(request: InferArgs, args: &ClientArgs) -> anyhow::Result<()> 
             name: input.name.clone(),
             shape,
             datatype: input.datatype.clone(),
-            data: serde_json::from_value(data)?,
+            data: Some(serde_json::from_value(data)?),
+            parameters: None,
         }],
         outputs: Vec::new(),
+        parameters: None,
     };
     let answer: InferResponse = client.post(&format!("{path}/infer"), &body).await?;
     if args.output == Output::Json {
@@ -701,7 +703,12 @@ pub async fn infer(request: InferArgs, args: &ClientArgs) -> anyhow::Result<()> 
         let mut cells = vec![row.to_string()];
         for output in &answer.outputs {
             let per_row: usize = output.shape.iter().skip(1).product();
-            let cell = match &output.data {
+            // The CLI asks for JSON answers, so every output carries its data.
+            let Some(data) = &output.data else {
+                cells.push("-".into());
+                continue;
+            };
+            let cell = match data {
                 ResponseData::Fp32(values) => {
                     join(&values[row * per_row..(row + 1) * per_row], |v| {
                         format!("{v:.4}")

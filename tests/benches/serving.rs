@@ -73,6 +73,22 @@ fn mlp_request() -> &'static [u8] {
     Vec::leak(body.to_string().into_bytes())
 }
 
+/// The same request with the features as binary tensor data (OIP's binary extension),
+/// and the length of its JSON part.
+fn mlp_binary_request() -> (&'static [u8], usize) {
+    let features: Vec<u8> = (0..MLP_LAYERS[0])
+        .flat_map(|i| ((i % 97) as f32 / 97.0).to_le_bytes())
+        .collect();
+    let header = json!({"inputs": [{"name": "features", "shape": [1, MLP_LAYERS[0]],
+        "datatype": "FP32", "parameters": {"binary_data_size": features.len()}}]})
+    .to_string();
+    let header_bytes = header.len();
+    (
+        Vec::leak([header.into_bytes(), features].concat()),
+        header_bytes,
+    )
+}
+
 fn embedding_request() -> &'static [u8] {
     let body = json!({"model": "minilm",
         "input": "Shoal serves machine-learning models on a fleet of GPU hosts."});
@@ -333,6 +349,25 @@ async fn served(
     let up_c64 = points[2].result.rate();
     let up_open_500_p99 = points[4].result.quantile(0.99);
 
+    // The same requests with the features as binary tensor data: no decimal text to read.
+    let (binary_body, header_bytes) = mlp_binary_request();
+    let header_bytes = header_bytes.to_string();
+    let binary = Target::post(
+        &url,
+        &[
+            ("content-type", "application/octet-stream"),
+            ("inference-header-content-length", &header_bytes),
+        ],
+        binary_body,
+    );
+    closed_loop(&binary, 8, Duration::from_millis(500)).await;
+    let binary_result = closed_loop(&binary, 64, seconds).await;
+    let up_binary_c64 = binary_result.rate();
+    points.push(Point {
+        name: "MLP via shoal up, binary tensor data, closed loop c=64".into(),
+        result: binary_result,
+    });
+
     push_and_deploy(&base, root, mlp_dir, "mlp-unbatched", "mlp-unbatched", 1);
     let unbatched_url = up.url("/v2/models/mlp-unbatched/infer");
     wait_serving(&unbatched_url, body).await;
@@ -422,6 +457,12 @@ async fn served(
     );
     println!(
         "{:<64} {:>10.2} {:>8}",
+        "MLP shoal up c=64, binary tensor data / raw batch-32 rows/s",
+        up_binary_c64 / raw_mlp.batch32_rate,
+        "-"
+    );
+    println!(
+        "{:<64} {:>10.2} {:>8}",
         "MLP cluster c=64 req/s / raw batch-32 rows/s",
         cluster_c64 / raw_mlp.batch32_rate,
         "-"
@@ -465,6 +506,7 @@ async fn served(
         "points": points.iter().map(point_json).collect::<Vec<_>>(),
         "ratios": {
             "up_c64_over_raw_batch32": up_c64 / raw_mlp.batch32_rate,
+            "up_binary_c64_over_raw_batch32": up_binary_c64 / raw_mlp.batch32_rate,
             "cluster_c64_over_raw_batch32": cluster_c64 / raw_mlp.batch32_rate,
             "up_c1_p50_minus_raw_batch1_ms": ms(c1_overhead),
             "up_open_500_p99_ms": ms(up_open_500_p99),

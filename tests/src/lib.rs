@@ -551,3 +551,70 @@ impl Drop for ServerCluster {
         }
     }
 }
+
+/// What an iris request in OIP's binary tensor data extension got back.
+#[derive(Debug)]
+pub struct BinaryIrisAnswer {
+    /// `probabilities`, answered as binary tensor data.
+    pub probabilities: Vec<f32>,
+    /// `label`, answered as JSON.
+    pub labels: Vec<String>,
+}
+
+/// Asks `url` (an iris `…/infer`) about `rows` with the features as binary tensor data,
+/// `probabilities` asked for as binary and `label` as JSON, and decodes the answer.
+pub async fn infer_iris_binary(
+    client: &reqwest::Client,
+    url: &str,
+    rows: &[[f32; 4]],
+) -> BinaryIrisAnswer {
+    let features: Vec<u8> = rows
+        .iter()
+        .flatten()
+        .flat_map(|v| v.to_le_bytes())
+        .collect();
+    let header = serde_json::json!({
+        "inputs": [{"name": "features", "shape": [rows.len(), 4], "datatype": "FP32",
+                    "parameters": {"binary_data_size": features.len()}}],
+        "outputs": [{"name": "probabilities", "parameters": {"binary_data": true}},
+                    {"name": "label"}],
+    })
+    .to_string();
+    let answer = client
+        .post(url)
+        .header("content-type", "application/octet-stream")
+        .header("inference-header-content-length", header.len())
+        .body([header.as_bytes(), &features].concat())
+        .send()
+        .await
+        .unwrap_or_else(|error| panic!("binary infer request: {error:?}"));
+    assert_eq!(answer.status(), 200, "{:?}", answer.text().await);
+    let header_bytes: usize = answer.headers()["inference-header-content-length"]
+        .to_str()
+        .ok()
+        .and_then(|text| text.parse().ok())
+        .expect("a binary answer names its JSON length");
+    let body = answer.bytes().await.expect("the answer's body");
+    let header: serde_json::Value =
+        serde_json::from_slice(&body[..header_bytes]).expect("the answer's JSON part");
+    let outputs = header["outputs"].as_array().expect("outputs");
+    let output = |name: &str| {
+        outputs
+            .iter()
+            .find(|output| output["name"] == name)
+            .unwrap_or_else(|| panic!("no {name} in {header}"))
+    };
+    let size = output("probabilities")["parameters"]["binary_data_size"]
+        .as_u64()
+        .expect("probabilities come as binary data") as usize;
+    assert_eq!(header_bytes + size, body.len(), "{header}");
+    let probabilities = body[header_bytes..]
+        .chunks_exact(4)
+        .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+        .collect();
+    let labels = serde_json::from_value(output("label")["data"].clone()).expect("labels");
+    BinaryIrisAnswer {
+        probabilities,
+        labels,
+    }
+}

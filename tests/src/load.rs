@@ -74,6 +74,11 @@ pub struct Target {
 impl Target {
     /// A `POST` of `body` as JSON to `url`, which is `http://host:port/path`.
     pub fn post_json(url: &str, body: &[u8]) -> Target {
+        Target::post(url, &[("content-type", "application/json")], body)
+    }
+
+    /// A `POST` of `body` to `url` (`http://host:port/path`) with `headers`.
+    pub fn post(url: &str, headers: &[(&str, &str)], body: &[u8]) -> Target {
         let rest = url
             .strip_prefix("http://")
             .unwrap_or_else(|| panic!("{url:?} is not an http:// URL"));
@@ -84,12 +89,12 @@ impl Target {
             .ok()
             .and_then(|mut addresses| addresses.next())
             .unwrap_or_else(|| panic!("{authority:?} does not resolve"));
-        let mut request = format!(
-            "POST {path} HTTP/1.1\r\nhost: {authority}\r\ncontent-type: application/json\r\n\
-             content-length: {}\r\n\r\n",
-            body.len()
-        )
-        .into_bytes();
+        let mut head = format!("POST {path} HTTP/1.1\r\nhost: {authority}\r\n");
+        for (name, value) in headers {
+            head.push_str(&format!("{name}: {value}\r\n"));
+        }
+        head.push_str(&format!("content-length: {}\r\n\r\n", body.len()));
+        let mut request = head.into_bytes();
         request.extend_from_slice(body);
         Target {
             address,

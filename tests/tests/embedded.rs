@@ -3,7 +3,7 @@
 //! that recovers from the raft log without training again.
 
 use serde_json::{Value, json};
-use shoal_tests::{Shoal, shoal_binary};
+use shoal_tests::{Shoal, infer_iris_binary, shoal_binary};
 use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::time::Duration;
@@ -93,6 +93,28 @@ async fn shoal_up_serves_iris_refuses_bad_input_stops_gracefully_and_recovers() 
         infer_labels(&client, &shoal, &rows).await,
         vec!["setosa", "versicolor", "virginica"]
     );
+
+    // The same rows as binary tensor data (OIP's binary extension), with the probabilities
+    // answered as binary too: the same numbers as the JSON answer gives.
+    let binary = infer_iris_binary(&client, &shoal.url("/v2/models/iris/infer"), &rows).await;
+    assert_eq!(binary.labels, ["setosa", "versicolor", "virginica"]);
+    let json_answer: Value = client
+        .post(shoal.url("/v2/models/iris/infer"))
+        .json(&features(&rows))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let json_probabilities: Vec<f32> = json_answer["outputs"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|output| output["name"] == "probabilities")
+        .and_then(|output| serde_json::from_value(output["data"].clone()).ok())
+        .expect("probabilities as JSON");
+    assert_eq!(binary.probabilities, json_probabilities);
 
     // Metadata names the signature.
     let metadata: Value = client

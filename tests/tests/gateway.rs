@@ -7,7 +7,7 @@
 )]
 
 use serde_json::{Value, json};
-use shoal_tests::{ServerCluster, free_addresses, http_client, shoal_binary};
+use shoal_tests::{ServerCluster, free_addresses, http_client, infer_iris_binary, shoal_binary};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -70,6 +70,15 @@ async fn a_standalone_gateway_follows_the_state_and_serves_through_agents() {
         .find(|o| o["name"] == "label")
         .unwrap();
     assert_eq!(label["data"][0], "virginica");
+    // Binary tensor data passes through the gateway to the agent and back.
+    let binary = infer_iris_binary(
+        &http,
+        &format!("{base}/v2/models/iris/infer"),
+        &[[6.3, 3.3, 6.0, 2.5], [5.1, 3.5, 1.4, 0.2]],
+    )
+    .await;
+    assert_eq!(binary.labels, ["virginica", "setosa"]);
+    assert_eq!(binary.probabilities.len(), 6);
 
     // A version that exists but runs nowhere: 503 with Retry-After, and serving goes on.
     let second = root.path().join("iris-2");

@@ -3,7 +3,7 @@
 //! of two choices); a connection that fails before an answer is retried on another
 //! replica, since inference is idempotent.
 
-use super::ApiError;
+use super::{ApiError, oip};
 use axum::body::Bytes;
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
@@ -208,10 +208,13 @@ impl Gateway {
 
     /// Sends an Open Inference Protocol body to one of `targets`, retrying others when
     /// a replica cannot be reached or is no longer serving.
+    /// `header_bytes` is the binary extension's JSON length, passed on with the body; the
+    /// answer keeps the replica's content type and binary header.
     pub async fn forward(
         &self,
         mut candidates: Vec<Target>,
         body: Bytes,
+        header_bytes: Option<usize>,
     ) -> Result<Response, ApiError> {
         let mut last_error = String::new();
         for _ in 0..ATTEMPTS_MAX {
@@ -225,17 +228,23 @@ impl Gateway {
                 "http://{}/internal/v1/replicas/{}/infer",
                 target.address, target.replica.0
             );
-            let sent = self
-                .http
-                .post(url)
-                .header("content-type", "application/json")
-                .body(body.clone())
-                .send()
-                .await;
+            let mut request = self.http.post(url).body(body.clone());
+            request = match header_bytes {
+                Some(header_bytes) => request
+                    .header("content-type", oip::BINARY_CONTENT_TYPE)
+                    .header(oip::BINARY_HEADER_LENGTH, header_bytes),
+                None => request.header("content-type", "application/json"),
+            };
+            let sent = request.send().await;
             match sent {
                 Ok(answer) => {
                     let status = StatusCode::from_u16(answer.status().as_u16())
                         .unwrap_or(StatusCode::BAD_GATEWAY);
+                    let binary = answer
+                        .headers()
+                        .get(oip::BINARY_HEADER_LENGTH)
+                        .and_then(|value| value.to_str().ok())
+                        .map(str::to_string);
                     let bytes = match answer.bytes().await {
                         Ok(bytes) => bytes,
                         Err(error) => {
@@ -248,9 +257,20 @@ impl Gateway {
                         last_error = format!("{} is not serving", target.replica);
                         continue;
                     }
-                    return Ok(
-                        (status, [("content-type", "application/json")], bytes).into_response()
-                    );
+                    return Ok(match binary {
+                        Some(header_bytes) => (
+                            status,
+                            [
+                                ("content-type", oip::BINARY_CONTENT_TYPE.to_string()),
+                                (oip::BINARY_HEADER_LENGTH, header_bytes),
+                            ],
+                            bytes,
+                        )
+                            .into_response(),
+                        None => {
+                            (status, [("content-type", "application/json")], bytes).into_response()
+                        }
+                    });
                 }
                 Err(error) if error.is_timeout() => {
                     return Err(ApiError::DeadlineExceeded(format!(
@@ -337,7 +357,7 @@ mod tests {
         let gateway = Gateway::new().unwrap();
         // Nothing listens on these ports.
         let error = gateway
-            .forward(vec![target(1), target(2)], Bytes::from_static(b"{}"))
+            .forward(vec![target(1), target(2)], Bytes::from_static(b"{}"), None)
             .await
             .unwrap_err();
         assert!(matches!(error, ApiError::ReplicaFailed(_)), "{error:?}");

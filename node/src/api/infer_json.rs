@@ -14,13 +14,39 @@
 
 use shoal_actors::tensor::{NamedTensor, TensorData};
 
-/// A request read on the fast path.
-#[derive(Debug, PartialEq)]
+/// An infer request read into tensors (by this reader or by serde's path).
+#[derive(Debug, Default, PartialEq)]
 pub struct Request {
     pub id: Option<String>,
     pub inputs: Vec<NamedTensor>,
-    /// Names of the outputs asked for; all when empty.
-    pub outputs: Vec<String>,
+    /// The outputs asked for; all when empty.
+    pub outputs: Vec<Wanted>,
+    /// Every output as binary tensor data.
+    pub binary_output: bool,
+}
+
+/// An output a request asks for by name.
+#[derive(Debug, PartialEq)]
+pub struct Wanted {
+    pub name: String,
+    /// Answered as binary tensor data.
+    pub binary: bool,
+}
+
+impl Request {
+    /// Whether the answer carries the output `name`.
+    pub fn wants(&self, name: &str) -> bool {
+        self.outputs.is_empty() || self.outputs.iter().any(|wanted| wanted.name == name)
+    }
+
+    /// Whether the output `name` is answered as binary tensor data.
+    pub fn binary(&self, name: &str) -> bool {
+        self.binary_output
+            || self
+                .outputs
+                .iter()
+                .any(|wanted| wanted.binary && wanted.name == name)
+    }
 }
 
 /// Deepest nesting of a tensor's `data` arrays the fast path follows.
@@ -138,6 +164,7 @@ impl<'a> Cursor<'a> {
             id,
             inputs: inputs?,
             outputs: outputs.unwrap_or_default(),
+            binary_output: false,
         })
     }
 
@@ -156,7 +183,7 @@ impl<'a> Cursor<'a> {
     }
 
     /// `[{"name": …}, …]`
-    fn outputs(&mut self) -> Option<Vec<String>> {
+    fn outputs(&mut self) -> Option<Vec<Wanted>> {
         self.eat(b'[')?;
         let mut names = Vec::new();
         if self.empty(b']')? {
@@ -167,7 +194,10 @@ impl<'a> Cursor<'a> {
             if self.key()? != "name" {
                 return None;
             }
-            names.push(self.string()?.to_string());
+            names.push(Wanted {
+                name: self.string()?.to_string(),
+                binary: false,
+            });
             self.eat(b'}')?;
             if !self.more(b']')? {
                 return Some(names);

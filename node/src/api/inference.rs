@@ -6,7 +6,8 @@ use axum::Json;
 use axum::body::Bytes;
 use axum::extract::rejection::BytesRejection;
 use axum::extract::{Path, State};
-use axum::http::HeaderMap;
+use axum::http::header::CONTENT_TYPE;
+use axum::http::{HeaderMap, HeaderName};
 use axum::response::{IntoResponse, Response};
 use shoal_actors::batcher::InferError;
 use shoal_actors::tensor::validate_inputs;
@@ -32,7 +33,7 @@ pub async fn server_metadata() -> Json<serde_json::Value> {
     Json(serde_json::json!({
         "name": "shoal",
         "version": shoal_ops::VERSION,
-        "extensions": [],
+        "extensions": ["binary_tensor_data"],
     }))
 }
 
@@ -369,7 +370,8 @@ async fn serve(
 ) -> Result<Response, ApiError> {
     let deadline = tokio::time::Instant::now() + request_timeout(headers);
     let body = body?;
-    let request = oip::read_request(&body).map_err(ApiError::BadRequest)?;
+    let mut request =
+        oip::read_request(&body, binary_header(headers)?).map_err(ApiError::BadRequest)?;
     let state = app.control.state();
     let mut resolved = resolve(&state, model, version)?;
     if version.is_none()
@@ -379,7 +381,7 @@ async fn serve(
         resolved = split;
     }
     *served = Some(resolved.version);
-    let inputs = request.inputs;
+    let inputs = std::mem::take(&mut request.inputs);
     let rows = validate_inputs(&resolved.signature, &inputs)
         .map_err(|error| ApiError::BadRequest(error.to_string()))?;
     if rows > ROWS_PER_REQUEST_MAX {
@@ -392,10 +394,11 @@ async fn serve(
             .signature
             .outputs
             .iter()
-            .any(|spec| &spec.name == wanted)
+            .any(|spec| spec.name == wanted.name)
         {
             return Err(ApiError::BadRequest(format!(
-                "model {model:?} has no output {wanted:?}"
+                "model {model:?} has no output {:?}",
+                wanted.name
             )));
         }
     }
@@ -438,7 +441,10 @@ async fn serve(
             }
             targets = hold_for_scale_up(app, model, resolved.version, deadline).await?;
         }
-        return app.gateway.forward(targets, body).await;
+        return app
+            .gateway
+            .forward(targets, body, binary_header(headers)?)
+            .await;
     }
     let position = app.next_route.fetch_add(1, Ordering::Relaxed) % candidates.len();
     let route = candidates[position];
@@ -460,16 +466,54 @@ async fn serve(
             }
             InferError::Model(message) => ApiError::ReplicaFailed(message),
         })?;
-    let outputs = outputs
-        .into_iter()
-        .filter(|output| request.outputs.is_empty() || request.outputs.contains(&output.name))
-        .map(oip::to_output)
-        .collect();
-    Ok(Json(InferResponse {
+    Ok(answer(model, route.version, outputs, &request))
+}
+
+/// The binary extension's JSON length, when the request carries its header.
+pub(crate) fn binary_header(headers: &HeaderMap) -> Result<Option<usize>, ApiError> {
+    let Some(value) = headers.get(oip::BINARY_HEADER_LENGTH) else {
+        return Ok(None);
+    };
+    value
+        .to_str()
+        .ok()
+        .and_then(|text| text.trim().parse().ok())
+        .map(Some)
+        .ok_or_else(|| {
+            ApiError::BadRequest(format!("{} is not a byte count", oip::BINARY_HEADER_LENGTH))
+        })
+}
+
+/// A replica's outputs as the answer to `request`: the outputs it asked for, as JSON or,
+/// those it asked for so, as binary tensor data after the JSON.
+pub(crate) fn answer(
+    model: &str,
+    version: u32,
+    outputs: Vec<shoal_actors::tensor::NamedTensor>,
+    request: &oip::Request,
+) -> Response {
+    let response = InferResponse {
         model_name: model.to_string(),
-        model_version: route.version.to_string(),
-        id: request.id,
-        outputs,
-    })
-    .into_response())
+        model_version: version.to_string(),
+        outputs: outputs
+            .into_iter()
+            .filter(|output| request.wants(&output.name))
+            .map(oip::to_output)
+            .collect(),
+        id: request.id.clone(),
+    };
+    match oip::encode_response(response, |name| request.binary(name)) {
+        (body, None) => ([(CONTENT_TYPE, "application/json")], body).into_response(),
+        (body, Some(header_bytes)) => (
+            [
+                (CONTENT_TYPE, oip::BINARY_CONTENT_TYPE.to_string()),
+                (
+                    HeaderName::from_static(oip::BINARY_HEADER_LENGTH),
+                    header_bytes.to_string(),
+                ),
+            ],
+            body,
+        )
+            .into_response(),
+    }
 }

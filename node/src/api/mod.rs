@@ -14,6 +14,8 @@ pub mod nodes;
 pub mod oip;
 mod openai;
 
+pub(crate) use inference::{answer, binary_header};
+
 use crate::auth::{self, AuthError, Tokens};
 use crate::control::ControlPlane;
 use crate::store::ArtifactStore;

@@ -6,6 +6,13 @@ use serde::{Deserialize, Serialize};
 use shoal_actors::tensor::{NamedTensor, TensorData};
 use shoal_scheduler::{DataType, TensorSpec};
 
+/// The header that marks a body (request or answer) as OIP's binary tensor data extension:
+/// the first this-many bytes are the JSON, the rest the tensors' bytes.
+pub const BINARY_HEADER_LENGTH: &str = "inference-header-content-length";
+
+/// The content type of a body with binary tensor data.
+pub const BINARY_CONTENT_TYPE: &str = "application/octet-stream";
+
 /// `POST …/infer` body.
 #[derive(Debug, Deserialize, Serialize)]
 pub struct InferRequest {
@@ -15,6 +22,16 @@ pub struct InferRequest {
     /// Outputs to return; all when empty.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub outputs: Vec<RequestedOutput>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub parameters: Option<RequestParameters>,
+}
+
+/// Request-wide parameters Shoal reads; others are ignored, as the protocol allows.
+#[derive(Debug, Default, Deserialize, Serialize)]
+pub struct RequestParameters {
+    /// Every output as binary tensor data (the binary extension).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub binary_data_output: bool,
 }
 
 #[derive(Debug, Deserialize, Serialize)]
@@ -22,8 +39,23 @@ pub struct RequestInput {
     pub name: String,
     pub shape: Vec<i64>,
     pub datatype: String,
-    /// Row-major elements, flat or nested as the shape, flattened as they are read.
-    pub data: Elements,
+    /// Row-major elements, flat or nested as the shape, flattened as they are read. Absent
+    /// when the elements come as binary tensor data.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub data: Option<Elements>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub parameters: Option<TensorParameters>,
+}
+
+/// A tensor's parameters Shoal reads.
+#[derive(Debug, Default, Deserialize, Serialize)]
+pub struct TensorParameters {
+    /// This tensor's bytes in the binary part of the body (the binary extension).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub binary_data_size: Option<usize>,
+    /// For a requested output: answer it as binary tensor data.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub binary_data: bool,
 }
 
 /// One element of a request's data, as JSON gave it.
@@ -159,6 +191,8 @@ impl std::fmt::Display for Element {
 #[derive(Debug, Deserialize, Serialize)]
 pub struct RequestedOutput {
     pub name: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub parameters: Option<TensorParameters>,
 }
 
 /// `POST …/infer` answer.
@@ -176,7 +210,11 @@ pub struct ResponseOutput {
     pub name: String,
     pub shape: Vec<usize>,
     pub datatype: String,
-    pub data: ResponseData,
+    /// Absent when the output is answered as binary tensor data.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub data: Option<ResponseData>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub parameters: Option<TensorParameters>,
 }
 
 #[derive(Debug, Deserialize, Serialize, PartialEq)]
@@ -226,26 +264,37 @@ fn parse_datatype(name: &str) -> Result<DataType, String> {
     }
 }
 
+/// An input's shape, refused when a dimension is negative.
+fn dimensions(input: &RequestInput) -> Result<Vec<usize>, String> {
+    input
+        .shape
+        .iter()
+        .map(|&dimension| usize::try_from(dimension))
+        .collect::<Result<_, _>>()
+        .map_err(|_| {
+            format!(
+                "input {:?}: shape {:?} has a negative dimension",
+                input.name, input.shape
+            )
+        })
+}
+
 /// Converts one request input into a tensor. Shape and element count are checked against
 /// the model's signature later; here only the JSON itself.
 pub fn to_tensor(input: RequestInput) -> Result<NamedTensor, String> {
     let datatype = parse_datatype(&input.datatype)
         .map_err(|message| format!("input {:?}: {message}", input.name))?;
-    let mut shape = Vec::with_capacity(input.shape.len());
-    for &dimension in &input.shape {
-        let Ok(dimension) = usize::try_from(dimension) else {
-            return Err(format!(
-                "input {:?}: shape {:?} has a negative dimension",
-                input.name, input.shape
-            ));
-        };
-        shape.push(dimension);
-    }
+    let shape = dimensions(&input)?;
     let name = &input.name;
     let bad_element = |index: usize, element: &Element, expected: &str| {
         format!("input {name:?}: element {index} is {element}, expected {expected}")
     };
-    let elements = input.data.0;
+    let Some(Elements(elements)) = input.data else {
+        return Err(format!(
+            "input {name:?} has no data: give `data`, or `binary_data_size` with the \
+             {BINARY_HEADER_LENGTH} header"
+        ));
+    };
     let data = match datatype {
         DataType::Fp32 => {
             let mut values = Vec::with_capacity(elements.len());
@@ -289,9 +338,14 @@ pub fn to_tensor(input: RequestInput) -> Result<NamedTensor, String> {
     })
 }
 
-/// An infer request read into tensors: by the fast reader when it has the common shape
+/// An infer request read into tensors. With `header_bytes` (the binary extension's header)
+/// the body's first `header_bytes` are the JSON and the rest the inputs' bytes; without, it
+/// is all JSON, read by the fast reader when it has the common shape
 /// ([`super::infer_json`]), else through serde, which words every error.
-pub fn read_request(body: &[u8]) -> Result<Request, String> {
+pub fn read_request(body: &[u8], header_bytes: Option<usize>) -> Result<Request, String> {
+    if let Some(header_bytes) = header_bytes {
+        return read_binary_request(body, header_bytes);
+    }
     match super::infer_json::read(body) {
         Some(request) => Ok(request),
         None => read_with_serde(body),
@@ -303,20 +357,192 @@ pub fn read_request(body: &[u8]) -> Result<Request, String> {
 pub(super) fn read_with_serde(body: &[u8]) -> Result<Request, String> {
     let request: InferRequest = serde_json::from_slice(body)
         .map_err(|error| format!("malformed infer request: {error}"))?;
-    let inputs = request
-        .inputs
+    let (inputs, rest) = split_request(request);
+    let inputs = inputs
         .into_iter()
         .map(to_tensor)
         .collect::<Result<_, _>>()?;
-    Ok(Request {
+    Ok(Request { inputs, ..rest })
+}
+
+/// A request's inputs, and the rest of it as a [`Request`] with no inputs yet.
+fn split_request(request: InferRequest) -> (Vec<RequestInput>, Request) {
+    let rest = Request {
         id: request.id,
-        inputs,
+        inputs: Vec::new(),
         outputs: request
             .outputs
             .into_iter()
-            .map(|output| output.name)
+            .map(|output| super::infer_json::Wanted {
+                binary: output.parameters.is_some_and(|p| p.binary_data),
+                name: output.name,
+            })
             .collect(),
+        binary_output: request.parameters.is_some_and(|p| p.binary_data_output),
+    };
+    (request.inputs, rest)
+}
+
+/// A request in the binary tensor data extension: JSON, then each input with a
+/// `binary_data_size` parameter takes that many bytes, in the order the inputs are listed.
+/// Elements are little-endian; a BYTES element is a 4-byte little-endian length, then the
+/// bytes.
+fn read_binary_request(body: &[u8], header_bytes: usize) -> Result<Request, String> {
+    let Some((header, mut binary)) = body.split_at_checked(header_bytes) else {
+        return Err(format!(
+            "{BINARY_HEADER_LENGTH} is {header_bytes} but the body has {} bytes",
+            body.len()
+        ));
+    };
+    let request: InferRequest = serde_json::from_slice(header)
+        .map_err(|error| format!("malformed infer request header: {error}"))?;
+    let (request_inputs, rest) = split_request(request);
+    let mut inputs = Vec::with_capacity(request_inputs.len());
+    for input in request_inputs {
+        let size = input.parameters.as_ref().and_then(|p| p.binary_data_size);
+        let Some(size) = size else {
+            inputs.push(to_tensor(input)?);
+            continue;
+        };
+        if input.data.is_some() {
+            return Err(format!(
+                "input {:?} has both `data` and `binary_data_size`",
+                input.name
+            ));
+        }
+        let Some((bytes, remaining)) = binary.split_at_checked(size) else {
+            return Err(format!(
+                "input {:?}: binary_data_size is {size} but {} bytes of binary data are left",
+                input.name,
+                binary.len()
+            ));
+        };
+        binary = remaining;
+        inputs.push(binary_tensor(input, bytes)?);
+    }
+    if !binary.is_empty() {
+        return Err(format!(
+            "{} bytes of binary data follow the last input's",
+            binary.len()
+        ));
+    }
+    Ok(Request { inputs, ..rest })
+}
+
+/// One input's elements from its binary tensor data.
+fn binary_tensor(input: RequestInput, bytes: &[u8]) -> Result<NamedTensor, String> {
+    let name = &input.name;
+    let datatype =
+        parse_datatype(&input.datatype).map_err(|message| format!("input {name:?}: {message}"))?;
+    let shape = dimensions(&input)?;
+    let width = match datatype {
+        DataType::Fp32 => 4,
+        DataType::Int64 => 8,
+        DataType::Bytes => 1,
+    };
+    if !bytes.len().is_multiple_of(width) {
+        return Err(format!(
+            "input {name:?}: {} bytes of {} data is not a whole number of elements",
+            bytes.len(),
+            datatype.as_str()
+        ));
+    }
+    let data = match datatype {
+        DataType::Fp32 => TensorData::Fp32(
+            bytes
+                .chunks_exact(4)
+                .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+                .collect(),
+        ),
+        DataType::Int64 => TensorData::Int64(
+            bytes
+                .chunks_exact(8)
+                .map(|c| i64::from_le_bytes([c[0], c[1], c[2], c[3], c[4], c[5], c[6], c[7]]))
+                .collect(),
+        ),
+        DataType::Bytes => TensorData::Bytes(binary_strings(name, bytes)?),
+    };
+    Ok(NamedTensor {
+        name: input.name,
+        shape,
+        data,
     })
+}
+
+/// BYTES elements: each a 4-byte little-endian length, then that many bytes of UTF-8.
+fn binary_strings(name: &str, mut bytes: &[u8]) -> Result<Vec<String>, String> {
+    let mut strings = Vec::new();
+    while !bytes.is_empty() {
+        let Some((length, rest)) = bytes.split_first_chunk::<4>() else {
+            return Err(format!(
+                "input {name:?}: element {} has a cut-off length",
+                strings.len()
+            ));
+        };
+        let length = u32::from_le_bytes(*length) as usize;
+        let Some((text, rest)) = rest.split_at_checked(length) else {
+            return Err(format!(
+                "input {name:?}: element {} says {length} bytes but {} are left",
+                strings.len(),
+                rest.len()
+            ));
+        };
+        let text = std::str::from_utf8(text)
+            .map_err(|_| format!("input {name:?}: element {} is not UTF-8", strings.len()))?;
+        strings.push(text.to_string());
+        bytes = rest;
+    }
+    Ok(strings)
+}
+
+/// Appends a tensor's elements as binary tensor data.
+fn append_binary(data: &ResponseData, out: &mut Vec<u8>) {
+    match data {
+        ResponseData::Fp32(values) => {
+            out.extend(values.iter().flat_map(|value| value.to_le_bytes()));
+        }
+        ResponseData::Int64(values) => {
+            out.extend(values.iter().flat_map(|value| value.to_le_bytes()));
+        }
+        ResponseData::Bytes(values) => {
+            for value in values {
+                // A replica's strings are labels and generated text, far below 4 GiB.
+                let length = u32::try_from(value.len()).unwrap_or(u32::MAX);
+                out.extend_from_slice(&length.to_le_bytes());
+                out.extend_from_slice(value.as_bytes());
+            }
+        }
+    }
+}
+
+/// An answer's body, and the length of its JSON part when outputs for which `binary` holds
+/// follow as binary tensor data (the value of [`BINARY_HEADER_LENGTH`]).
+pub fn encode_response(
+    mut response: InferResponse,
+    binary: impl Fn(&str) -> bool,
+) -> (Vec<u8>, Option<usize>) {
+    let mut tensors = Vec::new();
+    for output in &mut response.outputs {
+        if !binary(&output.name) {
+            continue;
+        }
+        if let Some(data) = output.data.take() {
+            let start = tensors.len();
+            append_binary(&data, &mut tensors);
+            output.parameters = Some(TensorParameters {
+                binary_data_size: Some(tensors.len() - start),
+                binary_data: false,
+            });
+        }
+    }
+    // Serialising plain data to a vector does not fail.
+    let mut body = serde_json::to_vec(&response).unwrap_or_default();
+    if response.outputs.iter().all(|output| output.data.is_some()) {
+        return (body, None);
+    }
+    let header_bytes = body.len();
+    body.extend_from_slice(&tensors);
+    (body, Some(header_bytes))
 }
 
 /// Converts a replica's output tensor into the protocol's shape.
@@ -331,7 +557,8 @@ pub fn to_output(tensor: NamedTensor) -> ResponseOutput {
         name: tensor.name,
         shape: tensor.shape,
         datatype,
-        data,
+        data: Some(data),
+        parameters: None,
     }
 }
 
@@ -346,6 +573,7 @@ mod tests {
             shape,
             datatype: datatype.into(),
             data: serde_json::from_value(data).unwrap(),
+            parameters: None,
         }
     }
 
@@ -409,5 +637,140 @@ mod tests {
             serde_json::to_value(&output.data).unwrap(),
             json!(["setosa"])
         );
+    }
+
+    /// A binary-extension body: the JSON header, then each tensor's bytes in order.
+    fn binary_body(header: &serde_json::Value, tensors: &[&[u8]]) -> (Vec<u8>, usize) {
+        let mut body = header.to_string().into_bytes();
+        let header_bytes = body.len();
+        for tensor in tensors {
+            body.extend_from_slice(tensor);
+        }
+        (body, header_bytes)
+    }
+
+    #[test]
+    fn binary_tensor_data_reads_like_the_same_json() {
+        let floats: Vec<u8> = [1.5f32, -2.0, 0.25, 8.0]
+            .iter()
+            .flat_map(|v| v.to_le_bytes())
+            .collect();
+        let ints: Vec<u8> = [7i64, -1].iter().flat_map(|v| v.to_le_bytes()).collect();
+        let strings = [&3u32.to_le_bytes()[..], b"abc", &0u32.to_le_bytes()[..]].concat();
+        let (body, header_bytes) = binary_body(
+            &json!({"id": "b", "inputs": [
+                {"name": "x", "shape": [2, 2], "datatype": "FP32",
+                 "parameters": {"binary_data_size": 16}},
+                {"name": "n", "shape": [2], "datatype": "INT64", "data": [7, -1]},
+                {"name": "i", "shape": [2], "datatype": "INT64",
+                 "parameters": {"binary_data_size": 16}},
+                {"name": "s", "shape": [2], "datatype": "BYTES",
+                 "parameters": {"binary_data_size": 11}}],
+             "outputs": [{"name": "y", "parameters": {"binary_data": true}}, {"name": "z"}]}),
+            &[&floats, &ints, &strings],
+        );
+        let request = read_request(&body, Some(header_bytes)).unwrap();
+        assert_eq!(request.id.as_deref(), Some("b"));
+        let data: Vec<_> = request.inputs.iter().map(|input| &input.data).collect();
+        assert_eq!(
+            data,
+            [
+                &TensorData::Fp32(vec![1.5, -2.0, 0.25, 8.0]),
+                &TensorData::Int64(vec![7, -1]),
+                &TensorData::Int64(vec![7, -1]),
+                &TensorData::Bytes(vec!["abc".into(), String::new()]),
+            ]
+        );
+        assert_eq!(request.inputs[0].shape, [2, 2]);
+        assert!(request.binary("y") && !request.binary("z") && request.wants("z"));
+        assert!(!request.wants("w"));
+    }
+
+    #[test]
+    fn binary_tensor_data_that_does_not_add_up_is_refused_with_the_reason() {
+        let header = |size: usize, extra: serde_json::Value| {
+            let mut input = json!({"name": "x", "shape": [1], "datatype": "FP32",
+                "parameters": {"binary_data_size": size}});
+            if let (Some(input), Some(extra)) = (input.as_object_mut(), extra.as_object()) {
+                input.extend(extra.clone());
+            }
+            json!({"inputs": [input]})
+        };
+        let four = 1.0f32.to_le_bytes();
+        let cases = [
+            (
+                binary_body(&header(8, json!({})), &[&four]),
+                "4 bytes of binary data are left",
+            ),
+            (
+                binary_body(&header(4, json!({})), &[&four, &four]),
+                "4 bytes of binary data follow",
+            ),
+            (
+                binary_body(&header(3, json!({})), &[&four[..3]]),
+                "not a whole number",
+            ),
+            (
+                binary_body(&header(4, json!({"data": [1]})), &[&four]),
+                "both `data`",
+            ),
+            (
+                binary_body(
+                    &json!({"inputs": [{"name": "x", "shape": [1], "datatype": "FP32"}]}),
+                    &[],
+                ),
+                "has no data",
+            ),
+        ];
+        for ((body, header_bytes), expected) in cases {
+            let refused = read_request(&body, Some(header_bytes)).unwrap_err();
+            assert!(refused.contains(expected), "{refused} lacks {expected:?}");
+        }
+        let beyond = read_request(b"{}", Some(10)).unwrap_err();
+        assert!(beyond.contains("the body has 2 bytes"), "{beyond}");
+        let cut = binary_body(
+            &json!({"inputs": [{"name": "s", "shape": [1], "datatype": "BYTES",
+                "parameters": {"binary_data_size": 6}}]}),
+            &[&[9, 0, 0, 0, b'a', b'b']],
+        );
+        let refused = read_request(&cut.0, Some(cut.1)).unwrap_err();
+        assert!(refused.contains("says 9 bytes but 2 are left"), "{refused}");
+    }
+
+    #[test]
+    fn binary_outputs_follow_the_json_header_in_order() {
+        let response = InferResponse {
+            model_name: "m".into(),
+            model_version: "1".into(),
+            id: None,
+            outputs: vec![
+                to_output(NamedTensor {
+                    name: "p".into(),
+                    shape: vec![2],
+                    data: TensorData::Fp32(vec![0.5, 2.0]),
+                }),
+                to_output(NamedTensor {
+                    name: "label".into(),
+                    shape: vec![1],
+                    data: TensorData::Bytes(vec!["ok".into()]),
+                }),
+            ],
+        };
+        let (body, header_bytes) = encode_response(response, |name| name == "p");
+        let header_bytes = header_bytes.expect("a binary answer");
+        let header: serde_json::Value = serde_json::from_slice(&body[..header_bytes]).unwrap();
+        assert_eq!(header["outputs"][0]["parameters"]["binary_data_size"], 8);
+        assert!(header["outputs"][0].get("data").is_none());
+        assert_eq!(header["outputs"][1]["data"], json!(["ok"]));
+        let floats: Vec<u8> = [0.5f32, 2.0].iter().flat_map(|v| v.to_le_bytes()).collect();
+        assert_eq!(&body[header_bytes..], &floats[..]);
+
+        let plain = InferResponse {
+            model_name: "m".into(),
+            model_version: "1".into(),
+            id: None,
+            outputs: Vec::new(),
+        };
+        assert_eq!(encode_response(plain, |_| true).1, None);
     }
 }

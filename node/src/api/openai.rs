@@ -172,9 +172,9 @@ pub async fn embeddings(
         );
     };
     let values = match vectors.data {
-        ResponseData::Fp32(values) => values,
-        ResponseData::Int64(values) => values.into_iter().map(|v| v as f32).collect(),
-        ResponseData::Bytes(_) => {
+        Some(ResponseData::Fp32(values)) => values,
+        Some(ResponseData::Int64(values)) => values.into_iter().map(|v| v as f32).collect(),
+        Some(ResponseData::Bytes(_)) | None => {
             return error(StatusCode::BAD_GATEWAY, "the embedding is not numbers");
         }
     };

@@ -24,7 +24,13 @@ fn the_common_shape_takes_the_fast_path() {
       ], "outputs": [{"name": "label"}]} "#;
     let request = read(body).expect("the fast path reads it");
     assert_eq!(request.id.as_deref(), Some("r-1"));
-    assert_eq!(request.outputs, ["label"]);
+    assert_eq!(
+        request.outputs,
+        [Wanted {
+            name: "label".into(),
+            binary: false
+        }]
+    );
     assert_eq!(request.inputs[0].shape, [2, 3]);
     assert_eq!(
         request.inputs[0].data,
