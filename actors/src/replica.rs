@@ -145,7 +145,14 @@ impl Actor for Replica {
         let model = state
             .args
             .compute
-            .run(move || load_and_warm_up(&loader, &contents, &candle_device))
+            .run(move || {
+                let loaded = load_and_warm_up(&loader, &contents, &candle_device);
+                drop(contents);
+                // Loading copies the weights on the way in: give those pages back now
+                // rather than keep them resident for the replica's life.
+                shoal_ops::memory::release_freed_memory();
+                loaded
+            })
             .await
             .map_err(|error| LoadError::Panicked(error.to_string()))??;
         let handle = match model {

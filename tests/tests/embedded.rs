@@ -18,7 +18,8 @@ fn features(rows: &[[f32; 4]]) -> Value {
     json!({"inputs": [{"name": "features", "shape": [rows.len(), 4], "datatype": "FP32", "data": rows}]})
 }
 
-async fn infer_labels(client: &reqwest::Client, shoal: &Shoal, rows: &[[f32; 4]]) -> Vec<String> {
+/// Asks iris about `rows` as JSON; the answer must be 200 with JSON.
+async fn infer(client: &reqwest::Client, shoal: &Shoal, rows: &[[f32; 4]]) -> Value {
     let response = client
         .post(shoal.url("/v2/models/iris/infer"))
         .json(&features(rows))
@@ -28,6 +29,11 @@ async fn infer_labels(client: &reqwest::Client, shoal: &Shoal, rows: &[[f32; 4]]
     assert_eq!(response.status(), 200);
     let body: Value = response.json().await.expect("JSON answer");
     assert_eq!(body["model_name"], "iris");
+    body
+}
+
+async fn infer_labels(client: &reqwest::Client, shoal: &Shoal, rows: &[[f32; 4]]) -> Vec<String> {
+    let body = infer(client, shoal, rows).await;
     let label = body["outputs"]
         .as_array()
         .expect("outputs")
@@ -98,16 +104,7 @@ async fn shoal_up_serves_iris_refuses_bad_input_stops_gracefully_and_recovers() 
     // answered as binary too: the same numbers as the JSON answer gives.
     let binary = infer_iris_binary(&client, &shoal.url("/v2/models/iris/infer"), &rows).await;
     assert_eq!(binary.labels, ["setosa", "versicolor", "virginica"]);
-    let json_answer: Value = client
-        .post(shoal.url("/v2/models/iris/infer"))
-        .json(&features(&rows))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
-    let json_probabilities: Vec<f32> = json_answer["outputs"]
+    let json_probabilities: Vec<f32> = infer(&client, &shoal, &rows).await["outputs"]
         .as_array()
         .unwrap()
         .iter()

@@ -168,41 +168,39 @@ impl<'a> Cursor<'a> {
         })
     }
 
-    fn inputs(&mut self) -> Option<Vec<NamedTensor>> {
+    /// `[item, …]`, each element read by `item`.
+    fn array<T>(&mut self, mut item: impl FnMut(&mut Self) -> Option<T>) -> Option<Vec<T>> {
         self.eat(b'[')?;
-        let mut inputs = Vec::new();
+        let mut items = Vec::new();
         if self.empty(b']')? {
-            return Some(inputs);
+            return Some(items);
         }
         loop {
-            inputs.push(self.input()?);
+            items.push(item(self)?);
             if !self.more(b']')? {
-                return Some(inputs);
+                return Some(items);
             }
         }
     }
 
+    fn inputs(&mut self) -> Option<Vec<NamedTensor>> {
+        self.array(Self::input)
+    }
+
     /// `[{"name": …}, …]`
     fn outputs(&mut self) -> Option<Vec<Wanted>> {
-        self.eat(b'[')?;
-        let mut names = Vec::new();
-        if self.empty(b']')? {
-            return Some(names);
-        }
-        loop {
-            self.eat(b'{')?;
-            if self.key()? != "name" {
+        self.array(|cursor| {
+            cursor.eat(b'{')?;
+            if cursor.key()? != "name" {
                 return None;
             }
-            names.push(Wanted {
-                name: self.string()?.to_string(),
+            let name = cursor.string()?.to_string();
+            cursor.eat(b'}')?;
+            Some(Wanted {
+                name,
                 binary: false,
-            });
-            self.eat(b'}')?;
-            if !self.more(b']')? {
-                return Some(names);
-            }
-        }
+            })
+        })
     }
 
     /// One input: `name`, `shape`, `datatype` and `data` in any order.
@@ -258,21 +256,13 @@ impl<'a> Cursor<'a> {
 
     /// `[d0, d1, …]` with no negative dimension (serde's path words that error).
     fn shape(&mut self) -> Option<Vec<usize>> {
-        self.eat(b'[')?;
-        let mut shape = Vec::new();
-        if self.empty(b']')? {
-            return Some(shape);
-        }
-        loop {
-            self.skip_space();
-            match self.number()? {
-                Number::Unsigned(dimension) => shape.push(usize::try_from(dimension).ok()?),
-                _ => return None,
+        self.array(|cursor| {
+            cursor.skip_space();
+            match cursor.number()? {
+                Number::Unsigned(dimension) => usize::try_from(dimension).ok(),
+                _ => None,
             }
-            if !self.more(b']')? {
-                return Some(shape);
-            }
-        }
+        })
     }
 
     /// A tensor's elements, flat or nested, into a typed vector. `expected` (the shape's
