@@ -280,7 +280,7 @@ fn token(command: &TokenCommand) -> anyhow::Result<()> {
 ///
 /// One thread per pass (parallelism only between passes, on the compute pool) was measured
 /// on the 2-core benchmark host and rejected: the small MLP at c=64 gained 0–10%, while
-/// MiniLM lost 19% of its throughput at c=32 and took 30% longer per request at c=1.
+/// MiniLM lost 13% of its throughput at c=32 and took 27% longer per request at c=1.
 #[allow(unsafe_code)]
 fn pin_intra_op_threads() {
     if std::env::var_os("RAYON_NUM_THREADS").is_some() {

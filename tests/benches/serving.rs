@@ -6,8 +6,10 @@
 //! It uses the release `shoal` next to the bench binary (or `SHOAL_BIN`).
 //!
 //! Models: an MLP 784-512-512-10 with seeded weights (safetensors), asked single-row OIP v2
-//! JSON requests, and MiniLM sentence embeddings through `/v1/embeddings`. Each is measured
-//! raw (in-process candle forward passes on the same weights, batch 1 and 32), through the
+//! JSON requests (and, at c=64, the same as binary tensor data), and MiniLM sentence
+//! embeddings through `/v1/embeddings`. Each is measured raw (in-process candle forward
+//! passes on the same weights, batch 1 and 32, the better of one intra-op thread and one
+//! per core), through the
 //! gateway of `shoal up`, and (the MLP) through a 3-server + 1-agent cluster: closed loop at
 //! concurrency 1, 8 and 64, and open loop at fixed rates, latency counted from each
 //! request's scheduled send time. The load generator shares the machine's cores with
