@@ -2,12 +2,13 @@
 //! aliases, artifacts and versions. Writes that land on a follower are forwarded to the
 //! leader once; reads are linearizable (raft read index) unless `?consistency=stale`.
 
-use super::{AdminError, ApiError, AppState};
+use super::{AdminError, ApiError, AppState, oip};
 use crate::control::ControlError;
 use axum::Json;
 use axum::body::Bytes;
 use axum::extract::{Path, Query, State};
-use axum::http::{HeaderMap, Method, StatusCode, Uri};
+use axum::http::header::{CONTENT_TYPE, RETRY_AFTER};
+use axum::http::{HeaderMap, HeaderName, HeaderValue, Method, StatusCode, Uri};
 use axum::response::{IntoResponse, Response};
 use serde::{Deserialize, Serialize};
 use shoal_consensus::{MembershipChange, ProposeError};
@@ -17,16 +18,23 @@ use std::sync::Arc;
 use std::time::Duration;
 
 /// The leader's answer to a forwarded request, passed on with the header a client acts on.
-fn relay(
-    status: StatusCode,
-    retry_after: Option<axum::http::HeaderValue>,
-    bytes: axum::body::Bytes,
-) -> Response {
-    let mut response = (status, [("content-type", "application/json")], bytes).into_response();
-    if let Some(retry_after) = retry_after {
-        response
-            .headers_mut()
-            .insert(axum::http::header::RETRY_AFTER, retry_after);
+fn relay(status: StatusCode, answer: &HeaderMap, bytes: axum::body::Bytes) -> Response {
+    let mut response = (status, bytes).into_response();
+    let headers = response.headers_mut();
+    headers.insert(
+        CONTENT_TYPE,
+        answer
+            .get(CONTENT_TYPE)
+            .cloned()
+            .unwrap_or(HeaderValue::from_static("application/json")),
+    );
+    for name in [
+        RETRY_AFTER,
+        HeaderName::from_static(oip::BINARY_HEADER_LENGTH),
+    ] {
+        if let Some(value) = answer.get(&name) {
+            headers.insert(name, value.clone());
+        }
     }
     response
 }
@@ -80,8 +88,24 @@ impl Forwarder {
         body: Bytes,
     ) -> Result<Response, ApiError> {
         let authorization = headers.get(axum::http::header::AUTHORIZATION).cloned();
-        self.send_to_leader(state, leader, Method::POST, path, authorization, body)
-            .await
+        // A binary-extension body stays one: its content type and JSON length go along.
+        let passed: Vec<_> = [
+            CONTENT_TYPE,
+            HeaderName::from_static(oip::BINARY_HEADER_LENGTH),
+        ]
+        .into_iter()
+        .filter_map(|name| Some((name.clone(), headers.get(&name)?.clone())))
+        .collect();
+        self.send_to_leader(
+            state,
+            leader,
+            Method::POST,
+            path,
+            authorization,
+            passed,
+            body,
+        )
+        .await
     }
 
     /// Sends the request to `leader`.
@@ -99,20 +123,23 @@ impl Forwarder {
             ..
         } = request;
         let path = uri.path_and_query().map_or("/", |p| p.as_str());
-        self.send_to_leader(state, leader, method, path, authorization, body)
+        let json = vec![(CONTENT_TYPE, HeaderValue::from_static("application/json"))];
+        self.send_to_leader(state, leader, method, path, authorization, json, body)
             .await
     }
 
     /// One forwarded call: to `leader`, found in the replicated server list or, before it
     /// registered itself there, in the configured peers; marked forwarded, with the
-    /// caller's credentials; the answer relayed as it came.
+    /// caller's credentials and the `passed` headers; the answer relayed as it came.
+    #[allow(clippy::too_many_arguments)] // each is one part of the forwarded request
     async fn send_to_leader(
         &self,
         state: &ClusterState,
         leader: u64,
         method: Method,
         path: &str,
-        authorization: Option<axum::http::HeaderValue>,
+        authorization: Option<HeaderValue>,
+        passed: Vec<(HeaderName, HeaderValue)>,
         body: Bytes,
     ) -> Result<Response, ApiError> {
         let registered = state
@@ -130,8 +157,10 @@ impl Forwarder {
         let mut forwarded = self
             .http
             .request(method, format!("{base}{path}"))
-            .header(FORWARDED_HEADER, "1")
-            .header("content-type", "application/json");
+            .header(FORWARDED_HEADER, "1");
+        for (name, value) in passed {
+            forwarded = forwarded.header(name, value);
+        }
         if let Some(authorization) = authorization {
             forwarded = forwarded.header(axum::http::header::AUTHORIZATION, authorization);
         }
@@ -141,14 +170,11 @@ impl Forwarder {
         })?;
         let status =
             StatusCode::from_u16(answer.status().as_u16()).unwrap_or(StatusCode::BAD_GATEWAY);
-        let retry_after = answer
-            .headers()
-            .get(axum::http::header::RETRY_AFTER)
-            .cloned();
+        let headers = answer.headers().clone();
         let bytes = answer.bytes().await.map_err(|error| {
             ApiError::DeadlineExceeded(format!("reading the leader's answer: {error}"))
         })?;
-        Ok(relay(status, retry_after, bytes))
+        Ok(relay(status, &headers, bytes))
     }
 }
 
@@ -590,5 +616,34 @@ pub async fn register_version(
         Written::Here(other) => {
             Err(ApiError::Internal(format!("unexpected outcome {other:?}")).into())
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_relayed_answer_keeps_its_content_type_retry_after_and_binary_header() {
+        let mut answer = HeaderMap::new();
+        answer.insert(
+            CONTENT_TYPE,
+            HeaderValue::from_static(oip::BINARY_CONTENT_TYPE),
+        );
+        answer.insert(RETRY_AFTER, HeaderValue::from_static("1"));
+        answer.insert(
+            HeaderName::from_static(oip::BINARY_HEADER_LENGTH),
+            HeaderValue::from_static("42"),
+        );
+        answer.insert("x-other", HeaderValue::from_static("dropped"));
+        let relayed = relay(StatusCode::OK, &answer, Bytes::from_static(b"{}"));
+        let headers = relayed.headers();
+        assert_eq!(headers[CONTENT_TYPE], oip::BINARY_CONTENT_TYPE);
+        assert_eq!(headers[RETRY_AFTER], "1");
+        assert_eq!(headers[oip::BINARY_HEADER_LENGTH], "42");
+        assert!(headers.get("x-other").is_none());
+
+        let plain = relay(StatusCode::OK, &HeaderMap::new(), Bytes::from_static(b"{}"));
+        assert_eq!(plain.headers()[CONTENT_TYPE], "application/json");
     }
 }
