@@ -20,9 +20,8 @@ use shoal_actors::fixtures::{minilm_files, mlp_classifier};
 use shoal_actors::runtime::{LoadedModel, ModelRuntime, TEXT, load};
 use shoal_actors::tensor::{NamedTensor, TensorData};
 use shoal_tests::load::{LoadResult, Target, closed_loop, open_loop, quantile};
-use shoal_tests::{ServerCluster, Shoal, http_client, shoal_binary, write_model_dir};
+use shoal_tests::{ServerCluster, Shoal, http_client, run_shoal, write_model_dir};
 use std::path::Path;
-use std::process::Command;
 use std::time::{Duration, Instant};
 
 const MLP_LAYERS: [usize; 4] = [784, 512, 512, 10];
@@ -67,9 +66,14 @@ fn point_json(point: &Point) -> serde_json::Value {
     })
 }
 
+/// The features of the bench's single-row MLP requests.
+fn mlp_row() -> impl Iterator<Item = f32> {
+    (0..MLP_LAYERS[0]).map(|i| (i % 97) as f32 / 97.0)
+}
+
 /// The single-row OIP request for the MLP, for the life of the process.
 fn mlp_request() -> &'static [u8] {
-    let data: Vec<f32> = (0..MLP_LAYERS[0]).map(|i| (i % 97) as f32 / 97.0).collect();
+    let data: Vec<f32> = mlp_row().collect();
     let body = json!({"inputs": [{"name": "features", "shape": [1, MLP_LAYERS[0]],
         "datatype": "FP32", "data": data}]});
     Vec::leak(body.to_string().into_bytes())
@@ -78,9 +82,7 @@ fn mlp_request() -> &'static [u8] {
 /// The same request with the features as binary tensor data (OIP's binary extension),
 /// and the length of its JSON part.
 fn mlp_binary_request() -> (&'static [u8], usize) {
-    let features: Vec<u8> = (0..MLP_LAYERS[0])
-        .flat_map(|i| ((i % 97) as f32 / 97.0).to_le_bytes())
-        .collect();
+    let features: Vec<u8> = mlp_row().flat_map(f32::to_le_bytes).collect();
     let header = json!({"inputs": [{"name": "features", "shape": [1, MLP_LAYERS[0]],
         "datatype": "FP32", "parameters": {"binary_data_size": features.len()}}]})
     .to_string();
@@ -190,16 +192,7 @@ fn texts(count: usize) -> Vec<NamedTensor> {
 
 /// Runs the CLI against `base`; panics with its stderr on failure.
 fn cli(base: &str, args: &[&str]) {
-    let output = Command::new(shoal_binary())
-        .args(args)
-        .args(["--addr", base])
-        .output()
-        .expect("shoal runs");
-    assert!(
-        output.status.success(),
-        "shoal {args:?}: {}",
-        String::from_utf8_lossy(&output.stderr)
-    );
+    run_shoal(&[args, &["--addr", base]].concat());
 }
 
 /// Pushes `dir` as `name` and deploys one replica with `batch_size_max`.

@@ -182,6 +182,21 @@ fn signal(pid: i32, signal: i32) {
     assert_eq!(result, 0, "kill({pid}, {signal})");
 }
 
+/// Runs `shoal` with `args` and returns its stdout, panicking with its stderr when it
+/// fails.
+pub fn run_shoal(args: &[&str]) -> String {
+    let output = Command::new(shoal_binary())
+        .args(args)
+        .output()
+        .expect("shoal runs");
+    assert!(
+        output.status.success(),
+        "shoal {args:?} failed: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    String::from_utf8_lossy(&output.stdout).into_owned()
+}
+
 /// Free loopback addresses, found by binding port 0 and releasing it.
 pub fn free_addresses(count: usize) -> Vec<String> {
     let listeners: Vec<_> = (0..count)
@@ -422,17 +437,8 @@ impl ServerCluster {
     /// Runs the `shoal` CLI against member `id`'s HTTP address; returns stdout, panicking
     /// with stderr when the command fails.
     pub fn cli(&self, id: u64, args: &[&str]) -> String {
-        let output = Command::new(shoal_binary())
-            .args(args)
-            .args(["--addr", &format!("http://{}", self.http[&id])])
-            .output()
-            .expect("shoal runs");
-        assert!(
-            output.status.success(),
-            "shoal {args:?} failed: {}",
-            String::from_utf8_lossy(&output.stderr)
-        );
-        String::from_utf8_lossy(&output.stdout).into_owned()
+        let addr = format!("http://{}", self.http[&id]);
+        run_shoal(&[args, &["--addr", &addr]].concat())
     }
 
     /// What member `id` logged.
@@ -589,6 +595,8 @@ pub async fn infer_iris_binary(
         .await
         .unwrap_or_else(|error| panic!("binary infer request: {error:?}"));
     assert_eq!(answer.status(), 200, "{:?}", answer.text().await);
+    let content_types: Vec<_> = answer.headers().get_all("content-type").iter().collect();
+    assert_eq!(content_types, ["application/octet-stream"]);
     let header_bytes: usize = answer.headers()["inference-header-content-length"]
         .to_str()
         .ok()

@@ -10,7 +10,7 @@
 )]
 
 use serde_json::{Value, json};
-use shoal_tests::{ServerCluster, http_client, shoal_binary};
+use shoal_tests::{ServerCluster, http_client, run_shoal};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
@@ -20,19 +20,6 @@ const SAMPLES: [([f32; 4], &str); 3] = [
     ([6.4, 3.2, 4.5, 1.5], "versicolor"),
     ([6.3, 3.3, 6.0, 2.5], "virginica"),
 ];
-
-fn run(args: &[&str]) -> String {
-    let output = std::process::Command::new(shoal_binary())
-        .args(args)
-        .output()
-        .unwrap();
-    assert!(
-        output.status.success(),
-        "shoal {args:?}: {}",
-        String::from_utf8_lossy(&output.stderr)
-    );
-    String::from_utf8_lossy(&output.stdout).into_owned()
-}
 
 async fn ready_replicas(cluster: &ServerCluster, http: &reqwest::Client, via: u64) -> Vec<Value> {
     let Ok(answer) = http
@@ -163,7 +150,7 @@ async fn a_model_pushed_and_deployed_on_agents_survives_an_agent_and_a_leader_ki
     // Train, push, deploy two replicas, through the CLI against a follower.
     let follower = cluster.live().into_iter().find(|&id| id != leader).unwrap();
     let model_dir = root.path().join("iris");
-    run(&["model", "demo", "--out", model_dir.to_str().unwrap()]);
+    run_shoal(&["model", "demo", "--out", model_dir.to_str().unwrap()]);
     let pushed = cluster.push(follower, &model_dir, "iris");
     assert!(pushed.contains("iris version 1"), "{pushed}");
     cluster.deploy(follower, "iris", 1, 2);
@@ -253,8 +240,8 @@ async fn load_scales_a_deployment_up_idleness_to_zero_and_a_request_brings_it_ba
     cluster.start_agent(1);
     let addr = format!("http://{}", cluster.http[&1]);
     let model_dir = root.path().join("iris");
-    run(&["model", "demo", "--out", model_dir.to_str().unwrap()]);
-    run(&[
+    run_shoal(&["model", "demo", "--out", model_dir.to_str().unwrap()]);
+    run_shoal(&[
         "model",
         "push",
         model_dir.to_str().unwrap(),
@@ -271,7 +258,7 @@ async fn load_scales_a_deployment_up_idleness_to_zero_and_a_request_brings_it_ba
          upscale_delay_ms = 500\ndownscale_delay_ms = 1500\nscale_to_zero_after_ms = 2500\n",
     )
     .unwrap();
-    run(&[
+    run_shoal(&[
         "deploy",
         "apply",
         "-f",
@@ -345,7 +332,7 @@ async fn a_rolling_update_and_its_rollback_fail_no_request() {
     let addr = format!("http://{}", cluster.http[&1]);
     for (seed, version) in [("7", "1"), ("8", "2")] {
         let dir = root.path().join(format!("iris-{seed}"));
-        run(&[
+        run_shoal(&[
             "model",
             "demo",
             "--out",
@@ -353,7 +340,7 @@ async fn a_rolling_update_and_its_rollback_fail_no_request() {
             "--seed",
             seed,
         ]);
-        let pushed = run(&[
+        let pushed = run_shoal(&[
             "model",
             "push",
             dir.to_str().unwrap(),
@@ -374,7 +361,7 @@ async fn a_rolling_update_and_its_rollback_fail_no_request() {
             format!("name = \"iris\"\nmodel = \"iris\"\nversion = {version}\nreplicas = 2\n"),
         )
         .unwrap();
-        run(&[
+        run_shoal(&[
             "deploy",
             "apply",
             "-f",
@@ -394,7 +381,7 @@ async fn a_rolling_update_and_its_rollback_fail_no_request() {
             apply(version);
         } else {
             // One command returns to the version the current one was made from.
-            run(&["deploy", "rollback", "iris", "--addr", &addr]);
+            run_shoal(&["deploy", "rollback", "iris", "--addr", &addr]);
         }
         let started = Instant::now();
         while ready_versions(&cluster, &http).await != expected {
@@ -411,7 +398,7 @@ async fn a_rolling_update_and_its_rollback_fail_no_request() {
     stop.store(true, Ordering::Relaxed);
     let failures = traffic.await.unwrap();
     let total = sent.load(Ordering::Relaxed);
-    let shown = run(&["deploy", "show", "iris", "--addr", &addr]);
+    let shown = run_shoal(&["deploy", "show", "iris", "--addr", &addr]);
     assert!(shown.contains("version 1, 2/2 ready"), "{shown}");
     assert!(total > 50, "too little load: {total}");
     assert!(

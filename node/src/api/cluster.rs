@@ -2,12 +2,12 @@
 //! aliases, artifacts and versions. Writes that land on a follower are forwarded to the
 //! leader once; reads are linearizable (raft read index) unless `?consistency=stale`.
 
-use super::{AdminError, ApiError, AppState, oip};
+use super::{AdminError, ApiError, AppState};
 use crate::control::ControlError;
 use axum::Json;
 use axum::body::Bytes;
 use axum::extract::{Path, Query, State};
-use axum::http::header::{CONTENT_TYPE, RETRY_AFTER};
+use axum::http::header::RETRY_AFTER;
 use axum::http::{HeaderMap, HeaderName, HeaderValue, Method, StatusCode, Uri};
 use axum::response::{IntoResponse, Response};
 use serde::{Deserialize, Serialize};
@@ -21,20 +21,10 @@ use std::time::Duration;
 fn relay(status: StatusCode, answer: &HeaderMap, bytes: axum::body::Bytes) -> Response {
     let mut response = (status, bytes).into_response();
     let headers = response.headers_mut();
-    headers.insert(
-        CONTENT_TYPE,
-        answer
-            .get(CONTENT_TYPE)
-            .cloned()
-            .unwrap_or(HeaderValue::from_static("application/json")),
-    );
-    for name in [
-        RETRY_AFTER,
-        HeaderName::from_static(oip::BINARY_HEADER_LENGTH),
-    ] {
-        if let Some(value) = answer.get(&name) {
-            headers.insert(name, value.clone());
-        }
+    // Admin answers are JSON; an inference answer may carry binary tensor data.
+    super::set_framing(headers, super::binary_header(answer).unwrap_or(None));
+    if let Some(retry_after) = answer.get(RETRY_AFTER) {
+        headers.insert(RETRY_AFTER, retry_after.clone());
     }
     response
 }
@@ -88,21 +78,14 @@ impl Forwarder {
         body: Bytes,
     ) -> Result<Response, ApiError> {
         let authorization = headers.get(axum::http::header::AUTHORIZATION).cloned();
-        // A binary-extension body stays one: its content type and JSON length go along.
-        let passed: Vec<_> = [
-            CONTENT_TYPE,
-            HeaderName::from_static(oip::BINARY_HEADER_LENGTH),
-        ]
-        .into_iter()
-        .filter_map(|name| Some((name.clone(), headers.get(&name)?.clone())))
-        .collect();
+        let framing = super::framing(super::binary_header(headers)?);
         self.send_to_leader(
             state,
             leader,
             Method::POST,
             path,
             authorization,
-            passed,
+            framing,
             body,
         )
         .await
@@ -123,14 +106,14 @@ impl Forwarder {
             ..
         } = request;
         let path = uri.path_and_query().map_or("/", |p| p.as_str());
-        let json = vec![(CONTENT_TYPE, HeaderValue::from_static("application/json"))];
+        let json = super::framing(None);
         self.send_to_leader(state, leader, method, path, authorization, json, body)
             .await
     }
 
     /// One forwarded call: to `leader`, found in the replicated server list or, before it
     /// registered itself there, in the configured peers; marked forwarded, with the
-    /// caller's credentials and the `passed` headers; the answer relayed as it came.
+    /// caller's credentials and the body's `framing` headers; the answer relayed as it came.
     #[allow(clippy::too_many_arguments)] // each is one part of the forwarded request
     async fn send_to_leader(
         &self,
@@ -139,7 +122,7 @@ impl Forwarder {
         method: Method,
         path: &str,
         authorization: Option<HeaderValue>,
-        passed: Vec<(HeaderName, HeaderValue)>,
+        framing: Vec<(HeaderName, HeaderValue)>,
         body: Bytes,
     ) -> Result<Response, ApiError> {
         let registered = state
@@ -158,7 +141,7 @@ impl Forwarder {
             .http
             .request(method, format!("{base}{path}"))
             .header(FORWARDED_HEADER, "1");
-        for (name, value) in passed {
+        for (name, value) in framing {
             forwarded = forwarded.header(name, value);
         }
         if let Some(authorization) = authorization {
@@ -621,7 +604,9 @@ pub async fn register_version(
 
 #[cfg(test)]
 mod tests {
+    use super::super::oip;
     use super::*;
+    use axum::http::header::CONTENT_TYPE;
 
     #[test]
     fn a_relayed_answer_keeps_its_content_type_retry_after_and_binary_header() {
@@ -643,7 +628,10 @@ mod tests {
         assert_eq!(headers[oip::BINARY_HEADER_LENGTH], "42");
         assert!(headers.get("x-other").is_none());
 
+        assert_eq!(headers.get_all(CONTENT_TYPE).iter().count(), 1);
+
         let plain = relay(StatusCode::OK, &HeaderMap::new(), Bytes::from_static(b"{}"));
         assert_eq!(plain.headers()[CONTENT_TYPE], "application/json");
+        assert_eq!(plain.headers().get_all(CONTENT_TYPE).iter().count(), 1);
     }
 }

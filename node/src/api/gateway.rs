@@ -3,7 +3,7 @@
 //! of two choices); a connection that fails before an answer is retried on another
 //! replica, since inference is idempotent.
 
-use super::{ApiError, oip};
+use super::ApiError;
 use axum::body::Bytes;
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
@@ -229,22 +229,17 @@ impl Gateway {
                 target.address, target.replica.0
             );
             let mut request = self.http.post(url).body(body.clone());
-            request = match header_bytes {
-                Some(header_bytes) => request
-                    .header("content-type", oip::BINARY_CONTENT_TYPE)
-                    .header(oip::BINARY_HEADER_LENGTH, header_bytes),
-                None => request.header("content-type", "application/json"),
-            };
+            for (name, value) in super::framing(header_bytes) {
+                request = request.header(name, value);
+            }
             let sent = request.send().await;
             match sent {
                 Ok(answer) => {
                     let status = StatusCode::from_u16(answer.status().as_u16())
                         .unwrap_or(StatusCode::BAD_GATEWAY);
-                    let binary = answer
-                        .headers()
-                        .get(oip::BINARY_HEADER_LENGTH)
-                        .and_then(|value| value.to_str().ok())
-                        .map(str::to_string);
+                    // The agent frames its answer as this process would; a length it
+                    // garbled leaves the body as JSON, for the caller to refuse.
+                    let answer_bytes = super::binary_header(answer.headers()).unwrap_or(None);
                     let bytes = match answer.bytes().await {
                         Ok(bytes) => bytes,
                         Err(error) => {
@@ -257,20 +252,9 @@ impl Gateway {
                         last_error = format!("{} is not serving", target.replica);
                         continue;
                     }
-                    return Ok(match binary {
-                        Some(header_bytes) => (
-                            status,
-                            [
-                                ("content-type", oip::BINARY_CONTENT_TYPE.to_string()),
-                                (oip::BINARY_HEADER_LENGTH, header_bytes),
-                            ],
-                            bytes,
-                        )
-                            .into_response(),
-                        None => {
-                            (status, [("content-type", "application/json")], bytes).into_response()
-                        }
-                    });
+                    let mut relayed = (status, bytes).into_response();
+                    super::set_framing(relayed.headers_mut(), answer_bytes);
+                    return Ok(relayed);
                 }
                 Err(error) if error.is_timeout() => {
                     return Err(ApiError::DeadlineExceeded(format!(

@@ -7,7 +7,7 @@ use axum::body::Bytes;
 use axum::extract::rejection::BytesRejection;
 use axum::extract::{Path, State};
 use axum::http::header::CONTENT_TYPE;
-use axum::http::{HeaderMap, HeaderName};
+use axum::http::{HeaderMap, HeaderName, HeaderValue};
 use axum::response::{IntoResponse, Response};
 use shoal_actors::batcher::InferError;
 use shoal_actors::tensor::validate_inputs;
@@ -370,8 +370,8 @@ async fn serve(
 ) -> Result<Response, ApiError> {
     let deadline = tokio::time::Instant::now() + request_timeout(headers);
     let body = body?;
-    let mut request =
-        oip::read_request(&body, binary_header(headers)?).map_err(ApiError::BadRequest)?;
+    let header_bytes = binary_header(headers)?;
+    let mut request = oip::read_request(&body, header_bytes).map_err(ApiError::BadRequest)?;
     let state = app.control.state();
     let mut resolved = resolve(&state, model, version)?;
     if version.is_none()
@@ -441,10 +441,7 @@ async fn serve(
             }
             targets = hold_for_scale_up(app, model, resolved.version, deadline).await?;
         }
-        return app
-            .gateway
-            .forward(targets, body, binary_header(headers)?)
-            .await;
+        return app.gateway.forward(targets, body, header_bytes).await;
     }
     let position = app.next_route.fetch_add(1, Ordering::Relaxed) % candidates.len();
     let route = candidates[position];
@@ -502,18 +499,34 @@ pub(crate) fn answer(
             .collect(),
         id: request.id.clone(),
     };
-    match oip::encode_response(response, |name| request.binary(name)) {
-        (body, None) => ([(CONTENT_TYPE, "application/json")], body).into_response(),
-        (body, Some(header_bytes)) => (
-            [
-                (CONTENT_TYPE, oip::BINARY_CONTENT_TYPE.to_string()),
-                (
-                    HeaderName::from_static(oip::BINARY_HEADER_LENGTH),
-                    header_bytes.to_string(),
-                ),
-            ],
-            body,
-        )
-            .into_response(),
+    let (body, header_bytes) = oip::encode_response(response, |name| request.binary(name));
+    let mut answer = body.into_response();
+    set_framing(answer.headers_mut(), header_bytes);
+    answer
+}
+
+/// The headers that frame an inference body, request or answer: JSON, or (with the
+/// length of its JSON part) JSON followed by binary tensor data. Every hop that passes a
+/// body on — gateway to agent, follower to leader, and back — sends these with it.
+pub(crate) fn framing(header_bytes: Option<usize>) -> Vec<(HeaderName, HeaderValue)> {
+    match header_bytes {
+        None => vec![(CONTENT_TYPE, HeaderValue::from_static("application/json"))],
+        Some(header_bytes) => vec![
+            (
+                CONTENT_TYPE,
+                HeaderValue::from_static(oip::BINARY_CONTENT_TYPE),
+            ),
+            (
+                HeaderName::from_static(oip::BINARY_HEADER_LENGTH),
+                HeaderValue::from(header_bytes),
+            ),
+        ],
+    }
+}
+
+/// Frames an answer's body: replaces whatever content type its body type gave it.
+pub(crate) fn set_framing(headers: &mut HeaderMap, header_bytes: Option<usize>) {
+    for (name, value) in framing(header_bytes) {
+        headers.insert(name, value);
     }
 }
