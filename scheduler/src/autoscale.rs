@@ -29,6 +29,9 @@ pub struct Autoscaler {
 struct Memory {
     /// The first round that saw the deployment: it has been quiet at least since then.
     first_seen_ms: u64,
+    /// The round that last woke it from zero: the held request that woke it reaches the
+    /// load reports only after it is answered, so idleness never counts from before this.
+    woken_ms: u64,
     trend: Option<Trend>,
 }
 
@@ -79,6 +82,7 @@ impl Autoscaler {
                 .entry(deployment.name().to_string())
                 .or_insert(Memory {
                     first_seen_ms: now_ms,
+                    woken_ms: 0,
                     trend: None,
                 });
             let empty = DeploymentLoad::default();
@@ -110,14 +114,21 @@ fn decide_one(
     if current == 0 {
         // At zero only a held request counts: it brings the deployment back at once.
         memory.trend = None;
-        return (load.requests_held > 0).then_some(recommended);
+        if load.requests_held == 0 {
+            return None;
+        }
+        memory.woken_ms = now_ms;
+        return Some(recommended);
     }
     let ongoing = load.requests_in_flight.saturating_add(load.requests_held);
     if let Some(idle_ms) = policy.scale_to_zero_after_ms
         && bounds.min == 0
         && ongoing == 0
     {
-        let quiet_since_ms = load.last_request_ms.unwrap_or(memory.first_seen_ms);
+        let quiet_since_ms = load
+            .last_request_ms
+            .unwrap_or(memory.first_seen_ms)
+            .max(memory.woken_ms);
         if now_ms.saturating_sub(quiet_since_ms) >= idle_ms {
             memory.trend = None;
             return Some(0);

@@ -186,6 +186,51 @@ fn an_idle_deployment_scales_to_zero_and_the_first_held_request_brings_it_back()
     assert_eq!(woken, vec![(401 * SECOND_MS, 1)]);
 }
 
+/// Regression: the held request that woke a deployment was answered before any agent
+/// reported it, so the last request the leader knew of was from before the scale-down, and
+/// the next round put the deployment straight back to zero.
+#[test]
+fn a_deployment_woken_from_zero_is_not_scaled_back_before_it_has_been_idle_again() {
+    let bounds = ReplicaPolicy {
+        initial: 1,
+        min: 0,
+        max: 4,
+    };
+    let mut state = autoscaled(bounds, policy(Some(300 * SECOND_MS)));
+    let mut scaler = Autoscaler::new();
+    let asleep = load(0, 0, Some(0));
+    run(&mut scaler, &mut state, &asleep, 0, 400 * SECOND_MS);
+    let woken = run(
+        &mut scaler,
+        &mut state,
+        &load(0, 1, Some(0)),
+        401 * SECOND_MS,
+        401 * SECOND_MS,
+    );
+    assert_eq!(woken, vec![(401 * SECOND_MS, 1)]);
+    // The held request is answered; no report of it has reached the leader yet.
+    let after = run(
+        &mut scaler,
+        &mut state,
+        &asleep,
+        402 * SECOND_MS,
+        700 * SECOND_MS,
+    );
+    assert_eq!(
+        after,
+        vec![],
+        "woken at 401 s, it is idle for 300 s only at 701 s"
+    );
+    let later = run(
+        &mut scaler,
+        &mut state,
+        &asleep,
+        701 * SECOND_MS,
+        701 * SECOND_MS,
+    );
+    assert_eq!(later, vec![(701 * SECOND_MS, 0)]);
+}
+
 #[test]
 fn without_scale_to_zero_an_idle_deployment_keeps_one_replica() {
     let bounds = ReplicaPolicy {
