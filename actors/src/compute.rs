@@ -1,17 +1,24 @@
 //! The compute pool: a fixed number of OS threads that run forward passes, so a forward
 //! pass never runs on a tokio worker thread nor on `spawn_blocking`'s unbounded pool.
 //!
+//! The threads are a rayon pool, the same kind candle's CPU kernels split their work
+//! over. A kernel called from one of this pool's threads splits across this pool by work
+//! stealing, with the calling thread doing its share. Called from any other thread, every
+//! matmul would instead be handed to rayon's global pool while the caller slept on a latch:
+//! two extra threads per core, and a sleep and a wake-up per kernel, which on a virtual
+//! machine cost more than the small kernels themselves.
+//!
 //! Callers submit a closure and await its result; a closure that panics is answered with
 //! [`ComputeError::Panicked`] and the thread lives on. The submission queue is bounded and
 //! `run` waits for room rather than refusing: admission control happens earlier, in
-//! each batcher's bounded queue, so the pool only ever sees one batch per replica at a time.
+//! each batcher's bounded queue, so the pool only ever sees a few batches per replica.
 
 use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::sync::Arc;
 use tokio::sync::oneshot;
 
-/// Jobs waiting for a compute thread. Each running batcher submits one job at a time, so
-/// this only has to cover the replicas of one host; beyond it submitters wait.
+/// Jobs waiting for a compute thread. Each running batcher submits at most two at a time,
+/// so this only has to cover the replicas of one host; beyond it submitters wait.
 pub const COMPUTE_QUEUE_CAPACITY: usize = 256;
 
 /// Why a submitted job gave no result.
@@ -22,8 +29,6 @@ pub enum ComputeError {
     #[error("the compute pool is shut down")]
     ShutDown,
 }
-
-type Job = Box<dyn FnOnce() + Send + 'static>;
 
 /// A handle to the pool; clone it freely. The threads exit when the last handle is dropped
 /// and the queue is empty.
@@ -36,7 +41,7 @@ pub struct ComputePool {
 
 #[derive(Clone, Debug)]
 struct Queue {
-    jobs: crossbeam_channel::Sender<Job>,
+    threads: Arc<rayon::ThreadPool>,
     /// One permit per free queue slot.
     room: Arc<tokio::sync::Semaphore>,
 }
@@ -45,20 +50,14 @@ impl ComputePool {
     /// Starts `threads` compute threads (at least one), named `shoal-compute-{i}`.
     pub fn new(threads: usize) -> Result<ComputePool, std::io::Error> {
         let threads = threads.max(1);
-        let (jobs, queue) = crossbeam_channel::bounded::<Job>(COMPUTE_QUEUE_CAPACITY);
-        for index in 0..threads {
-            let queue = queue.clone();
-            std::thread::Builder::new()
-                .name(format!("shoal-compute-{index}"))
-                .spawn(move || {
-                    while let Ok(job) = queue.recv() {
-                        job();
-                    }
-                })?;
-        }
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(threads)
+            .thread_name(|index| format!("shoal-compute-{index}"))
+            .build()
+            .map_err(std::io::Error::other)?;
         Ok(ComputePool {
             queue: Some(Queue {
-                jobs,
+                threads: Arc::new(pool),
                 room: Arc::new(tokio::sync::Semaphore::new(COMPUTE_QUEUE_CAPACITY)),
             }),
             threads,
@@ -93,23 +92,19 @@ impl ComputePool {
         let Some(queue) = &self.queue else {
             return run_catching(work);
         };
-        let (reply, answer) = oneshot::channel();
-        let job: Job = Box::new(move || {
-            let result = run_catching(work);
-            // The submitter may have gone (cancelled); the result is simply dropped.
-            let _ = reply.send(result);
-        });
-        // Waiting for a permit, not for the channel, keeps a full queue off the async
-        // workers' backs: `send` below never blocks because a permit guarantees room.
+        // Waiting for a permit keeps the number of queued jobs bounded; rayon's own queue
+        // is not.
         let permit = Arc::clone(&queue.room)
             .acquire_owned()
             .await
             .map_err(|_| ComputeError::ShutDown)?;
-        let job: Job = Box::new(move || {
-            let _permit = permit;
-            job();
+        let (reply, answer) = oneshot::channel();
+        queue.threads.spawn(move || {
+            let result = run_catching(work);
+            drop(permit);
+            // The submitter may have gone (cancelled); the result is simply dropped.
+            let _ = reply.send(result);
         });
-        queue.jobs.send(job).map_err(|_| ComputeError::ShutDown)?;
         answer.await.map_err(|_| ComputeError::ShutDown)?
     }
 }
