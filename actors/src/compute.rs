@@ -8,6 +8,10 @@
 //! two extra threads per core, and a sleep and a wake-up per kernel, which on a virtual
 //! machine cost more than the small kernels themselves.
 //!
+//! A thread that waits inside a kernel for the other half of its work runs whatever job is
+//! queued meanwhile, so only short jobs belong here (forward passes, decode steps, shard
+//! stages); a model load runs on a blocking thread instead.
+//!
 //! Callers submit a closure and await its result; a closure that panics is answered with
 //! [`ComputeError::Panicked`] and the thread lives on. The submission queue is bounded and
 //! `run` waits for room rather than refusing: admission control happens earlier, in
