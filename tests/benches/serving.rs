@@ -2,14 +2,16 @@
 //! the physical limit measured in the same run.
 //!
 //! `cargo build --release -p shoal-node && cargo bench -p shoal-tests --bench serving`
-//! (add `-- --seconds N` per measurement, default 5; `--skip-minilm` to leave MiniLM out).
+//! (add `-- --seconds N` per measurement, default 5; `--skip-minilm` to leave MiniLM out;
+//! `--steady c=64` or `--steady 500/s` runs only that load of the MLP through `shoal up`, for
+//! `--seconds`: something steady to profile).
 //! It uses the release `shoal` next to the bench binary (or `SHOAL_BIN`).
 //!
 //! Models: an MLP 784-512-512-10 with seeded weights (safetensors), asked single-row OIP v2
 //! JSON requests (and, at c=64, the same as binary tensor data), and MiniLM sentence
 //! embeddings through `/v1/embeddings`. Each is measured raw (in-process candle forward
-//! passes on the same weights, batch 1 and 32, the better of one intra-op thread and one
-//! per core), through the
+//! passes on the same weights, batch 1 and 32, the best of one intra-op thread, one per
+//! core, and one per core on a rayon pool's thread), through the
 //! gateway of `shoal up`, and (the MLP) through a 3-server + 1-agent cluster: closed loop at
 //! concurrency 1, 8 and 64, and open loop at fixed rates, latency counted from each
 //! request's scheduled send time. The load generator shares the machine's cores with
@@ -27,6 +29,23 @@ use std::time::{Duration, Instant};
 const MLP_LAYERS: [usize; 4] = [784, 512, 512, 10];
 const CONCURRENCY: [usize; 3] = [1, 8, 64];
 const OPEN_RATES: [f64; 3] = [200.0, 500.0, 1_000.0];
+
+/// One load held for the whole run (`--steady`), to profile.
+#[derive(Clone, Copy, Debug)]
+enum Steady {
+    Closed(usize),
+    Open(f64),
+}
+
+impl Steady {
+    fn parse(load: &str) -> Option<Steady> {
+        match (load.strip_prefix("c="), load.strip_suffix("/s")) {
+            (Some(concurrency), _) => concurrency.parse().ok().map(Steady::Closed),
+            (_, Some(rate)) => rate.parse().ok().map(Steady::Open),
+            _ => None,
+        }
+    }
+}
 
 /// One measured point, as a table row and a JSON object.
 struct Point {
@@ -126,8 +145,9 @@ fn raw_forward(model: &dyn ModelRuntime, inputs: &[NamedTensor], rows: usize) ->
 }
 
 /// The physical limit of one model: the best of candle's forward passes in this process
-/// with one intra-op thread (Shoal's default) and with one per core, so the ratios are
-/// never flattered by a slower baseline.
+/// with one intra-op thread, with one per core, and with one per core on a rayon pool's
+/// thread (how Shoal's compute pool runs them), so the ratios are never flattered by a
+/// slower baseline.
 #[derive(Clone, Copy, Debug)]
 struct Raw {
     /// Rows per second at batch 1, and the median time of one batch-1 pass.
@@ -155,14 +175,35 @@ fn raw_limit(
         batch32_rate: 0.0,
     };
     let (one, thirty_two) = (inputs(1), inputs(32));
-    for threads in [1, cores] {
-        // SAFETY: no other thread exists yet that reads the environment (see above).
+    // The caller's thread, then (as Shoal's compute pool does) a thread of a rayon pool
+    // with one thread per core, where the kernels split by work stealing.
+    for (threads, on_pool) in [(1, false), (cores, false), (cores, true)] {
+        // SAFETY: no other thread exists yet that reads the environment (see above); the
+        // pool's threads start below and do not touch it until `install` runs.
         unsafe { std::env::set_var("RAYON_NUM_THREADS", threads.to_string()) };
-        let (rate_1, time_1) = raw_forward(model, &one, 1);
-        let (rate_32, _) = raw_forward(model, &thirty_two, 32);
+        let measure = || {
+            (
+                raw_forward(model, &one, 1),
+                raw_forward(model, &thirty_two, 32),
+            )
+        };
+        let ((rate_1, time_1), (rate_32, _)) = if on_pool {
+            rayon::ThreadPoolBuilder::new()
+                .num_threads(threads)
+                .build()
+                .expect("a rayon pool")
+                .install(measure)
+        } else {
+            measure()
+        };
+        let place = if on_pool {
+            "on a rayon pool"
+        } else {
+            "on the caller"
+        };
         println!(
-            "{label} raw forward, {threads} intra-op thread(s): batch 1 {rate_1:.0} rows/s \
-             ({:.3} ms median), batch 32 {rate_32:.0} rows/s",
+            "{label} raw forward, {threads} intra-op thread(s) {place}: batch 1 {rate_1:.0} \
+             rows/s ({:.3} ms median), batch 32 {rate_32:.0} rows/s",
             ms(time_1)
         );
         best.batch1_rate = best.batch1_rate.max(rate_1);
@@ -285,10 +326,25 @@ fn main() {
         .map_or(Duration::from_secs(5), Duration::from_secs);
     let skip_minilm = arguments.iter().any(|arg| arg == "--skip-minilm");
     let skip_cluster = arguments.iter().any(|arg| arg == "--skip-cluster");
+    let steady = arguments
+        .iter()
+        .position(|arg| arg == "--steady")
+        .and_then(|i| arguments.get(i + 1))
+        .map(|load| Steady::parse(load).unwrap_or_else(|| panic!("--steady {load:?}: c=N or N/s")));
     let root = tempfile::tempdir().expect("temp dir");
     let mlp_files = mlp_classifier(&MLP_LAYERS, 7).expect("mlp");
     let mlp_dir = root.path().join("mlp");
     write_model_dir(&mlp_dir, &mlp_files);
+
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("the async runtime");
+    if let Some(load) = steady {
+        runtime.block_on(steady_load(root.path(), &mlp_dir, load, seconds));
+        return;
+    }
 
     // The physical limit: candle forward passes in this process, same weights.
     let LoadedModel::Fixed(mlp) = load(&mlp_files).expect("load") else {
@@ -305,11 +361,6 @@ fn main() {
         write_model_dir(&dir, &files);
         (dir, raw)
     });
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .expect("the async runtime");
     runtime.block_on(served(
         root.path(),
         &mlp_dir,
@@ -318,6 +369,28 @@ fn main() {
         seconds,
         skip_cluster,
     ));
+}
+
+/// One load against the MLP through `shoal up` for `seconds`, and nothing else.
+async fn steady_load(root: &Path, mlp_dir: &Path, load: Steady, seconds: Duration) {
+    let mut up = Shoal::up(&root.join("up"), "up.stderr");
+    up.wait_ready(&http_client(Duration::from_secs(30))).await;
+    push_and_deploy(&up.url(""), root, mlp_dir, "mlp", "mlp", 32);
+    let url = up.url("/v2/models/mlp/infer");
+    let body = mlp_request();
+    wait_serving(&url, body).await;
+    let target = Target::post_json(&url, body);
+    closed_loop(&target, 8, Duration::from_millis(500)).await;
+    let result = match load {
+        Steady::Closed(concurrency) => closed_loop(&target, concurrency, seconds).await,
+        Steady::Open(rate) => open_loop(&target, rate, seconds).await,
+    };
+    print_points(&[Point {
+        name: format!("MLP via shoal up, {load:?}"),
+        result,
+    }]);
+    up.interrupt();
+    let _ = up.wait_exit(Duration::from_secs(30));
 }
 
 /// Everything measured through Shoal: `shoal up`, then the cluster.
