@@ -455,6 +455,8 @@ async fn infer(
             "replica {id} is not serving here"
         )));
     };
+    // The gateway passes requests on unread: the check happens here, once.
+    crate::api::check_request(route.handle.signature(), model, &request)?;
     let outputs = route
         .handle
         .infer(std::mem::take(&mut request.inputs), deadline)

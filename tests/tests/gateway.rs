@@ -80,6 +80,46 @@ async fn a_standalone_gateway_follows_the_state_and_serves_through_agents() {
     assert_eq!(binary.labels, ["virginica", "setosa"]);
     assert_eq!(binary.probabilities.len(), 6);
 
+    // The gateway passes requests on unread; the agent refuses bad ones with the same
+    // statuses and messages a gateway serving the model itself gives.
+    let too_many = vec![[6.3, 3.3, 6.0, 2.5]; 1_025];
+    let refused = [
+        (
+            json!({"inputs": [{"name": "features", "shape": [1, 3], "datatype": "FP32", "data": [1.0, 2.0, 3.0]}]}),
+            400,
+            "shape",
+        ),
+        (
+            json!({"inputs": [{"name": "features", "shape": [1, 4], "datatype": "FP32", "data": [6.3, 3.3, 6.0, 2.5]}], "outputs": [{"name": "logits"}]}),
+            400,
+            "has no output \"logits\"",
+        ),
+        (
+            json!({"inputs": [{"name": "features", "shape": [1_025, 4], "datatype": "FP32", "data": too_many}]}),
+            413,
+            "the limit is 1024",
+        ),
+        (json!({"inputs": "features"}), 400, ""),
+    ];
+    for (bad, status, says) in refused {
+        let answer = http
+            .post(format!("{base}/v2/models/iris/infer"))
+            .json(&bad)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(
+            answer.status(),
+            status,
+            "a request that should say {says:?}"
+        );
+        let message: Value = answer.json().await.unwrap();
+        assert!(
+            message["error"].as_str().unwrap().contains(says),
+            "{message}"
+        );
+    }
+
     // A version that exists but runs nowhere: 503 with Retry-After, and serving goes on.
     let second = root.path().join("iris-2");
     cluster.cli(

@@ -11,7 +11,7 @@ use axum::http::{HeaderMap, HeaderName, HeaderValue};
 use axum::response::{IntoResponse, Response};
 use shoal_actors::batcher::InferError;
 use shoal_actors::tensor::validate_inputs;
-use shoal_scheduler::{ClusterState, ModelVersion};
+use shoal_scheduler::{ClusterState, ModelVersion, Signature};
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
@@ -371,7 +371,6 @@ async fn serve(
     let deadline = tokio::time::Instant::now() + request_timeout(headers);
     let body = body?;
     let header_bytes = binary_header(headers)?;
-    let mut request = oip::read_request(&body, header_bytes).map_err(ApiError::BadRequest)?;
     let state = app.control.state();
     let mut resolved = resolve(&state, model, version)?;
     if version.is_none()
@@ -381,27 +380,6 @@ async fn serve(
         resolved = split;
     }
     *served = Some(resolved.version);
-    let inputs = std::mem::take(&mut request.inputs);
-    let rows = validate_inputs(&resolved.signature, &inputs)
-        .map_err(|error| ApiError::BadRequest(error.to_string()))?;
-    if rows > ROWS_PER_REQUEST_MAX {
-        return Err(ApiError::PayloadTooLarge(format!(
-            "{rows} rows in one request; the limit is {ROWS_PER_REQUEST_MAX}, split the batch"
-        )));
-    }
-    for wanted in &request.outputs {
-        if !resolved
-            .signature
-            .outputs
-            .iter()
-            .any(|spec| spec.name == wanted.name)
-        {
-            return Err(ApiError::BadRequest(format!(
-                "model {model:?} has no output {:?}",
-                wanted.name
-            )));
-        }
-    }
 
     let routes = app.routes.borrow().clone();
     let candidates: Vec<_> = routes
@@ -409,13 +387,7 @@ async fn serve(
         .iter()
         .filter(|route| route.version == resolved.version)
         .collect();
-    if candidates.is_empty() && app.embedded {
-        return Err(ApiError::Unavailable(format!(
-            "model {model:?} version {} has no ready replica yet",
-            resolved.version
-        )));
-    }
-    if candidates.is_empty() {
+    if candidates.is_empty() && !app.embedded {
         // No replica in this process: send it to one on an agent.
         let mut targets = super::gateway::targets(&state, model, resolved.version);
         if targets.is_empty() && version.is_none() {
@@ -423,26 +395,44 @@ async fn serve(
             // more); a request that named no version goes to the one that has.
             targets = super::gateway::targets_any_version(&state, model);
         }
-        if targets.is_empty() {
-            let forwarded = headers.contains_key(super::cluster::FORWARDED_HEADER);
-            let status = app.control.raft_status();
-            // The leader's autoscaler counts held requests: hold them there.
-            if !status.is_leader
-                && !forwarded
-                && let (Some(leader), Some(forwarder)) = (status.leader, &app.forwarder)
-            {
-                let path = match version {
-                    Some(version) => format!("/v2/models/{model}/versions/{version}/infer"),
-                    None => format!("/v2/models/{model}/infer"),
-                };
-                return forwarder
-                    .forward_infer(&state, leader, &path, headers, body)
-                    .await;
-            }
-            targets = hold_for_scale_up(app, model, resolved.version, deadline).await?;
+        if !targets.is_empty() {
+            // The agent reads and checks the request against the model it runs (see
+            // `check_request`) and answers 400 or 413 itself: reading it here as well
+            // would cost the gateway as much again for every request.
+            return app.gateway.forward(targets, body, header_bytes).await;
         }
+    }
+
+    // Served here, held, or passed to the leader: read and check it first, so a bad
+    // request is refused at once and never wakes a deployment scaled to zero.
+    let mut request = oip::read_request(&body, header_bytes).map_err(ApiError::BadRequest)?;
+    check_request(&resolved.signature, model, &request)?;
+    if candidates.is_empty() && app.embedded {
+        return Err(ApiError::Unavailable(format!(
+            "model {model:?} version {} has no ready replica yet",
+            resolved.version
+        )));
+    }
+    if candidates.is_empty() {
+        let forwarded = headers.contains_key(super::cluster::FORWARDED_HEADER);
+        let status = app.control.raft_status();
+        // The leader's autoscaler counts held requests: hold them there.
+        if !status.is_leader
+            && !forwarded
+            && let (Some(leader), Some(forwarder)) = (status.leader, &app.forwarder)
+        {
+            let path = match version {
+                Some(version) => format!("/v2/models/{model}/versions/{version}/infer"),
+                None => format!("/v2/models/{model}/infer"),
+            };
+            return forwarder
+                .forward_infer(&state, leader, &path, headers, body)
+                .await;
+        }
+        let targets = hold_for_scale_up(app, model, resolved.version, deadline).await?;
         return app.gateway.forward(targets, body, header_bytes).await;
     }
+    let inputs = std::mem::take(&mut request.inputs);
     let position = app.next_route.fetch_add(1, Ordering::Relaxed) % candidates.len();
     let route = candidates[position];
     let outputs = route
@@ -464,6 +454,36 @@ async fn serve(
             InferError::Model(message) => ApiError::ReplicaFailed(message),
         })?;
     Ok(answer(model, route.version, outputs, &request))
+}
+
+/// Checks a read request against the signature of the model that will run it: its inputs
+/// (names, types, shapes), its row count against [`ROWS_PER_REQUEST_MAX`], and the outputs
+/// it names. Wherever a request is served (in this process or on an agent) it passes here
+/// first.
+pub(crate) fn check_request(
+    signature: &Signature,
+    model: &str,
+    request: &oip::Request,
+) -> Result<(), ApiError> {
+    let rows = validate_inputs(signature, &request.inputs)
+        .map_err(|error| ApiError::BadRequest(error.to_string()))?;
+    if rows > ROWS_PER_REQUEST_MAX {
+        return Err(ApiError::PayloadTooLarge(format!(
+            "{rows} rows in one request; the limit is {ROWS_PER_REQUEST_MAX}, split the batch"
+        )));
+    }
+    if let Some(unknown) = request.outputs.iter().find(|wanted| {
+        !signature
+            .outputs
+            .iter()
+            .any(|spec| spec.name == wanted.name)
+    }) {
+        return Err(ApiError::BadRequest(format!(
+            "model {model:?} has no output {:?}",
+            unknown.name
+        )));
+    }
+    Ok(())
 }
 
 /// The binary extension's JSON length, when the request carries its header.

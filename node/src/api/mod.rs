@@ -14,7 +14,7 @@ pub mod nodes;
 pub mod oip;
 mod openai;
 
-pub(crate) use inference::{answer, binary_header, framing, set_framing};
+pub(crate) use inference::{answer, binary_header, check_request, framing, set_framing};
 
 use crate::auth::{self, AuthError, Tokens};
 use crate::control::ControlPlane;
