@@ -1,5 +1,5 @@
-//! The compute pool: a fixed number of OS threads that run forward passes, so a forward
-//! pass never runs on a tokio worker thread nor on `spawn_blocking`'s unbounded pool.
+//! The compute pool: a fixed number of OS threads that run batches' forward passes, so
+//! one never runs on a tokio worker thread nor on `spawn_blocking`'s unbounded pool.
 //!
 //! The threads are a rayon pool, the same kind candle's CPU kernels split their work
 //! over. A kernel called from one of this pool's threads splits across this pool by work
@@ -9,8 +9,10 @@
 //! machine cost more than the small kernels themselves.
 //!
 //! A thread that waits inside a kernel for the other half of its work runs whatever job is
-//! queued meanwhile, so only short jobs belong here (forward passes, decode steps, shard
-//! stages); a model load runs on a blocking thread instead.
+//! queued meanwhile, and its own job ends only after that one: a small model's batch can
+//! wait out another model's batch (or a generative model's prefill) queued on the same
+//! host. So only jobs of one forward pass or decode step belong here; a model load, the
+//! longest, goes to [`ComputePool::run_long`] instead.
 //!
 //! Callers submit a closure and await its result; a closure that panics is answered with
 //! [`ComputeError::Panicked`] and the thread lives on. The submission queue is bounded and
@@ -48,7 +50,14 @@ struct Queue {
     threads: Arc<rayon::ThreadPool>,
     /// One permit per free queue slot.
     room: Arc<tokio::sync::Semaphore>,
+    /// One permit per long job that may run at once: one per pool thread.
+    long_jobs: Arc<tokio::sync::Semaphore>,
 }
+
+/// Stack of each pool thread. A thread waiting inside a kernel may run another queued
+/// job on top of its own, so allow for a few nested forward passes (only the pages used
+/// are ever resident).
+const THREAD_STACK_BYTES: usize = 16 * 1024 * 1024;
 
 impl ComputePool {
     /// Starts `threads` compute threads (at least one), named `shoal-compute-{i}`.
@@ -57,12 +66,14 @@ impl ComputePool {
         let pool = rayon::ThreadPoolBuilder::new()
             .num_threads(threads)
             .thread_name(|index| format!("shoal-compute-{index}"))
+            .stack_size(THREAD_STACK_BYTES)
             .build()
             .map_err(std::io::Error::other)?;
         Ok(ComputePool {
             queue: Some(Queue {
                 threads: Arc::new(pool),
                 room: Arc::new(tokio::sync::Semaphore::new(COMPUTE_QUEUE_CAPACITY)),
+                long_jobs: Arc::new(tokio::sync::Semaphore::new(threads)),
             }),
             threads,
         })
@@ -113,6 +124,30 @@ impl ComputePool {
     }
 }
 
+impl ComputePool {
+    /// Runs a long job (fetching and loading a model) on a blocking thread, never on the
+    /// pool's threads, where a thread waiting inside a kernel could pick it up and hold its
+    /// batch for the whole load. At most one long job per pool thread runs at once, so
+    /// replicas starting together do not all hold a load's copies in memory together.
+    pub async fn run_long<T, F>(&self, work: F) -> Result<T, ComputeError>
+    where
+        T: Send + 'static,
+        F: FnOnce() -> T + Send + 'static,
+    {
+        let Some(queue) = &self.queue else {
+            return run_catching(work);
+        };
+        let _permit = queue
+            .long_jobs
+            .acquire()
+            .await
+            .map_err(|_| ComputeError::ShutDown)?;
+        tokio::task::spawn_blocking(move || run_catching(work))
+            .await
+            .map_err(|_| ComputeError::ShutDown)?
+    }
+}
+
 /// Runs `work`, turning a panic into [`ComputeError::Panicked`] with its message.
 fn run_catching<T, F: FnOnce() -> T>(work: F) -> Result<T, ComputeError> {
     catch_unwind(AssertUnwindSafe(work)).map_err(|panic| {
@@ -145,6 +180,39 @@ mod tests {
         let result = pool.run(|| -> u32 { panic!("boom") }).await;
         assert_eq!(result, Err(ComputeError::Panicked("boom".into())));
         assert_eq!(pool.run(|| 7).await, Ok(7));
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn long_jobs_run_off_the_pool_no_more_than_one_per_thread_at_once() {
+        use std::sync::atomic::{AtomicUsize, Ordering};
+        let pool = ComputePool::new(2).unwrap();
+        let running = Arc::new(AtomicUsize::new(0));
+        let peak = Arc::new(AtomicUsize::new(0));
+        let jobs: Vec<_> = (0..6)
+            .map(|_| {
+                let (pool, running, peak) = (pool.clone(), running.clone(), peak.clone());
+                tokio::spawn(async move {
+                    pool.run_long(move || {
+                        let now = running.fetch_add(1, Ordering::SeqCst) + 1;
+                        peak.fetch_max(now, Ordering::SeqCst);
+                        std::thread::sleep(std::time::Duration::from_millis(20));
+                        running.fetch_sub(1, Ordering::SeqCst);
+                        std::thread::current().name().map(str::to_string)
+                    })
+                    .await
+                })
+            })
+            .collect();
+        for job in jobs {
+            let name = job.await.unwrap().unwrap();
+            assert!(
+                !name.is_some_and(|name| name.starts_with("shoal-compute-")),
+                "a long job ran on a pool thread"
+            );
+        }
+        assert_eq!(peak.load(Ordering::SeqCst), 2);
+        let panicked = pool.run_long(|| -> u32 { panic!("load failed") }).await;
+        assert_eq!(panicked, Err(ComputeError::Panicked("load failed".into())));
     }
 
     #[tokio::test]

@@ -133,24 +133,25 @@ impl Actor for Replica {
             .await
             .map_err(LoadError::from)?;
         let candle_device = runtime::candle_device(&device).map_err(LoadError::from)?;
-        // Fetching, hashing, loading and the warm-up pass all run on a blocking thread,
-        // not the compute pool: a thread of the pool that waits inside a forward pass's
-        // kernel for its other half runs whatever job is queued meanwhile, and a load
-        // picked up that way would hold that batch for the whole load.
+        // Fetching, hashing, loading and the warm-up pass are one long job: a blocking
+        // thread, bounded by the compute pool (see `ComputePool::run_long`).
         let files = spec.files.clone();
         let fetcher = Arc::clone(&state.args.fetcher);
         let loader = Arc::clone(&state.args.loader);
-        let model = tokio::task::spawn_blocking(move || {
-            let contents = fetch_verified(fetcher.as_ref(), &files)?;
-            let loaded = load_and_warm_up(&loader, &contents, &candle_device);
-            drop(contents);
-            // Loading copies the weights on the way in: give those pages back now rather
-            // than keep them resident for the replica's life.
-            shoal_ops::memory::release_freed_memory();
-            loaded
-        })
-        .await
-        .map_err(|error| LoadError::Panicked(error.to_string()))??;
+        let model = state
+            .args
+            .compute
+            .run_long(move || {
+                let contents = fetch_verified(fetcher.as_ref(), &files)?;
+                let loaded = load_and_warm_up(&loader, &contents, &candle_device);
+                drop(contents);
+                // Loading copies the weights on the way in: give those pages back now
+                // rather than keep them resident for the replica's life.
+                shoal_ops::memory::release_freed_memory();
+                loaded
+            })
+            .await
+            .map_err(|error| LoadError::Panicked(error.to_string()))??;
         let handle = match model {
             LoadedModel::Fixed(model) => {
                 let config = BatcherConfig {
@@ -286,7 +287,7 @@ fn fetch_verified(
     Ok(contents)
 }
 
-/// Loads the model and runs one warm-up pass. Blocking; runs on a blocking thread.
+/// Loads the model and runs one warm-up pass. Blocking; a long job of the compute pool.
 fn load_and_warm_up(
     loader: &Loader,
     contents: &ModelFiles,

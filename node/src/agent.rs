@@ -435,12 +435,7 @@ async fn infer(
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
     let deadline = tokio::time::Instant::now() + REQUEST_TIMEOUT;
-    plane.started(id);
-    let _tracked = Tracked {
-        plane: &plane,
-        replica: id,
-        started: std::time::Instant::now(),
-    };
+    let received = std::time::Instant::now();
     let body = body?;
     let header_bytes = crate::api::binary_header(&headers)?;
     let mut request = oip::read_request(&body, header_bytes).map_err(ApiError::BadRequest)?;
@@ -455,8 +450,15 @@ async fn infer(
             "replica {id} is not serving here"
         )));
     };
-    // The gateway passes requests on unread: the check happens here, once.
+    // The gateway passes requests on unread: the check happens here, once. A refused
+    // request is not traffic: it must not keep an idle replica from scaling to zero.
     crate::api::check_request(route.handle.signature(), model, &request)?;
+    plane.started(id);
+    let _tracked = Tracked {
+        plane: &plane,
+        replica: id,
+        started: received,
+    };
     let outputs = route
         .handle
         .infer(std::mem::take(&mut request.inputs), deadline)

@@ -273,8 +273,9 @@ fn token(command: &TokenCommand) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Pins candle's intra-op thread count for the whole process, unless the operator chose
-/// one. Without `RAYON_NUM_THREADS` candle asks `num_cpus::get_physical()` on every
+/// Pins how many pieces candle splits a kernel into, unless the operator chose it. The
+/// pieces run on the compute pool's threads (one per core, `compute_threads`), whatever
+/// this says. Without `RAYON_NUM_THREADS` candle asks `num_cpus::get_physical()` on every
 /// operation, which reads and parses `/proc/cpuinfo`: a file read per matmul, several per
 /// forward pass. Same count as candle's default, read once.
 ///
@@ -291,6 +292,10 @@ fn pin_intra_op_threads() {
     // reads the environment concurrently.
     unsafe { std::env::set_var("RAYON_NUM_THREADS", threads.to_string()) };
 }
+
+/// How long blocking work left at exit may run before the process ends without it: a
+/// stop must not wait out a large model's load.
+const BLOCKING_WORK_AT_EXIT: std::time::Duration = std::time::Duration::from_secs(5);
 
 fn main() -> ExitCode {
     pin_intra_op_threads();
@@ -418,6 +423,9 @@ fn main() -> ExitCode {
             runtime.block_on(cli::infer(request, &client))
         }
     };
+    // Blocking work still running once the command is done (a model load under way when
+    // an agent was stopped) gets this long, then the process exits without it.
+    runtime.shutdown_timeout(BLOCKING_WORK_AT_EXIT);
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(error) => {

@@ -40,8 +40,16 @@ enum Steady {
 impl Steady {
     fn parse(load: &str) -> Option<Steady> {
         match (load.strip_prefix("c="), load.strip_suffix("/s")) {
-            (Some(concurrency), _) => concurrency.parse().ok().map(Steady::Closed),
-            (_, Some(rate)) => rate.parse().ok().map(Steady::Open),
+            (Some(concurrency), _) => concurrency
+                .parse()
+                .ok()
+                .filter(|concurrency| *concurrency > 0)
+                .map(Steady::Closed),
+            (_, Some(rate)) => rate
+                .parse()
+                .ok()
+                .filter(|rate: &f64| rate.is_finite() && *rate > 0.0)
+                .map(Steady::Open),
             _ => None,
         }
     }
@@ -195,8 +203,9 @@ fn raw_limit(
     // The caller's thread, then (as Shoal's compute pool does) a thread of a rayon pool
     // with one thread per core, where the kernels split by work stealing.
     for (threads, on_pool) in [(1, false), (cores, false), (cores, true)] {
-        // SAFETY: no other thread exists yet that reads the environment (see above); the
-        // pool's threads start below and do not touch it until `install` runs.
+        // SAFETY: no other thread reads the environment (see above). The rayon pool's
+        // threads read it only inside `install`, through candle, while this thread waits;
+        // once `install` returns they run nothing more.
         unsafe { std::env::set_var("RAYON_NUM_THREADS", threads.to_string()) };
         let measure = || {
             (
@@ -353,13 +362,8 @@ fn main() {
     let mlp_dir = root.path().join("mlp");
     write_model_dir(&mlp_dir, &mlp_files);
 
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .expect("the async runtime");
     if let Some(load) = steady {
-        runtime.block_on(steady_load(root.path(), &mlp_dir, load, seconds));
+        async_runtime().block_on(steady_load(root.path(), &mlp_dir, load, seconds));
         return;
     }
 
@@ -385,7 +389,7 @@ fn main() {
         write_model_dir(&dir, &files);
         (dir, raw)
     });
-    runtime.block_on(served(
+    async_runtime().block_on(served(
         wake,
         root.path(),
         &mlp_dir,
@@ -394,6 +398,16 @@ fn main() {
         seconds,
         skip_cluster,
     ));
+}
+
+/// The bench's async runtime: the load generator's two workers. Built only after the raw
+/// passes, which set `RAYON_NUM_THREADS` while no other thread runs.
+fn async_runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("the async runtime")
 }
 
 /// One load against the MLP through `shoal up` for `seconds`, and nothing else.

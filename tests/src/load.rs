@@ -465,17 +465,37 @@ mod tests {
         let body: Vec<u8> = (0..4 * 1024 * 1024).map(|i| (i % 251) as u8).collect();
         let url = checking_server(body.clone()).await;
         let target = Target::post(&url, &[], &body);
-        let result = open_loop(&target, 50.0, Duration::from_millis(400)).await;
+        let run = open_loop(&target, 50.0, Duration::from_millis(400));
+        let result = tokio::time::timeout(Duration::from_secs(60), run)
+            .await
+            .expect("every request is answered: none was sent short");
         assert_eq!((result.ok, result.errors), (20, 0));
         // A small request fits the socket: the pacer sends all of it.
         let url = checking_server(b"{}".to_vec()).await;
-        let result = open_loop(
-            &Target::post_json(&url, b"{}"),
-            200.0,
-            Duration::from_millis(250),
-        )
-        .await;
+        let small = Target::post_json(&url, b"{}");
+        let run = open_loop(&small, 200.0, Duration::from_millis(250));
+        let result = tokio::time::timeout(Duration::from_secs(60), run)
+            .await
+            .expect("every request is answered");
         assert_eq!((result.ok, result.errors), (50, 0));
+    }
+
+    #[tokio::test]
+    async fn sending_without_waiting_writes_what_the_socket_takes_and_no_more() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let address = listener.local_addr().unwrap();
+        // The server accepts but never reads: the socket's buffers fill.
+        let accepted = tokio::spawn(async move { listener.accept().await.unwrap() });
+        let connection = Connection::open(address).await.unwrap();
+        let _held = accepted.await.unwrap();
+        assert_eq!(connection.send_now(b"small"), 5);
+        let large = vec![7u8; 64 * 1024 * 1024];
+        let written = connection.send_now(&large);
+        assert!(
+            written > 0 && written < large.len(),
+            "a write that does not fit is partial: {written} of {}",
+            large.len()
+        );
     }
 
     #[test]

@@ -159,6 +159,12 @@ async fn shoal_up_serves_iris_refuses_bad_input_stops_gracefully_and_recovers() 
             features(&[SAMPLES[0].0]).to_string().into_bytes(),
             404,
         ),
+        // An unknown model is the first thing wrong, whatever the body.
+        (
+            "/v2/models/no-such-model/infer",
+            b"not json at all".to_vec(),
+            404,
+        ),
         (infer, vec![b' '; 5 << 20], 413),
     ];
     for (path, body, status) in cases {

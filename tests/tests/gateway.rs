@@ -99,7 +99,11 @@ async fn a_standalone_gateway_follows_the_state_and_serves_through_agents() {
             413,
             "the limit is 1024",
         ),
-        (json!({"inputs": "features"}), 400, ""),
+        (
+            json!({"inputs": "features"}),
+            400,
+            "malformed infer request",
+        ),
     ];
     for (bad, status, says) in refused {
         let answer = http
