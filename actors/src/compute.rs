@@ -163,6 +163,7 @@ fn run_catching<T, F: FnOnce() -> T>(work: F) -> Result<T, ComputeError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::time::Duration;
 
     #[tokio::test]
     async fn work_runs_off_the_async_threads_and_returns_its_result() {
@@ -182,25 +183,43 @@ mod tests {
         assert_eq!(pool.run(|| 7).await, Ok(7));
     }
 
+    /// Jobs that record how many of them run at once.
+    #[derive(Clone, Default)]
+    struct Overlap {
+        running: Arc<std::sync::atomic::AtomicUsize>,
+        peak: Arc<std::sync::atomic::AtomicUsize>,
+    }
+
+    impl Overlap {
+        /// A job that holds its thread for `hold` and returns the thread's name.
+        fn job(
+            &self,
+            hold: std::time::Duration,
+        ) -> impl FnOnce() -> Option<String> + Send + 'static {
+            use std::sync::atomic::Ordering::SeqCst;
+            let overlap = self.clone();
+            move || {
+                let now = overlap.running.fetch_add(1, SeqCst) + 1;
+                overlap.peak.fetch_max(now, SeqCst);
+                std::thread::sleep(hold);
+                overlap.running.fetch_sub(1, SeqCst);
+                std::thread::current().name().map(str::to_string)
+            }
+        }
+
+        fn peak(&self) -> usize {
+            self.peak.load(std::sync::atomic::Ordering::SeqCst)
+        }
+    }
+
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn long_jobs_run_off_the_pool_no_more_than_one_per_thread_at_once() {
-        use std::sync::atomic::{AtomicUsize, Ordering};
         let pool = ComputePool::new(2).unwrap();
-        let running = Arc::new(AtomicUsize::new(0));
-        let peak = Arc::new(AtomicUsize::new(0));
+        let overlap = Overlap::default();
         let jobs: Vec<_> = (0..6)
             .map(|_| {
-                let (pool, running, peak) = (pool.clone(), running.clone(), peak.clone());
-                tokio::spawn(async move {
-                    pool.run_long(move || {
-                        let now = running.fetch_add(1, Ordering::SeqCst) + 1;
-                        peak.fetch_max(now, Ordering::SeqCst);
-                        std::thread::sleep(std::time::Duration::from_millis(20));
-                        running.fetch_sub(1, Ordering::SeqCst);
-                        std::thread::current().name().map(str::to_string)
-                    })
-                    .await
-                })
+                let (pool, job) = (pool.clone(), overlap.job(Duration::from_millis(50)));
+                tokio::spawn(async move { pool.run_long(job).await })
             })
             .collect();
         for job in jobs {
@@ -210,38 +229,25 @@ mod tests {
                 "a long job ran on a pool thread"
             );
         }
-        assert_eq!(peak.load(Ordering::SeqCst), 2);
+        assert_eq!(overlap.peak(), 2);
         let panicked = pool.run_long(|| -> u32 { panic!("load failed") }).await;
         assert_eq!(panicked, Err(ComputeError::Panicked("load failed".into())));
     }
 
     #[tokio::test]
     async fn no_more_than_the_configured_threads_run_at_once() {
-        use std::sync::atomic::{AtomicUsize, Ordering};
         let pool = ComputePool::new(3).unwrap();
-        let running = Arc::new(AtomicUsize::new(0));
-        let peak = Arc::new(AtomicUsize::new(0));
+        let overlap = Overlap::default();
         let jobs: Vec<_> = (0..12)
             .map(|_| {
-                let (pool, running, peak) = (pool.clone(), running.clone(), peak.clone());
-                tokio::spawn(async move {
-                    pool.run(move || {
-                        let now = running.fetch_add(1, Ordering::SeqCst) + 1;
-                        peak.fetch_max(now, Ordering::SeqCst);
-                        std::thread::sleep(std::time::Duration::from_millis(5));
-                        running.fetch_sub(1, Ordering::SeqCst);
-                    })
-                    .await
-                })
+                let (pool, job) = (pool.clone(), overlap.job(Duration::from_millis(5)));
+                tokio::spawn(async move { pool.run(job).await })
             })
             .collect();
         for job in jobs {
             job.await.unwrap().unwrap();
         }
-        assert!(peak.load(Ordering::SeqCst) <= 3);
-        assert!(
-            peak.load(Ordering::SeqCst) >= 2,
-            "the pool does run jobs in parallel"
-        );
+        assert!(overlap.peak() <= 3);
+        assert!(overlap.peak() >= 2, "the pool does run jobs in parallel");
     }
 }
