@@ -122,9 +122,7 @@ impl ComputePool {
         });
         answer.await.map_err(|_| ComputeError::ShutDown)?
     }
-}
 
-impl ComputePool {
     /// Runs a long job (fetching and loading a model) on a blocking thread, never on the
     /// pool's threads, where a thread waiting inside a kernel could pick it up and hold its
     /// batch for the whole load. At most one long job per pool thread runs at once, so

@@ -410,15 +410,22 @@ fn async_runtime() -> tokio::runtime::Runtime {
         .expect("the async runtime")
 }
 
-/// One load against the MLP through `shoal up` for `seconds`, and nothing else.
-async fn steady_load(root: &Path, mlp_dir: &Path, load: Steady, seconds: Duration) {
+/// The MLP's inference route.
+const MLP_INFER: &str = "/v2/models/mlp/infer";
+
+/// A `shoal up` in `root/up`, serving the MLP from `mlp_dir` (batches of up to 32).
+async fn up_serving_mlp(root: &Path, mlp_dir: &Path) -> Shoal {
     let mut up = Shoal::up(&root.join("up"), "up.stderr");
     up.wait_ready(&http_client(Duration::from_secs(30))).await;
     push_and_deploy(&up.url(""), root, mlp_dir, "mlp", "mlp", 32);
-    let url = up.url("/v2/models/mlp/infer");
-    let body = mlp_request();
-    wait_serving(&url, body).await;
-    let target = Target::post_json(&url, body);
+    wait_serving(&up.url(MLP_INFER), mlp_request()).await;
+    up
+}
+
+/// One load against the MLP through `shoal up` for `seconds`, and nothing else.
+async fn steady_load(root: &Path, mlp_dir: &Path, load: Steady, seconds: Duration) {
+    let mut up = up_serving_mlp(root, mlp_dir).await;
+    let target = Target::post_json(&up.url(MLP_INFER), mlp_request());
     closed_loop(&target, 8, Duration::from_millis(500)).await;
     let result = match load {
         Steady::Closed(concurrency) => closed_loop(&target, concurrency, seconds).await,
@@ -444,14 +451,10 @@ async fn served(
 ) {
     // shoal up: the embedded gateway, the MLP with batching on and off.
     let mut points = Vec::new();
-    let up_dir = root.join("up");
-    let mut up = Shoal::up(&up_dir, "up.stderr");
-    up.wait_ready(&http_client(Duration::from_secs(30))).await;
+    let mut up = up_serving_mlp(root, mlp_dir).await;
     let base = up.url("");
-    push_and_deploy(&base, root, mlp_dir, "mlp", "mlp", 32);
-    let url = up.url("/v2/models/mlp/infer");
+    let url = up.url(MLP_INFER);
     let body = mlp_request();
-    wait_serving(&url, body).await;
     points.extend(sweep("MLP via shoal up", &url, body, seconds, true).await);
     let up_c1 = points[0].result.quantile(0.5);
     let up_c64 = points[2].result.rate();
@@ -544,7 +547,7 @@ async fn served(
         let base = cluster.url(leader, "");
         tokio::time::sleep(Duration::from_secs(2)).await;
         push_and_deploy(&base, &cluster_root, mlp_dir, "mlp", "mlp", 32);
-        let url = cluster.url(leader, "/v2/models/mlp/infer");
+        let url = cluster.url(leader, MLP_INFER);
         wait_serving(&url, body).await;
         let cluster_points = sweep("MLP via a 3-server cluster", &url, body, seconds, true).await;
         let cluster_c64 = cluster_points[2].result.rate();

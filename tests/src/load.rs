@@ -409,6 +409,23 @@ mod tests {
         );
     }
 
+    /// The head's and the body's lengths of the request at the start of `buffer`, once
+    /// all of it is there.
+    fn whole_request(buffer: &[u8]) -> Option<(usize, usize)> {
+        let mut headers = [httparse::EMPTY_HEADER; HEADERS_MAX];
+        let mut request = httparse::Request::new(&mut headers);
+        let httparse::Status::Complete(head) = request.parse(buffer).ok()? else {
+            return None;
+        };
+        let length: usize = request
+            .headers
+            .iter()
+            .find(|header| header.name == "content-length")
+            .and_then(|header| std::str::from_utf8(header.value).ok()?.parse().ok())
+            .expect("the generator sends a content-length");
+        (buffer.len() >= head + length).then_some((head, length))
+    }
+
     /// Answers 200 to every whole request whose body is `expected`, 400 otherwise.
     async fn checking_server(expected: Vec<u8>) -> String {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -420,21 +437,7 @@ mod tests {
                 tokio::spawn(async move {
                     let mut buffer = Vec::new();
                     loop {
-                        let mut headers = [httparse::EMPTY_HEADER; HEADERS_MAX];
-                        let mut request = httparse::Request::new(&mut headers);
-                        let whole = match request.parse(&buffer) {
-                            Ok(httparse::Status::Complete(head)) => {
-                                let length: usize = request
-                                    .headers
-                                    .iter()
-                                    .find(|h| h.name == "content-length")
-                                    .and_then(|h| std::str::from_utf8(h.value).ok()?.parse().ok())
-                                    .unwrap();
-                                (buffer.len() >= head + length).then_some((head, length))
-                            }
-                            _ => None,
-                        };
-                        if let Some((head, length)) = whole {
+                        if let Some((head, length)) = whole_request(&buffer) {
                             let intact = buffer[head..head + length] == expected[..];
                             buffer.drain(..head + length);
                             let answer: &[u8] = if intact {

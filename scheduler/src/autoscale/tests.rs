@@ -159,8 +159,9 @@ fn a_downscale_waits_for_its_longer_window() {
     assert_eq!(changes, vec![(600 * SECOND_MS, 1)]);
 }
 
-#[test]
-fn an_idle_deployment_scales_to_zero_and_the_first_held_request_brings_it_back() {
+/// One replica (0 to 4) that scales to zero after 300 s idle, left idle from 0 to 400 s;
+/// the changes it made on the way.
+fn scaled_to_zero_by_400_s() -> (Autoscaler, ClusterState, Vec<(u64, u32)>) {
     let bounds = ReplicaPolicy {
         initial: 1,
         min: 0,
@@ -175,6 +176,12 @@ fn an_idle_deployment_scales_to_zero_and_the_first_held_request_brings_it_back()
         0,
         400 * SECOND_MS,
     );
+    (scaler, state, idle)
+}
+
+#[test]
+fn an_idle_deployment_scales_to_zero_and_the_first_held_request_brings_it_back() {
+    let (mut scaler, mut state, idle) = scaled_to_zero_by_400_s();
     assert_eq!(idle, vec![(300 * SECOND_MS, 0)]);
     let woken = run(
         &mut scaler,
@@ -191,15 +198,8 @@ fn an_idle_deployment_scales_to_zero_and_the_first_held_request_brings_it_back()
 /// the next round put the deployment straight back to zero.
 #[test]
 fn a_deployment_woken_from_zero_is_not_scaled_back_before_it_has_been_idle_again() {
-    let bounds = ReplicaPolicy {
-        initial: 1,
-        min: 0,
-        max: 4,
-    };
-    let mut state = autoscaled(bounds, policy(Some(300 * SECOND_MS)));
-    let mut scaler = Autoscaler::new();
+    let (mut scaler, mut state, _) = scaled_to_zero_by_400_s();
     let asleep = load(0, 0, Some(0));
-    run(&mut scaler, &mut state, &asleep, 0, 400 * SECOND_MS);
     let woken = run(
         &mut scaler,
         &mut state,
