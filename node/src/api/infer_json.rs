@@ -1,7 +1,7 @@
 //! A fast reader for the common shape of an OIP v2 infer request: numeric tensors
 //! (`FP32`, `INT64`) with `name`, `shape`, `datatype` and `data` and nothing else. Numbers
-//! go straight into the tensor's typed vector when `datatype` came first, as OIP clients
-//! write it.
+//! go straight into the tensor's typed vector in one pass; when `data` comes before
+//! `datatype` they are read as FP32, and read again in the rare case the type is INT64.
 //!
 //! Anything else gives `None` — BYTES tensors, strings with escapes, `parameters`, fields it
 //! does not know, a malformed body — and the caller reads the body with serde instead
@@ -60,10 +60,20 @@ pub fn read(body: &[u8]) -> Option<Request> {
     (cursor.at == body.len()).then_some(request)
 }
 
-/// A tensor's data as read: typed, or numbers waiting for the `datatype` key.
+/// The number of elements a shape holds; `None` past `usize`.
+fn element_count(shape: &[usize]) -> Option<usize> {
+    shape.iter().try_fold(1usize, |n, &d| n.checked_mul(d))
+}
+
+/// A tensor's data as read: typed, or read as FP32 before its `datatype` key came.
 enum Data {
     Typed(TensorData),
-    Numbers(Vec<Number>),
+    /// Read as FP32, the type nearly every such tensor turns out to have; `at` is where
+    /// its array starts, to read it again should the type be INT64.
+    AsFp32 {
+        values: Vec<f32>,
+        at: usize,
+    },
 }
 
 /// The element type the fast path reads a tensor's numbers into.
@@ -219,17 +229,20 @@ impl<'a> Cursor<'a> {
                     });
                 }
                 "data" if data.is_none() => {
-                    let expected = shape.as_ref().map_or(0, |shape: &Vec<usize>| {
-                        shape
-                            .iter()
-                            .try_fold(1usize, |n, &d| n.checked_mul(d))
-                            .unwrap_or(0)
-                    });
+                    let expected = shape.as_deref().and_then(element_count);
                     data = Some(match numeric {
                         Some(numeric) => Data::Typed(self.data(numeric, expected)?),
                         // Keys in alphabetical order (as serde_json's maps write them) put
-                        // `data` before `datatype`: keep the numbers as read until then.
-                        None => Data::Numbers(self.numbers(expected)?),
+                        // `data` before `datatype`. Reading the numbers as FP32 at once
+                        // costs one pass; keeping them untyped until the type came cost
+                        // a second pass and a vector four times the size.
+                        None => {
+                            let at = self.at;
+                            Data::AsFp32 {
+                                values: self.fp32(expected)?,
+                                at,
+                            }
+                        }
                     });
                 }
                 _ => return None,
@@ -238,14 +251,16 @@ impl<'a> Cursor<'a> {
                 break;
             }
         }
-        let data = match data? {
-            Data::Typed(data) => data,
-            Data::Numbers(numbers) => match numeric? {
-                Numeric::Fp32 => TensorData::Fp32(numbers.iter().map(|n| n.to_f32()).collect()),
-                Numeric::Int64 => {
-                    TensorData::Int64(numbers.iter().map(|n| n.to_i64()).collect::<Option<_>>()?)
-                }
-            },
+        let data = match (data?, numeric?) {
+            (Data::Typed(data), _) => data,
+            (Data::AsFp32 { values, .. }, Numeric::Fp32) => TensorData::Fp32(values),
+            (Data::AsFp32 { at, .. }, Numeric::Int64) => {
+                let mut again = Cursor {
+                    bytes: self.bytes,
+                    at,
+                };
+                again.data(Numeric::Int64, shape.as_deref().and_then(element_count))?
+            }
         };
         Some(NamedTensor {
             name: name?,
@@ -268,42 +283,36 @@ impl<'a> Cursor<'a> {
     /// A tensor's elements, flat or nested, into a typed vector. `expected` (the shape's
     /// element count, when the shape came first) only sizes the vector; the count is
     /// checked against the model's signature later, as on serde's path.
-    fn data(&mut self, numeric: Numeric, expected: usize) -> Option<TensorData> {
-        let capacity = self.capacity(expected);
-        match numeric {
-            Numeric::Fp32 => {
-                let mut values = Vec::with_capacity(capacity);
-                self.elements(0, &mut |number| {
-                    values.push(number.to_f32());
-                    Some(())
-                })?;
-                Some(TensorData::Fp32(values))
-            }
+    fn data(&mut self, numeric: Numeric, expected: Option<usize>) -> Option<TensorData> {
+        Some(match numeric {
+            Numeric::Fp32 => TensorData::Fp32(self.fp32(expected)?),
             Numeric::Int64 => {
-                let mut values = Vec::with_capacity(capacity);
+                let mut values = Vec::with_capacity(self.capacity(expected));
                 self.elements(0, &mut |number| {
                     values.push(number.to_i64()?);
                     Some(())
                 })?;
-                Some(TensorData::Int64(values))
+                TensorData::Int64(values)
             }
-        }
+        })
     }
 
-    /// A tensor's elements as numbers, for a tensor whose type is not known yet.
-    fn numbers(&mut self, expected: usize) -> Option<Vec<Number>> {
-        let mut numbers = Vec::with_capacity(self.capacity(expected));
+    /// A tensor's elements as FP32 (see [`Cursor::data`]).
+    fn fp32(&mut self, expected: Option<usize>) -> Option<Vec<f32>> {
+        let mut values = Vec::with_capacity(self.capacity(expected));
         self.elements(0, &mut |number| {
-            numbers.push(number);
+            values.push(number.to_f32());
             Some(())
         })?;
-        Some(numbers)
+        Some(values)
     }
 
-    /// Room for `expected` elements, bounded by what the body could hold: a shape never
-    /// sizes memory on its own.
-    fn capacity(&self, expected: usize) -> usize {
-        expected.min(self.bytes.len() / 2)
+    /// Room for a tensor's elements: the shape's count when the shape came first, else
+    /// none and the vector grows as it fills (counting ahead to the `]` took longer than
+    /// the growth). Bounded by what the body could hold: a shape never sizes memory on
+    /// its own.
+    fn capacity(&self, expected: Option<usize>) -> usize {
+        expected.unwrap_or(0).min(self.bytes.len() / 2)
     }
 
     /// Walks a (possibly nested) array of numbers, handing each to `push` in order.
