@@ -49,6 +49,10 @@ async fn tokens_gate_each_route_by_scope_and_survive_forwarding() {
     let missing = http.get(&models).send().await.unwrap();
     assert_eq!(missing.status(), 401);
     assert_eq!(missing.headers()["www-authenticate"], "Bearer");
+    assert!(
+        missing.headers().contains_key("x-request-id"),
+        "a refused request has a request id too"
+    );
     let body: serde_json::Value = missing.json().await.unwrap();
     assert_eq!(body["error"]["code"], "unauthorized");
     let wrong = http

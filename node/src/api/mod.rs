@@ -6,6 +6,7 @@ mod admin;
 mod blobs;
 pub mod cluster;
 pub mod deployments;
+mod edge;
 mod error;
 pub mod gateway;
 mod infer_json;
@@ -16,7 +17,7 @@ mod openai;
 
 pub(crate) use inference::{answer, binary_header, check_request, framing, set_framing};
 
-use crate::auth::{self, AuthError, Tokens};
+use crate::auth::Tokens;
 use crate::control::ControlPlane;
 use crate::store::ArtifactStore;
 use axum::Router;
@@ -196,84 +197,8 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/metrics", get(metrics))
         .fallback(not_found)
         .layer(DefaultBodyLimit::max(REQUEST_BODY_MAX_BYTES))
-        .layer(axum::middleware::from_fn_with_state(
-            state.clone(),
-            authenticate,
-        ))
-        .layer(axum::middleware::from_fn(request_id))
+        .layer(edge::EdgeLayer { app: state.clone() })
         .with_state(state)
-}
-
-/// The header that carries a request's id.
-pub const REQUEST_ID_HEADER: &str = "x-request-id";
-
-/// Gives every answer a request id: the caller's, when it sent one of sane length and
-/// characters, else a new one. Logs name it, so a caller's complaint can be found.
-async fn request_id(
-    mut request: axum::extract::Request,
-    next: axum::middleware::Next,
-) -> axum::response::Response {
-    /// Longest caller-chosen id kept; longer ones are replaced.
-    const REQUEST_ID_LENGTH_MAX: usize = 128;
-    static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
-    let given = request
-        .headers()
-        .get(REQUEST_ID_HEADER)
-        .and_then(|value| value.to_str().ok())
-        .filter(|id| {
-            !id.is_empty()
-                && id.len() <= REQUEST_ID_LENGTH_MAX
-                && id
-                    .chars()
-                    .all(|c| c.is_ascii_alphanumeric() || "-_.:".contains(c))
-        })
-        .map(str::to_string);
-    let id = given.unwrap_or_else(|| {
-        format!(
-            "{:x}-{:x}",
-            std::process::id(),
-            NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
-        )
-    });
-    let value = axum::http::HeaderValue::from_str(&id)
-        .unwrap_or_else(|_| axum::http::HeaderValue::from_static("invalid"));
-    request
-        .headers_mut()
-        .insert(REQUEST_ID_HEADER, value.clone());
-    let span = tracing::debug_span!("request", request_id = %id, path = %request.uri().path());
-    let mut response = tracing::Instrument::instrument(next.run(request), span).await;
-    response.headers_mut().insert(REQUEST_ID_HEADER, value);
-    response
-}
-
-/// Checks the bearer token before anything reads the body.
-async fn authenticate(
-    axum::extract::State(app): axum::extract::State<Arc<AppState>>,
-    request: axum::extract::Request,
-    next: axum::middleware::Next,
-) -> axum::response::Response {
-    use axum::response::IntoResponse;
-    let path = request.uri().path();
-    if let Some(needed) = auth::scope_for(path) {
-        let header = request
-            .headers()
-            .get(axum::http::header::AUTHORIZATION)
-            .and_then(|value| value.to_str().ok());
-        if let Err(error) = app.tokens.check(header, needed) {
-            let refusal = match error {
-                AuthError::Missing | AuthError::Invalid => {
-                    ApiError::Unauthorized(error.to_string())
-                }
-                AuthError::WrongScope(_) => ApiError::Forbidden(error.to_string()),
-            };
-            return if path.starts_with("/api/") {
-                AdminError(refusal).into_response()
-            } else {
-                refusal.into_response()
-            };
-        }
-    }
-    next.run(request).await
 }
 
 async fn metrics() -> impl axum::response::IntoResponse {
