@@ -293,6 +293,30 @@ fn pin_intra_op_threads() {
     unsafe { std::env::set_var("RAYON_NUM_THREADS", threads.to_string()) };
 }
 
+/// How many threads run the async runtime (HTTP, actors, raft) in a process that also runs
+/// models, unless the operator chose with `TOKIO_WORKER_THREADS`: half the cores, at least
+/// one. `None` leaves tokio's choice, one per core (or the operator's).
+///
+/// The compute pool has a thread per core and, serving a model on the CPU under load, keeps
+/// them all busy. A runtime with another thread per core oversubscribed the machine, and
+/// handing a request to its batch and the answer back became wake-ups across threads. On
+/// the 2-core benchmark host one runtime thread against two served the MLP at c=64 with
+/// 12% more requests per second, cut its c=1 p50 from 0.356 to 0.273 ms, and served
+/// MiniLM at c=32 with 8% more (`cargo bench -p shoal-tests --bench serving`, BENCHMARKS.md).
+/// A `shoal server` or `gateway` runs no model: HTTP may have every core there.
+fn async_worker_threads(command: &Commands) -> Option<usize> {
+    if std::env::var_os("TOKIO_WORKER_THREADS").is_some() {
+        return None;
+    }
+    match command {
+        Commands::Up { .. } | Commands::Agent { .. } => {
+            let cores = std::thread::available_parallelism().map_or(1, usize::from);
+            Some((cores / 2).max(1))
+        }
+        _ => None,
+    }
+}
+
 /// How long blocking work left at exit may run before the process ends without it: a
 /// stop must not wait out a large model's load.
 const BLOCKING_WORK_AT_EXIT: std::time::Duration = std::time::Duration::from_secs(5);
@@ -304,10 +328,11 @@ fn main() -> ExitCode {
         LogFormatArg::Pretty => LogFormat::Pretty,
         LogFormatArg::Json => LogFormat::Json,
     };
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
+    let mut runtime = tokio::runtime::Builder::new_multi_thread();
+    if let Some(threads) = async_worker_threads(&args.command) {
+        runtime.worker_threads(threads);
+    }
+    let runtime = match runtime.enable_all().build() {
         Ok(runtime) => runtime,
         Err(error) => {
             eprintln!("shoal: cannot start the async runtime: {error}");
