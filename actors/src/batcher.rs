@@ -3,9 +3,8 @@
 //! comes first; the forward pass runs on a blocking thread; each caller gets its rows back.
 //!
 //! The queue is bounded: when it is full a request is refused as `Overloaded` at once.
-//! At most two batches of a replica are with the compute pool at once (one running, the
-//! next waiting), so the model never idles between batches; requests arriving meanwhile
-//! form the batch after.
+//! One batch of a replica is with the compute pool at a time; requests arriving meanwhile
+//! form the batch after, so batches grow with the load.
 //! Forward passes run on the host's [`ComputePool`], never on an async worker thread.
 //!
 //! Draining stops admission (new requests get `Draining`), answers everything already
@@ -20,6 +19,7 @@ use crate::tensor::{
     InputError, NamedTensor, TensorData, concat_rows, split_rows, validate_inputs,
 };
 use shoal_scheduler::Signature;
+use std::collections::VecDeque;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::{mpsc, oneshot, watch};
@@ -345,10 +345,16 @@ async fn next_job(
     }
 }
 
-/// Batches handed to the compute pool and not yet answered. Two keep the model busy: the
-/// next batch waits in the pool while one runs, so no forward pass waits on a round trip
-/// through the async runtime; more would only add latency.
-const BATCHES_IN_FLIGHT_MAX: usize = 2;
+/// Batches of a replica in a forward pass at once. One: its kernels already split across
+/// every thread of the pool, and while it runs the next batch fills. With two, the second
+/// started as soon as one request was queued and the two shared the pool: on the 2-core
+/// bench host batches of the MLP at c=64 averaged 12 rows, and one at a time served 13%
+/// more requests per second (14% at c=8), MiniLM 11% more at c=32 and 19% at c=8, with
+/// lower p50s (`cargo bench -p shoal-tests --bench serving`, BENCHMARKS.md). So that the
+/// pool does not wait between passes, a batch's task reports its pass over before it
+/// answers its callers, and the batcher hands over the next batch first. Not measured on a
+/// GPU, where a second pass in flight might hide the host's share of one.
+const BATCHES_IN_FLIGHT_MAX: usize = 1;
 
 /// The metrics one batcher updates.
 struct BatchMetrics {
@@ -372,27 +378,34 @@ async fn run(
         compute_seconds: metrics.compute_duration_seconds.with_label_values(&labels),
     });
     let mut carried: Option<Job> = None;
-    let mut in_flight: std::collections::VecDeque<JoinHandle<Result<(), BatcherCrashed>>> =
-        std::collections::VecDeque::new();
+    // Batches whose forward pass is not over, oldest first.
+    let mut computing: VecDeque<oneshot::Receiver<Result<(), BatcherCrashed>>> = VecDeque::new();
+    // Every batch's task, until it has answered its callers.
+    let mut answering: VecDeque<JoinHandle<()>> = VecDeque::new();
     loop {
-        if in_flight.len() >= BATCHES_IN_FLIGHT_MAX
-            && let Some(oldest) = in_flight.pop_front()
-        {
-            finished_batch(oldest.await, &mut queue, &mut carried)?;
+        while answering.front().is_some_and(JoinHandle::is_finished) {
+            if let Some(task) = answering.pop_front() {
+                finished_batch(answered(task.await), &mut queue, &mut carried)?;
+            }
         }
-        // Wait for the next request, noticing meanwhile when a batch in flight ends.
+        if computing.len() >= BATCHES_IN_FLIGHT_MAX
+            && let Some(oldest) = computing.pop_front()
+        {
+            finished_batch(computed(oldest.await), &mut queue, &mut carried)?;
+        }
+        // Wait for the next request, noticing meanwhile when a forward pass ends.
         let first = {
             let oldest = async {
-                match in_flight.front_mut() {
-                    Some(handle) => handle.await,
+                match computing.front_mut() {
+                    Some(computed) => computed.await,
                     None => std::future::pending().await,
                 }
             };
             tokio::select! {
                 job = next_job(&mut carried, &mut queue, &mut draining) => Some(job),
                 ended = oldest => {
-                    in_flight.pop_front();
-                    finished_batch(ended, &mut queue, &mut carried)?;
+                    computing.pop_front();
+                    finished_batch(computed(ended), &mut queue, &mut carried)?;
                     None
                 }
             }
@@ -453,28 +466,54 @@ async fn run(
         if live.is_empty() {
             continue;
         }
-        in_flight.push_back(tokio::spawn(run_batch(
+        let (done, computed) = oneshot::channel();
+        computing.push_back(computed);
+        answering.push_back(tokio::spawn(run_batch(
             Arc::clone(&model),
             live,
             compute.clone(),
             Arc::clone(&metrics),
             config.model.clone(),
+            done,
         )));
     }
-    while let Some(batch) = in_flight.pop_front() {
-        finished_batch(batch.await, &mut queue, &mut carried)?;
+    while let Some(oldest) = computing.pop_front() {
+        finished_batch(computed(oldest.await), &mut queue, &mut carried)?;
+    }
+    while let Some(task) = answering.pop_front() {
+        finished_batch(answered(task.await), &mut queue, &mut carried)?;
     }
     Ok(())
 }
 
-/// Runs one batch on the compute pool and answers its callers.
+/// A batch's forward pass as its task reported it; a task that ended without reporting
+/// (it panicked before the pass was over) counts as a crash.
+fn computed(
+    report: Result<Result<(), BatcherCrashed>, oneshot::error::RecvError>,
+) -> Result<(), BatcherCrashed> {
+    report.unwrap_or_else(|_| {
+        Err(BatcherCrashed(
+            "a batch's task ended before its forward pass did".into(),
+        ))
+    })
+}
+
+/// How a batch's task ended once it answered its callers: a panic there is a crash too.
+fn answered(ended: Result<(), tokio::task::JoinError>) -> Result<(), BatcherCrashed> {
+    ended.map_err(|join_error| BatcherCrashed(join_error.to_string()))
+}
+
+/// Runs one batch on the compute pool, reports through `done` that the pass is over (so
+/// the batcher hands the pool the next batch before this one's callers are answered), and
+/// answers its callers.
 async fn run_batch(
     model: Arc<dyn ModelRuntime>,
     live: Vec<Job>,
     compute: ComputePool,
     metrics: Arc<BatchMetrics>,
     model_name: String,
-) -> Result<(), BatcherCrashed> {
+    done: oneshot::Sender<Result<(), BatcherCrashed>>,
+) {
     let rows_per_job: Vec<usize> = live.iter().map(|job| job.rows).collect();
     let inputs = {
         let slices: Vec<&[NamedTensor]> = live.iter().map(|job| job.inputs.as_slice()).collect();
@@ -488,12 +527,18 @@ async fn run_batch(
     metrics
         .compute_seconds
         .observe(started.elapsed().as_secs_f64());
+    let _ = done.send(match &result {
+        Ok(_) => Ok(()),
+        Err(compute_error) => Err(BatcherCrashed(compute_error.to_string())),
+    });
+    // With one runtime thread the batcher runs only when this task yields: let it start
+    // the next pass first, so the pool does not wait on these answers.
+    tokio::task::yield_now().await;
     match result {
         Ok(Ok(outputs)) => {
             for (job, outputs) in live.into_iter().zip(split_rows(&outputs, &rows_per_job)) {
                 let _ = job.reply.send(Ok(outputs));
             }
-            Ok(())
         }
         Ok(Err(error)) => {
             let message = error.to_string();
@@ -501,7 +546,6 @@ async fn run_batch(
             for job in live {
                 let _ = job.reply.send(Err(InferError::Model(message.clone())));
             }
-            Ok(())
         }
         Err(compute_error) => {
             let message = compute_error.to_string();
@@ -509,7 +553,6 @@ async fn run_batch(
             for job in live {
                 let _ = job.reply.send(Err(InferError::Model(message.clone())));
             }
-            Err(BatcherCrashed(message))
         }
     }
 }
@@ -518,14 +561,12 @@ async fn run_batch(
 /// refuse everything queued and end the batcher, so the replica fails and its supervisor
 /// reloads it.
 fn finished_batch(
-    ended: Result<Result<(), BatcherCrashed>, tokio::task::JoinError>,
+    ended: Result<(), BatcherCrashed>,
     queue: &mut mpsc::Receiver<Job>,
     carried: &mut Option<Job>,
 ) -> Result<(), BatcherCrashed> {
-    let crash = match ended {
-        Ok(Ok(())) => return Ok(()),
-        Ok(Err(crash)) => crash,
-        Err(join_error) => BatcherCrashed(join_error.to_string()),
+    let Err(crash) = ended else {
+        return Ok(());
     };
     queue.close();
     while let Ok(job) = queue.try_recv() {

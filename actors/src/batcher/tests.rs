@@ -315,3 +315,92 @@ async fn a_panicking_model_fails_its_batch_and_ends_the_batcher_as_crashed() {
         Err(InferError::Stopped)
     );
 }
+
+/// A model whose passes wait at a gate until the test opens it, counting how many run at
+/// once.
+struct Gated {
+    signature: Signature,
+    batches: Mutex<Vec<usize>>,
+    /// (passes running now, most ever at once, gate open)
+    state: Mutex<(usize, usize, bool)>,
+    changed: std::sync::Condvar,
+}
+
+impl Gated {
+    fn wait_until(&self, ready: impl Fn(&(usize, usize, bool)) -> bool) {
+        let state = self.state.lock().unwrap();
+        drop(
+            self.changed
+                .wait_while(state, |state| !ready(state))
+                .unwrap(),
+        );
+    }
+
+    fn open(&self) {
+        self.state.lock().unwrap().2 = true;
+        self.changed.notify_all();
+    }
+}
+
+impl ModelRuntime for Gated {
+    fn signature(&self) -> &Signature {
+        &self.signature
+    }
+
+    fn forward(&self, inputs: &[NamedTensor]) -> Result<Vec<NamedTensor>, RuntimeError> {
+        self.batches.lock().unwrap().push(inputs[0].rows());
+        {
+            let mut state = self.state.lock().unwrap();
+            state.0 += 1;
+            state.1 = state.1.max(state.0);
+            self.changed.notify_all();
+            state = self.changed.wait_while(state, |state| !state.2).unwrap();
+            state.0 -= 1;
+        }
+        Ok(vec![NamedTensor {
+            name: "y".into(),
+            shape: inputs[0].shape.clone(),
+            data: inputs[0].data.clone(),
+        }])
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_batch_runs_at_a_time_and_requests_arriving_meanwhile_form_the_next() {
+    let model = Arc::new(Gated {
+        signature: Doubler::new().signature.clone(),
+        batches: Mutex::new(Vec::new()),
+        state: Mutex::new((0, 0, false)),
+        changed: std::sync::Condvar::new(),
+    });
+    // A pool with a free thread, so a second batch could start if the batcher let it.
+    let (handle, _task) = spawn(
+        model.clone(),
+        config(8, Duration::ZERO, 64),
+        ComputePool::new(2).unwrap(),
+        Activity::new(),
+    );
+    let first = tokio::spawn({
+        let handle = handle.clone();
+        async move { handle.infer(x(&[1.0]), far()).await }
+    });
+    let gate = model.clone();
+    tokio::task::spawn_blocking(move || gate.wait_until(|state| state.0 == 1))
+        .await
+        .unwrap();
+    let later: Vec<_> = (0..3)
+        .map(|i| {
+            let handle = handle.clone();
+            tokio::spawn(async move { handle.infer(x(&[i as f32]), far()).await })
+        })
+        .collect();
+    // Time for a second batch to start, were one allowed to.
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    model.open();
+    first.await.unwrap().unwrap();
+    for call in later {
+        call.await.unwrap().unwrap();
+    }
+    assert_eq!(*model.batches.lock().unwrap(), vec![1, 3]);
+    assert_eq!(model.state.lock().unwrap().1, 1, "passes ran one at a time");
+}
