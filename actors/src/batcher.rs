@@ -3,8 +3,8 @@
 //! comes first; the forward pass runs on a blocking thread; each caller gets its rows back.
 //!
 //! The queue is bounded: when it is full a request is refused as `Overloaded` at once.
-//! One batch of a replica is with the compute pool at a time; requests arriving meanwhile
-//! form the batch after, so batches grow with the load.
+//! While a batch's forward pass runs, requests arriving meanwhile form the next batch,
+//! which starts when the pass ends, or beside it once full: batches grow with the load.
 //! Forward passes run on the host's [`ComputePool`], never on an async worker thread.
 //!
 //! Draining stops admission (new requests get `Draining`), answers everything already
@@ -345,16 +345,19 @@ async fn next_job(
     }
 }
 
-/// Batches of a replica in a forward pass at once. One: its kernels already split across
-/// every thread of the pool, and while it runs the next batch fills. With two, the second
-/// started as soon as one request was queued and the two shared the pool: on the 2-core
-/// bench host batches of the MLP at c=64 averaged 12 rows, and one at a time served 13%
-/// more requests per second (14% at c=8), MiniLM 11% more at c=32 and 19% at c=8, with
-/// lower p50s (`cargo bench -p shoal-tests --bench serving`, BENCHMARKS.md). So that the
-/// pool does not wait between passes, a batch's task reports its pass over before it
-/// answers its callers, and the batcher hands over the next batch first. Not measured on a
-/// GPU, where a second pass in flight might hide the host's share of one.
-const BATCHES_IN_FLIGHT_MAX: usize = 1;
+/// Batches of a replica in a forward pass at once; the second only when it is full.
+///
+/// While a pass runs the next batch fills, and starts beside it only once it holds
+/// `batch_rows_max` rows: a pass's kernels already split across every thread of the pool,
+/// and a batch started as soon as one request was queued shared the pool with the running
+/// one. On the 2-core bench host that kept batches of the MLP at c=64 at 12 rows; filling
+/// them served 13% more requests per second (14% at c=8), MiniLM 11% more at c=32 and
+/// 19% at c=8, with lower p50s (`cargo bench -p shoal-tests --bench serving`,
+/// BENCHMARKS.md). A full batch (always, with `batch_rows_max` 1) gains nothing by waiting,
+/// so two passes still run at once under a load that fills them. So that the pool does not
+/// wait between passes, a batch's task reports its pass over before it answers its
+/// callers, and the batcher hands over the next batch first. Not measured on a GPU.
+const BATCHES_IN_FLIGHT_MAX: usize = 2;
 
 /// The metrics one batcher updates.
 struct BatchMetrics {
@@ -423,6 +426,24 @@ async fn run(
             // waits, and no longer than the first request's delay allows.
             let next = match queue.try_recv() {
                 Ok(job) => Some(job),
+                // A pass is running: the batch fills until it ends, and starts beside it
+                // only if it fills up.
+                Err(mpsc::error::TryRecvError::Empty) if !computing.is_empty() => {
+                    let oldest = async {
+                        match computing.front_mut() {
+                            Some(computed) => computed.await,
+                            None => std::future::pending().await,
+                        }
+                    };
+                    tokio::select! {
+                        job = queue.recv() => job,
+                        ended = oldest => {
+                            computing.pop_front();
+                            finished_batch(computed(ended), &mut queue, &mut carried)?;
+                            continue;
+                        }
+                    }
+                }
                 // The delay is spent (or zero): close now. Arming a timer anyway would
                 // cost a tick of tokio's millisecond timer wheel.
                 Err(mpsc::error::TryRecvError::Empty) if Instant::now() >= close_at => None,

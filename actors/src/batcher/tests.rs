@@ -365,18 +365,45 @@ impl ModelRuntime for Gated {
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn one_batch_runs_at_a_time_and_requests_arriving_meanwhile_form_the_next() {
-    let model = Arc::new(Gated {
-        signature: Doubler::new().signature.clone(),
-        batches: Mutex::new(Vec::new()),
-        state: Mutex::new((0, 0, false)),
-        changed: std::sync::Condvar::new(),
-    });
-    // A pool with a free thread, so a second batch could start if the batcher let it.
+impl Gated {
+    fn new() -> Arc<Gated> {
+        Arc::new(Gated {
+            signature: Doubler::new().signature.clone(),
+            batches: Mutex::new(Vec::new()),
+            state: Mutex::new((0, 0, false)),
+            changed: std::sync::Condvar::new(),
+        })
+    }
+
+    /// Waits (off the runtime) until `running` passes are at the gate. If they never are,
+    /// opens the gate, so no thread stays blocked, and fails.
+    async fn running(self: &Arc<Gated>, running: usize) {
+        let gate = Arc::clone(self);
+        let waited = tokio::task::spawn_blocking(move || {
+            gate.wait_until(|state| state.0 == running || state.2)
+        });
+        if tokio::time::timeout(Duration::from_secs(10), waited)
+            .await
+            .is_err()
+        {
+            self.open();
+            panic!("{running} passes never ran at once");
+        }
+    }
+}
+
+/// A batcher of `batch_rows_max` rows on a pool with a thread to spare, so a second pass
+/// could run beside the first if the batcher let it, and a first pass at the gate.
+async fn a_pass_at_the_gate(
+    model: &Arc<Gated>,
+    batch_rows_max: usize,
+) -> (
+    BatcherHandle,
+    tokio::task::JoinHandle<Result<Vec<NamedTensor>, InferError>>,
+) {
     let (handle, _task) = spawn(
         model.clone(),
-        config(8, Duration::ZERO, 64),
+        config(batch_rows_max, Duration::ZERO, 64),
         ComputePool::new(2).unwrap(),
         Activity::new(),
     );
@@ -384,10 +411,14 @@ async fn one_batch_runs_at_a_time_and_requests_arriving_meanwhile_form_the_next(
         let handle = handle.clone();
         async move { handle.infer(x(&[1.0]), far()).await }
     });
-    let gate = model.clone();
-    tokio::task::spawn_blocking(move || gate.wait_until(|state| state.0 == 1))
-        .await
-        .unwrap();
+    model.running(1).await;
+    (handle, first)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_batch_that_is_not_full_waits_for_the_running_pass_and_fills_meanwhile() {
+    let model = Gated::new();
+    let (handle, first) = a_pass_at_the_gate(&model, 8).await;
     let later: Vec<_> = (0..3)
         .map(|i| {
             let handle = handle.clone();
@@ -403,4 +434,16 @@ async fn one_batch_runs_at_a_time_and_requests_arriving_meanwhile_form_the_next(
     }
     assert_eq!(*model.batches.lock().unwrap(), vec![1, 3]);
     assert_eq!(model.state.lock().unwrap().1, 1, "passes ran one at a time");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_batch_starts_beside_the_running_pass() {
+    let model = Gated::new();
+    let (handle, first) = a_pass_at_the_gate(&model, 2).await;
+    let full = tokio::spawn(async move { handle.infer(x(&[2.0, 3.0]), far()).await });
+    model.running(2).await;
+    model.open();
+    first.await.unwrap().unwrap();
+    full.await.unwrap().unwrap();
+    assert_eq!(*model.batches.lock().unwrap(), vec![1, 2]);
 }
