@@ -1,6 +1,7 @@
 //! Dynamic batching: requests queue in front of one model; a batch closes when it holds
 //! `batch_rows_max` rows or its first request has waited `queue_delay_max`, whichever
-//! comes first; the forward pass runs on a blocking thread; each caller gets its rows back.
+//! comes first; joining its rows, the forward pass and splitting the answers run on the
+//! compute pool; each caller gets its rows back.
 //!
 //! The queue is bounded: when it is full a request is refused as `Overloaded` at once.
 //! While a batch's forward pass runs, requests arriving meanwhile form the next batch,
@@ -14,7 +15,7 @@
 use crate::compute::ComputePool;
 use crate::device::Activity;
 use crate::generate::{GenerateError, GenerationHandle, GenerationRequest};
-use crate::runtime::ModelRuntime;
+use crate::runtime::{ModelRuntime, RuntimeError};
 use crate::tensor::{
     InputError, NamedTensor, TensorData, concat_rows, split_rows, validate_inputs,
 };
@@ -529,22 +530,30 @@ fn answered(ended: Result<(), tokio::task::JoinError>) -> Result<(), BatcherCras
 /// answers its callers.
 async fn run_batch(
     model: Arc<dyn ModelRuntime>,
-    live: Vec<Job>,
+    mut live: Vec<Job>,
     compute: ComputePool,
     metrics: Arc<BatchMetrics>,
     model_name: String,
     done: oneshot::Sender<Result<(), BatcherCrashed>>,
 ) {
     let rows_per_job: Vec<usize> = live.iter().map(|job| job.rows).collect();
-    let inputs = {
-        let slices: Vec<&[NamedTensor]> = live.iter().map(|job| job.inputs.as_slice()).collect();
-        concat_rows(&slices)
-    };
+    let requests: Vec<Vec<NamedTensor>> = live
+        .iter_mut()
+        .map(|job| std::mem::take(&mut job.inputs))
+        .collect();
     metrics
         .batch_rows
         .observe(rows_per_job.iter().sum::<usize>() as f64);
     let started = std::time::Instant::now();
-    let result = compute.run(move || model.forward(&inputs)).await;
+    // Joining the rows and splitting the answers run on the pool too: the runtime thread
+    // is the busier one.
+    let result = compute
+        .run(move || {
+            let slices: Vec<&[NamedTensor]> = requests.iter().map(Vec::as_slice).collect();
+            let outputs = model.forward(&concat_rows(&slices))?;
+            Ok::<_, RuntimeError>(split_rows(&outputs, &rows_per_job))
+        })
+        .await;
     metrics
         .compute_seconds
         .observe(started.elapsed().as_secs_f64());
@@ -557,7 +566,7 @@ async fn run_batch(
     tokio::task::yield_now().await;
     match result {
         Ok(Ok(outputs)) => {
-            for (job, outputs) in live.into_iter().zip(split_rows(&outputs, &rows_per_job)) {
+            for (job, outputs) in live.into_iter().zip(outputs) {
                 let _ = job.reply.send(Ok(outputs));
             }
         }
