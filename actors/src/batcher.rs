@@ -392,26 +392,15 @@ async fn run(
                 finished_batch(answered(task.await), &mut queue, &mut carried)?;
             }
         }
-        if computing.len() >= BATCHES_IN_FLIGHT_MAX
-            && let Some(oldest) = computing.pop_front()
-        {
-            finished_batch(computed(oldest.await), &mut queue, &mut carried)?;
+        if computing.len() >= BATCHES_IN_FLIGHT_MAX {
+            finished_batch(pass_over(&mut computing).await, &mut queue, &mut carried)?;
         }
         // Wait for the next request, noticing meanwhile when a forward pass ends.
-        let first = {
-            let oldest = async {
-                match computing.front_mut() {
-                    Some(computed) => computed.await,
-                    None => std::future::pending().await,
-                }
-            };
-            tokio::select! {
-                job = next_job(&mut carried, &mut queue, &mut draining) => Some(job),
-                ended = oldest => {
-                    computing.pop_front();
-                    finished_batch(computed(ended), &mut queue, &mut carried)?;
-                    None
-                }
+        let first = tokio::select! {
+            job = next_job(&mut carried, &mut queue, &mut draining) => Some(job),
+            ended = pass_over(&mut computing) => {
+                finished_batch(ended, &mut queue, &mut carried)?;
+                None
             }
         };
         let first = match first {
@@ -430,17 +419,10 @@ async fn run(
                 // A pass is running: the batch fills until it ends, and starts beside it
                 // only if it fills up.
                 Err(mpsc::error::TryRecvError::Empty) if !computing.is_empty() => {
-                    let oldest = async {
-                        match computing.front_mut() {
-                            Some(computed) => computed.await,
-                            None => std::future::pending().await,
-                        }
-                    };
                     tokio::select! {
                         job = queue.recv() => job,
-                        ended = oldest => {
-                            computing.pop_front();
-                            finished_batch(computed(ended), &mut queue, &mut carried)?;
+                        ended = pass_over(&mut computing) => {
+                            finished_batch(ended, &mut queue, &mut carried)?;
                             continue;
                         }
                     }
@@ -499,8 +481,8 @@ async fn run(
             done,
         )));
     }
-    while let Some(oldest) = computing.pop_front() {
-        finished_batch(computed(oldest.await), &mut queue, &mut carried)?;
+    while !computing.is_empty() {
+        finished_batch(pass_over(&mut computing).await, &mut queue, &mut carried)?;
     }
     while let Some(task) = answering.pop_front() {
         finished_batch(answered(task.await), &mut queue, &mut carried)?;
@@ -508,11 +490,17 @@ async fn run(
     Ok(())
 }
 
-/// A batch's forward pass as its task reported it; a task that ended without reporting
-/// (it panicked before the pass was over) counts as a crash.
-fn computed(
-    report: Result<Result<(), BatcherCrashed>, oneshot::error::RecvError>,
+/// Waits for the oldest running pass to end, takes it off `computing` and gives its
+/// outcome; a task that ended without reporting (cancelled before the pass was over)
+/// counts as a crash. Never ends while no pass runs.
+async fn pass_over(
+    computing: &mut VecDeque<oneshot::Receiver<Result<(), BatcherCrashed>>>,
 ) -> Result<(), BatcherCrashed> {
+    let Some(oldest) = computing.front_mut() else {
+        return std::future::pending().await;
+    };
+    let report = oldest.await;
+    computing.pop_front();
     report.unwrap_or_else(|_| {
         Err(BatcherCrashed(
             "a batch's task ended before its forward pass did".into(),
