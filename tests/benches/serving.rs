@@ -21,7 +21,7 @@ use serde_json::json;
 use shoal_actors::fixtures::{minilm_files, mlp_classifier};
 use shoal_actors::runtime::{LoadedModel, ModelRuntime, TEXT, load};
 use shoal_actors::tensor::{NamedTensor, TensorData};
-use shoal_tests::load::{LoadResult, Target, closed_loop, open_loop, quantile};
+use shoal_tests::load::{CoreClock, Floor, LoadResult, Target, closed_loop, open_loop, quantile};
 use shoal_tests::{ServerCluster, Shoal, http_client, run_shoal, write_model_dir};
 use std::path::Path;
 use std::time::{Duration, Instant};
@@ -65,19 +65,24 @@ fn ms(duration: Duration) -> f64 {
     duration.as_secs_f64() * 1_000.0
 }
 
+fn us(duration: Duration) -> f64 {
+    duration.as_secs_f64() * 1_000_000.0
+}
+
 fn print_points(points: &[Point]) {
     println!(
-        "{:<52} {:>10} {:>9} {:>9} {:>7}",
-        "measurement", "req/s", "p50 ms", "p99 ms", "errors"
+        "{:<58} {:>10} {:>9} {:>9} {:>7} {:>10}",
+        "measurement", "req/s", "p50 ms", "p99 ms", "errors", "core µs/req"
     );
     for point in points {
         println!(
-            "{:<52} {:>10.0} {:>9.3} {:>9.3} {:>7}",
+            "{:<58} {:>10.0} {:>9.3} {:>9.3} {:>7} {:>10.1}",
             point.name,
             point.result.rate(),
             ms(point.result.quantile(0.5)),
             ms(point.result.quantile(0.99)),
-            point.result.errors
+            point.result.errors,
+            us(point.result.core_time_per_request()),
         );
     }
 }
@@ -90,6 +95,7 @@ fn point_json(point: &Point) -> serde_json::Value {
         "p99_ms": ms(point.result.quantile(0.99)),
         "ok": point.result.ok,
         "errors": point.result.errors,
+        "core_us_per_request": us(point.result.core_time_per_request()),
     })
 }
 
@@ -152,21 +158,37 @@ fn wake_lateness() -> (Duration, Duration) {
     (quantile(&late, 0.5), quantile(&late, 0.99))
 }
 
-/// Rows per second of `rows`-row forward passes, and the median time of one pass.
-fn raw_forward(model: &dyn ModelRuntime, inputs: &[NamedTensor], rows: usize) -> (f64, Duration) {
+/// What a run of same-sized forward passes measured.
+#[derive(Clone, Copy, Debug)]
+struct Passes {
+    rows_per_second: f64,
+    /// The median time of one pass.
+    median: Duration,
+    /// The machine's busy core time per row, all cores added up.
+    core_time_per_row: Duration,
+}
+
+/// Two seconds of `rows`-row forward passes.
+fn raw_forward(model: &dyn ModelRuntime, inputs: &[NamedTensor], rows: usize) -> Passes {
     for _ in 0..20 {
         model.forward(inputs).expect("forward");
     }
     let mut times = Vec::new();
+    let cores = CoreClock::now();
     let started = Instant::now();
     while started.elapsed() < Duration::from_secs(2) {
         let pass = Instant::now();
         model.forward(inputs).expect("forward");
         times.push(pass.elapsed());
     }
-    let rate = (times.len() * rows) as f64 / started.elapsed().as_secs_f64();
+    let elapsed = started.elapsed();
+    let total_rows = (times.len() * rows) as f64;
     times.sort_unstable();
-    (rate, quantile(&times, 0.5))
+    Passes {
+        rows_per_second: total_rows / elapsed.as_secs_f64(),
+        median: quantile(&times, 0.5),
+        core_time_per_row: cores.busy().div_f64(total_rows),
+    }
 }
 
 /// The physical limit of one model: the best of candle's forward passes in this process
@@ -178,8 +200,9 @@ struct Raw {
     /// Rows per second at batch 1, and the median time of one batch-1 pass.
     batch1_rate: f64,
     batch1_time: Duration,
-    /// Rows per second at batch 32.
+    /// Rows per second at batch 32, and the core time per row of that fastest way.
     batch32_rate: f64,
+    batch32_core_time_per_row: Duration,
 }
 
 /// Measures `model` at batch 1 and 32 with each intra-op thread count.
@@ -198,6 +221,7 @@ fn raw_limit(
         batch1_rate: 0.0,
         batch1_time: Duration::MAX,
         batch32_rate: 0.0,
+        batch32_core_time_per_row: Duration::ZERO,
     };
     let (one, thirty_two) = (inputs(1), inputs(32));
     // The caller's thread, then (as Shoal's compute pool does) a thread of a rayon pool
@@ -213,7 +237,7 @@ fn raw_limit(
                 raw_forward(model, &thirty_two, 32),
             )
         };
-        let ((rate_1, time_1), (rate_32, _)) = if on_pool {
+        let (batch1, batch32) = if on_pool {
             rayon::ThreadPoolBuilder::new()
                 .num_threads(threads)
                 .build()
@@ -228,13 +252,19 @@ fn raw_limit(
             "on the caller"
         };
         println!(
-            "{label} raw forward, {threads} intra-op thread(s) {place}: batch 1 {rate_1:.0} \
-             rows/s ({:.3} ms median), batch 32 {rate_32:.0} rows/s",
-            ms(time_1)
+            "{label} raw forward, {threads} intra-op thread(s) {place}: batch 1 {:.0} \
+             rows/s ({:.3} ms median), batch 32 {:.0} rows/s ({:.1} core µs per row)",
+            batch1.rows_per_second,
+            ms(batch1.median),
+            batch32.rows_per_second,
+            us(batch32.core_time_per_row),
         );
-        best.batch1_rate = best.batch1_rate.max(rate_1);
-        best.batch1_time = best.batch1_time.min(time_1);
-        best.batch32_rate = best.batch32_rate.max(rate_32);
+        best.batch1_rate = best.batch1_rate.max(batch1.rows_per_second);
+        best.batch1_time = best.batch1_time.min(batch1.median);
+        if batch32.rows_per_second > best.batch32_rate {
+            best.batch32_rate = batch32.rows_per_second;
+            best.batch32_core_time_per_row = batch32.core_time_per_row;
+        }
     }
     // SAFETY: as above; the served processes get Shoal's own default.
     unsafe { std::env::remove_var("RAYON_NUM_THREADS") };
@@ -439,6 +469,107 @@ async fn steady_load(root: &Path, mlp_dir: &Path, load: Steady, seconds: Duratio
     let _ = up.wait_exit(Duration::from_secs(30));
 }
 
+/// The shape of Shoal's answer to one of the bench's MLP requests, head and body.
+fn mlp_answer() -> Vec<u8> {
+    let logits: Vec<f32> = (0..MLP_LAYERS[3]).map(|i| i as f32 * 0.123_456_7).collect();
+    let body = json!({"model_name": "mlp", "model_version": "1",
+        "id": "0b3f6c1e9a7d4f2c8e5b1a6d3c9f7e2a",
+        "outputs": [{"name": "logits", "shape": [1, MLP_LAYERS[3]], "datatype": "FP32",
+            "data": logits}]})
+    .to_string();
+    let head = format!(
+        "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\n\
+         x-request-id: 0b3f6c1e9a7d4f2c8e5b1a6d3c9f7e2a\r\ncontent-length: {}\r\n\
+         date: Sun, 29 Nov 2026 14:00:00 GMT\r\n\r\n",
+        body.len()
+    );
+    [head.into_bytes(), body.into_bytes()].concat()
+}
+
+/// The bench's MLP requests at c=64, JSON then binary, to a [`Floor`]: a server that reads
+/// each request whole and answers it with the bytes of Shoal's answer, nothing else.
+async fn floor(seconds: Duration) -> Vec<Point> {
+    let floor = Floor::start(mlp_answer());
+    let url = floor.url(MLP_INFER);
+    let (binary_body, header_bytes) = mlp_binary_request();
+    let header_bytes = header_bytes.to_string();
+    let targets = [
+        ("JSON", Target::post_json(&url, mlp_request())),
+        (
+            "binary tensor data",
+            Target::post(
+                &url,
+                &[
+                    ("content-type", "application/octet-stream"),
+                    ("inference-header-content-length", &header_bytes),
+                ],
+                binary_body,
+            ),
+        ),
+    ];
+    let mut points = Vec::new();
+    for (label, target) in targets {
+        closed_loop(&target, 8, Duration::from_millis(500)).await;
+        let result = closed_loop(&target, 64, seconds).await;
+        points.push(Point {
+            name: format!("transport floor, {label}, closed loop c=64"),
+            result,
+        });
+    }
+    points
+}
+
+/// Where the core time of one request at c=64 goes, and what that allows.
+///
+/// The machine has `cores` cores; every request costs the generator, the kernel's
+/// loopback TCP, the server and the model some of it. The transport floor is the first two
+/// with a server that does nothing, so `floor + model` is the least any server could cost,
+/// and `cores / (floor + model)` the most requests per second any server could answer here.
+struct Budget {
+    raw: Raw,
+    /// Core time per request at c=64 to the floor, JSON and binary requests.
+    floor: Duration,
+    floor_binary: Duration,
+    /// Core time per request at c=64 through `shoal up`, JSON and binary requests.
+    up: Duration,
+    up_binary: Duration,
+}
+
+impl Budget {
+    /// The c=64 ÷ raw ratio of a server that costs nothing beyond `floor`: the model's
+    /// batch-32 core time per row on top of the floor, every core busy.
+    fn ceiling(&self, floor: Duration) -> f64 {
+        let cores = std::thread::available_parallelism().map_or(1, usize::from) as f64;
+        let per_request = floor + self.raw.batch32_core_time_per_row;
+        cores / per_request.as_secs_f64() / self.raw.batch32_rate
+    }
+
+    fn print(&self) {
+        let model = self.raw.batch32_core_time_per_row;
+        println!();
+        println!("core time per request at c=64, all cores added up (/proc/stat's idle time):");
+        for (label, floor, up) in [
+            ("JSON", self.floor, self.up),
+            ("binary tensor data", self.floor_binary, self.up_binary),
+        ] {
+            println!(
+                "  {label}: shoal up {:.1} µs = transport floor {:.1} + model at batch 32 \
+                 {:.1} + the rest {:.1} (Shoal's server, smaller batches)",
+                us(up),
+                us(floor),
+                us(model),
+                us(up.saturating_sub(floor + model)),
+            );
+        }
+        println!(
+            "  ceiling of c=64 / raw batch 32 for a server that costs nothing: JSON {:.2}, \
+             binary {:.2}",
+            self.ceiling(self.floor),
+            self.ceiling(self.floor_binary)
+        );
+    }
+}
+
 /// Everything measured through Shoal: `shoal up`, then the cluster.
 async fn served(
     wake: (Duration, Duration),
@@ -449,16 +580,21 @@ async fn served(
     seconds: Duration,
     skip_cluster: bool,
 ) {
+    // The transport floor: the same requests at c=64 to a server that only frames them.
+    let mut points = floor(seconds).await;
+    let floor_core = points[0].result.core_time_per_request();
+    let floor_binary_core = points[1].result.core_time_per_request();
+
     // shoal up: the embedded gateway, the MLP with batching on and off.
-    let mut points = Vec::new();
     let mut up = up_serving_mlp(root, mlp_dir).await;
     let base = up.url("");
     let url = up.url(MLP_INFER);
     let body = mlp_request();
     points.extend(sweep("MLP via shoal up", &url, body, seconds, true).await);
-    let up_c1 = points[0].result.quantile(0.5);
-    let up_c64 = points[2].result.rate();
-    let up_open_500_p99 = points[4].result.quantile(0.99);
+    let up_c1 = points[2].result.quantile(0.5);
+    let up_c64 = points[4].result.rate();
+    let up_c64_core = points[4].result.core_time_per_request();
+    let up_open_500_p99 = points[6].result.quantile(0.99);
 
     // The same requests with the features as binary tensor data: no decimal text to read.
     let (binary_body, header_bytes) = mlp_binary_request();
@@ -474,6 +610,7 @@ async fn served(
     closed_loop(&binary, 8, Duration::from_millis(500)).await;
     let binary_result = closed_loop(&binary, 64, seconds).await;
     let up_binary_c64 = binary_result.rate();
+    let up_binary_c64_core = binary_result.core_time_per_request();
     points.push(Point {
         name: "MLP via shoal up, binary tensor data, closed loop c=64".into(),
         result: binary_result,
@@ -558,6 +695,14 @@ async fn served(
     println!();
     print_points(&points);
     let c1_overhead = up_c1.saturating_sub(raw_mlp.batch1_time);
+    let budget = Budget {
+        raw: raw_mlp,
+        floor: floor_core,
+        floor_binary: floor_binary_core,
+        up: up_c64_core,
+        up_binary: up_binary_c64_core,
+    };
+    budget.print();
     println!();
     println!("{:<64} {:>10} {:>8}", "target", "measured", "goal");
     println!(
@@ -623,6 +768,15 @@ async fn served(
             "up_c1_p50_minus_raw_batch1_ms": ms(c1_overhead),
             "up_open_500_p99_ms": ms(up_open_500_p99),
             "dynamic_batching_gain_c64": up_c64 / unbatched_rate.max(f64::MIN_POSITIVE),
+            "ceiling_c64_over_raw_batch32": budget.ceiling(budget.floor),
+            "ceiling_binary_c64_over_raw_batch32": budget.ceiling(budget.floor_binary),
+        },
+        "core_us_per_request_c64": {
+            "floor": us(budget.floor),
+            "floor_binary": us(budget.floor_binary),
+            "raw_batch32_per_row": us(raw_mlp.batch32_core_time_per_row),
+            "up": us(budget.up),
+            "up_binary": us(budget.up_binary),
         },
     });
     println!();

@@ -22,6 +22,9 @@ pub struct LoadResult {
     pub elapsed: Duration,
     /// Latencies of the successful requests, sorted.
     pub latencies: Vec<Duration>,
+    /// The machine's cores' busy time over the run, all cores added up: the generator's,
+    /// the server's and anything else the host ran.
+    pub busy: Duration,
 }
 
 impl LoadResult {
@@ -35,9 +38,19 @@ impl LoadResult {
         quantile(&self.latencies, q)
     }
 
-    fn merge(parts: Vec<(usize, usize, Vec<Duration>)>, elapsed: Duration) -> LoadResult {
+    /// Core time per successful request: what one request cost the whole machine.
+    pub fn core_time_per_request(&self) -> Duration {
+        self.busy.div_f64(self.ok.max(1) as f64)
+    }
+
+    fn merge(
+        parts: Vec<(usize, usize, Vec<Duration>)>,
+        elapsed: Duration,
+        busy: Duration,
+    ) -> LoadResult {
         let mut result = LoadResult {
             elapsed,
+            busy,
             ..LoadResult::default()
         };
         for (ok, errors, latencies) in parts {
@@ -57,6 +70,64 @@ pub fn quantile(sorted: &[Duration], q: f64) -> Duration {
     }
     let rank = (q.clamp(0.0, 1.0) * sorted.len() as f64).ceil() as usize;
     sorted[rank.clamp(1, sorted.len()) - 1]
+}
+
+/// A reading of how long the machine's cores have sat idle, to measure the busy core
+/// time between two readings: all cores added up, the generator's, the server's and
+/// anything else the host ran.
+///
+/// Busy is the rest of the cores' time, not the kernel's busy counters: those count in
+/// ticks sampled while a core runs, and a core that wakes for a few microseconds at a time,
+/// as under a light load, misses most of them, while idle time is clocked exactly on
+/// entering and leaving idle. Waiting for IO and time stolen by the hypervisor count as
+/// idle. Without `/proc/stat` (not Linux), every reading is zero.
+#[derive(Clone, Copy, Debug)]
+pub struct CoreClock {
+    at: Instant,
+    idle: Duration,
+}
+
+impl CoreClock {
+    pub fn now() -> CoreClock {
+        CoreClock {
+            at: Instant::now(),
+            idle: idle_core_time(),
+        }
+    }
+
+    /// The cores' busy time since this reading.
+    pub fn busy(&self) -> Duration {
+        let later = CoreClock::now();
+        let cores = std::thread::available_parallelism().map_or(1, usize::from) as u32;
+        let time = (later.at - self.at) * cores;
+        match later.idle.checked_sub(self.idle) {
+            Some(idle) if self.idle > Duration::ZERO => time.saturating_sub(idle),
+            _ => Duration::ZERO,
+        }
+    }
+}
+
+/// All cores' idle, IO-wait and stolen time since boot, from the first line of
+/// `/proc/stat`; zero where there is none.
+#[allow(unsafe_code)]
+fn idle_core_time() -> Duration {
+    // SAFETY: sysconf reads a constant and has no preconditions.
+    let ticks_per_second = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
+    let stat = std::fs::read_to_string("/proc/stat").unwrap_or_default();
+    let ticks: Vec<u64> = stat
+        .lines()
+        .next()
+        .and_then(|line| line.strip_prefix("cpu "))
+        .map(|fields| {
+            fields
+                .split_whitespace()
+                .filter_map(|n| n.parse().ok())
+                .collect()
+        })
+        .unwrap_or_default();
+    // user nice system idle iowait irq softirq steal ...
+    let idle: u64 = [3, 4, 7].iter().filter_map(|&i| ticks.get(i)).sum();
+    Duration::from_secs_f64(idle as f64 / ticks_per_second)
 }
 
 /// One prepared request: where it goes and its bytes on the wire, built once.
@@ -245,6 +316,7 @@ async fn post(connection: &mut Option<Connection>, target: &Target, written: usi
 /// `concurrency` closed-loop callers, each on its own connection, sending the target's
 /// request for `duration`.
 pub async fn closed_loop(target: &Target, concurrency: usize, duration: Duration) -> LoadResult {
+    let cores = CoreClock::now();
     let started = Instant::now();
     let stop_at = started + duration;
     let callers: Vec<_> = (0..concurrency)
@@ -272,7 +344,8 @@ pub async fn closed_loop(target: &Target, concurrency: usize, duration: Duration
             parts.push(part);
         }
     }
-    LoadResult::merge(parts, started.elapsed())
+    let elapsed = started.elapsed();
+    LoadResult::merge(parts, elapsed, cores.busy())
 }
 
 /// Sends the target's request at `rate` per second for `duration`, on schedule; latencies
@@ -286,6 +359,7 @@ pub async fn closed_loop(target: &Target, concurrency: usize, duration: Duration
 /// 99th percentile), and that lateness is counted as latency: a generator's error that
 /// errs against the server.
 pub async fn open_loop(target: &Target, rate: f64, duration: Duration) -> LoadResult {
+    let cores = CoreClock::now();
     let count = (rate * duration.as_secs_f64()).round() as usize;
     let interval = Duration::from_secs_f64(1.0 / rate);
     let runtime = tokio::runtime::Handle::current();
@@ -336,7 +410,108 @@ pub async fn open_loop(target: &Target, rate: f64, duration: Duration) -> LoadRe
     }
     // The schedule's length, not the last answer's: the rate is what was offered.
     let elapsed = interval * count as u32;
-    LoadResult::merge(vec![(ok, errors, latencies)], elapsed)
+    LoadResult::merge(vec![(ok, errors, latencies)], elapsed, cores.busy())
+}
+
+/// A server that does nothing but HTTP framing: it reads each request whole and writes
+/// back the same prepared answer. Loaded like Shoal, it measures the transport floor, what
+/// the generator and loopback TCP cost per request with no server work on top, which no
+/// server, however lean, can take below.
+///
+/// It runs on one thread of its own, as `shoal up` serves HTTP on one runtime thread, and
+/// stops when dropped.
+pub struct Floor {
+    address: SocketAddr,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Floor {
+    /// Starts answering every request with `answer` (a whole HTTP/1.1 answer, head and
+    /// body) on a port of 127.0.0.1.
+    pub fn start(answer: Vec<u8>) -> Floor {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind 127.0.0.1");
+        listener
+            .set_nonblocking(true)
+            .expect("a non-blocking listener");
+        let address = listener.local_addr().expect("the floor's address");
+        let (stop, stopped) = tokio::sync::oneshot::channel();
+        let answer: Arc<[u8]> = answer.into();
+        let thread = std::thread::spawn(move || {
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_io()
+                .build()
+                .expect("the floor's runtime");
+            runtime.block_on(async move {
+                let listener =
+                    tokio::net::TcpListener::from_std(listener).expect("a tokio listener");
+                let accept = async {
+                    while let Ok((stream, _)) = listener.accept().await {
+                        tokio::spawn(answer_each(stream, Arc::clone(&answer)));
+                    }
+                };
+                tokio::select! {
+                    () = accept => {}
+                    _ = stopped => {}
+                }
+            });
+        });
+        Floor {
+            address,
+            stop: Some(stop),
+            thread: Some(thread),
+        }
+    }
+
+    /// `http://127.0.0.1:port` followed by `path`.
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{path}", self.address)
+    }
+}
+
+impl Drop for Floor {
+    fn drop(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}
+
+/// Reads the requests on `stream` one after another, each whole, and answers each with
+/// `answer`, until the peer closes or sends something that is not a sized request.
+async fn answer_each(stream: TcpStream, answer: Arc<[u8]>) {
+    let mut stream = stream;
+    if stream.set_nodelay(true).is_err() {
+        return;
+    }
+    let mut buffer = Vec::with_capacity(64 * 1024);
+    loop {
+        let mut whole = None;
+        {
+            let mut headers = [httparse::EMPTY_HEADER; HEADERS_MAX];
+            let mut request = httparse::Request::new(&mut headers);
+            if let Ok(httparse::Status::Complete(head)) = request.parse(&buffer) {
+                let Ok((body, _)) = framing(request.headers) else {
+                    return;
+                };
+                whole = Some(head + body).filter(|&length| buffer.len() >= length);
+            }
+        }
+        if let Some(length) = whole {
+            buffer.drain(..length);
+            if stream.write_all(&answer).await.is_err() {
+                return;
+            }
+            continue;
+        }
+        buffer.reserve(16 * 1024);
+        if !matches!(stream.read_buf(&mut buffer).await, Ok(read) if read > 0) {
+            return;
+        }
+    }
 }
 
 /// Asks Linux to fire this thread's timers on time: by default it may delay a sleeping
@@ -516,6 +691,37 @@ mod tests {
         assert_eq!(target.address, "127.0.0.1:7070".parse().unwrap());
     }
 
+    #[tokio::test]
+    async fn the_floor_answers_every_whole_request_with_its_answer() {
+        let answer = b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\n{}".to_vec();
+        let floor = Floor::start(answer);
+        let target = Target::post_json(&floor.url("/v2/models/m/infer"), &[b'7'; 100_000]);
+        let result = closed_loop(&target, 4, Duration::from_millis(200)).await;
+        assert!(result.ok > 4, "{result:?}");
+        assert_eq!(result.errors, 0);
+        // A body it cannot size ends the connection instead of being answered.
+        let mut connection = None;
+        let chunked = Target::post(
+            &floor.url("/"),
+            &[("transfer-encoding", "chunked")],
+            b"0\r\n\r\n",
+        );
+        assert!(!post(&mut connection, &chunked, 0).await);
+    }
+
+    #[test]
+    fn the_core_clock_counts_a_spinning_thread() {
+        let clock = CoreClock::now();
+        let spin = Instant::now();
+        while spin.elapsed() < Duration::from_millis(300) {
+            std::hint::black_box(0);
+        }
+        let busy = clock.busy();
+        // At least half: the clock ticks in hundredths of a second, and the hypervisor
+        // may take the core away for a while (stolen time counts as idle).
+        assert!(busy >= Duration::from_millis(150), "{busy:?}");
+    }
+
     #[test]
     fn merged_results_are_sorted_and_summed() {
         let merged = LoadResult::merge(
@@ -528,8 +734,10 @@ mod tests {
                 (1, 0, vec![Duration::from_millis(3)]),
             ],
             Duration::from_secs(1),
+            Duration::from_millis(30),
         );
         assert_eq!((merged.ok, merged.errors), (3, 1));
+        assert_eq!(merged.core_time_per_request(), Duration::from_millis(10));
         assert_eq!(merged.latencies[0], Duration::from_millis(1));
         assert!((merged.rate() - 3.0).abs() < 1e-9);
     }
