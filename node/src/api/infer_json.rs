@@ -52,6 +52,21 @@ impl Request {
 /// Deepest nesting of a tensor's `data` arrays the fast path follows.
 const DATA_DEPTH_MAX: usize = 32;
 
+/// The bytes a number and its comma are guessed to take when nothing says how many
+/// numbers a `data` array holds. A float as clients write one takes 8 to 20; shorter
+/// numbers cost the vector a reallocation or two, and longer ones leave room that
+/// [`fit`] gives back.
+const GUESSED_NUMBER_BYTES: usize = 8;
+
+/// Gives back the room a guessed capacity left unused when it is most of the vector: a
+/// request's tensors wait in a batch queue, and a queue of them should not hold twice
+/// their size.
+fn fit<T>(values: &mut Vec<T>) {
+    if values.capacity() > 2 * values.len() {
+        values.shrink_to_fit();
+    }
+}
+
 /// Reads `body` when it has the common shape; `None` when serde must.
 pub fn read(body: &[u8]) -> Option<Request> {
     let mut cursor = Cursor { bytes: body, at: 0 };
@@ -292,6 +307,7 @@ impl<'a> Cursor<'a> {
                     values.push(number.to_i64()?);
                     Some(())
                 })?;
+                fit(&mut values);
                 TensorData::Int64(values)
             }
         })
@@ -304,15 +320,21 @@ impl<'a> Cursor<'a> {
             values.push(number.to_f32());
             Some(())
         })?;
+        fit(&mut values);
         Some(values)
     }
 
-    /// Room for a tensor's elements: the shape's count when the shape came first, else
-    /// none and the vector grows as it fills (counting ahead to the `]` took longer than
-    /// the growth). Bounded by what the body could hold: a shape never sizes memory on
-    /// its own.
+    /// Room for a tensor's elements: the shape's count when the shape came first, else a
+    /// guess from the bytes left, as if every number took [`GUESSED_NUMBER_BYTES`]
+    /// (counting ahead to the `]` took longer than growing the vector, and growing it
+    /// from nothing took ten reallocations for the bench's 784 numbers, each a trip to the
+    /// allocator's lock that the compute threads, freeing tensors, contend for). Bounded by
+    /// what the body could hold: a shape never sizes memory on its own.
     fn capacity(&self, expected: Option<usize>) -> usize {
-        expected.unwrap_or(0).min(self.bytes.len() / 2)
+        let left = self.bytes.len().saturating_sub(self.at);
+        expected
+            .unwrap_or(left / GUESSED_NUMBER_BYTES)
+            .min(self.bytes.len() / 2)
     }
 
     /// Walks a (possibly nested) array of numbers, handing each to `push` in order.

@@ -53,6 +53,28 @@ fn the_common_shape_takes_the_fast_path() {
 }
 
 #[test]
+fn a_guessed_capacity_holds_at_most_twice_the_elements_it_read() {
+    // `data` before `shape`: nothing says how many numbers come, so room is guessed
+    // from the bytes left, short numbers outgrow it, and a long tail of other keys
+    // leaves most of it unused.
+    let short: Vec<String> = (0..500).map(|i| (i % 10).to_string()).collect();
+    let padding = "x".repeat(64 * 1024);
+    for (numbers, tail) in [(short.join(","), ""), ("0.5, 1.5".to_string(), &padding[..])] {
+        let body = format!(
+            r#"{{"inputs": [{{"data": [{numbers}], "datatype": "FP32", "name": "x",
+                "shape": [1]}}], "id": "{tail}"}}"#
+        );
+        let request = read(body.as_bytes()).expect("the fast path reads it");
+        let TensorData::Fp32(values) = &request.inputs[0].data else {
+            panic!("FP32 data");
+        };
+        assert!(values.capacity() <= 2 * values.len(), "{}", values.capacity());
+        let slow = read_with_serde(body.as_bytes()).unwrap();
+        assert!(same_bits(&request, &slow));
+    }
+}
+
+#[test]
 fn what_the_fast_path_does_not_know_is_left_to_serde() {
     let bodies: [&[u8]; 12] = [
         br#"{"inputs": [{"name": "t", "shape": [1], "datatype": "BYTES", "data": ["a"]}]}"#,
