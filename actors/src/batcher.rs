@@ -534,12 +534,14 @@ async fn run_batch(
         .observe(rows_per_job.iter().sum::<usize>() as f64);
     let started = std::time::Instant::now();
     // Joining the rows and splitting the answers run on the pool too: the runtime thread
-    // is the busier one.
+    // is the busier one. The requests' tensors come back to be freed here, on the thread
+    // that allocated them: glibc's allocator locks the arena of a chunk freed on another
+    // thread, and the runtime thread allocating the next requests' tensors waits on it.
     let result = compute
         .run(move || {
             let slices: Vec<&[NamedTensor]> = requests.iter().map(Vec::as_slice).collect();
             let outputs = model.forward(&concat_rows(&slices))?;
-            Ok::<_, RuntimeError>(split_rows(&outputs, &rows_per_job))
+            Ok::<_, RuntimeError>((split_rows(&outputs, &rows_per_job), requests))
         })
         .await;
     metrics
@@ -553,10 +555,11 @@ async fn run_batch(
     // the next pass first, so the pool does not wait on these answers.
     tokio::task::yield_now().await;
     match result {
-        Ok(Ok(outputs)) => {
+        Ok(Ok((outputs, requests))) => {
             for (job, outputs) in live.into_iter().zip(outputs) {
                 let _ = job.reply.send(Ok(outputs));
             }
+            drop(requests);
         }
         Ok(Err(error)) => {
             let message = error.to_string();
