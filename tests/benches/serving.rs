@@ -567,6 +567,22 @@ impl Budget {
             self.ceiling(self.floor),
             self.ceiling(self.floor_binary)
         );
+        println!(
+            "  reading the JSON numbers through shoal up: about {:.1} µs; ceiling for a server \
+             that costs only that: {:.2}",
+            us(self.json_reading()),
+            self.ceiling(self.floor + self.json_reading())
+        );
+    }
+
+    /// What reading a JSON request's numbers costs in Shoal beyond binary tensor data:
+    /// the two requests' difference through `shoal up`, less their difference at the floor
+    /// (the JSON body's extra bytes through TCP). An underestimate, if anything: the
+    /// binary path has a JSON header of its own to read.
+    fn json_reading(&self) -> Duration {
+        self.up
+            .saturating_sub(self.up_binary)
+            .saturating_sub(self.floor.saturating_sub(self.floor_binary))
     }
 }
 
@@ -770,6 +786,8 @@ async fn served(
             "dynamic_batching_gain_c64": up_c64 / unbatched_rate.max(f64::MIN_POSITIVE),
             "ceiling_c64_over_raw_batch32": budget.ceiling(budget.floor),
             "ceiling_binary_c64_over_raw_batch32": budget.ceiling(budget.floor_binary),
+            "ceiling_json_reading_c64_over_raw_batch32":
+                budget.ceiling(budget.floor + budget.json_reading()),
         },
         "core_us_per_request_c64": {
             "floor": us(budget.floor),
@@ -777,6 +795,7 @@ async fn served(
             "raw_batch32_per_row": us(raw_mlp.batch32_core_time_per_row),
             "up": us(budget.up),
             "up_binary": us(budget.up_binary),
+            "json_reading": us(budget.json_reading()),
         },
     });
     println!();
