@@ -59,7 +59,10 @@ fn a_guessed_capacity_holds_at_most_twice_the_elements_it_read() {
     // leaves most of it unused.
     let short: Vec<String> = (0..500).map(|i| (i % 10).to_string()).collect();
     let padding = "x".repeat(64 * 1024);
-    for (numbers, tail) in [(short.join(","), ""), ("0.5, 1.5".to_string(), &padding[..])] {
+    for (numbers, tail) in [
+        (short.join(","), ""),
+        ("0.5, 1.5".to_string(), &padding[..]),
+    ] {
         let body = format!(
             r#"{{"inputs": [{{"data": [{numbers}], "datatype": "FP32", "name": "x",
                 "shape": [1]}}], "id": "{tail}"}}"#
@@ -68,7 +71,11 @@ fn a_guessed_capacity_holds_at_most_twice_the_elements_it_read() {
         let TensorData::Fp32(values) = &request.inputs[0].data else {
             panic!("FP32 data");
         };
-        assert!(values.capacity() <= 2 * values.len(), "{}", values.capacity());
+        assert!(
+            values.capacity() <= 2 * values.len(),
+            "{}",
+            values.capacity()
+        );
         let slow = read_with_serde(body.as_bytes()).unwrap();
         assert!(same_bits(&request, &slow));
     }
