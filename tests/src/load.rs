@@ -91,43 +91,55 @@ impl CoreClock {
     pub fn now() -> CoreClock {
         CoreClock {
             at: Instant::now(),
-            idle: idle_core_time(),
+            idle: CoreStat::read().idle,
         }
     }
 
     /// The cores' busy time since this reading.
     pub fn busy(&self) -> Duration {
-        let later = CoreClock::now();
-        let cores = std::thread::available_parallelism().map_or(1, usize::from) as u32;
-        let time = (later.at - self.at) * cores;
-        match later.idle.checked_sub(self.idle) {
+        let at = Instant::now();
+        let stat = CoreStat::read();
+        let time = (at - self.at) * stat.cores;
+        match stat.idle.checked_sub(self.idle) {
             Some(idle) if self.idle > Duration::ZERO => time.saturating_sub(idle),
             _ => Duration::ZERO,
         }
     }
 }
 
-/// All cores' idle, IO-wait and stolen time since boot, from the first line of
-/// `/proc/stat`; zero where there is none.
-#[allow(unsafe_code)]
-fn idle_core_time() -> Duration {
-    // SAFETY: sysconf reads a constant and has no preconditions.
-    let ticks_per_second = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
-    let stat = std::fs::read_to_string("/proc/stat").unwrap_or_default();
-    let ticks: Vec<u64> = stat
-        .lines()
-        .next()
-        .and_then(|line| line.strip_prefix("cpu "))
-        .map(|fields| {
-            fields
-                .split_whitespace()
-                .filter_map(|n| n.parse().ok())
-                .collect()
-        })
-        .unwrap_or_default();
-    // user nice system idle iowait irq softirq steal ...
-    let idle: u64 = [3, 4, 7].iter().filter_map(|&i| ticks.get(i)).sum();
-    Duration::from_secs_f64(idle as f64 / ticks_per_second)
+/// What `/proc/stat` says of the machine's cores: how many it counts (every core of the
+/// machine, which a container's CPU limit does not change), and their idle, IO-wait and
+/// stolen time since boot, all added up. Zeros where there is no `/proc/stat`.
+struct CoreStat {
+    cores: u32,
+    idle: Duration,
+}
+
+impl CoreStat {
+    #[allow(unsafe_code)]
+    fn read() -> CoreStat {
+        // SAFETY: sysconf reads a constant and has no preconditions.
+        let ticks_per_second = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
+        let stat = std::fs::read_to_string("/proc/stat").unwrap_or_default();
+        let mut lines = stat.lines();
+        let ticks: Vec<u64> = lines
+            .next()
+            .and_then(|line| line.strip_prefix("cpu "))
+            .map(|fields| {
+                fields
+                    .split_whitespace()
+                    .filter_map(|n| n.parse().ok())
+                    .collect()
+            })
+            .unwrap_or_default();
+        let cores = lines.take_while(|line| line.starts_with("cpu")).count();
+        // user nice system idle iowait irq softirq steal ...
+        let idle: u64 = [3, 4, 7].iter().filter_map(|&i| ticks.get(i)).sum();
+        CoreStat {
+            cores: u32::try_from(cores).unwrap_or(u32::MAX),
+            idle: Duration::from_secs_f64(idle as f64 / ticks_per_second),
+        }
+    }
 }
 
 /// One prepared request: where it goes and its bytes on the wire, built once.
