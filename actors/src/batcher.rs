@@ -534,9 +534,10 @@ async fn run_batch(
         .observe(rows_per_job.iter().sum::<usize>() as f64);
     let started = std::time::Instant::now();
     // Joining the rows and splitting the answers run on the pool too: the runtime thread
-    // is the busier one. The requests' tensors come back to be freed here, on the thread
-    // that allocated them: glibc's allocator locks the arena of a chunk freed on another
-    // thread, and the runtime thread allocating the next requests' tensors waits on it.
+    // is the busier one. After a pass, the requests' tensors come back to be freed here,
+    // on the thread that allocated them: glibc's allocator locks the arena of a chunk freed
+    // on another thread, and the runtime thread allocating the next requests' tensors waits
+    // on it. (A failed or panicked pass frees them on the pool; that is rare.)
     let result = compute
         .run(move || {
             let slices: Vec<&[NamedTensor]> = requests.iter().map(Vec::as_slice).collect();

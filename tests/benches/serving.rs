@@ -71,12 +71,12 @@ fn us(duration: Duration) -> f64 {
 
 fn print_points(points: &[Point]) {
     println!(
-        "{:<58} {:>10} {:>9} {:>9} {:>7} {:>10}",
+        "{:<58} {:>10} {:>9} {:>9} {:>7} {:>11}",
         "measurement", "req/s", "p50 ms", "p99 ms", "errors", "core µs/req"
     );
     for point in points {
         println!(
-            "{:<58} {:>10.0} {:>9.3} {:>9.3} {:>7} {:>10.1}",
+            "{:<58} {:>10.0} {:>9.3} {:>9.3} {:>7} {:>11.1}",
             point.name,
             point.result.rate(),
             ms(point.result.quantile(0.5)),
@@ -521,10 +521,13 @@ async fn floor(seconds: Duration) -> Vec<Point> {
 
 /// Where the core time of one request at c=64 goes, and what that allows.
 ///
-/// The machine has `cores` cores; every request costs the generator, the kernel's
-/// loopback TCP, the server and the model some of it. The transport floor is the first two
-/// with a server that does nothing, so `floor + model` is the least any server could cost,
-/// and `cores / (floor + model)` the most requests per second any server could answer here.
+/// The cores this process may run on (`available_parallelism`, the same for the server it
+/// starts) are what the load and Shoal share; every request costs the generator, the
+/// kernel's loopback TCP, the server and the model some of their time. The transport floor
+/// is the first two with a server that does nothing, so `floor + model` is the least any
+/// server could cost, and `cores / (floor + model)` the most requests per second any server
+/// could answer here. (The core time itself counts every core of the machine, as
+/// `/proc/stat` does: the same number on a host without a CPU limit, as this bench's.)
 struct Budget {
     raw: Raw,
     /// Core time per request at c=64 to the floor, JSON and binary requests.

@@ -59,8 +59,8 @@ const DATA_DEPTH_MAX: usize = 32;
 const GUESSED_NUMBER_BYTES: usize = 8;
 
 /// Gives back the room a guessed capacity left unused when it is most of the vector: a
-/// request's tensors wait in a batch queue, and a queue of them should not hold twice
-/// their size.
+/// request's tensors wait in a batch queue, and a queue of them should not hold more
+/// than twice their size.
 fn fit<T>(values: &mut Vec<T>) {
     if values.capacity() > 2 * values.len() {
         values.shrink_to_fit();
@@ -327,7 +327,8 @@ impl<'a> Cursor<'a> {
     /// Room for a tensor's elements: the shape's count when the shape came first, else a
     /// guess from the bytes left, as if every number took [`GUESSED_NUMBER_BYTES`]
     /// (counting ahead to the `]` took longer than growing the vector, and growing it
-    /// from nothing took ten reallocations for the bench's 784 numbers, each a trip to the
+    /// from nothing took an allocation and eight reallocations for the bench's 784 numbers,
+    /// each a trip to the
     /// allocator's lock that the compute threads, freeing tensors, contend for). Bounded by
     /// what the body could hold: a shape never sizes memory on its own.
     fn capacity(&self, expected: Option<usize>) -> usize {

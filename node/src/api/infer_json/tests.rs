@@ -59,13 +59,13 @@ fn a_guessed_capacity_holds_at_most_twice_the_elements_it_read() {
     // leaves most of it unused.
     let short: Vec<String> = (0..500).map(|i| (i % 10).to_string()).collect();
     let padding = "x".repeat(64 * 1024);
-    for (numbers, tail) in [
-        (short.join(","), ""),
-        ("0.5, 1.5".to_string(), &padding[..]),
+    for (numbers, count, tail) in [
+        (short.join(","), 500, ""),
+        ("0.5, 1.5".to_string(), 2, &padding[..]),
     ] {
         let body = format!(
             r#"{{"inputs": [{{"data": [{numbers}], "datatype": "FP32", "name": "x",
-                "shape": [1]}}], "id": "{tail}"}}"#
+                "shape": [{count}]}}], "id": "{tail}"}}"#
         );
         let request = read(body.as_bytes()).expect("the fast path reads it");
         let TensorData::Fp32(values) = &request.inputs[0].data else {
