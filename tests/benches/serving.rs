@@ -112,17 +112,20 @@ fn mlp_request() -> &'static [u8] {
     Vec::leak(body.to_string().into_bytes())
 }
 
-/// The same request with the features as binary tensor data (OIP's binary extension),
-/// and the length of its JSON part.
-fn mlp_binary_request() -> (&'static [u8], usize) {
+/// A `POST` to `url` of the same request with the features as binary tensor data (OIP's
+/// binary extension): a JSON header, then the 784 little-endian `f32`s.
+fn mlp_binary_target(url: &str) -> Target {
     let features: Vec<u8> = mlp_row().flat_map(f32::to_le_bytes).collect();
     let header = json!({"inputs": [{"name": "features", "shape": [1, MLP_LAYERS[0]],
         "datatype": "FP32", "parameters": {"binary_data_size": features.len()}}]})
     .to_string();
-    let header_bytes = header.len();
-    (
-        Vec::leak([header.into_bytes(), features].concat()),
-        header_bytes,
+    Target::post(
+        url,
+        &[
+            ("content-type", "application/octet-stream"),
+            ("inference-header-content-length", &header.len().to_string()),
+        ],
+        &[header.into_bytes(), features].concat(),
     )
 }
 
@@ -491,21 +494,9 @@ fn mlp_answer() -> Vec<u8> {
 async fn floor(seconds: Duration) -> Vec<Point> {
     let floor = Floor::start(mlp_answer());
     let url = floor.url(MLP_INFER);
-    let (binary_body, header_bytes) = mlp_binary_request();
-    let header_bytes = header_bytes.to_string();
     let targets = [
         ("JSON", Target::post_json(&url, mlp_request())),
-        (
-            "binary tensor data",
-            Target::post(
-                &url,
-                &[
-                    ("content-type", "application/octet-stream"),
-                    ("inference-header-content-length", &header_bytes),
-                ],
-                binary_body,
-            ),
-        ),
+        ("binary tensor data", mlp_binary_target(&url)),
     ];
     let mut points = Vec::new();
     for (label, target) in targets {
@@ -557,7 +548,7 @@ impl Budget {
         ] {
             println!(
                 "  {label}: shoal up {:.1} µs = transport floor {:.1} + model at batch 32 \
-                 {:.1} + the rest {:.1} (Shoal's server, smaller batches)",
+                 {:.1} + the rest {:.1} (Shoal's server, and the model's extra cost at c=64)",
                 us(up),
                 us(floor),
                 us(model),
@@ -600,32 +591,25 @@ async fn served(
     skip_cluster: bool,
 ) {
     // The transport floor: the same requests at c=64 to a server that only frames them.
-    let mut points = floor(seconds).await;
-    let floor_core = points[0].result.core_time_per_request();
-    let floor_binary_core = points[1].result.core_time_per_request();
+    let floor_points = floor(seconds).await;
+    let floor_core = floor_points[0].result.core_time_per_request();
+    let floor_binary_core = floor_points[1].result.core_time_per_request();
 
     // shoal up: the embedded gateway, the MLP with batching on and off.
     let mut up = up_serving_mlp(root, mlp_dir).await;
     let base = up.url("");
     let url = up.url(MLP_INFER);
     let body = mlp_request();
-    points.extend(sweep("MLP via shoal up", &url, body, seconds, true).await);
-    let up_c1 = points[2].result.quantile(0.5);
-    let up_c64 = points[4].result.rate();
-    let up_c64_core = points[4].result.core_time_per_request();
-    let up_open_500_p99 = points[6].result.quantile(0.99);
+    let up_points = sweep("MLP via shoal up", &url, body, seconds, true).await;
+    let up_c1 = up_points[0].result.quantile(0.5);
+    let up_c64 = up_points[2].result.rate();
+    let up_c64_core = up_points[2].result.core_time_per_request();
+    let up_open_500_p99 = up_points[4].result.quantile(0.99);
+    let mut points = floor_points;
+    points.extend(up_points);
 
     // The same requests with the features as binary tensor data: no decimal text to read.
-    let (binary_body, header_bytes) = mlp_binary_request();
-    let header_bytes = header_bytes.to_string();
-    let binary = Target::post(
-        &url,
-        &[
-            ("content-type", "application/octet-stream"),
-            ("inference-header-content-length", &header_bytes),
-        ],
-        binary_body,
-    );
+    let binary = mlp_binary_target(&url);
     closed_loop(&binary, 8, Duration::from_millis(500)).await;
     let binary_result = closed_loop(&binary, 64, seconds).await;
     let up_binary_c64 = binary_result.rate();

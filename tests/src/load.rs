@@ -277,9 +277,10 @@ impl Connection {
     }
 }
 
-/// The body length and whether the connection stays open, from an answer's headers.
-/// Shoal's answers to the requests benchmarks send carry a `content-length`; a chunked
-/// answer is refused rather than misread.
+/// The body length and whether the connection stays open, from a message's headers (an
+/// answer's, or a request's at the [`Floor`]). Shoal's answers to the requests benchmarks
+/// send carry a `content-length`, as those requests do; a chunked body is refused rather
+/// than misread.
 fn framing(headers: &[httparse::Header]) -> std::io::Result<(usize, bool)> {
     let mut length = None;
     let mut reusable = true;
@@ -290,7 +291,7 @@ fn framing(headers: &[httparse::Header]) -> std::io::Result<(usize, bool)> {
                 .and_then(|text| text.trim().parse::<usize>().ok());
         } else if header.name.eq_ignore_ascii_case("transfer-encoding") {
             return Err(invalid(
-                "a chunked answer: the generator reads sized ones".into(),
+                "a chunked body: the generator and the floor read sized ones".into(),
             ));
         } else if header.name.eq_ignore_ascii_case("connection") {
             reusable = !header.value.eq_ignore_ascii_case(b"close");
@@ -501,32 +502,40 @@ async fn answer_each(stream: TcpStream, answer: Arc<[u8]>) {
     }
     let mut buffer = Vec::with_capacity(FLOOR_READ_BYTES);
     loop {
-        let mut whole = None;
-        {
-            let mut headers = [httparse::EMPTY_HEADER; HEADERS_MAX];
-            let mut request = httparse::Request::new(&mut headers);
-            match request.parse(&buffer) {
-                Ok(httparse::Status::Complete(head)) => {
-                    let Ok((body, _)) = framing(request.headers) else {
-                        return;
-                    };
-                    whole = Some(head + body).filter(|&length| buffer.len() >= length);
+        match whole_request(&buffer) {
+            Ok(Some((head, body))) => {
+                buffer.drain(..head + body);
+                if stream.write_all(&answer).await.is_err() {
+                    return;
                 }
-                Ok(httparse::Status::Partial) if buffer.len() < HEAD_BYTES_MAX => {}
-                _ => return,
+                continue;
             }
-        }
-        if let Some(length) = whole {
-            buffer.drain(..length);
-            if stream.write_all(&answer).await.is_err() {
-                return;
-            }
-            continue;
+            Ok(None) => {}
+            Err(_) => return,
         }
         buffer.reserve(FLOOR_READ_BYTES);
         if !matches!(stream.read_buf(&mut buffer).await, Ok(read) if read > 0) {
             return;
         }
+    }
+}
+
+/// The head's and the body's lengths of the request at the start of `buffer` once all of
+/// it is there, `None` while more is to come; an error for a head over [`HEAD_BYTES_MAX`]
+/// bytes, a malformed one, or a body not sized by `content-length`.
+fn whole_request(buffer: &[u8]) -> std::io::Result<Option<(usize, usize)>> {
+    let mut headers = [httparse::EMPTY_HEADER; HEADERS_MAX];
+    let mut request = httparse::Request::new(&mut headers);
+    match request.parse(buffer) {
+        Ok(httparse::Status::Complete(head)) => {
+            let (body, _) = framing(request.headers)?;
+            Ok((buffer.len() >= head + body).then_some((head, body)))
+        }
+        Ok(httparse::Status::Partial) if buffer.len() < HEAD_BYTES_MAX => Ok(None),
+        Ok(httparse::Status::Partial) => Err(invalid(format!(
+            "a request head over {HEAD_BYTES_MAX} bytes"
+        ))),
+        Err(error) => Err(invalid(format!("a malformed request: {error}"))),
     }
 }
 
@@ -603,23 +612,6 @@ mod tests {
         );
     }
 
-    /// The head's and the body's lengths of the request at the start of `buffer`, once
-    /// all of it is there.
-    fn whole_request(buffer: &[u8]) -> Option<(usize, usize)> {
-        let mut headers = [httparse::EMPTY_HEADER; HEADERS_MAX];
-        let mut request = httparse::Request::new(&mut headers);
-        let httparse::Status::Complete(head) = request.parse(buffer).ok()? else {
-            return None;
-        };
-        let length: usize = request
-            .headers
-            .iter()
-            .find(|header| header.name == "content-length")
-            .and_then(|header| std::str::from_utf8(header.value).ok()?.parse().ok())
-            .expect("the generator sends a content-length");
-        (buffer.len() >= head + length).then_some((head, length))
-    }
-
     /// Answers 200 to every whole request whose body is `expected`, 400 otherwise.
     async fn checking_server(expected: Vec<u8>) -> String {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -631,7 +623,9 @@ mod tests {
                 tokio::spawn(async move {
                     let mut buffer = Vec::new();
                     loop {
-                        if let Some((head, length)) = whole_request(&buffer) {
+                        let whole =
+                            whole_request(&buffer).expect("the generator sends sized requests");
+                        if let Some((head, length)) = whole {
                             let intact = buffer[head..head + length] == expected[..];
                             buffer.drain(..head + length);
                             let answer: &[u8] = if intact {

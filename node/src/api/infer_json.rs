@@ -326,11 +326,11 @@ impl<'a> Cursor<'a> {
 
     /// Room for a tensor's elements: the shape's count when the shape came first, else a
     /// guess from the bytes left, as if every number took [`GUESSED_NUMBER_BYTES`]
-    /// (counting ahead to the `]` took longer than growing the vector, and growing it
-    /// from nothing took an allocation and eight reallocations for the bench's 784 numbers,
-    /// each a trip to the
-    /// allocator's lock that the compute threads, freeing tensors, contend for). Bounded by
-    /// what the body could hold: a shape never sizes memory on its own.
+    /// (counting ahead to the `]` took longer than growing the vector, and growing it from
+    /// nothing took an allocation and eight reallocations for the bench's 784 numbers,
+    /// each a trip to the allocator's lock that the compute threads, freeing tensors,
+    /// contend for). Bounded by what the body could hold: a shape never sizes memory on its
+    /// own.
     fn capacity(&self, expected: Option<usize>) -> usize {
         let left = self.bytes.len().saturating_sub(self.at);
         expected
