@@ -21,8 +21,13 @@ use serde_json::json;
 use shoal_actors::fixtures::{minilm_files, mlp_classifier};
 use shoal_actors::runtime::{LoadedModel, ModelRuntime, TEXT, load};
 use shoal_actors::tensor::{NamedTensor, TensorData};
-use shoal_tests::load::{CoreClock, Floor, LoadResult, Target, closed_loop, open_loop, quantile};
+use shoal_tests::load::{
+    CoreClock, FLOOR_THREAD, Floor, LoadResult, Target, ThreadClock, closed_loop, open_loop,
+    quantile,
+};
 use shoal_tests::{ServerCluster, Shoal, http_client, run_shoal, write_model_dir};
+use std::collections::BTreeMap;
+use std::future::Future;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
@@ -55,10 +60,44 @@ impl Steady {
     }
 }
 
+/// The thread kinds of `shoal up` the budget reads: its async runtime's workers (HTTP,
+/// routing, reading requests, batching, answering) and its compute pool (forward passes).
+const RUNTIME_THREADS: &str = "tokio-rt-worker";
+const COMPUTE_THREADS: &str = "shoal-compute";
+
 /// One measured point, as a table row and a JSON object.
 struct Point {
     name: String,
     result: LoadResult,
+    /// How long each kind of thread of the server's process ran during the load; empty
+    /// where not measured.
+    threads: BTreeMap<String, Duration>,
+}
+
+impl Point {
+    /// Runs `load`, counting meanwhile the run time of the threads of `server` (a pid).
+    async fn measure(
+        name: String,
+        server: Option<u32>,
+        load: impl Future<Output = LoadResult>,
+    ) -> Point {
+        let clock = server.map(ThreadClock::now);
+        let result = load.await;
+        Point {
+            name,
+            result,
+            threads: clock.map(|clock| clock.since()).unwrap_or_default(),
+        }
+    }
+
+    /// A thread kind's run time per answered request.
+    fn per_request(&self, kind: &str) -> Duration {
+        self.threads
+            .get(kind)
+            .copied()
+            .unwrap_or_default()
+            .div_f64(self.result.ok.max(1) as f64)
+    }
 }
 
 fn ms(duration: Duration) -> f64 {
@@ -87,7 +126,31 @@ fn print_points(points: &[Point]) {
     }
 }
 
+/// Where each measured point's core time went: the server process's kinds of thread, and
+/// the rest of the machine (the generator, and the kernel's work outside those threads).
+fn print_threads(points: &[Point]) {
+    println!("core µs per request by thread of the server's process:");
+    for point in points.iter().filter(|point| !point.threads.is_empty()) {
+        let mut line = format!("  {:<58}", point.name);
+        let mut threads = Duration::ZERO;
+        for kind in point.threads.keys() {
+            let time = point.per_request(kind);
+            threads += time;
+            if us(time) >= 0.05 {
+                line += &format!(" {kind} {:.1},", us(time));
+            }
+        }
+        let rest = point.result.core_time_per_request().saturating_sub(threads);
+        println!("{line} the rest of the machine {:.1}", us(rest));
+    }
+}
+
 fn point_json(point: &Point) -> serde_json::Value {
+    let threads: serde_json::Map<String, serde_json::Value> = point
+        .threads
+        .keys()
+        .map(|kind| (kind.clone(), json!(us(point.per_request(kind)))))
+        .collect();
     json!({
         "name": point.name,
         "requests_per_second": point.result.rate(),
@@ -96,6 +159,7 @@ fn point_json(point: &Point) -> serde_json::Value {
         "ok": point.result.ok,
         "errors": point.result.errors,
         "core_us_per_request": us(point.result.core_time_per_request()),
+        "core_us_per_request_by_thread": threads,
     })
 }
 
@@ -344,32 +408,30 @@ async fn wait_serving(url: &str, body: &'static [u8]) {
     }
 }
 
-/// Closed loop at every concurrency and open loop at every rate against `url`.
+/// Closed loop at every concurrency and open loop at every rate against `url`, counting
+/// the run time of the threads of `server` (a pid) where given.
 async fn sweep(
     label: &str,
     url: &str,
     body: &'static [u8],
     seconds: Duration,
     open: bool,
+    server: Option<u32>,
 ) -> Vec<Point> {
     let target = Target::post_json(url, body);
     // Warm the connections and the model.
     closed_loop(&target, 8, Duration::from_millis(500)).await;
     let mut points = Vec::new();
     for concurrency in CONCURRENCY {
-        let result = closed_loop(&target, concurrency, seconds).await;
-        points.push(Point {
-            name: format!("{label}, closed loop c={concurrency}"),
-            result,
-        });
+        let name = format!("{label}, closed loop c={concurrency}");
+        let load = closed_loop(&target, concurrency, seconds);
+        points.push(Point::measure(name, server, load).await);
     }
     if open {
         for rate in OPEN_RATES {
-            let result = open_loop(&target, rate, seconds).await;
-            points.push(Point {
-                name: format!("{label}, open loop {rate:.0}/s"),
-                result,
-            });
+            let name = format!("{label}, open loop {rate:.0}/s");
+            let load = open_loop(&target, rate, seconds);
+            points.push(Point::measure(name, server, load).await);
         }
     }
     points
@@ -455,19 +517,33 @@ async fn up_serving_mlp(root: &Path, mlp_dir: &Path) -> Shoal {
     up
 }
 
+/// The pid of `up`, whose threads' run time the bench counts.
+fn server(up: &Shoal) -> Option<u32> {
+    u32::try_from(up.pid()).ok()
+}
+
 /// One load against the MLP through `shoal up` for `seconds`, and nothing else.
 async fn steady_load(root: &Path, mlp_dir: &Path, load: Steady, seconds: Duration) {
     let mut up = up_serving_mlp(root, mlp_dir).await;
     let target = Target::post_json(&up.url(MLP_INFER), mlp_request());
     closed_loop(&target, 8, Duration::from_millis(500)).await;
-    let result = match load {
-        Steady::Closed(concurrency) => closed_loop(&target, concurrency, seconds).await,
-        Steady::Open(rate) => open_loop(&target, rate, seconds).await,
+    let name = format!("MLP via shoal up, {load:?}");
+    let point = match load {
+        Steady::Closed(concurrency) => {
+            Point::measure(
+                name,
+                server(&up),
+                closed_loop(&target, concurrency, seconds),
+            )
+            .await
+        }
+        Steady::Open(rate) => {
+            Point::measure(name, server(&up), open_loop(&target, rate, seconds)).await
+        }
     };
-    print_points(&[Point {
-        name: format!("MLP via shoal up, {load:?}"),
-        result,
-    }]);
+    let points = [point];
+    print_points(&points);
+    print_threads(&points);
     up.interrupt();
     let _ = up.wait_exit(Duration::from_secs(30));
 }
@@ -498,16 +574,50 @@ async fn floor(seconds: Duration) -> Vec<Point> {
         ("JSON", Target::post_json(&url, mlp_request())),
         ("binary tensor data", mlp_binary_target(&url)),
     ];
+    // The floor's server is a thread of this process, beside the generator's.
+    let this_process = Some(std::process::id());
     let mut points = Vec::new();
     for (label, target) in targets {
         closed_loop(&target, 8, Duration::from_millis(500)).await;
-        let result = closed_loop(&target, 64, seconds).await;
-        points.push(Point {
-            name: format!("transport floor, {label}, closed loop c=64"),
-            result,
-        });
+        let name = format!("transport floor, {label}, closed loop c=64");
+        let load = closed_loop(&target, 64, seconds);
+        points.push(Point::measure(name, this_process, load).await);
     }
     points
+}
+
+/// One c=64 load's core time per request: the whole machine's, and that of the server's
+/// threads that serve HTTP and of those that run the model.
+#[derive(Clone, Copy, Debug)]
+struct CoreTimes {
+    machine: Duration,
+    server: Duration,
+    compute: Duration,
+}
+
+impl CoreTimes {
+    fn of(point: &Point, server_threads: &str, compute_threads: &str) -> CoreTimes {
+        CoreTimes {
+            machine: point.result.core_time_per_request(),
+            server: point.per_request(server_threads),
+            compute: point.per_request(compute_threads),
+        }
+    }
+
+    /// Everything outside the server's HTTP and model threads: the generator, the
+    /// kernel's work on its behalf, and anything else the host ran.
+    fn outside(&self) -> Duration {
+        self.machine.saturating_sub(self.server + self.compute)
+    }
+}
+
+fn core_times_json(times: CoreTimes) -> serde_json::Value {
+    json!({
+        "machine": us(times.machine),
+        "server_threads": us(times.server),
+        "compute_threads": us(times.compute),
+        "outside": us(times.outside()),
+    })
 }
 
 /// Where the core time of one request at c=64 goes, and what that allows.
@@ -521,21 +631,32 @@ async fn floor(seconds: Duration) -> Vec<Point> {
 /// `/proc/stat` does: the same number on a host without a CPU limit, as this bench's.)
 struct Budget {
     raw: Raw,
-    /// Core time per request at c=64 to the floor, JSON and binary requests.
-    floor: Duration,
-    floor_binary: Duration,
-    /// Core time per request at c=64 through `shoal up`, JSON and binary requests.
-    up: Duration,
-    up_binary: Duration,
+    /// At c=64 to the floor, JSON and binary requests.
+    floor: CoreTimes,
+    floor_binary: CoreTimes,
+    /// At c=64 through `shoal up`, JSON and binary requests.
+    up: CoreTimes,
+    up_binary: CoreTimes,
 }
 
 impl Budget {
+    fn cores() -> f64 {
+        std::thread::available_parallelism().map_or(1, usize::from) as f64
+    }
+
     /// The c=64 ÷ raw ratio of a server that costs nothing beyond `floor`: the model's
     /// batch-32 core time per row on top of the floor, every core busy.
     fn ceiling(&self, floor: Duration) -> f64 {
-        let cores = std::thread::available_parallelism().map_or(1, usize::from) as f64;
         let per_request = floor + self.raw.batch32_core_time_per_row;
-        cores / per_request.as_secs_f64() / self.raw.batch32_rate
+        Self::cores() / per_request.as_secs_f64() / self.raw.batch32_rate
+    }
+
+    /// What a server's own threads may cost per request for c=64 to reach `ratio` of the
+    /// raw limit, every core busy: the request's share of the cores, less the generator
+    /// and kernel outside the server (as at the floor) and the model at batch 32.
+    fn server_allowance(&self, ratio: f64, floor: CoreTimes) -> Duration {
+        let per_request = Duration::from_secs_f64(Self::cores() / (ratio * self.raw.batch32_rate));
+        per_request.saturating_sub(floor.outside() + self.raw.batch32_core_time_per_row)
     }
 
     fn print(&self) {
@@ -549,23 +670,39 @@ impl Budget {
             println!(
                 "  {label}: shoal up {:.1} µs = transport floor {:.1} + model at batch 32 \
                  {:.1} + the rest {:.1} (Shoal's server, and the model's extra cost at c=64)",
-                us(up),
-                us(floor),
+                us(up.machine),
+                us(floor.machine),
                 us(model),
-                us(up.saturating_sub(floor + model)),
+                us(up.machine.saturating_sub(floor.machine + model)),
+            );
+            println!(
+                "    by thread: Shoal's async runtime {:.1} µs against the floor's server {:.1} \
+                 (framing alone); Shoal's compute threads {:.1} µs a row against {:.1} at raw \
+                 batch 32; outside the servers' threads (generator, kernel) {:.1} with \
+                 shoal up, {:.1} with the floor",
+                us(up.server),
+                us(floor.server),
+                us(up.compute),
+                us(model),
+                us(up.outside()),
+                us(floor.outside()),
+            );
+            println!(
+                "    for c=64 at 0.6 of raw, a server's own threads may take {:.1} µs a request",
+                us(self.server_allowance(0.6, floor)),
             );
         }
         println!(
             "  ceiling of c=64 / raw batch 32 for a server that costs nothing: JSON {:.2}, \
              binary {:.2}",
-            self.ceiling(self.floor),
-            self.ceiling(self.floor_binary)
+            self.ceiling(self.floor.machine),
+            self.ceiling(self.floor_binary.machine)
         );
         println!(
             "  reading the JSON numbers through shoal up: about {:.1} µs; ceiling for a server \
              that costs only that: {:.2}",
             us(self.json_reading()),
-            self.ceiling(self.floor + self.json_reading())
+            self.ceiling(self.floor.machine + self.json_reading())
         );
     }
 
@@ -575,8 +712,9 @@ impl Budget {
     /// binary path has a JSON header of its own to read.
     fn json_reading(&self) -> Duration {
         self.up
-            .saturating_sub(self.up_binary)
-            .saturating_sub(self.floor.saturating_sub(self.floor_binary))
+            .machine
+            .saturating_sub(self.up_binary.machine)
+            .saturating_sub(self.floor.machine.saturating_sub(self.floor_binary.machine))
     }
 }
 
@@ -592,18 +730,18 @@ async fn served(
 ) {
     // The transport floor: the same requests at c=64 to a server that only frames them.
     let floor_points = floor(seconds).await;
-    let floor_core = floor_points[0].result.core_time_per_request();
-    let floor_binary_core = floor_points[1].result.core_time_per_request();
+    let floor_core = CoreTimes::of(&floor_points[0], FLOOR_THREAD, COMPUTE_THREADS);
+    let floor_binary_core = CoreTimes::of(&floor_points[1], FLOOR_THREAD, COMPUTE_THREADS);
 
     // shoal up: the embedded gateway, the MLP with batching on and off.
     let mut up = up_serving_mlp(root, mlp_dir).await;
     let base = up.url("");
     let url = up.url(MLP_INFER);
     let body = mlp_request();
-    let up_points = sweep("MLP via shoal up", &url, body, seconds, true).await;
+    let up_points = sweep("MLP via shoal up", &url, body, seconds, true, server(&up)).await;
     let up_c1 = up_points[0].result.quantile(0.5);
     let up_c64 = up_points[2].result.rate();
-    let up_c64_core = up_points[2].result.core_time_per_request();
+    let up_c64_core = CoreTimes::of(&up_points[2], RUNTIME_THREADS, COMPUTE_THREADS);
     let up_open_500_p99 = up_points[4].result.quantile(0.99);
     let mut points = floor_points;
     points.extend(up_points);
@@ -611,23 +749,20 @@ async fn served(
     // The same requests with the features as binary tensor data: no decimal text to read.
     let binary = mlp_binary_target(&url);
     closed_loop(&binary, 8, Duration::from_millis(500)).await;
-    let binary_result = closed_loop(&binary, 64, seconds).await;
-    let up_binary_c64 = binary_result.rate();
-    let up_binary_c64_core = binary_result.core_time_per_request();
-    points.push(Point {
-        name: "MLP via shoal up, binary tensor data, closed loop c=64".into(),
-        result: binary_result,
-    });
+    let name = "MLP via shoal up, binary tensor data, closed loop c=64".to_string();
+    let binary_point = Point::measure(name, server(&up), closed_loop(&binary, 64, seconds)).await;
+    let up_binary_c64 = binary_point.result.rate();
+    let up_binary_c64_core = CoreTimes::of(&binary_point, RUNTIME_THREADS, COMPUTE_THREADS);
+    points.push(binary_point);
 
     push_and_deploy(&base, root, mlp_dir, "mlp-unbatched", "mlp-unbatched", 1);
     let unbatched_url = up.url("/v2/models/mlp-unbatched/infer");
     wait_serving(&unbatched_url, body).await;
-    let unbatched = closed_loop(&Target::post_json(&unbatched_url, body), 64, seconds).await;
-    let unbatched_rate = unbatched.rate();
-    points.push(Point {
-        name: "MLP via shoal up, batching off, closed loop c=64".into(),
-        result: unbatched,
-    });
+    let name = "MLP via shoal up, batching off, closed loop c=64".to_string();
+    let unbatched = Target::post_json(&unbatched_url, body);
+    let unbatched = Point::measure(name, server(&up), closed_loop(&unbatched, 64, seconds)).await;
+    let unbatched_rate = unbatched.result.rate();
+    points.push(unbatched);
 
     // MiniLM through shoal up, against raw embedding passes.
     let mut minilm_served = None;
@@ -663,11 +798,9 @@ async fn served(
         let target = Target::post_json(&url, body);
         closed_loop(&target, 8, Duration::from_millis(500)).await;
         for concurrency in [1, 8, 32] {
-            let result = closed_loop(&target, concurrency, seconds).await;
-            points.push(Point {
-                name: format!("MiniLM via shoal up, closed loop c={concurrency}"),
-                result,
-            });
+            let name = format!("MiniLM via shoal up, closed loop c={concurrency}");
+            let load = closed_loop(&target, concurrency, seconds);
+            points.push(Point::measure(name, server(&up), load).await);
         }
         minilm_served = Some((*raw, points.last().map_or(0.0, |p| p.result.rate())));
     }
@@ -689,7 +822,15 @@ async fn served(
         push_and_deploy(&base, &cluster_root, mlp_dir, "mlp", "mlp", 32);
         let url = cluster.url(leader, MLP_INFER);
         wait_serving(&url, body).await;
-        let cluster_points = sweep("MLP via a 3-server cluster", &url, body, seconds, true).await;
+        let cluster_points = sweep(
+            "MLP via a 3-server cluster",
+            &url,
+            body,
+            seconds,
+            true,
+            None,
+        )
+        .await;
         let cluster_c64 = cluster_points[2].result.rate();
         points.extend(cluster_points);
         cluster.stop_all();
@@ -697,6 +838,8 @@ async fn served(
     };
     println!();
     print_points(&points);
+    println!();
+    print_threads(&points);
     let c1_overhead = up_c1.saturating_sub(raw_mlp.batch1_time);
     let budget = Budget {
         raw: raw_mlp,
@@ -771,18 +914,21 @@ async fn served(
             "up_c1_p50_minus_raw_batch1_ms": ms(c1_overhead),
             "up_open_500_p99_ms": ms(up_open_500_p99),
             "dynamic_batching_gain_c64": up_c64 / unbatched_rate.max(f64::MIN_POSITIVE),
-            "ceiling_c64_over_raw_batch32": budget.ceiling(budget.floor),
-            "ceiling_binary_c64_over_raw_batch32": budget.ceiling(budget.floor_binary),
+            "ceiling_c64_over_raw_batch32": budget.ceiling(budget.floor.machine),
+            "ceiling_binary_c64_over_raw_batch32": budget.ceiling(budget.floor_binary.machine),
             "ceiling_json_reading_c64_over_raw_batch32":
-                budget.ceiling(budget.floor + budget.json_reading()),
+                budget.ceiling(budget.floor.machine + budget.json_reading()),
         },
         "core_us_per_request_c64": {
-            "floor": us(budget.floor),
-            "floor_binary": us(budget.floor_binary),
+            "floor": core_times_json(budget.floor),
+            "floor_binary": core_times_json(budget.floor_binary),
             "raw_batch32_per_row": us(raw_mlp.batch32_core_time_per_row),
-            "up": us(budget.up),
-            "up_binary": us(budget.up_binary),
+            "up": core_times_json(budget.up),
+            "up_binary": core_times_json(budget.up_binary),
             "json_reading": us(budget.json_reading()),
+            "server_allowance_at_0_6": us(budget.server_allowance(0.6, budget.floor)),
+            "server_allowance_at_0_6_binary":
+                us(budget.server_allowance(0.6, budget.floor_binary)),
         },
     });
     println!();

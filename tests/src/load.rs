@@ -6,6 +6,7 @@
 //! server that falls behind shows its queueing in the latencies instead of hiding it by
 //! slowing the generator down (coordinated omission).
 
+use std::collections::{BTreeMap, HashMap};
 use std::net::{SocketAddr, ToSocketAddrs};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -140,6 +141,100 @@ impl CoreStat {
             idle: Duration::from_secs_f64(idle as f64 / ticks_per_second),
         }
     }
+}
+
+/// A reading of how long each thread of one process has run, to split a run's core time
+/// among the process's kinds of thread: an async runtime's workers, a compute pool's
+/// threads, the rest.
+///
+/// A thread's time is the scheduler's own count of the nanoseconds it ran
+/// (`/proc/PID/task/TID/schedstat`), exact where the tick-sampled `utime` and `stime` are
+/// not (see [`CoreClock`]); it includes the kernel's work on the thread's behalf, such as
+/// its TCP sends. Without schedstat the ticks are used. A thread that ends between two
+/// readings is not counted; one that starts counts from nothing.
+#[derive(Clone, Debug)]
+pub struct ThreadClock {
+    pid: u32,
+    at_start: HashMap<u32, Duration>,
+}
+
+impl ThreadClock {
+    pub fn now(pid: u32) -> ThreadClock {
+        ThreadClock {
+            pid,
+            at_start: thread_times(pid)
+                .into_iter()
+                .map(|thread| (thread.tid, thread.ran))
+                .collect(),
+        }
+    }
+
+    /// Each kind of thread's run time since this reading, by [`thread_kind`]: empty when
+    /// the process is gone or not Linux.
+    pub fn since(&self) -> BTreeMap<String, Duration> {
+        let mut kinds = BTreeMap::new();
+        for thread in thread_times(self.pid) {
+            let before = self.at_start.get(&thread.tid).copied().unwrap_or_default();
+            *kinds
+                .entry(thread_kind(&thread.name).to_string())
+                .or_insert(Duration::ZERO) += thread.ran.saturating_sub(before);
+        }
+        kinds
+    }
+}
+
+/// A thread's kind: its name less a trailing `-N`, so that a pool's threads
+/// (`shoal-compute-0`, `shoal-compute-1`) count together.
+pub fn thread_kind(name: &str) -> &str {
+    match name.rsplit_once('-') {
+        Some((kind, index)) if !index.is_empty() && index.bytes().all(|b| b.is_ascii_digit()) => {
+            kind
+        }
+        _ => name,
+    }
+}
+
+struct ThreadTime {
+    tid: u32,
+    name: String,
+    ran: Duration,
+}
+
+/// Every live thread of `pid`, with how long it has run.
+#[allow(unsafe_code)]
+fn thread_times(pid: u32) -> Vec<ThreadTime> {
+    // SAFETY: sysconf reads a constant and has no preconditions.
+    let ticks_per_second = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return Vec::new();
+    };
+    let read = |dir: &std::path::Path, file: &str| std::fs::read_to_string(dir.join(file));
+    tasks
+        .filter_map(|task| {
+            let dir = task.ok()?.path();
+            let tid = dir.file_name()?.to_str()?.parse().ok()?;
+            let name = read(&dir, "comm").ok()?.trim_end().to_string();
+            let ran = match read(&dir, "schedstat") {
+                Ok(schedstat) => {
+                    Duration::from_nanos(schedstat.split_whitespace().next()?.parse().ok()?)
+                }
+                Err(_) => {
+                    // utime and stime, fields 14 and 15, counted after the name's `)`.
+                    let stat = read(&dir, "stat").ok()?;
+                    let fields: Vec<u64> = stat
+                        .rsplit_once(')')?
+                        .1
+                        .split_whitespace()
+                        .skip(11)
+                        .take(2)
+                        .filter_map(|n| n.parse().ok())
+                        .collect();
+                    Duration::from_secs_f64(fields.iter().sum::<u64>() as f64 / ticks_per_second)
+                }
+            };
+            Some(ThreadTime { tid, name, ran })
+        })
+        .collect()
 }
 
 /// One prepared request: where it goes and its bytes on the wire, built once.
@@ -426,13 +521,16 @@ pub async fn open_loop(target: &Target, rate: f64, duration: Duration) -> LoadRe
     LoadResult::merge(vec![(ok, errors, latencies)], elapsed, cores.busy())
 }
 
+/// The name of the [`Floor`]'s thread, to tell its run time from the generator's.
+pub const FLOOR_THREAD: &str = "floor-server";
+
 /// A server that does nothing but HTTP framing: it reads each request whole and writes
 /// back the same prepared answer. Loaded like Shoal, it measures the transport floor, what
 /// the generator and loopback TCP cost per request with no server work on top, which no
 /// server, however lean, can take below.
 ///
-/// It runs on one thread of its own, as `shoal up` serves HTTP on one runtime thread, and
-/// stops when dropped.
+/// It runs on one thread of its own, [`FLOOR_THREAD`], as `shoal up` serves HTTP on one
+/// runtime thread, and stops when dropped.
 pub struct Floor {
     address: SocketAddr,
     stop: Option<tokio::sync::oneshot::Sender<()>>,
@@ -450,7 +548,7 @@ impl Floor {
         let address = listener.local_addr().expect("the floor's address");
         let (stop, stopped) = tokio::sync::oneshot::channel();
         let answer: Arc<[u8]> = answer.into();
-        let thread = std::thread::spawn(move || {
+        let serve = move || {
             let runtime = tokio::runtime::Builder::new_current_thread()
                 .enable_io()
                 .build()
@@ -468,7 +566,11 @@ impl Floor {
                     _ = stopped => {}
                 }
             });
-        });
+        };
+        let thread = std::thread::Builder::new()
+            .name(FLOOR_THREAD.into())
+            .spawn(serve)
+            .expect("the floor's thread");
         Floor {
             address,
             stop: Some(stop),
@@ -733,6 +835,42 @@ mod tests {
         // At least half: the clock ticks in hundredths of a second, and the hypervisor
         // may take the core away for a while (stolen time counts as idle).
         assert!(busy >= Duration::from_millis(150), "{busy:?}");
+    }
+
+    #[test]
+    fn a_pools_threads_are_one_kind() {
+        assert_eq!(thread_kind("shoal-compute-0"), "shoal-compute");
+        assert_eq!(thread_kind("shoal-compute-17"), "shoal-compute");
+        assert_eq!(thread_kind("tokio-rt-worker"), "tokio-rt-worker");
+        assert_eq!(thread_kind("floor-server"), "floor-server");
+        assert_eq!(thread_kind("worker-"), "worker-");
+        assert_eq!(thread_kind("7"), "7");
+    }
+
+    #[test]
+    fn the_thread_clock_counts_a_spinning_thread_under_its_kind() {
+        let clock = ThreadClock::now(std::process::id());
+        let (done, wait) = std::sync::mpsc::channel::<()>();
+        let spinner = std::thread::Builder::new()
+            .name("spinner-3".into())
+            .spawn(move || {
+                let spin = Instant::now();
+                while spin.elapsed() < Duration::from_millis(300) {
+                    std::hint::black_box(0);
+                }
+                // Stay alive until read: an ended thread is not counted.
+                let _ = wait.recv();
+            })
+            .expect("a thread");
+        std::thread::sleep(Duration::from_millis(400));
+        let kinds = clock.since();
+        drop(done);
+        spinner.join().expect("the spinner");
+        let spun = kinds.get("spinner").copied().unwrap_or_default();
+        // The hypervisor may take the core away for a while; the scheduler does not count
+        // that as run time.
+        assert!(spun >= Duration::from_millis(150), "{kinds:?}");
+        assert!(spun <= Duration::from_millis(400), "{kinds:?}");
     }
 
     #[test]
