@@ -15,7 +15,9 @@
 //! gateway of `shoal up`, and (the MLP) through a 3-server + 1-agent cluster: closed loop at
 //! concurrency 1, 8 and 64, and open loop at fixed rates, latency counted from each
 //! request's scheduled send time. The load generator shares the machine's cores with
-//! Shoal; the ratios are what this host gives both.
+//! Shoal; the ratios are what this host gives both. Every point reports the machine's core
+//! time per request, split among the server process's kinds of thread where the server is
+//! one process, and the c=64 budget says where a request's core time goes.
 
 use serde_json::json;
 use shoal_actors::fixtures::{minilm_files, mlp_classifier};
