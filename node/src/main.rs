@@ -317,6 +317,11 @@ fn async_worker_threads(command: &Commands) -> Option<usize> {
     }
 }
 
+/// The name of the async runtime's threads (its workers and its blocking pool), as `top -H`,
+/// `perf` and the serving bench's split by thread see them: named like the compute pool's
+/// `shoal-compute-N`, and within the 15 bytes Linux keeps of a thread's name.
+const RUNTIME_THREAD_NAME: &str = "shoal-runtime";
+
 /// How long blocking work left at exit may run before the process ends without it: a
 /// stop must not wait out a large model's load.
 const BLOCKING_WORK_AT_EXIT: std::time::Duration = std::time::Duration::from_secs(5);
@@ -329,6 +334,7 @@ fn main() -> ExitCode {
         LogFormatArg::Json => LogFormat::Json,
     };
     let mut runtime = tokio::runtime::Builder::new_multi_thread();
+    runtime.thread_name(RUNTIME_THREAD_NAME);
     if let Some(threads) = async_worker_threads(&args.command) {
         runtime.worker_threads(threads);
     }

@@ -62,10 +62,14 @@ impl Steady {
     }
 }
 
-/// The thread kinds of `shoal up` the budget reads: its async runtime's workers (HTTP,
-/// routing, reading requests, batching, answering) and its compute pool (forward passes).
-const RUNTIME_THREADS: &str = "tokio-rt-worker";
+/// The thread kinds of `shoal up` the budget reads: its async runtime (HTTP, routing,
+/// reading requests, batching, answering; its blocking threads share the name) and its
+/// compute pool (forward passes).
+const RUNTIME_THREADS: &str = "shoal-runtime";
 const COMPUTE_THREADS: &str = "shoal-compute";
+
+/// The kind of this process's async runtime threads: the load generator's.
+const GENERATOR_THREADS: &str = "load-generator";
 
 /// One measured point, as a table row and a JSON object.
 struct Point {
@@ -130,6 +134,8 @@ fn print_points(points: &[Point]) {
 
 /// Where each measured point's core time went: the server process's kinds of thread, and
 /// the rest of the machine (the generator, and the kernel's work outside those threads).
+/// The floor's server is a thread of this process, so its lines also name the generator's
+/// threads.
 fn print_threads(points: &[Point]) {
     println!("core µs per request by thread of the server's process:");
     for point in points.iter().filter(|point| !point.threads.is_empty()) {
@@ -263,7 +269,8 @@ fn raw_forward(model: &dyn ModelRuntime, inputs: &[NamedTensor], rows: usize) ->
 /// The physical limit of one model: the best of candle's forward passes in this process
 /// with one intra-op thread, with one per core, and with one per core on a rayon pool's
 /// thread (how Shoal's compute pool runs them), so the ratios are never flattered by a
-/// slower baseline.
+/// slower baseline. In each, candle's own pool for large elementwise kernels is the one
+/// `shoal up` has (see `main`).
 #[derive(Clone, Copy, Debug)]
 struct Raw {
     /// Rows per second at batch 1, and the median time of one batch-1 pass.
@@ -439,7 +446,18 @@ async fn sweep(
     points
 }
 
+#[allow(
+    unsafe_code,
+    reason = "setting the environment before any other thread exists"
+)]
 fn main() {
+    // candle sizes the pool it splits large elementwise kernels over (`candle-bp-N`, one
+    // thread fewer than this) once, at its first such kernel, from `CANDLE_NUM_THREADS`,
+    // else `RAYON_NUM_THREADS`, which the raw passes change: pinned to the cores first, so
+    // every raw pass has the pool `shoal up` has.
+    let cores = std::thread::available_parallelism().map_or(1, usize::from);
+    // SAFETY: no other thread exists yet.
+    unsafe { std::env::set_var("CANDLE_NUM_THREADS", cores.to_string()) };
     let arguments: Vec<String> = std::env::args().collect();
     let seconds = arguments
         .iter()
@@ -502,6 +520,7 @@ fn main() {
 fn async_runtime() -> tokio::runtime::Runtime {
     tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
+        .thread_name(GENERATOR_THREADS)
         .enable_all()
         .build()
         .expect("the async runtime")
@@ -521,7 +540,7 @@ async fn up_serving_mlp(root: &Path, mlp_dir: &Path) -> Shoal {
 
 /// The pid of `up`, whose threads' run time the bench counts.
 fn server(up: &Shoal) -> Option<u32> {
-    u32::try_from(up.pid()).ok()
+    Some(up.id())
 }
 
 /// One load against the MLP through `shoal up` for `seconds`, and nothing else.
@@ -530,18 +549,12 @@ async fn steady_load(root: &Path, mlp_dir: &Path, load: Steady, seconds: Duratio
     let target = Target::post_json(&up.url(MLP_INFER), mlp_request());
     closed_loop(&target, 8, Duration::from_millis(500)).await;
     let name = format!("MLP via shoal up, {load:?}");
+    let pid = server(&up);
     let point = match load {
         Steady::Closed(concurrency) => {
-            Point::measure(
-                name,
-                server(&up),
-                closed_loop(&target, concurrency, seconds),
-            )
-            .await
+            Point::measure(name, pid, closed_loop(&target, concurrency, seconds)).await
         }
-        Steady::Open(rate) => {
-            Point::measure(name, server(&up), open_loop(&target, rate, seconds)).await
-        }
+        Steady::Open(rate) => Point::measure(name, pid, open_loop(&target, rate, seconds)).await,
     };
     let points = [point];
     print_points(&points);
@@ -598,19 +611,44 @@ struct CoreTimes {
 }
 
 impl CoreTimes {
-    fn of(point: &Point, server_threads: &str, compute_threads: &str) -> CoreTimes {
+    /// A load through `shoal up`: its runtime threads serve HTTP, its compute threads run
+    /// the model.
+    fn shoal(point: &Point) -> CoreTimes {
         CoreTimes {
             machine: point.result.core_time_per_request(),
-            server: point.per_request(server_threads),
-            compute: point.per_request(compute_threads),
+            server: point.per_request(counted(point, RUNTIME_THREADS)),
+            compute: point.per_request(counted(point, COMPUTE_THREADS)),
+        }
+    }
+
+    /// A load to the floor, whose one thread serves HTTP and runs no model.
+    fn floor(point: &Point) -> CoreTimes {
+        CoreTimes {
+            machine: point.result.core_time_per_request(),
+            server: point.per_request(counted(point, FLOOR_THREAD)),
+            compute: Duration::ZERO,
         }
     }
 
     /// Everything outside the server's HTTP and model threads: the generator, the
-    /// kernel's work on its behalf, and anything else the host ran.
+    /// kernel's work outside those threads, the server's other threads (`shoal up`'s raft
+    /// driver and the like, well under a microsecond a request at c=64), and anything else
+    /// the host ran.
     fn outside(&self) -> Duration {
         self.machine.saturating_sub(self.server + self.compute)
     }
+}
+
+/// `kind`, once the point is known to have counted threads of that kind: a renamed thread
+/// would otherwise read as taking no time, and its time as the generator's.
+fn counted<'a>(point: &Point, kind: &'a str) -> &'a str {
+    assert!(
+        point.threads.contains_key(kind),
+        "{}: no {kind:?} threads among {:?}",
+        point.name,
+        point.threads.keys().collect::<Vec<_>>()
+    );
+    kind
 }
 
 fn core_times_json(times: CoreTimes) -> serde_json::Value {
@@ -732,8 +770,8 @@ async fn served(
 ) {
     // The transport floor: the same requests at c=64 to a server that only frames them.
     let floor_points = floor(seconds).await;
-    let floor_core = CoreTimes::of(&floor_points[0], FLOOR_THREAD, COMPUTE_THREADS);
-    let floor_binary_core = CoreTimes::of(&floor_points[1], FLOOR_THREAD, COMPUTE_THREADS);
+    let floor_core = CoreTimes::floor(&floor_points[0]);
+    let floor_binary_core = CoreTimes::floor(&floor_points[1]);
 
     // shoal up: the embedded gateway, the MLP with batching on and off.
     let mut up = up_serving_mlp(root, mlp_dir).await;
@@ -743,7 +781,7 @@ async fn served(
     let up_points = sweep("MLP via shoal up", &url, body, seconds, true, server(&up)).await;
     let up_c1 = up_points[0].result.quantile(0.5);
     let up_c64 = up_points[2].result.rate();
-    let up_c64_core = CoreTimes::of(&up_points[2], RUNTIME_THREADS, COMPUTE_THREADS);
+    let up_c64_core = CoreTimes::shoal(&up_points[2]);
     let up_open_500_p99 = up_points[4].result.quantile(0.99);
     let mut points = floor_points;
     points.extend(up_points);
@@ -754,7 +792,7 @@ async fn served(
     let name = "MLP via shoal up, binary tensor data, closed loop c=64".to_string();
     let binary_point = Point::measure(name, server(&up), closed_loop(&binary, 64, seconds)).await;
     let up_binary_c64 = binary_point.result.rate();
-    let up_binary_c64_core = CoreTimes::of(&binary_point, RUNTIME_THREADS, COMPUTE_THREADS);
+    let up_binary_c64_core = CoreTimes::shoal(&binary_point);
     points.push(binary_point);
 
     push_and_deploy(&base, root, mlp_dir, "mlp-unbatched", "mlp-unbatched", 1);

@@ -141,8 +141,14 @@ impl Shoal {
         std::fs::read_to_string(&self.stderr_path).unwrap_or_default()
     }
 
+    /// The process id, as `libc`'s signal calls take it.
     pub fn pid(&self) -> i32 {
         i32::try_from(self.child.id()).expect("pid fits i32")
+    }
+
+    /// The process id, as `/proc` names it.
+    pub fn id(&self) -> u32 {
+        self.child.id()
     }
 
     /// Sends SIGINT, as Ctrl-C does.

@@ -116,11 +116,16 @@ struct CoreStat {
     idle: Duration,
 }
 
+/// How many of `/proc`'s clock ticks make a second.
+#[allow(unsafe_code, reason = "sysconf has no safe wrapper in libc")]
+fn ticks_per_second() -> f64 {
+    // SAFETY: sysconf reads a constant and has no preconditions.
+    unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64
+}
+
 impl CoreStat {
-    #[allow(unsafe_code)]
     fn read() -> CoreStat {
-        // SAFETY: sysconf reads a constant and has no preconditions.
-        let ticks_per_second = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
+        let ticks_per_second = ticks_per_second();
         let stat = std::fs::read_to_string("/proc/stat").unwrap_or_default();
         let mut lines = stat.lines();
         let ticks: Vec<u64> = lines
@@ -149,8 +154,10 @@ impl CoreStat {
 ///
 /// A thread's time is the scheduler's own count of the nanoseconds it ran
 /// (`/proc/PID/task/TID/schedstat`), exact where the tick-sampled `utime` and `stime` are
-/// not (see [`CoreClock`]); it includes the kernel's work on the thread's behalf, such as
-/// its TCP sends. Without schedstat the ticks are used. A thread that ends between two
+/// not (see [`CoreClock`]); it includes the system calls the thread makes, such as its TCP
+/// sends, though not the softirq work they raise where the kernel accounts interrupt time
+/// apart (that lands outside every thread). Without schedstat (or where it reads zero, as
+/// with the scheduler's statistics off) the ticks are used. A thread that ends between two
 /// readings is not counted; one that starts counts from nothing.
 #[derive(Clone, Debug)]
 pub struct ThreadClock {
@@ -184,7 +191,8 @@ impl ThreadClock {
 }
 
 /// A thread's kind: its name less a trailing `-N`, so that a pool's threads
-/// (`shoal-compute-0`, `shoal-compute-1`) count together.
+/// (`shoal-compute-0`, `shoal-compute-1`) count together. Linux keeps the first 15 bytes of
+/// a name: `shoal-compute-17` reads as `shoal-compute-1`, of the same kind.
 pub fn thread_kind(name: &str) -> &str {
     match name.rsplit_once('-') {
         Some((kind, index)) if !index.is_empty() && index.bytes().all(|b| b.is_ascii_digit()) => {
@@ -201,10 +209,8 @@ struct ThreadTime {
 }
 
 /// Every live thread of `pid`, with how long it has run.
-#[allow(unsafe_code)]
 fn thread_times(pid: u32) -> Vec<ThreadTime> {
-    // SAFETY: sysconf reads a constant and has no preconditions.
-    let ticks_per_second = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
+    let ticks_per_second = ticks_per_second();
     let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
         return Vec::new();
     };
@@ -214,27 +220,30 @@ fn thread_times(pid: u32) -> Vec<ThreadTime> {
             let dir = task.ok()?.path();
             let tid = dir.file_name()?.to_str()?.parse().ok()?;
             let name = read(&dir, "comm").ok()?.trim_end().to_string();
-            let ran = match read(&dir, "schedstat") {
-                Ok(schedstat) => {
-                    Duration::from_nanos(schedstat.split_whitespace().next()?.parse().ok()?)
-                }
-                Err(_) => {
-                    // utime and stime, fields 14 and 15, counted after the name's `)`.
-                    let stat = read(&dir, "stat").ok()?;
-                    let fields: Vec<u64> = stat
-                        .rsplit_once(')')?
-                        .1
-                        .split_whitespace()
-                        .skip(11)
-                        .take(2)
-                        .filter_map(|n| n.parse().ok())
-                        .collect();
-                    Duration::from_secs_f64(fields.iter().sum::<u64>() as f64 / ticks_per_second)
+            let scheduled = read(&dir, "schedstat")
+                .ok()
+                .and_then(|schedstat| schedstat.split_whitespace().next()?.parse().ok())
+                .filter(|&nanoseconds: &u64| nanoseconds > 0);
+            let ran = match scheduled {
+                Some(nanoseconds) => Duration::from_nanos(nanoseconds),
+                None => {
+                    let ticks = stat_run_ticks(&read(&dir, "stat").ok()?)?;
+                    Duration::from_secs_f64(ticks as f64 / ticks_per_second)
                 }
             };
             Some(ThreadTime { tid, name, ran })
         })
         .collect()
+}
+
+/// A thread's `utime` plus `stime` from its `/proc/…/stat` line: proc(5)'s fields 14 and
+/// 15, the 12th and 13th after the `)` that closes field 2 (the name, which may itself
+/// hold `)` and spaces).
+fn stat_run_ticks(stat: &str) -> Option<u64> {
+    let mut fields = stat.rsplit_once(')')?.1.split_whitespace().skip(11);
+    let user: u64 = fields.next()?.parse().ok()?;
+    let system: u64 = fields.next()?.parse().ok()?;
+    Some(user + system)
 }
 
 /// One prepared request: where it goes and its bytes on the wire, built once.
@@ -841,10 +850,18 @@ mod tests {
     fn a_pools_threads_are_one_kind() {
         assert_eq!(thread_kind("shoal-compute-0"), "shoal-compute");
         assert_eq!(thread_kind("shoal-compute-17"), "shoal-compute");
-        assert_eq!(thread_kind("tokio-rt-worker"), "tokio-rt-worker");
+        assert_eq!(thread_kind("shoal-runtime"), "shoal-runtime");
         assert_eq!(thread_kind("floor-server"), "floor-server");
         assert_eq!(thread_kind("worker-"), "worker-");
         assert_eq!(thread_kind("7"), "7");
+    }
+
+    #[test]
+    fn run_ticks_are_read_past_a_name_with_parentheses_and_spaces() {
+        let stat = "4242 (odd) name (x) S 1 4242 4242 0 -1 4194560 120 0 0 0 37 5 0 0 20 0 1";
+        assert_eq!(stat_run_ticks(stat), Some(42));
+        assert_eq!(stat_run_ticks("4242 (short) S 1 2 3"), None);
+        assert_eq!(stat_run_ticks("no name here"), None);
     }
 
     #[test]
