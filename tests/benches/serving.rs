@@ -608,6 +608,8 @@ struct CoreTimes {
     machine: Duration,
     server: Duration,
     compute: Duration,
+    /// How many of the machine's cores were busy on average.
+    busy_cores: f64,
 }
 
 impl CoreTimes {
@@ -618,6 +620,7 @@ impl CoreTimes {
             machine: point.result.core_time_per_request(),
             server: point.per_request(counted(point, RUNTIME_THREADS)),
             compute: point.per_request(counted(point, COMPUTE_THREADS)),
+            busy_cores: busy_cores(point),
         }
     }
 
@@ -627,6 +630,7 @@ impl CoreTimes {
             machine: point.result.core_time_per_request(),
             server: point.per_request(counted(point, FLOOR_THREAD)),
             compute: Duration::ZERO,
+            busy_cores: busy_cores(point),
         }
     }
 
@@ -637,6 +641,10 @@ impl CoreTimes {
     fn outside(&self) -> Duration {
         self.machine.saturating_sub(self.server + self.compute)
     }
+}
+
+fn busy_cores(point: &Point) -> f64 {
+    point.result.core_time_per_request().as_secs_f64() * point.result.rate()
 }
 
 /// `kind`, once the point is known to have counted threads of that kind: a renamed thread
@@ -656,6 +664,7 @@ fn core_times_json(times: CoreTimes) -> serde_json::Value {
         "machine": us(times.machine),
         "server_threads": us(times.server),
         "compute_threads": us(times.compute),
+        "busy_cores": times.busy_cores,
         "outside": us(times.outside()),
     })
 }
@@ -691,9 +700,11 @@ impl Budget {
         Self::cores() / per_request.as_secs_f64() / self.raw.batch32_rate
     }
 
-    /// What a server's own threads may cost per request for c=64 to reach `ratio` of the
-    /// raw limit, every core busy: the request's share of the cores, less the generator
-    /// and kernel outside the server (as at the floor) and the model at batch 32.
+    /// What a server may cost per request for c=64 to reach `ratio` of the raw limit, every
+    /// core busy: the request's share of the cores, less the generator and kernel outside
+    /// the server (as at the floor) and the model at batch 32. The server's cost is its own
+    /// threads, its model's cost beyond batch 32's, and whatever it adds outside (see
+    /// [`Budget::server_cost`]).
     fn server_allowance(&self, ratio: f64, floor: CoreTimes) -> Duration {
         let per_request = Duration::from_secs_f64(Self::cores() / (ratio * self.raw.batch32_rate));
         per_request.saturating_sub(floor.outside() + self.raw.batch32_core_time_per_row)
@@ -716,20 +727,28 @@ impl Budget {
                 us(up.machine.saturating_sub(floor.machine + model)),
             );
             println!(
-                "    by thread: Shoal's async runtime {:.1} µs against the floor's server {:.1} \
-                 (framing alone); Shoal's compute threads {:.1} µs a row against {:.1} at raw \
-                 batch 32; outside the servers' threads (generator, kernel) {:.1} with \
-                 shoal up, {:.1} with the floor",
+                "    by thread: Shoal's async runtime {:.1} µs (the floor's server {:.1}, framing \
+                 alone); Shoal's compute threads {:.1} µs a row ({:.1} at raw batch 32); outside \
+                 the servers' threads (generator, kernel) {:.1} ({:.1} at the floor); cores \
+                 busy {:.2} ({:.2} at the floor)",
                 us(up.server),
                 us(floor.server),
                 us(up.compute),
                 us(model),
                 us(up.outside()),
                 us(floor.outside()),
+                up.busy_cores,
+                floor.busy_cores,
             );
             println!(
-                "    for c=64 at 0.6 of raw, a server's own threads may take {:.1} µs a request",
+                "    for 0.6 of raw at c=64, every core busy, a server may cost {:.1} µs a \
+                 request; Shoal costs {:.1}: its runtime {:.1}, its compute's extra {:.1}, the \
+                 extra outside {:.1}",
                 us(self.server_allowance(0.6, floor)),
+                us(self.server_cost(floor, up)),
+                us(up.server),
+                us(up.compute.saturating_sub(model)),
+                us(up.outside().saturating_sub(floor.outside())),
             );
         }
         println!(
@@ -739,22 +758,31 @@ impl Budget {
             self.ceiling(self.floor_binary.machine)
         );
         println!(
-            "  reading the JSON numbers through shoal up: about {:.1} µs; ceiling for a server \
-             that costs only that: {:.2}",
+            "  reading the JSON numbers on Shoal's runtime thread (JSON less binary there, less \
+             the same on the floor's server): about {:.1} µs; ceiling for a server that costs \
+             only that: {:.2}",
             us(self.json_reading()),
             self.ceiling(self.floor.machine + self.json_reading())
         );
     }
 
-    /// What reading a JSON request's numbers costs in Shoal beyond binary tensor data:
-    /// the two requests' difference through `shoal up`, less their difference at the floor
-    /// (the JSON body's extra bytes through TCP). An underestimate, if anything: the
-    /// binary path has a JSON header of its own to read.
+    /// What Shoal costs per request against [`Budget::server_allowance`]: all of `up`'s
+    /// core time less the generator and kernel outside the server as at the floor, and the
+    /// model at batch 32.
+    fn server_cost(&self, floor: CoreTimes, up: CoreTimes) -> Duration {
+        up.machine
+            .saturating_sub(floor.outside() + self.raw.batch32_core_time_per_row)
+    }
+
+    /// What reading a JSON request's numbers costs Shoal's runtime thread beyond binary
+    /// tensor data: the two requests' difference there, less their difference on the
+    /// floor's server (the JSON body's extra bytes to read). An underestimate, if anything:
+    /// the binary path has a JSON header of its own to read.
     fn json_reading(&self) -> Duration {
         self.up
-            .machine
-            .saturating_sub(self.up_binary.machine)
-            .saturating_sub(self.floor.machine.saturating_sub(self.floor_binary.machine))
+            .server
+            .saturating_sub(self.up_binary.server)
+            .saturating_sub(self.floor.server.saturating_sub(self.floor_binary.server))
     }
 }
 
@@ -966,6 +994,8 @@ async fn served(
             "up": core_times_json(budget.up),
             "up_binary": core_times_json(budget.up_binary),
             "json_reading": us(budget.json_reading()),
+            "server_cost": us(budget.server_cost(budget.floor, budget.up)),
+            "server_cost_binary": us(budget.server_cost(budget.floor_binary, budget.up_binary)),
             "server_allowance_at_0_6": us(budget.server_allowance(0.6, budget.floor)),
             "server_allowance_at_0_6_binary":
                 us(budget.server_allowance(0.6, budget.floor_binary)),
