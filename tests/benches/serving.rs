@@ -538,18 +538,13 @@ async fn up_serving_mlp(root: &Path, mlp_dir: &Path) -> Shoal {
     up
 }
 
-/// The pid of `up`, whose threads' run time the bench counts.
-fn server(up: &Shoal) -> Option<u32> {
-    Some(up.id())
-}
-
 /// One load against the MLP through `shoal up` for `seconds`, and nothing else.
 async fn steady_load(root: &Path, mlp_dir: &Path, load: Steady, seconds: Duration) {
     let mut up = up_serving_mlp(root, mlp_dir).await;
     let target = Target::post_json(&up.url(MLP_INFER), mlp_request());
     closed_loop(&target, 8, Duration::from_millis(500)).await;
     let name = format!("MLP via shoal up, {load:?}");
-    let pid = server(&up);
+    let pid = Some(up.id());
     let point = match load {
         Steady::Closed(concurrency) => {
             Point::measure(name, pid, closed_loop(&target, concurrency, seconds)).await
@@ -643,6 +638,7 @@ impl CoreTimes {
     }
 }
 
+/// How many of the machine's cores were busy during the point's load, on average.
 fn busy_cores(point: &Point) -> f64 {
     point.result.core_time_per_request().as_secs_f64() * point.result.rate()
 }
@@ -806,7 +802,7 @@ async fn served(
     let base = up.url("");
     let url = up.url(MLP_INFER);
     let body = mlp_request();
-    let up_points = sweep("MLP via shoal up", &url, body, seconds, true, server(&up)).await;
+    let up_points = sweep("MLP via shoal up", &url, body, seconds, true, Some(up.id())).await;
     let up_c1 = up_points[0].result.quantile(0.5);
     let up_c64 = up_points[2].result.rate();
     let up_c64_core = CoreTimes::shoal(&up_points[2]);
@@ -818,7 +814,7 @@ async fn served(
     let binary = mlp_binary_target(&url);
     closed_loop(&binary, 8, Duration::from_millis(500)).await;
     let name = "MLP via shoal up, binary tensor data, closed loop c=64".to_string();
-    let binary_point = Point::measure(name, server(&up), closed_loop(&binary, 64, seconds)).await;
+    let binary_point = Point::measure(name, Some(up.id()), closed_loop(&binary, 64, seconds)).await;
     let up_binary_c64 = binary_point.result.rate();
     let up_binary_c64_core = CoreTimes::shoal(&binary_point);
     points.push(binary_point);
@@ -828,7 +824,7 @@ async fn served(
     wait_serving(&unbatched_url, body).await;
     let name = "MLP via shoal up, batching off, closed loop c=64".to_string();
     let unbatched = Target::post_json(&unbatched_url, body);
-    let unbatched = Point::measure(name, server(&up), closed_loop(&unbatched, 64, seconds)).await;
+    let unbatched = Point::measure(name, Some(up.id()), closed_loop(&unbatched, 64, seconds)).await;
     let unbatched_rate = unbatched.result.rate();
     points.push(unbatched);
 
@@ -868,7 +864,7 @@ async fn served(
         for concurrency in [1, 8, 32] {
             let name = format!("MiniLM via shoal up, closed loop c={concurrency}");
             let load = closed_loop(&target, concurrency, seconds);
-            points.push(Point::measure(name, server(&up), load).await);
+            points.push(Point::measure(name, Some(up.id()), load).await);
         }
         minilm_served = Some((*raw, points.last().map_or(0.0, |p| p.result.rate())));
     }
