@@ -16,8 +16,8 @@ use futures_util::future::{Either, Ready, ready};
 use std::convert::Infallible;
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, LazyLock};
 use std::task::{Context, Poll};
 use tower::{Layer, Service};
 use tracing::Instrument;
@@ -98,6 +98,8 @@ where
 /// The request's id: the caller's if it is one, else a new one.
 fn request_id(request: &Request) -> HeaderValue {
     static NEXT: AtomicU64 = AtomicU64::new(0);
+    // Read once: `std::process::id` is a system call each time, one per request otherwise.
+    static PID: LazyLock<u32> = LazyLock::new(std::process::id);
     let given = request.headers().get(REQUEST_ID_HEADER).filter(|value| {
         value.to_str().is_ok_and(|id| {
             !id.is_empty()
@@ -108,11 +110,7 @@ fn request_id(request: &Request) -> HeaderValue {
         })
     });
     given.cloned().unwrap_or_else(|| {
-        let id = format!(
-            "{:x}-{:x}",
-            std::process::id(),
-            NEXT.fetch_add(1, Ordering::Relaxed)
-        );
+        let id = format!("{:x}-{:x}", *PID, NEXT.fetch_add(1, Ordering::Relaxed));
         HeaderValue::try_from(id).unwrap_or_else(|_| HeaderValue::from_static("invalid"))
     })
 }
@@ -153,5 +151,34 @@ where
             response.headers_mut().insert(REQUEST_ID_HEADER, request_id);
         }
         Poll::Ready(Ok(response))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn asking(id: Option<&str>) -> Request {
+        let mut request = Request::builder().uri("/v2/health/ready");
+        if let Some(id) = id {
+            request = request.header(REQUEST_ID_HEADER, id);
+        }
+        request.body(axum::body::Body::empty()).unwrap()
+    }
+
+    #[test]
+    fn a_sane_caller_id_is_kept_and_a_missing_or_odd_one_is_made_here() {
+        assert_eq!(request_id(&asking(Some("caller-42"))), "caller-42");
+        let prefix = format!("{:x}-", std::process::id());
+        let made: Vec<HeaderValue> = [None, Some("has space"), Some("")]
+            .into_iter()
+            .map(|id| request_id(&asking(id)))
+            .collect();
+        for id in &made {
+            let id = id.to_str().unwrap();
+            let counter = id.strip_prefix(&prefix).unwrap_or_else(|| panic!("{id}"));
+            assert!(u64::from_str_radix(counter, 16).is_ok(), "{id}");
+        }
+        assert!(made[0] != made[1] && made[1] != made[2] && made[0] != made[2]);
     }
 }
