@@ -45,8 +45,22 @@ async fn a_silent_node_goes_down_and_a_heartbeat_brings_it_back() {
     let leader = cluster.leader(&http, Duration::from_secs(20)).await;
     let follower = cluster.live().into_iter().find(|&id| id != leader).unwrap();
 
-    // Heartbeats go to any server and reach the leader.
-    assert!(beat(&cluster, &http, follower).await.is_success());
+    // Heartbeats go to any server and reach the leader: a follower forwards them once it
+    // has heard from the new leader. Just after an election it may not have yet, and
+    // answers 503 `not_leader` for the agent to retry, as an agent does.
+    let started = Instant::now();
+    loop {
+        let status = beat(&cluster, &http, follower).await;
+        if status.is_success() {
+            break;
+        }
+        assert!(
+            status == reqwest::StatusCode::SERVICE_UNAVAILABLE
+                && started.elapsed() < Duration::from_secs(10),
+            "a heartbeat through a follower answered {status}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     let started = Instant::now();
     while node_status(&cluster, &http, follower).await != "Ready" {
         assert!(
