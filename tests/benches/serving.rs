@@ -98,12 +98,14 @@ impl Point {
 
     /// A thread kind's run time per answered request.
     fn per_request(&self, kind: &str) -> Duration {
-        self.threads
-            .get(kind)
-            .copied()
-            .unwrap_or_default()
-            .div_f64(self.result.ok.max(1) as f64)
+        let time = self.threads.get(kind).copied().unwrap_or_default();
+        self.result.per_request(time)
     }
+}
+
+/// The cores this process may run on, as Shoal sizes its pools by them.
+fn cores() -> usize {
+    std::thread::available_parallelism().map_or(1, usize::from)
 }
 
 fn ms(duration: Duration) -> f64 {
@@ -292,7 +294,7 @@ fn raw_limit(
     model: &dyn ModelRuntime,
     inputs: impl Fn(usize) -> Vec<NamedTensor>,
 ) -> Raw {
-    let cores = std::thread::available_parallelism().map_or(1, usize::from);
+    let cores = cores();
     let mut best = Raw {
         batch1_rate: 0.0,
         batch1_time: Duration::MAX,
@@ -455,7 +457,7 @@ fn main() {
     // thread fewer than this) once, at its first such kernel, from `CANDLE_NUM_THREADS`,
     // else `RAYON_NUM_THREADS`, which the raw passes change: pinned to the cores first, so
     // every raw pass has the pool `shoal up` has.
-    let cores = std::thread::available_parallelism().map_or(1, usize::from);
+    let cores = cores();
     // SAFETY: no other thread exists yet.
     unsafe { std::env::set_var("CANDLE_NUM_THREADS", cores.to_string()) };
     let arguments: Vec<String> = std::env::args().collect();
@@ -543,15 +545,14 @@ async fn steady_load(root: &Path, mlp_dir: &Path, load: Steady, seconds: Duratio
     let mut up = up_serving_mlp(root, mlp_dir).await;
     let target = Target::post_json(&up.url(MLP_INFER), mlp_request());
     closed_loop(&target, 8, Duration::from_millis(500)).await;
-    let name = format!("MLP via shoal up, {load:?}");
-    let pid = Some(up.id());
-    let point = match load {
-        Steady::Closed(concurrency) => {
-            Point::measure(name, pid, closed_loop(&target, concurrency, seconds)).await
+    let run = async {
+        match load {
+            Steady::Closed(concurrency) => closed_loop(&target, concurrency, seconds).await,
+            Steady::Open(rate) => open_loop(&target, rate, seconds).await,
         }
-        Steady::Open(rate) => Point::measure(name, pid, open_loop(&target, rate, seconds)).await,
     };
-    let points = [point];
+    let name = format!("MLP via shoal up, {load:?}");
+    let points = [Point::measure(name, Some(up.id()), run).await];
     print_points(&points);
     print_threads(&points);
     up.interrupt();
@@ -615,7 +616,7 @@ impl CoreTimes {
             machine: point.result.core_time_per_request(),
             server: point.per_request(counted(point, RUNTIME_THREADS)),
             compute: point.per_request(counted(point, COMPUTE_THREADS)),
-            busy_cores: busy_cores(point),
+            busy_cores: point.result.busy_cores(),
         }
     }
 
@@ -625,7 +626,7 @@ impl CoreTimes {
             machine: point.result.core_time_per_request(),
             server: point.per_request(counted(point, FLOOR_THREAD)),
             compute: Duration::ZERO,
-            busy_cores: busy_cores(point),
+            busy_cores: point.result.busy_cores(),
         }
     }
 
@@ -636,11 +637,6 @@ impl CoreTimes {
     fn outside(&self) -> Duration {
         self.machine.saturating_sub(self.server + self.compute)
     }
-}
-
-/// How many of the machine's cores were busy during the point's load, on average.
-fn busy_cores(point: &Point) -> f64 {
-    point.result.core_time_per_request().as_secs_f64() * point.result.rate()
 }
 
 /// `kind`, once the point is known to have counted threads of that kind: a renamed thread
@@ -685,15 +681,11 @@ struct Budget {
 }
 
 impl Budget {
-    fn cores() -> f64 {
-        std::thread::available_parallelism().map_or(1, usize::from) as f64
-    }
-
     /// The c=64 ÷ raw ratio of a server that costs nothing beyond `floor`: the model's
     /// batch-32 core time per row on top of the floor, every core busy.
     fn ceiling(&self, floor: Duration) -> f64 {
         let per_request = floor + self.raw.batch32_core_time_per_row;
-        Self::cores() / per_request.as_secs_f64() / self.raw.batch32_rate
+        cores() as f64 / per_request.as_secs_f64() / self.raw.batch32_rate
     }
 
     /// What a server may cost per request for c=64 to reach `ratio` of the raw limit, every
@@ -702,7 +694,7 @@ impl Budget {
     /// threads, its model's cost beyond batch 32's, and whatever it adds outside (see
     /// [`Budget::server_cost`]).
     fn server_allowance(&self, ratio: f64, floor: CoreTimes) -> Duration {
-        let per_request = Duration::from_secs_f64(Self::cores() / (ratio * self.raw.batch32_rate));
+        let per_request = Duration::from_secs_f64(cores() as f64 / (ratio * self.raw.batch32_rate));
         per_request.saturating_sub(floor.outside() + self.raw.batch32_core_time_per_row)
     }
 

@@ -41,7 +41,17 @@ impl LoadResult {
 
     /// Core time per successful request: what one request cost the whole machine.
     pub fn core_time_per_request(&self) -> Duration {
-        self.busy.div_f64(self.ok.max(1) as f64)
+        self.per_request(self.busy)
+    }
+
+    /// `time` (spent over the run) shared out among the successful requests.
+    pub fn per_request(&self, time: Duration) -> Duration {
+        time.div_f64(self.ok.max(1) as f64)
+    }
+
+    /// How many of the machine's cores were busy over the run, on average.
+    pub fn busy_cores(&self) -> f64 {
+        self.busy.as_secs_f64() / self.elapsed.as_secs_f64().max(f64::MIN_POSITIVE)
     }
 
     fn merge(
@@ -906,6 +916,7 @@ mod tests {
         );
         assert_eq!((merged.ok, merged.errors), (3, 1));
         assert_eq!(merged.core_time_per_request(), Duration::from_millis(10));
+        assert!((merged.busy_cores() - 0.03).abs() < 1e-9);
         assert_eq!(merged.latencies[0], Duration::from_millis(1));
         assert!((merged.rate() - 3.0).abs() < 1e-9);
     }
