@@ -6,7 +6,9 @@
 //! snapshot, apply committed entries, persist new entries and hard state (synced), collect
 //! the messages that had to wait for that, advance, then the same for the light ready.
 //! Messages are handed to the caller only after that, so nothing leaves before it is
-//! durable.
+//! durable. When the disk is full the ready waits for space, and until it is advanced the
+//! `RawNode` is left alone, as raft-rs requires: no ticks, peer messages are dropped, and
+//! proposals and reads are refused.
 
 use crate::storage::{LogStore, StorageError};
 use crate::{MembershipChange, ProposeError, RaftStatus, StateMachine};
@@ -148,11 +150,17 @@ impl<L: LogStore, S: StateMachine> Core<L, S> {
         })
     }
 
+    /// Why nothing may reach the `RawNode` now: a ready is waiting for disk space, and
+    /// raft-rs forbids changing its state between `ready` and `advance`.
+    fn stall_refusal(&self) -> Option<ProposeError> {
+        self.is_stalled().then(|| {
+            ProposeError::Storage("this member cannot write its log (disk full); retrying".into())
+        })
+    }
+
     fn refusal(&self) -> Option<ProposeError> {
-        if self.unpersisted.is_some() {
-            return Some(ProposeError::Storage(
-                "this member cannot write its log (disk full); retrying".into(),
-            ));
+        if let Some(refusal) = self.stall_refusal() {
+            return Some(refusal);
         }
         if self.raw.raft.state != StateRole::Leader {
             return Some(ProposeError::NotLeader {
@@ -236,6 +244,10 @@ impl<L: LogStore, S: StateMachine> Core<L, S> {
     /// Asks for a linearizable read point: `reply` gets a log index once the leader has
     /// confirmed its leadership and this member has applied up to that index.
     pub(crate) fn read_index(&mut self, deadline: Instant, reply: ReadReply) {
+        if let Some(refusal) = self.stall_refusal() {
+            let _ = reply.send(Err(refusal));
+            return;
+        }
         if self.leader.is_none() {
             let _ = reply.send(Err(ProposeError::NotLeader { leader: None }));
             return;
@@ -253,6 +265,16 @@ impl<L: LogStore, S: StateMachine> Core<L, S> {
     }
 
     pub(crate) fn step(&mut self, message: Message) {
+        if self.is_stalled() {
+            // raft-rs must not be stepped between `ready` and `advance`: a follower that
+            // answered here would abort in `advance`. Raft tolerates the loss; the sender
+            // tries again.
+            shoal_ops::metrics::metrics()
+                .raft_messages_dropped_total
+                .with_label_values(&["storage_stalled"])
+                .inc();
+            return;
+        }
         let last_index = self.raw.raft.raft_log.last_index();
         if message.get_msg_type() == MessageType::MsgHeartbeat && message.commit > last_index {
             // The leader believes this member stored entries it does not have: its data
@@ -277,7 +299,11 @@ impl<L: LogStore, S: StateMachine> Core<L, S> {
     }
 
     pub(crate) fn tick(&mut self, now: Instant) {
-        self.raw.tick();
+        // Not while a ready is unpersisted: a tick may start an election, and a member
+        // that cannot write its vote has no business campaigning.
+        if !self.is_stalled() {
+            self.raw.tick();
+        }
         // Expired callers are told so: their entry may still commit later, which is what
         // `Timeout` means. (Dropping the reply would read as `Stopped`.)
         let expired: Vec<u64> = self
@@ -305,7 +331,11 @@ impl<L: LogStore, S: StateMachine> Core<L, S> {
     }
 
     pub(crate) fn transfer_leader(&mut self, to: u64) {
-        self.raw.transfer_leader(to);
+        // A stalled leader keeps the lead until it can write again (or loses it to an
+        // election among the others); the caller sees the lead did not move.
+        if !self.is_stalled() {
+            self.raw.transfer_leader(to);
+        }
     }
 
     pub(crate) fn report_unreachable(&mut self, id: u64) {
@@ -342,6 +372,11 @@ impl<L: LogStore, S: StateMachine> Core<L, S> {
 
     pub(crate) fn store(&self) -> &L {
         self.raw.store()
+    }
+
+    #[cfg(test)]
+    pub(crate) fn store_mut(&mut self) -> &mut L {
+        self.raw.mut_store()
     }
 
     /// This member's raft role, as named in the `shoal_raft_role` metric.

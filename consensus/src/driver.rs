@@ -297,7 +297,12 @@ struct Driver<S: StateMachine> {
 
 /// Every reason a raft message is dropped or an inbound frame refused, so each counter has
 /// a series (at zero) from the start and a rate over it is defined.
-const DROP_REASONS: [&str; 3] = ["inbound_full", "no_address", "queue_full"];
+const DROP_REASONS: [&str; 4] = [
+    "inbound_full",
+    "no_address",
+    "queue_full",
+    "storage_stalled",
+];
 const REJECT_REASONS: [&str; 5] = [
     "oversized",
     "corrupt",

@@ -1,6 +1,6 @@
 //! A deterministic simulation of a raft group: the real [`Core`] over an in-memory log,
-//! a seeded network that drops, duplicates, reorders and partitions, and crash-restarts
-//! that lose everything not made durable. Safety is checked after every step; at the end
+//! a seeded network that drops, duplicates, reorders and partitions, crash-restarts
+//! that lose everything not made durable, and disks that fill up and refuse appends. Safety is checked after every step; at the end
 //! the network heals and every acknowledged proposal must be applied on every member.
 //!
 //! A failure prints its seed; `SHOAL_SIM_SEED=<seed> cargo test -p shoal-consensus sim`
@@ -38,6 +38,9 @@ impl Rng {
     }
 }
 
+/// Linux's "No space left on device".
+const ENOSPC: i32 = 28;
+
 /// What survives a crash: everything `LogStore` promised was durable.
 #[derive(Clone, Debug, Default)]
 struct Durable {
@@ -53,6 +56,8 @@ struct Durable {
 #[derive(Debug)]
 struct MemoryLog {
     durable: Durable,
+    /// The disk is full: appends fail as raft-engine's do, with `ENOSPC`.
+    full: bool,
 }
 
 impl MemoryLog {
@@ -145,6 +150,11 @@ impl LogStore for MemoryLog {
         entries: &[Entry],
         hard_state: Option<&HardState>,
     ) -> Result<(), StorageError> {
+        if self.full && (!entries.is_empty() || hard_state.is_some()) {
+            return Err(StorageError::Engine(raft_engine::Error::Io(
+                std::io::Error::from_raw_os_error(ENOSPC),
+            )));
+        }
         if let Some(first) = entries.first() {
             assert!(first.index >= self.first(), "append below the snapshot");
             assert!(first.index <= self.last() + 1, "append leaves a gap");
@@ -288,7 +298,10 @@ impl Sim {
         for &id in &voters {
             let mut durable = Durable::default();
             durable.conf_state.set_voters(voters.clone());
-            let log = MemoryLog { durable };
+            let log = MemoryLog {
+                durable,
+                full: false,
+            };
             let core = Core::new(
                 &core_config(id, config.snapshot_interval_entries),
                 log,
@@ -334,7 +347,8 @@ impl Sim {
         };
         match core.handle_ready() {
             Ok(()) => {}
-            Err(ReadyError::Stalled(error)) => panic!("memory log stalled: {error}"),
+            // The ready is kept and retried once the disk has room again.
+            Err(ReadyError::Stalled(_)) => {}
             Err(ReadyError::Fatal(message)) => panic!("member {id} fatal: {message}"),
         }
         let outbox = core.take_outbox();
@@ -381,7 +395,10 @@ impl Sim {
 
     fn restart(&mut self, id: u64) {
         if let Some(durable) = self.disks.remove(&id) {
-            let log = MemoryLog { durable };
+            let log = MemoryLog {
+                durable,
+                full: false,
+            };
             let core = Core::new(
                 &core_config(id, self.config.snapshot_interval_entries),
                 log,
@@ -391,6 +408,17 @@ impl Sim {
             .expect("core restarts");
             self.members.insert(id, Some(core));
             self.log.push(format!("restart {id}"));
+        }
+    }
+
+    /// Fills a member's disk, or frees it if it was full.
+    fn toggle_disk(&mut self) {
+        let id = self.pick();
+        if let Some(Some(core)) = self.members.get_mut(&id) {
+            let log = core.store_mut();
+            log.full = !log.full;
+            let what = if log.full { "fill" } else { "free" };
+            self.log.push(format!("{what} the disk of {id}"));
         }
     }
 
@@ -564,10 +592,11 @@ impl Sim {
             }
             700..=849 => self.propose(),
             850..=869 => self.partition(),
-            870..=889 => {
+            870..=879 => {
                 self.cut.clear();
                 self.log.push("heal".into());
             }
+            880..=889 => self.toggle_disk(),
             _ => {
                 if roll < 890 + self.config.crash_percent_per_mille {
                     let id = self.pick();
@@ -596,6 +625,9 @@ impl Sim {
         self.cut.clear();
         for id in self.ids() {
             self.restart(id);
+            if let Some(Some(core)) = self.members.get_mut(&id) {
+                core.store_mut().full = false;
+            }
         }
         for round in 0..20_000 {
             for id in self.ids() {

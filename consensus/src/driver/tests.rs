@@ -218,18 +218,23 @@ struct Group {
 
 impl Group {
     async fn start(size: u64, snapshot_interval_entries: u64) -> Group {
-        let addresses: BTreeMap<u64, String> =
-            (1..=size).zip(free_addresses(size as usize)).collect();
-        let mut group = Group {
-            root: tempfile::tempdir().unwrap(),
-            addresses,
-            members: BTreeMap::new(),
-            snapshot_interval_entries,
-        };
+        let mut group = Group::new(size, snapshot_interval_entries);
         for id in 1..=size {
             group.start_member(id, false).await;
         }
         group
+    }
+
+    /// The group's addresses and directories, with no member running yet.
+    fn new(size: u64, snapshot_interval_entries: u64) -> Group {
+        let addresses: BTreeMap<u64, String> =
+            (1..=size).zip(free_addresses(size as usize)).collect();
+        Group {
+            root: tempfile::tempdir().unwrap(),
+            addresses,
+            members: BTreeMap::new(),
+            snapshot_interval_entries,
+        }
     }
 
     /// `join`: start with no membership, to be added by a conf change.
@@ -587,6 +592,71 @@ async fn a_full_disk_refuses_proposals_without_panicking_and_recovers_when_space
     assert_eq!(applied.last(), Some(&2000));
     assert!(applied.contains(&1000));
     shutdown(consensus).await;
+}
+
+/// Regression: a follower whose disk filled up kept stepping heartbeats into raft-rs while
+/// its ready waited for space, and raft-rs aborted its driver ("not leader but has new msg
+/// after advance") once the ready could be written. Seen in a chaos run (`disk_full`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_follower_whose_disk_fills_up_stalls_and_catches_up_when_space_returns() {
+    let disk = SmallDisk::mount("64m");
+    let mut group = Group::new(3, 10_000);
+    std::os::unix::fs::symlink(disk.path(), group.root.path().join("member-3")).unwrap();
+    for id in 1..=3 {
+        group.start_member(id, false).await;
+    }
+    let mut leader = group.leader().await;
+    if leader == 3 {
+        group.handle(3).transfer_leader(1).unwrap();
+        let started = Instant::now();
+        while leader == 3 {
+            assert!(started.elapsed() < DEADLINE, "the lead never left member 3");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+            leader = group.leader().await;
+        }
+    }
+    let mut expected: Vec<u64> = (0..10).collect();
+    for &value in &expected {
+        propose(&group.handle(leader), value).await.unwrap();
+    }
+    group.converges(3, &expected).await;
+
+    let ballast = disk.fill();
+    // The leader goes on with the other follower while member 3 cannot write.
+    let mut stalled = group.handle(3).watch_status();
+    let started = Instant::now();
+    let mut seed = 0x9E37_79B9_7F4A_7C15u64;
+    while !stalled.borrow_and_update().storage_stalled {
+        // Filler (not recorded, and not compressible) uses up what the log allocated ahead.
+        let filler: Vec<u8> = (0..(256 << 10) / 8)
+            .flat_map(|_| {
+                seed ^= seed << 13;
+                seed ^= seed >> 7;
+                seed ^= seed << 17;
+                seed.to_le_bytes()
+            })
+            .collect();
+        group.handle(leader).propose(filler, DEADLINE).await.unwrap();
+        assert!(started.elapsed() < DEADLINE, "member 3 never stalled");
+    }
+    let mut value = 10;
+    // Heartbeats and appends reach the stalled member for a while.
+    for _ in 0..20 {
+        propose(&group.handle(leader), value).await.unwrap();
+        expected.push(value);
+        value += 1;
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert!(group.handle(3).status().storage_stalled);
+
+    std::fs::remove_file(ballast).unwrap();
+    group.converges(3, &expected).await;
+    assert!(!group.handle(3).status().storage_stalled);
+    // Its driver is alive: it still takes part in the group.
+    propose(&group.handle(leader), value).await.unwrap();
+    expected.push(value);
+    group.converges(3, &expected).await;
+    group.shutdown().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
