@@ -1,13 +1,13 @@
 //! The verdicts over a chaos history: one pure function per property the cluster must
 //! keep under faults (linearizable aliases, durable acknowledged writes, no overcommitted
 //! device, no stale assignment run, every inference request answered, convergence after
-//! healing). Each reads a [`History`] and returns a [`Verdict`]; none does IO.
+//! healing, no process down with no fault to blame). Each reads a [`History`] and returns a [`Verdict`]; none does IO.
 //!
 //! A checker fails only on evidence: an operation whose outcome is unknown (no answer)
 //! may or may not have taken effect, at any time after it was invoked, and every checker
 //! gives it that benefit of the doubt.
 
-use crate::history::{History, Micros, OpKind, Operation, Outcome, Placement};
+use crate::history::{FaultKind, History, Micros, OpKind, Operation, Outcome, Placement};
 use serde::{Deserialize, Serialize};
 use shoal_tests::linearizability::{self, Op};
 use std::collections::{BTreeMap, BTreeSet};
@@ -19,6 +19,7 @@ pub const NO_DEVICE_OVERCOMMITTED: &str = "no_device_overcommitted";
 pub const NO_STALE_EPOCH_ACCEPTED: &str = "no_stale_epoch_accepted";
 pub const EVERY_REQUEST_ANSWERED: &str = "every_request_answered";
 pub const CONVERGES_AFTER_HEALING: &str = "converges_after_healing";
+pub const PROCESSES_STAY_UP: &str = "processes_stay_up";
 
 /// The most states the linearizability search visits before it answers `Undecided`; the
 /// histories of a chaos run (a few thousand alias operations) finish far below it.
@@ -65,6 +66,7 @@ pub fn all(history: &History, convergence_bound: Micros) -> Vec<Verdict> {
         no_stale_epoch_accepted(history),
         every_request_answered(history),
         converges_after_healing(history, convergence_bound),
+        processes_stay_up(history),
     ]
 }
 
@@ -551,6 +553,46 @@ pub fn converges_after_healing(history: &History, bound: Micros) -> Verdict {
             )
         }
     }
+}
+
+/// No process went down with no fault to blame: every exit was the nemesis' kill, and
+/// every process it restarted listened again within the bound.
+pub fn processes_stay_up(history: &History) -> Verdict {
+    if history.unbidden_exits.is_empty() {
+        let restarts = history
+            .nemesis
+            .iter()
+            .filter(|event| {
+                matches!(
+                    event.kind,
+                    FaultKind::KillLeader
+                        | FaultKind::KillFollower
+                        | FaultKind::KillAgent
+                        | FaultKind::ClockSkew
+                )
+            })
+            .count();
+        return Verdict::pass(
+            PROCESSES_STAY_UP,
+            format!(
+                "no process exited by itself; {restarts} killed or restarted by the nemesis \
+                 all listened again"
+            ),
+        );
+    }
+    let exits: Vec<String> = history
+        .unbidden_exits
+        .iter()
+        .map(|exit| format!("{:?} at {}: {}", exit.member, seconds(exit.at), exit.detail))
+        .collect();
+    Verdict::fail(
+        PROCESSES_STAY_UP,
+        format!(
+            "{} processes went down with no fault to blame: {}",
+            exits.len(),
+            examples(&exits)
+        ),
+    )
 }
 
 /// "client 2 scale(iris, 3) at 1.250 s, ok".

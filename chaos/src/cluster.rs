@@ -201,6 +201,44 @@ impl Cluster {
         self.processes.contains_key(&member)
     }
 
+    /// Members whose process ended although nobody killed it, with how each ended; they
+    /// no longer count as running.
+    pub fn reap_exited(&mut self) -> Vec<(Member, String)> {
+        let exited: Vec<(Member, String)> = self
+            .processes
+            .iter_mut()
+            .filter_map(|(member, child)| {
+                let status = child.try_wait().ok().flatten()?;
+                Some((*member, status.to_string()))
+            })
+            .collect();
+        for (member, _) in &exited {
+            self.processes.remove(member);
+            self.paused.remove(member);
+        }
+        exited
+    }
+
+    /// The last `lines` lines of `member`'s log, joined with " | ".
+    pub fn log_tail(&self, member: Member, lines: usize) -> String {
+        use std::io::{Read, Seek, SeekFrom};
+        /// Enough for a panic message and a few log lines; the start of a log is not read.
+        const TAIL_BYTES: u64 = 16 << 10;
+        let Ok(mut file) = std::fs::File::open(self.log_path(member)) else {
+            return String::new();
+        };
+        let length = file.metadata().map_or(0, |metadata| metadata.len());
+        let _ = file.seek(SeekFrom::Start(length.saturating_sub(TAIL_BYTES)));
+        let mut bytes = Vec::new();
+        let _ = file.read_to_end(&mut bytes);
+        let text = String::from_utf8_lossy(&bytes);
+        let kept: Vec<&str> = text
+            .lines()
+            .filter(|line| !line.trim().is_empty())
+            .collect();
+        kept[kept.len().saturating_sub(lines)..].join(" | ")
+    }
+
     /// SIGKILLs `member` and reaps it.
     pub fn kill(&mut self, member: Member) {
         if let Some(mut child) = self.processes.remove(&member) {

@@ -255,6 +255,17 @@ pub struct Placement {
     pub node: u64,
 }
 
+/// A process that went down with no fault to blame: it exited although the nemesis did
+/// not kill it, or it did not listen again within the bound after a restart.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct UnbiddenExit {
+    /// When the harness noticed.
+    pub at: Micros,
+    pub member: Member,
+    /// How it ended ("exit status: 101") and the last lines of its log.
+    pub detail: String,
+}
+
 /// Everything a run recorded.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct History {
@@ -269,6 +280,7 @@ pub struct History {
     pub placements: BTreeSet<Placement>,
     pub leaders: Vec<LeaderObservation>,
     pub convergence: Vec<ConvergenceObservation>,
+    pub unbidden_exits: Vec<UnbiddenExit>,
     /// When the last fault was healed.
     pub healed_at: Micros,
     pub final_state: FinalState,

@@ -2,7 +2,7 @@
 //! healed, every one recorded with whom it hit.
 
 use crate::cluster::Cluster;
-use crate::history::{FaultKind, Member, NemesisEvent};
+use crate::history::{FaultKind, Member, NemesisEvent, UnbiddenExit};
 use crate::net;
 use crate::proxy::{LinkFault, Proxies};
 use crate::rng::Rng;
@@ -26,19 +26,49 @@ enum Heal {
     Unskew(Member),
 }
 
-/// Waits (at most 20 s) until `member` accepts connections on its HTTP port.
-async fn wait_listening(member: Member) {
+/// How long a restarted process may take to listen again.
+const RESTART_BOUND: Duration = Duration::from_secs(20);
+/// Log lines kept with an unbidden exit: a panic message and what led to it.
+const LOG_TAIL_LINES: usize = 6;
+
+/// Waits (at most [`RESTART_BOUND`]) until `member` accepts connections on its HTTP port;
+/// false if it never did.
+async fn wait_listening(member: Member) -> bool {
     let address = match member {
         Member::Server(id) => net::http_address(id),
         Member::Agent(id) => net::agent_address(id),
     };
-    let deadline = Instant::now() + Duration::from_secs(20);
+    let deadline = Instant::now() + RESTART_BOUND;
     while Instant::now() < deadline {
         if tokio::net::TcpStream::connect(&address).await.is_ok() {
-            return;
+            return true;
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
+    false
+}
+
+/// Records every process of `cluster` that exited although nobody killed it.
+pub fn record_unbidden_exits(cluster: &Mutex<Cluster>, recorder: &Recorder) {
+    let mut cluster = cluster
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    for (member, status) in cluster.reap_exited() {
+        let detail = format!(
+            "{status}; its log ends: {}",
+            cluster.log_tail(member, LOG_TAIL_LINES)
+        );
+        record_unbidden_exit(recorder, member, detail);
+    }
+}
+
+fn record_unbidden_exit(recorder: &Recorder, member: Member, detail: String) {
+    let at = recorder.now();
+    recorder.with(|history| {
+        history
+            .unbidden_exits
+            .push(UnbiddenExit { at, member, detail });
+    });
 }
 
 /// The nemesis' view of the world it breaks.
@@ -68,6 +98,7 @@ impl Nemesis<'_> {
     /// Injects faults until `until`, one at a time; returns with everything healed.
     pub async fn run(&mut self, until: Instant) -> anyhow::Result<()> {
         while Instant::now() < until {
+            record_unbidden_exits(self.cluster, self.recorder);
             let kind = *self.rng.pick(&FaultKind::ALL);
             let leader_before = self.leader();
             let started = self.recorder.now();
@@ -76,8 +107,14 @@ impl Nemesis<'_> {
             tokio::time::sleep(Duration::from_millis(hold)).await;
             self.heal(heal)?;
             // A restarted process is healed once it listens again, not when it is spawned.
-            if let Heal::Restart(member) | Heal::Unskew(member) = heal {
-                wait_listening(member).await;
+            if let Heal::Restart(member) | Heal::Unskew(member) = heal
+                && !wait_listening(member).await
+            {
+                let log = self.cluster().log_tail(member, LOG_TAIL_LINES);
+                let detail = format!(
+                    "not listening {RESTART_BOUND:?} after its restart; its log ends: {log}"
+                );
+                record_unbidden_exit(self.recorder, member, detail);
             }
             let healed = self.recorder.now();
             self.recorder.with(|history| {

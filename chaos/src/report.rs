@@ -369,6 +369,11 @@ pub fn text(report: &Report) -> String {
         })
         .collect();
     table(&mut out, &["result", "checker", "detail"], &rows, 3);
+    // The table cuts details; a failure is spelled out whole, so a printed report (all a CI
+    // log keeps) says what went wrong.
+    for verdict in report.verdicts.iter().filter(|verdict| !verdict.passed) {
+        out.push_str(&format!("\n{} failed: {}\n", verdict.name, verdict.detail));
+    }
 
     out.push('\n');
     let mut rows: Vec<Vec<String>> = report

@@ -5,7 +5,7 @@
 use crate::checkers::{self, Verdict};
 use crate::cluster::Cluster;
 use crate::history::{History, Member, OpKind, Operation};
-use crate::nemesis::Nemesis;
+use crate::nemesis::{self, Nemesis};
 use crate::net::{self, http_address};
 use crate::observe;
 use crate::proxy::Proxies;
@@ -194,7 +194,9 @@ pub async fn run(config: &RunConfig) -> anyhow::Result<(History, Vec<Verdict>)> 
     faults?;
 
     // Heal whatever is left (the nemesis heals each fault; this is the safety net), then
-    // give the cluster its bound to converge.
+    // give the cluster its bound to converge. A process that died on its own is recorded
+    // first, then started again like the rest.
+    nemesis::record_unbidden_exits(&cluster, &recorder);
     net::heal()?;
     proxies.heal();
     {
@@ -232,6 +234,7 @@ pub async fn run(config: &RunConfig) -> anyhow::Result<(History, Vec<Verdict>)> 
     }
     stop_observers.store(true, Ordering::Relaxed);
     while observers.join_next().await.is_some() {}
+    nemesis::record_unbidden_exits(&cluster, &recorder);
 
     let agents: Vec<u64> = (1..=config.agents).collect();
     let history = recorder.with(|history| {

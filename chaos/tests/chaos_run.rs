@@ -56,7 +56,7 @@ fn a_fixed_and_a_random_seed_survive_every_nemesis_with_every_checker_passing() 
     for report in [&fixed, &random] {
         assert_eq!(report["passed"], Value::Bool(true), "{report:#}");
         let verdicts = report["verdicts"].as_array().cloned().unwrap_or_default();
-        assert_eq!(verdicts.len(), 6, "{report:#}");
+        assert_eq!(verdicts.len(), 7, "{report:#}");
     }
     let events = nemesis_events(&fixed) + nemesis_events(&random);
     assert!(

@@ -5,6 +5,7 @@
 use super::*;
 use crate::history::{
     AcceptedAssignment, ConvergenceObservation, DeviceObservation, FaultKind, Member, NemesisEvent,
+    UnbiddenExit,
 };
 use proptest::prelude::*;
 
@@ -661,6 +662,53 @@ fn falling_out_of_convergence_at_the_end_fails() {
     );
 }
 
+// processes_stay_up
+
+#[test]
+fn processes_the_nemesis_killed_and_restarted_pass() {
+    let history = History {
+        nemesis: vec![
+            event(
+                FaultKind::KillLeader,
+                100,
+                Some(900),
+                vec![Member::Server(1)],
+            ),
+            event(
+                FaultKind::ClockSkew,
+                1_000,
+                Some(2_000),
+                vec![Member::Server(2)],
+            ),
+        ],
+        ..History::default()
+    };
+    let verdict = processes_stay_up(&history);
+    assert_passes(&verdict);
+    assert!(
+        verdict.detail.contains("2 killed or restarted"),
+        "{}",
+        verdict.detail
+    );
+}
+
+#[test]
+fn a_process_that_exits_by_itself_fails_naming_it_and_how_it_ended() {
+    let history = History {
+        unbidden_exits: vec![UnbiddenExit {
+            at: ms(91_200),
+            member: Member::Server(3),
+            detail: "exit status: 101; its log ends: panicked at raw_node.rs".into(),
+        }],
+        ..History::default()
+    };
+    let verdict = processes_stay_up(&history);
+    assert_fails(&verdict);
+    for part in ["Server(3)", "91.200 s", "exit status: 101", "panicked"] {
+        assert!(verdict.detail.contains(part), "{part}: {}", verdict.detail);
+    }
+}
+
 // All checkers.
 
 #[test]
@@ -682,6 +730,7 @@ fn every_checker_gives_one_verdict_and_a_clean_history_passes_them_all() {
             NO_STALE_EPOCH_ACCEPTED,
             EVERY_REQUEST_ANSWERED,
             CONVERGES_AFTER_HEALING,
+            PROCESSES_STAY_UP,
         ]
     );
     verdicts.iter().for_each(assert_passes);

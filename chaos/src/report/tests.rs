@@ -285,6 +285,13 @@ fn the_text_shows_every_verdict_with_pass_or_fail() {
     assert!(failed.starts_with("FAIL"));
     assert!(failed.ends_with("x..."), "{failed}");
     assert!(failed.len() < 160, "the detail is cut: {failed}");
+    assert!(
+        text.contains(&format!(
+            "acknowledged_writes_survive failed: {}\n",
+            "x".repeat(300)
+        )),
+        "a failure is spelled out whole: {text}"
+    );
     assert!(text.contains("leader failover: p50 1000.0 ms"), "{text}");
     assert!(text.contains("kill_leader"), "{text}");
     assert!(text.contains("during faults"), "{text}");
