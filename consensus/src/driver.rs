@@ -278,6 +278,13 @@ impl ConsensusHandle {
     pub fn watch_status(&self) -> watch::Receiver<RaftStatus> {
         self.status.clone()
     }
+
+    /// Resolves once the driver thread has ended: shut down, stopped on a fatal error, or
+    /// panicked. (Its status sender goes with it.)
+    pub async fn stopped(&self) {
+        let mut status = self.status.clone();
+        while status.changed().await.is_ok() {}
+    }
 }
 
 struct Driver<S: StateMachine> {

@@ -200,8 +200,9 @@ pub async fn run(config: ServerConfig) -> anyhow::Result<()> {
         "server started"
     );
     let served = axum::serve(listener, api::router(app))
-        .with_graceful_shutdown(crate::up::shutdown_signal())
+        .with_graceful_shutdown(crate::up::shutdown_signal_or_lost_raft(consensus.handle()))
         .await;
+    let lost = crate::up::raft_lost(&consensus.handle());
     let _ = stop.send(true);
     let _ = controller.await;
     let _ = publisher.await;
@@ -211,6 +212,7 @@ pub async fn run(config: ServerConfig) -> anyhow::Result<()> {
     tokio::task::spawn_blocking(move || consensus.shutdown()).await?;
     drop(data_dir);
     served.context("serving HTTP")?;
+    anyhow::ensure!(!lost, crate::up::RAFT_LOST);
     tracing::info!("server stopped");
     Ok(())
 }

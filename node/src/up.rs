@@ -7,7 +7,7 @@ use crate::demo;
 use crate::loops::{self, ProposingReporter};
 use crate::store::ArtifactStore;
 use anyhow::Context;
-use shoal_consensus::ConsensusConfig;
+use shoal_consensus::{ConsensusConfig, ConsensusHandle};
 use shoal_scheduler::{Command, NodeId};
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -117,7 +117,7 @@ pub async fn run(config: UpConfig) -> anyhow::Result<()> {
     });
     let mut server = tokio::spawn(
         axum::serve(listener, api::router(app))
-            .with_graceful_shutdown(shutdown_signal())
+            .with_graceful_shutdown(shutdown_signal_or_lost_raft(consensus.handle()))
             .into_future(),
     );
     // The exact line tests and scripts read to find the port when `--listen` ends in :0.
@@ -150,6 +150,7 @@ pub async fn run(config: UpConfig) -> anyhow::Result<()> {
     };
 
     tracing::info!("http server drained; stopping");
+    let lost = raft_lost(&consensus.handle());
     let _ = stop.send(true);
     let _ = tokio::join!(controller, publisher, reconciler);
     agent.stop().await;
@@ -158,9 +159,32 @@ pub async fn run(config: UpConfig) -> anyhow::Result<()> {
     served
         .context("the HTTP server task failed")?
         .context("serving HTTP")?;
+    anyhow::ensure!(!lost, RAFT_LOST);
     tracing::info!("shoal stopped");
     Ok(())
 }
+
+/// Resolves on Ctrl-C, SIGTERM, or when the raft driver ended by itself (a fatal log
+/// error or a panic). A member without its driver cannot take part in the group, and
+/// serving a state that no longer moves helps nobody: it shuts down and exits non-zero
+/// for its supervisor to restart it.
+pub(crate) async fn shutdown_signal_or_lost_raft(consensus: ConsensusHandle) {
+    tokio::select! {
+        () = shutdown_signal() => {}
+        () = consensus.stopped() => {
+            tracing::error!("the raft driver stopped; shutting down");
+        }
+    }
+}
+
+/// Whether the raft driver has ended; asked before the process stops it.
+pub(crate) fn raft_lost(consensus: &ConsensusHandle) -> bool {
+    consensus.watch_status().has_changed().is_err()
+}
+
+/// What a member exits with when its raft driver ended before it was asked to.
+pub(crate) const RAFT_LOST: &str =
+    "the raft driver stopped (see the log above); exiting to be restarted";
 
 /// Resolves on Ctrl-C or SIGTERM.
 pub(crate) async fn shutdown_signal() {

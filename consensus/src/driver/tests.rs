@@ -186,7 +186,17 @@ async fn requests_after_shutdown_are_answered_stopped() {
         .await
         .unwrap();
     let handle = consensus.handle();
+    let waiting = tokio::spawn({
+        let handle = handle.clone();
+        async move { handle.stopped().await }
+    });
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    assert!(!waiting.is_finished(), "stopped() resolved while running");
     shutdown(consensus).await;
+    tokio::time::timeout(DEADLINE, waiting)
+        .await
+        .expect("stopped() resolves once the driver has ended")
+        .unwrap();
     assert_eq!(propose(&handle, 1).await, Err(ProposeError::Stopped));
     assert_eq!(
         handle.read_index(DEADLINE).await,
@@ -636,7 +646,11 @@ async fn a_follower_whose_disk_fills_up_stalls_and_catches_up_when_space_returns
                 seed.to_le_bytes()
             })
             .collect();
-        group.handle(leader).propose(filler, DEADLINE).await.unwrap();
+        group
+            .handle(leader)
+            .propose(filler, DEADLINE)
+            .await
+            .unwrap();
         assert!(started.elapsed() < DEADLINE, "member 3 never stalled");
     }
     let mut value = 10;
