@@ -10,6 +10,11 @@ use tokio::sync::watch;
 /// Longest a caller waits for a command to be applied.
 pub const PROPOSAL_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// How long a member that knows no leader waits for one before answering `NotLeader`: two
+/// of `shoal server`'s longest election timeouts (20 ticks of 50 ms). A member in an
+/// election, or a follower that has not yet heard from the winner, knows it well within.
+pub const LEADER_WAIT: Duration = Duration::from_secs(2);
+
 pub fn wire() -> bincode::config::Configuration {
     bincode::config::standard()
 }
@@ -124,11 +129,42 @@ impl ControlPlane {
         })
     }
 
+    /// Waits (at most [`LEADER_WAIT`]) until this member knows a leader; false if it
+    /// still knows none.
+    pub async fn wait_for_leader(&self) -> bool {
+        let mut raft = self.raft.clone();
+        let known = raft.wait_for(|status| status.leader.is_some());
+        matches!(tokio::time::timeout(LEADER_WAIT, known).await, Ok(Ok(_)))
+    }
+
+    /// Runs `call`, and once more after a leader is known if it found none. Safe to
+    /// repeat: `NotLeader` means nothing was proposed.
+    async fn with_a_leader<T, F, Fut>(&self, call: F) -> Result<T, ControlError>
+    where
+        F: Fn() -> Fut,
+        Fut: std::future::Future<Output = Result<T, ControlError>>,
+    {
+        let answer = call().await;
+        if let Err(ControlError::Consensus(ProposeError::NotLeader { leader: None })) = answer
+            && self.wait_for_leader().await
+        {
+            return call().await;
+        }
+        answer
+    }
+
     /// Replicates `command` and returns what applying it did.
     pub async fn propose(&self, command: &Command) -> Result<Outcome, ControlError> {
         let data = bincode::serde::encode_to_vec(command, wire())
             .map_err(|error| ControlError::Codec(error.to_string()))?;
-        let answer = self.member()?.propose(data, PROPOSAL_TIMEOUT).await?;
+        let answer = self
+            .with_a_leader(|| async {
+                Ok(self
+                    .member()?
+                    .propose(data.clone(), PROPOSAL_TIMEOUT)
+                    .await?)
+            })
+            .await?;
         let (result, _): (Result<Outcome, Rejected>, usize) =
             bincode::serde::decode_from_slice(&answer, wire())
                 .map_err(|error| ControlError::Codec(error.to_string()))?;
@@ -138,7 +174,9 @@ impl ControlPlane {
     /// The state after every write acknowledged before this call: a linearizable read,
     /// through raft's read index. Works on followers too.
     pub async fn linearizable_state(&self) -> Result<Arc<ClusterState>, ControlError> {
-        let index = self.member()?.read_index(PROPOSAL_TIMEOUT).await?;
+        let index = self
+            .with_a_leader(|| async { Ok(self.member()?.read_index(PROPOSAL_TIMEOUT).await?) })
+            .await?;
         let mut states = self.state.clone();
         // The read index is answered after the state machine published that index, so
         // this normally returns at once.
@@ -154,10 +192,13 @@ impl ControlPlane {
     }
 
     pub async fn change_membership(&self, change: MembershipChange) -> Result<(), ControlError> {
-        Ok(self
-            .member()?
-            .change_membership(change, PROPOSAL_TIMEOUT)
-            .await?)
+        self.with_a_leader(|| async {
+            Ok(self
+                .member()?
+                .change_membership(change.clone(), PROPOSAL_TIMEOUT)
+                .await?)
+        })
+        .await
     }
 
     pub fn transfer_leader(&self, to: u64) -> Result<(), ControlError> {
@@ -185,6 +226,89 @@ impl ControlPlane {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// One member of a three-member group, on `addresses`, with fast ticks.
+    async fn member(
+        id: u64,
+        addresses: &std::collections::BTreeMap<u64, String>,
+        dir: &std::path::Path,
+    ) -> (shoal_consensus::Consensus, ControlPlane) {
+        let config = shoal_consensus::ConsensusConfig {
+            id,
+            dir: dir.join(format!("member-{id}")),
+            cluster_id: 7,
+            peers: addresses.clone(),
+            bootstrap: true,
+            listen: Some(addresses[&id].parse().unwrap()),
+            tick_interval: Duration::from_millis(20),
+            election_ticks: 10,
+            heartbeat_ticks: 2,
+            snapshot_interval_entries: 10_000,
+        };
+        let (machine, states) = ClusterStateMachine::new();
+        let consensus = shoal_consensus::start(&config, machine).await.unwrap();
+        let control = ControlPlane::new(consensus.handle(), states);
+        (consensus, control)
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_write_to_a_member_that_knows_no_leader_waits_for_an_election() {
+        let dir = tempfile::tempdir().unwrap();
+        let listeners: Vec<_> = (0..3)
+            .map(|_| std::net::TcpListener::bind("127.0.0.1:0").unwrap())
+            .collect();
+        let addresses: std::collections::BTreeMap<u64, String> = (1..=3)
+            .zip(
+                listeners
+                    .iter()
+                    .map(|l| l.local_addr().unwrap().to_string()),
+            )
+            .collect();
+        drop(listeners);
+        let command = Command::SetAlias {
+            model: "m".into(),
+            alias: "prod".into(),
+            version: 1,
+        };
+        // Alone, member 1 cannot elect anyone: after the wait it answers that it knows no
+        // leader.
+        let (first, control) = member(1, &addresses, dir.path()).await;
+        let answer = control.propose(&command).await;
+        assert!(
+            matches!(
+                answer,
+                Err(ControlError::Consensus(ProposeError::NotLeader {
+                    leader: None
+                }))
+            ),
+            "{answer:?}"
+        );
+        // A second member comes while the write waits: the write goes ahead with the
+        // leader they elect. Here it is applied (and refused by the state machine: there
+        // is no model "m"), or answered `NotLeader` naming member 2, for the caller to
+        // forward.
+        let writing = tokio::spawn({
+            let control = control.clone();
+            let command = command.clone();
+            async move { control.propose(&command).await }
+        });
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let (second, _) = member(2, &addresses, dir.path()).await;
+        let answer = writing.await.unwrap();
+        assert!(
+            matches!(
+                answer,
+                Err(ControlError::Rejected(Rejected::UnknownModel(_))
+                    | ControlError::Consensus(ProposeError::NotLeader { leader: Some(2) }))
+            ),
+            "{answer:?}"
+        );
+        for consensus in [first, second] {
+            tokio::task::spawn_blocking(move || consensus.shutdown())
+                .await
+                .unwrap();
+        }
+    }
 
     #[test]
     fn a_snapshot_restores_the_same_state() {

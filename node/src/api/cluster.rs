@@ -237,7 +237,10 @@ impl WriteRequest {
         self,
         app: &AppState,
     ) -> Result<Result<Self, Response>, AdminError> {
-        let status = app.control.raft_status();
+        let mut status = app.control.raft_status();
+        if !status.is_leader && status.leader.is_none() && app.control.wait_for_leader().await {
+            status = app.control.raft_status();
+        }
         if status.is_leader {
             return Ok(Ok(self));
         }
