@@ -17,6 +17,11 @@ const GROUP_ID: u64 = 1;
 const KEY_HARD_STATE: &[u8] = b"hard_state";
 const KEY_CONF_STATE: &[u8] = b"conf_state";
 const SNAPSHOT_FILE: &str = "snapshot.bin";
+/// raft-engine 0.4's log file names: the file's sequence number in 16 digits, then this.
+const LOG_FILE_SUFFIX: &str = ".raftlog";
+/// The most a raft-engine 0.4 log file holds before its first batch: its header (a 53-byte
+/// magic, the format version and, in format 2, the alignment).
+const LOG_FILE_HEADER_MAX_BYTES: u64 = 69;
 
 /// Why the log could not be read or written.
 #[derive(Debug, thiserror::Error)]
@@ -108,14 +113,21 @@ impl DiskStorage {
             path: dir.to_path_buf(),
             source,
         })?;
+        let log_dir = dir.join("log");
         let config = raft_engine::Config {
-            dir: dir.join("log").to_string_lossy().into_owned(),
+            dir: log_dir.to_string_lossy().into_owned(),
             // The control-plane log is small; keep recovery light on a 2-core host.
             recovery_threads: 1,
             target_file_size: raft_engine::ReadableSize::mb(32),
             ..raft_engine::Config::default()
         };
-        let engine = Engine::open(config)?;
+        let engine = match Engine::open(config.clone()) {
+            Err(raft_engine::Error::Corruption(message)) if set_aside_empty_last_file(&log_dir) => {
+                tracing::warn!(%message, "opening the raft log again without the empty file");
+                Engine::open(config)?
+            }
+            opened => opened?,
+        };
         let snapshot_path = dir.join(SNAPSHOT_FILE);
         let snapshot = read_snapshot(&snapshot_path)?.unwrap_or_default();
         let hard_state = engine
@@ -147,6 +159,48 @@ impl DiskStorage {
     fn write(&self, batch: &mut LogBatch, sync: bool) -> Result<(), StorageError> {
         self.engine.write(batch, sync)?;
         Ok(())
+    }
+}
+
+/// Renames the log's last file aside if it holds no batch (at most a header) and another
+/// file comes before it; true if it did.
+///
+/// A rotation that fails on a full disk leaves such a file: raft-engine 0.4 creates the
+/// next file, cannot write its header, and goes on writing the previous one, which ends in
+/// space it allocated ahead (zeros) when the process dies. On opening, those zeros are no
+/// longer the tail of the log but the middle, and raft-engine refuses the whole log as
+/// corrupt. Without the empty file they are the tail again, which it truncates. Nothing is
+/// lost: the file held no entry.
+fn set_aside_empty_last_file(log_dir: &Path) -> bool {
+    let Ok(files) = std::fs::read_dir(log_dir) else {
+        return false;
+    };
+    let mut numbered: Vec<(u64, PathBuf)> = files
+        .filter_map(|file| {
+            let path = file.ok()?.path();
+            let name = path.file_name()?.to_str()?;
+            let seq = name.strip_suffix(LOG_FILE_SUFFIX)?.parse().ok()?;
+            Some((seq, path))
+        })
+        .collect();
+    numbered.sort();
+    let [.., _, (_, last)] = numbered.as_slice() else {
+        return false;
+    };
+    let empty = std::fs::metadata(last).is_ok_and(|m| m.len() <= LOG_FILE_HEADER_MAX_BYTES);
+    if !empty {
+        return false;
+    }
+    let aside = last.with_extension("raftlog.empty");
+    match std::fs::rename(last, &aside) {
+        Ok(()) => {
+            tracing::warn!(file = %last.display(), aside = %aside.display(), "set aside an empty raft log file left by a rotation that failed (disk full?)");
+            true
+        }
+        Err(error) => {
+            tracing::error!(%error, file = %last.display(), "cannot set aside an empty raft log file");
+            false
+        }
     }
 }
 

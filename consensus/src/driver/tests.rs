@@ -528,8 +528,10 @@ impl SmallDisk {
         use std::io::Write as _;
         let path = self.dir.path().join("ballast");
         let mut file = std::fs::File::create(&path).unwrap();
+        // To the last byte: 64 KiB blocks, then single bytes.
         let block = vec![0u8; 64 << 10];
         while file.write_all(&block).is_ok() {}
+        while file.write_all(&block[..1]).is_ok() {}
         let _ = file.sync_all();
         path
     }
