@@ -74,10 +74,18 @@ pub(crate) struct Core<L: LogStore, S: StateMachine> {
     /// Set when the membership changed: the next snapshot must carry the new membership,
     /// since a member added by the change can only install a snapshot that names it.
     snapshot_due: bool,
-    /// A ready whose entries could not be persisted yet (disk full); retried first.
-    unpersisted: Option<raft::Ready>,
+    /// A ready that could not be written yet (disk full); retried first.
+    unpersisted: Option<Unpersisted>,
     outbox: Vec<Message>,
     events: Vec<CoreEvent>,
+}
+
+/// A ready waiting for disk space, and how far it got.
+struct Unpersisted {
+    ready: raft::Ready,
+    /// Its snapshot is installed and its committed entries applied: what is left is to
+    /// persist its entries and hard state. (Both are done once.)
+    applied: bool,
 }
 
 /// Settings of a core.
@@ -407,14 +415,37 @@ impl<L: LogStore, S: StateMachine> Core<L, S> {
     }
 
     /// Processes everything raft has ready. On `Stalled` the ready is kept and the next
-    /// call retries persisting it.
+    /// call goes on with it from where it stopped.
     pub(crate) fn handle_ready(&mut self) -> Result<(), ReadyError> {
-        if let Some(ready) = self.unpersisted.take() {
-            return self.persist_and_advance(ready);
+        let Unpersisted { mut ready, applied } = match self.unpersisted.take() {
+            Some(unpersisted) => unpersisted,
+            None if self.raw.has_ready() => Unpersisted {
+                ready: self.take_ready(),
+                applied: false,
+            },
+            None => return Ok(()),
+        };
+        if !applied {
+            if !ready.snapshot().is_empty() {
+                let snapshot = ready.snapshot().clone();
+                if let Err(error) = self.raw.mut_store().install_snapshot(&snapshot) {
+                    let index = snapshot.get_metadata().index;
+                    return Err(self.stall_or_fail(
+                        Unpersisted { ready, applied },
+                        error,
+                        &format!("installing the snapshot at {index}"),
+                    ));
+                }
+                self.restore(&snapshot)?;
+            }
+            self.apply(ready.take_committed_entries())?;
         }
-        if !self.raw.has_ready() {
-            return Ok(());
-        }
+        self.persist_and_advance(ready)
+    }
+
+    /// A new ready from raft, with what can be done at once done: the leader noted, the
+    /// messages that need not wait for the disk queued, read points recorded.
+    fn take_ready(&mut self) -> raft::Ready {
         let mut ready = self.raw.ready();
         if let Some(soft_state) = ready.ss() {
             let leader = (soft_state.leader_id != raft::INVALID_ID).then_some(soft_state.leader_id);
@@ -427,11 +458,6 @@ impl<L: LogStore, S: StateMachine> Core<L, S> {
             }
         }
         self.outbox.extend(ready.take_messages());
-        if !ready.snapshot().is_empty() {
-            let snapshot = ready.snapshot().clone();
-            self.install_snapshot(&snapshot)?;
-        }
-        self.apply(ready.take_committed_entries())?;
         for read in ready.take_read_states() {
             if let Some((_, sequence)) = parse_proposal_context(&read.request_ctx)
                 && let Some(pending) = self.reads.get_mut(&sequence)
@@ -439,16 +465,30 @@ impl<L: LogStore, S: StateMachine> Core<L, S> {
                 pending.index = Some(read.index);
             }
         }
-        self.persist_and_advance(ready)
+        ready
+    }
+
+    /// A full disk keeps `unpersisted` for the next call; anything else stops the member.
+    fn stall_or_fail(
+        &mut self,
+        unpersisted: Unpersisted,
+        error: StorageError,
+        doing: &str,
+    ) -> ReadyError {
+        if error.is_out_of_space() {
+            self.unpersisted = Some(unpersisted);
+            return ReadyError::Stalled(error);
+        }
+        ReadyError::Fatal(format!("{doing}: {error}"))
     }
 
     fn persist_and_advance(&mut self, mut ready: raft::Ready) -> Result<(), ReadyError> {
         if let Err(error) = self.raw.mut_store().append(ready.entries(), ready.hs()) {
-            if error.is_out_of_space() {
-                self.unpersisted = Some(ready);
-                return Err(ReadyError::Stalled(error));
-            }
-            return Err(ReadyError::Fatal(format!("persisting entries: {error}")));
+            let unpersisted = Unpersisted {
+                ready,
+                applied: true,
+            };
+            return Err(self.stall_or_fail(unpersisted, error, "persisting entries"));
         }
         self.outbox.extend(ready.take_persisted_messages());
         let mut light = self.raw.advance(ready);
@@ -465,14 +505,9 @@ impl<L: LogStore, S: StateMachine> Core<L, S> {
         self.maybe_snapshot()
     }
 
-    fn install_snapshot(&mut self, snapshot: &Snapshot) -> Result<(), ReadyError> {
+    /// Restores the state machine from a snapshot the log has just installed.
+    fn restore(&mut self, snapshot: &Snapshot) -> Result<(), ReadyError> {
         let index = snapshot.get_metadata().index;
-        self.raw
-            .mut_store()
-            .install_snapshot(snapshot)
-            .map_err(|error| {
-                ReadyError::Fatal(format!("installing the snapshot at {index}: {error}"))
-            })?;
         self.state_machine
             .restore(&snapshot.data)
             .map_err(|error| {

@@ -41,6 +41,13 @@ impl Rng {
 /// Linux's "No space left on device".
 const ENOSPC: i32 = 28;
 
+/// The error raft-engine gives for a write on a full disk.
+fn no_space() -> StorageError {
+    StorageError::Engine(raft_engine::Error::Io(std::io::Error::from_raw_os_error(
+        ENOSPC,
+    )))
+}
+
 /// What survives a crash: everything `LogStore` promised was durable.
 #[derive(Clone, Debug, Default)]
 struct Durable {
@@ -151,9 +158,7 @@ impl LogStore for MemoryLog {
         hard_state: Option<&HardState>,
     ) -> Result<(), StorageError> {
         if self.full && (!entries.is_empty() || hard_state.is_some()) {
-            return Err(StorageError::Engine(raft_engine::Error::Io(
-                std::io::Error::from_raw_os_error(ENOSPC),
-            )));
+            return Err(no_space());
         }
         if let Some(first) = entries.first() {
             assert!(first.index >= self.first(), "append below the snapshot");
@@ -180,6 +185,9 @@ impl LogStore for MemoryLog {
     }
 
     fn install_snapshot(&mut self, snapshot: &Snapshot) -> Result<(), StorageError> {
+        if self.full {
+            return Err(no_space());
+        }
         let metadata = snapshot.get_metadata();
         self.durable.entries.clear();
         self.durable.hard_state.term = self.durable.hard_state.term.max(metadata.term);
@@ -246,6 +254,9 @@ pub(crate) struct SimConfig {
     /// Plants a disk that loses the last entries it acknowledged when it crashes, to show
     /// the checkers catch what such a bug breaks.
     pub planted_lossy_disk: bool,
+    /// Chance per step, in thousandths, that a member's disk fills up (or, if full, is
+    /// freed).
+    pub disk_toggle_per_mille: u64,
 }
 
 struct InFlight {
@@ -574,6 +585,9 @@ impl Sim {
     }
 
     fn step(&mut self) -> Result<(), String> {
+        if self.rng.below(1000) < self.config.disk_toggle_per_mille {
+            self.toggle_disk();
+        }
         let roll = self.rng.below(1000);
         match roll {
             0..=299 => {
@@ -592,11 +606,10 @@ impl Sim {
             }
             700..=849 => self.propose(),
             850..=869 => self.partition(),
-            870..=879 => {
+            870..=889 => {
                 self.cut.clear();
                 self.log.push("heal".into());
             }
-            880..=889 => self.toggle_disk(),
             _ => {
                 if roll < 890 + self.config.crash_percent_per_mille {
                     let id = self.pick();
@@ -705,6 +718,7 @@ mod tests {
             crash_percent_per_mille: 15,
             snapshot_interval_entries: 25,
             planted_lossy_disk: false,
+            disk_toggle_per_mille: 10,
         }
     }
 
@@ -740,6 +754,22 @@ mod tests {
                 acknowledged > 0,
                 "some proposals must succeed across the seeds"
             );
+        }
+    }
+
+    #[test]
+    fn raft_stays_safe_when_disks_fill_up_often() {
+        // Full disks often enough that members stall while appending, while installing a
+        // snapshot from the leader, and as leaders.
+        let mut config = config(3);
+        config.disk_toggle_per_mille = 60;
+        config.crash_percent_per_mille = 40;
+        config.snapshot_interval_entries = 10;
+        for seed in seeds() {
+            eprintln!("simulating full disks, seed {seed} (replay: SHOAL_SIM_SEED={seed})");
+            if let Err(failure) = run(seed, config.clone()) {
+                panic!("{failure}");
+            }
         }
     }
 
