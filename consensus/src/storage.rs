@@ -19,9 +19,13 @@ const KEY_CONF_STATE: &[u8] = b"conf_state";
 const SNAPSHOT_FILE: &str = "snapshot.bin";
 /// raft-engine 0.4's log file names: the file's sequence number in 16 digits, then this.
 const LOG_FILE_SUFFIX: &str = ".raftlog";
-/// The most a raft-engine 0.4 log file holds before its first batch: its header (a 53-byte
-/// magic, the format version and, in format 2, the alignment).
+/// raft-engine 0.4's log file header: a 53-byte magic, the format version (a big-endian
+/// u64) and, in format 2, the alignment (another).
+const LOG_FILE_MAGIC_BYTES: usize = 53;
 const LOG_FILE_HEADER_MAX_BYTES: u64 = 69;
+/// raft-engine 0.4's batch header: the batch's length (shifted left 8, over the compression
+/// type) and the offset of its items, two big-endian u64s.
+const LOG_BATCH_HEADER_BYTES: usize = 16;
 
 /// Why the log could not be read or written.
 #[derive(Debug, thiserror::Error)]
@@ -162,15 +166,16 @@ impl DiskStorage {
     }
 }
 
-/// Renames the log's last file aside if it holds no batch (at most a header) and another
-/// file comes before it; true if it did.
+/// Renames the log's last file aside if it holds no batch (at most a header) and the file
+/// before it is whole batches followed by nothing but zeros; true if it did.
 ///
-/// A rotation that fails on a full disk leaves such a file: raft-engine 0.4 creates the
+/// A rotation that fails on a full disk leaves exactly that: raft-engine 0.4 creates the
 /// next file, cannot write its header, and goes on writing the previous one, which ends in
 /// space it allocated ahead (zeros) when the process dies. On opening, those zeros are no
 /// longer the tail of the log but the middle, and raft-engine refuses the whole log as
 /// corrupt. Without the empty file they are the tail again, which it truncates. Nothing is
-/// lost: the file held no entry.
+/// lost: the empty file held no entry, and only zeros are cut. Any other damage (a broken
+/// batch with data after it) is left for raft-engine to report.
 fn set_aside_empty_last_file(log_dir: &Path) -> bool {
     let Ok(files) = std::fs::read_dir(log_dir) else {
         return false;
@@ -184,11 +189,11 @@ fn set_aside_empty_last_file(log_dir: &Path) -> bool {
         })
         .collect();
     numbered.sort();
-    let [.., _, (_, last)] = numbered.as_slice() else {
+    let [.., (_, before), (_, last)] = numbered.as_slice() else {
         return false;
     };
     let empty = std::fs::metadata(last).is_ok_and(|m| m.len() <= LOG_FILE_HEADER_MAX_BYTES);
-    if !empty {
+    if !empty || !std::fs::read(before).is_ok_and(|bytes| ends_in_zeros(&bytes)) {
         return false;
     }
     let aside = last.with_extension("raftlog.empty");
@@ -202,6 +207,34 @@ fn set_aside_empty_last_file(log_dir: &Path) -> bool {
             false
         }
     }
+}
+
+/// Whether a raft-engine 0.4 log file (no alignment) is its header, whole batches, then
+/// only zeros: walks the batches by their lengths up to the first all-zero batch header.
+fn ends_in_zeros(file: &[u8]) -> bool {
+    let u64_at = |at: usize| -> Option<u64> {
+        Some(u64::from_be_bytes(file.get(at..at + 8)?.try_into().ok()?))
+    };
+    let mut at = match u64_at(LOG_FILE_MAGIC_BYTES) {
+        Some(1) => LOG_FILE_MAGIC_BYTES + 8,
+        Some(2) if u64_at(LOG_FILE_MAGIC_BYTES + 8) == Some(0) => LOG_FILE_MAGIC_BYTES + 16,
+        // An unknown version, or batches aligned with padding: not a case to repair.
+        _ => return false,
+    };
+    while let Some(header) = file.get(at..at + LOG_BATCH_HEADER_BYTES) {
+        if header.iter().all(|byte| *byte == 0) {
+            break;
+        }
+        let Some(length) = u64_at(at).map(|word| (word >> 8) as usize) else {
+            return false;
+        };
+        if length < LOG_BATCH_HEADER_BYTES || at.saturating_add(length) > file.len() {
+            return false;
+        }
+        at += length;
+    }
+    file.get(at..)
+        .is_some_and(|rest| rest.iter().all(|byte| *byte == 0))
 }
 
 fn read_snapshot(path: &Path) -> Result<Option<Snapshot>, StorageError> {

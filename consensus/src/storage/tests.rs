@@ -103,6 +103,44 @@ fn a_log_left_by_a_rotation_that_failed_on_a_full_disk_opens_with_every_entry() 
 }
 
 #[test]
+fn damage_before_an_empty_last_file_is_still_refused() {
+    use std::io::{Seek as _, SeekFrom, Write as _};
+    let dir = tempfile::tempdir().unwrap();
+    {
+        let mut storage = DiskStorage::open(dir.path(), Some(&[1])).unwrap();
+        for index in 1..=5 {
+            storage.append(&[entry(index, 1)], None).unwrap();
+        }
+    }
+    let log = dir.path().join("log");
+    let first = std::fs::read_dir(&log)
+        .unwrap()
+        .map(|file| file.unwrap().path())
+        .find(|path| path.extension().is_some_and(|e| e == "raftlog"))
+        .unwrap();
+    // Break the second batch's header: the batches after it are data, not zeros.
+    let bytes = std::fs::read(&first).unwrap();
+    let header = 69;
+    let first_batch =
+        (u64::from_be_bytes(bytes[header..header + 8].try_into().unwrap()) >> 8) as usize;
+    let mut file = std::fs::OpenOptions::new()
+        .write(true)
+        .open(&first)
+        .unwrap();
+    file.seek(SeekFrom::Start((header + first_batch) as u64))
+        .unwrap();
+    file.write_all(&[0u8; 16]).unwrap();
+    drop(file);
+    let name = first.file_name().unwrap().to_str().unwrap();
+    let seq: u64 = name[..16].parse().unwrap();
+    let empty = log.join(format!("{:016}.raftlog", seq + 1));
+    std::fs::File::create(&empty).unwrap();
+    let error = DiskStorage::open(dir.path(), None).unwrap_err();
+    assert!(error.to_string().contains("Corruption"), "{error}");
+    assert!(empty.exists(), "nothing is set aside");
+}
+
+#[test]
 fn a_broken_file_in_the_middle_of_the_log_is_still_refused() {
     use std::io::Write as _;
     let dir = tempfile::tempdir().unwrap();
