@@ -134,9 +134,18 @@ impl DiskStorage {
         };
         let snapshot_path = dir.join(SNAPSHOT_FILE);
         let snapshot = read_snapshot(&snapshot_path)?.unwrap_or_default();
-        let hard_state = engine
+        let mut hard_state = engine
             .get_message::<HardState>(GROUP_ID, KEY_HARD_STATE)?
             .unwrap_or_default();
+        // A snapshot from the leader is written before the log batch that records it (see
+        // `install_snapshot`). If the process died between the two (a full disk holds it
+        // there), the hard state's commit is older than the snapshot, and raft-rs refuses
+        // to start. A snapshot holds only committed entries, so its index is committed.
+        let metadata = snapshot.get_metadata();
+        if hard_state.commit < metadata.index {
+            hard_state.commit = metadata.index;
+            hard_state.term = hard_state.term.max(metadata.term);
+        }
         let conf_state = engine.get_message::<ConfState>(GROUP_ID, KEY_CONF_STATE)?;
         let mut storage = DiskStorage {
             engine,
@@ -325,8 +334,8 @@ impl LogStore for DiskStorage {
 
     fn install_snapshot(&mut self, snapshot: &Snapshot) -> Result<(), StorageError> {
         let metadata = snapshot.get_metadata();
-        // The file first: if we crash after it, the log below is still whole and the
-        // snapshot is just an early one.
+        // The file first: if we crash after it, the log below is still whole, and opening
+        // it again takes the snapshot's index as committed (see `open`).
         write_snapshot(&self.snapshot_path, snapshot)?;
         let mut hard_state = self.hard_state.clone();
         hard_state.term = hard_state.term.max(metadata.term);

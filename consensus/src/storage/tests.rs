@@ -169,6 +169,32 @@ fn a_broken_file_in_the_middle_of_the_log_is_still_refused() {
     assert!(error.to_string().contains("Corruption"), "{error}");
 }
 
+/// A snapshot from the leader whose log batch never got written (the process died on a
+/// full disk between the two): raft-rs aborted on the old commit ("out of range").
+#[test]
+fn a_snapshot_installed_only_halfway_before_a_crash_still_starts_raft() {
+    let dir = tempfile::tempdir().unwrap();
+    {
+        let mut storage = DiskStorage::open(dir.path(), Some(&[1, 2, 3])).unwrap();
+        let entries: Vec<Entry> = (1..=3).map(|i| entry(i, 1)).collect();
+        storage
+            .append(&entries, Some(&hard_state(1, 0, 3)))
+            .unwrap();
+        write_snapshot(&storage.snapshot_path, &snapshot(10, 2, vec![1, 2, 3])).unwrap();
+    }
+    let storage = DiskStorage::open(dir.path(), None).unwrap();
+    assert_eq!(storage.hard_state.commit, 10);
+    assert_eq!(storage.hard_state.term, 2);
+    let config = raft::Config {
+        id: 1,
+        ..raft::Config::default()
+    };
+    let logger = slog::Logger::root(slog::Discard, slog::o!());
+    let raw = raft::RawNode::new(&config, storage, &logger).unwrap();
+    assert_eq!(raw.raft.raft_log.committed, 10);
+    assert_eq!(raw.raft.raft_log.last_index(), 10);
+}
+
 #[test]
 fn appending_over_a_conflict_truncates_the_old_suffix() {
     let dir = tempfile::tempdir().unwrap();
