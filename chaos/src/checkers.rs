@@ -1,7 +1,8 @@
 //! The verdicts over a chaos history: one pure function per property the cluster must
 //! keep under faults (linearizable aliases, durable acknowledged writes, no overcommitted
 //! device, no stale assignment run, every inference request answered, convergence after
-//! healing, no process down with no fault to blame). Each reads a [`History`] and returns a [`Verdict`]; none does IO.
+//! healing, no process down with no fault to blame). Each reads a [`History`] and returns
+//! a [`Verdict`]; none does IO.
 //!
 //! A checker fails only on evidence: an operation whose outcome is unknown (no answer)
 //! may or may not have taken effect, at any time after it was invoked, and every checker

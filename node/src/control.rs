@@ -96,6 +96,8 @@ pub struct ControlPlane {
     consensus: Option<ConsensusHandle>,
     state: watch::Receiver<Arc<ClusterState>>,
     raft: watch::Receiver<RaftStatus>,
+    /// [`LEADER_WAIT`], but for tests.
+    leader_wait: Duration,
 }
 
 impl ControlPlane {
@@ -105,6 +107,7 @@ impl ControlPlane {
             consensus: Some(consensus),
             state,
             raft,
+            leader_wait: LEADER_WAIT,
         }
     }
 
@@ -118,6 +121,7 @@ impl ControlPlane {
             consensus: None,
             state,
             raft,
+            leader_wait: LEADER_WAIT,
         }
     }
 
@@ -134,7 +138,16 @@ impl ControlPlane {
     pub async fn wait_for_leader(&self) -> bool {
         let mut raft = self.raft.clone();
         let known = raft.wait_for(|status| status.leader.is_some());
-        matches!(tokio::time::timeout(LEADER_WAIT, known).await, Ok(Ok(_)))
+        matches!(
+            tokio::time::timeout(self.leader_wait, known).await,
+            Ok(Ok(_))
+        )
+    }
+
+    #[cfg(test)]
+    fn with_leader_wait(mut self, wait: Duration) -> Self {
+        self.leader_wait = wait;
+        self
     }
 
     /// Runs `call`, and once more after a leader is known if it found none. Safe to
@@ -270,10 +283,14 @@ mod tests {
             alias: "prod".into(),
             version: 1,
         };
-        // Alone, member 1 cannot elect anyone: after the wait it answers that it knows no
-        // leader.
+        // Alone, member 1 cannot elect anyone: after the wait (short here) it answers that
+        // it knows no leader.
         let (first, control) = member(1, &addresses, dir.path()).await;
-        let answer = control.propose(&command).await;
+        let answer = control
+            .clone()
+            .with_leader_wait(Duration::from_millis(300))
+            .propose(&command)
+            .await;
         assert!(
             matches!(
                 answer,
@@ -283,12 +300,13 @@ mod tests {
             ),
             "{answer:?}"
         );
-        // A second member comes while the write waits: the write goes ahead with the
+        // A second member comes while the write waits (long here: member 1 may be in its
+        // reconnect backoff, and this host may be slow): the write goes ahead with the
         // leader they elect. Here it is applied (and refused by the state machine: there
         // is no model "m"), or answered `NotLeader` naming member 2, for the caller to
         // forward.
         let writing = tokio::spawn({
-            let control = control.clone();
+            let control = control.with_leader_wait(Duration::from_secs(30));
             let command = command.clone();
             async move { control.propose(&command).await }
         });
