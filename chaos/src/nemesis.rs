@@ -105,6 +105,9 @@ impl Nemesis<'_> {
             let (targets, detail, heal) = self.inject(kind, leader_before)?;
             let hold = self.rng.range(HOLD_MS.0, HOLD_MS.1);
             tokio::time::sleep(Duration::from_millis(hold)).await;
+            // Before the heal, which may kill the target again (a clock skew's), and would
+            // reap one that died meanwhile without a word.
+            record_unbidden_exits(self.cluster, self.recorder);
             self.heal(heal)?;
             // A restarted process is healed once it listens again, not when it is spawned.
             if let Heal::Restart(member) | Heal::Unskew(member) = heal
