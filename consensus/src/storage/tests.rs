@@ -57,39 +57,53 @@ fn entries_and_hard_state_survive_reopening() {
     assert_eq!(read, vec![entry(2, 1), entry(3, 1)]);
 }
 
+/// A log in `dir` holding entries 1..=`count` (term 1) in one file, closed; that file.
+fn closed_log(dir: &Path, count: u64) -> PathBuf {
+    {
+        let mut storage = DiskStorage::open(dir, Some(&[1, 2, 3])).unwrap();
+        for index in 1..=count {
+            storage
+                .append(&[entry(index, 1)], Some(&hard_state(1, 2, index)))
+                .unwrap();
+        }
+    }
+    let mut files: Vec<PathBuf> = std::fs::read_dir(dir.join("log"))
+        .unwrap()
+        .map(|file| file.unwrap().path())
+        .filter(|path| path.extension().is_some_and(|e| e == "raftlog"))
+        .collect();
+    files.sort();
+    assert_eq!(files.len(), 1, "{files:?}");
+    files.remove(0)
+}
+
+/// Writes `bytes` at `offset` of `file` (the end when `None`).
+fn write_into(file: &Path, offset: Option<u64>, bytes: &[u8]) {
+    use std::io::{Seek as _, SeekFrom, Write as _};
+    let mut file = std::fs::OpenOptions::new().write(true).open(file).unwrap();
+    file.seek(offset.map_or(SeekFrom::End(0), SeekFrom::Start))
+        .unwrap();
+    file.write_all(bytes).unwrap();
+}
+
+/// The path of the log file after `file`.
+fn next_file(file: &Path) -> PathBuf {
+    let name = file.file_name().unwrap().to_str().unwrap();
+    let seq: u64 = name[..16].parse().unwrap();
+    file.with_file_name(format!("{:016}.raftlog", seq + 1))
+}
+
 /// What a crash leaves after raft-engine failed to rotate on a full disk (seen in a chaos
 /// run): the file it was writing ends in space it had allocated ahead (zeros), and the
 /// next file was created but got no header. The zeros are then no longer the log's tail,
 /// and raft-engine refused to open the log, so the server could never start again.
 #[test]
 fn a_log_left_by_a_rotation_that_failed_on_a_full_disk_opens_with_every_entry() {
-    use std::io::Write as _;
     let dir = tempfile::tempdir().unwrap();
-    {
-        let mut storage = DiskStorage::open(dir.path(), Some(&[1, 2, 3])).unwrap();
-        let entries: Vec<Entry> = (1..=5).map(|i| entry(i, 1)).collect();
-        storage
-            .append(&entries, Some(&hard_state(1, 2, 5)))
-            .unwrap();
-    }
-    let log = dir.path().join("log");
-    let mut files: Vec<PathBuf> = std::fs::read_dir(&log)
-        .unwrap()
-        .map(|file| file.unwrap().path())
-        .filter(|path| path.extension().is_some_and(|e| e == "raftlog"))
-        .collect();
-    files.sort();
-    let last = files.last().unwrap().clone();
-    std::fs::OpenOptions::new()
-        .append(true)
-        .open(&last)
-        .unwrap()
-        .write_all(&[0u8; 4096])
-        .unwrap();
-    let name = last.file_name().unwrap().to_str().unwrap();
-    let seq: u64 = name[..16].parse().unwrap();
-    let orphan = log.join(format!("{:016}.raftlog", seq + 1));
-    std::fs::File::create(&orphan).unwrap();
+    let file = closed_log(dir.path(), 5);
+    write_into(&file, None, &[0u8; 4096]);
+    let empty = next_file(&file);
+    std::fs::File::create(&empty).unwrap();
 
     let storage = DiskStorage::open(dir.path(), None).unwrap();
     assert_eq!(&storage.hard_state, &hard_state(1, 2, 5));
@@ -98,42 +112,20 @@ fn a_log_left_by_a_rotation_that_failed_on_a_full_disk_opens_with_every_entry() 
         .entries(1, 6, None, GetEntriesContext::empty(false))
         .unwrap();
     assert_eq!(read, (1..=5).map(|i| entry(i, 1)).collect::<Vec<_>>());
-    assert!(!orphan.exists(), "the empty file is set aside");
-    assert!(orphan.with_extension("raftlog.empty").exists());
+    assert!(!empty.exists(), "the empty file is set aside");
+    assert!(empty.with_extension("raftlog.empty").exists());
 }
 
 #[test]
 fn damage_before_an_empty_last_file_is_still_refused() {
-    use std::io::{Seek as _, SeekFrom, Write as _};
     let dir = tempfile::tempdir().unwrap();
-    {
-        let mut storage = DiskStorage::open(dir.path(), Some(&[1])).unwrap();
-        for index in 1..=5 {
-            storage.append(&[entry(index, 1)], None).unwrap();
-        }
-    }
-    let log = dir.path().join("log");
-    let first = std::fs::read_dir(&log)
-        .unwrap()
-        .map(|file| file.unwrap().path())
-        .find(|path| path.extension().is_some_and(|e| e == "raftlog"))
-        .unwrap();
-    // Break the second batch's header: the batches after it are data, not zeros.
-    let bytes = std::fs::read(&first).unwrap();
-    let header = 69;
-    let first_batch =
-        (u64::from_be_bytes(bytes[header..header + 8].try_into().unwrap()) >> 8) as usize;
-    let mut file = std::fs::OpenOptions::new()
-        .write(true)
-        .open(&first)
-        .unwrap();
-    file.seek(SeekFrom::Start((header + first_batch) as u64))
-        .unwrap();
-    file.write_all(&[0u8; 16]).unwrap();
-    drop(file);
-    let name = first.file_name().unwrap().to_str().unwrap();
-    let seq: u64 = name[..16].parse().unwrap();
-    let empty = log.join(format!("{:016}.raftlog", seq + 1));
+    let file = closed_log(dir.path(), 5);
+    // Zero the second batch's header: the batches after it are data, not zeros.
+    let bytes = std::fs::read(&file).unwrap();
+    let header = LOG_FILE_HEADER_MAX_BYTES as usize;
+    let first_batch = u64::from_be_bytes(bytes[header..header + 8].try_into().unwrap()) >> 8;
+    write_into(&file, Some(header as u64 + first_batch), &[0u8; 16]);
+    let empty = next_file(&file);
     std::fs::File::create(&empty).unwrap();
     let error = DiskStorage::open(dir.path(), None).unwrap_err();
     assert!(error.to_string().contains("Corruption"), "{error}");
@@ -142,29 +134,12 @@ fn damage_before_an_empty_last_file_is_still_refused() {
 
 #[test]
 fn a_broken_file_in_the_middle_of_the_log_is_still_refused() {
-    use std::io::Write as _;
     let dir = tempfile::tempdir().unwrap();
-    {
-        let mut storage = DiskStorage::open(dir.path(), Some(&[1])).unwrap();
-        storage.append(&[entry(1, 1)], None).unwrap();
-    }
-    let log = dir.path().join("log");
-    let first = std::fs::read_dir(&log)
-        .unwrap()
-        .map(|file| file.unwrap().path())
-        .find(|path| path.extension().is_some_and(|e| e == "raftlog"))
-        .unwrap();
-    std::fs::OpenOptions::new()
-        .append(true)
-        .open(&first)
-        .unwrap()
-        .write_all(&[0u8; 4096])
-        .unwrap();
-    let name = first.file_name().unwrap().to_str().unwrap();
-    let seq: u64 = name[..16].parse().unwrap();
+    let file = closed_log(dir.path(), 1);
+    write_into(&file, None, &[0u8; 4096]);
     // A later file that holds more than a header: not an empty leftover, so nothing is
     // set aside and the corruption is reported.
-    std::fs::write(log.join(format!("{:016}.raftlog", seq + 1)), [7u8; 4096]).unwrap();
+    std::fs::write(next_file(&file), [7u8; 4096]).unwrap();
     let error = DiskStorage::open(dir.path(), None).unwrap_err();
     assert!(error.to_string().contains("Corruption"), "{error}");
 }
