@@ -166,11 +166,17 @@ impl Cluster {
             "--",
         ]);
         if let Some(skew) = skew_seconds {
-            // libfaketime preloaded directly: the `faketime` wrapper forks, and its pid
-            // would not be the server's.
-            command
-                .env("LD_PRELOAD", FAKETIME_LIBRARY)
-                .env("FAKETIME", format!("{skew:+}s"));
+            // libfaketime preloaded directly (the `faketime` wrapper forks, and its pid would
+            // not be the server's), and through `env` after the uid change, which execs too:
+            // preloaded into `setpriv`, it made its shared semaphore as root, and the server,
+            // no longer root, could not open it and exited at once. Only the wall clock is
+            // off, as with a bad NTP source; the monotonic clock runs true.
+            command.args([
+                "env".to_owned(),
+                format!("LD_PRELOAD={FAKETIME_LIBRARY}"),
+                format!("FAKETIME={skew:+}s"),
+                "FAKETIME_DONT_FAKE_MONOTONIC=1".to_owned(),
+            ]);
         }
         let child = command
             .arg(&self.shoal)
