@@ -285,6 +285,11 @@ impl ConsensusHandle {
         let mut status = self.status.clone();
         while status.changed().await.is_ok() {}
     }
+
+    /// Whether the driver thread has ended (see [`ConsensusHandle::stopped`]).
+    pub fn has_stopped(&self) -> bool {
+        self.status.has_changed().is_err()
+    }
 }
 
 struct Driver<S: StateMachine> {

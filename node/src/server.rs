@@ -202,7 +202,8 @@ pub async fn run(config: ServerConfig) -> anyhow::Result<()> {
     let served = axum::serve(listener, api::router(app))
         .with_graceful_shutdown(crate::up::shutdown_signal_or_lost_raft(consensus.handle()))
         .await;
-    let lost = crate::up::raft_lost(&consensus.handle());
+    // Asked before the process stops the driver itself.
+    let lost = consensus.handle().has_stopped();
     let _ = stop.send(true);
     let _ = controller.await;
     let _ = publisher.await;

@@ -150,7 +150,8 @@ pub async fn run(config: UpConfig) -> anyhow::Result<()> {
     };
 
     tracing::info!("http server drained; stopping");
-    let lost = raft_lost(&consensus.handle());
+    // Asked before the process stops the driver itself.
+    let lost = consensus.handle().has_stopped();
     let _ = stop.send(true);
     let _ = tokio::join!(controller, publisher, reconciler);
     agent.stop().await;
@@ -175,11 +176,6 @@ pub(crate) async fn shutdown_signal_or_lost_raft(consensus: ConsensusHandle) {
             tracing::error!("the raft driver stopped; shutting down");
         }
     }
-}
-
-/// Whether the raft driver has ended; asked before the process stops it.
-pub(crate) fn raft_lost(consensus: &ConsensusHandle) -> bool {
-    consensus.watch_status().has_changed().is_err()
 }
 
 /// What a member exits with when its raft driver ended before it was asked to.

@@ -46,8 +46,8 @@ async fn a_silent_node_goes_down_and_a_heartbeat_brings_it_back() {
     let follower = cluster.live().into_iter().find(|&id| id != leader).unwrap();
 
     // Heartbeats go to any server and reach the leader: a follower forwards them once it
-    // has heard from the new leader. Just after an election it may not have yet, and
-    // answers 503 `not_leader` for the agent to retry, as an agent does.
+    // has heard from the new leader, waiting up to 2 s for that. Should it still answer
+    // 503 `not_leader`, the test retries, as an agent does.
     let started = Instant::now();
     loop {
         let status = beat(&cluster, &http, follower).await;

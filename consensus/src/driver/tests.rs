@@ -192,11 +192,13 @@ async fn requests_after_shutdown_are_answered_stopped() {
     });
     tokio::time::sleep(Duration::from_millis(50)).await;
     assert!(!waiting.is_finished(), "stopped() resolved while running");
+    assert!(!handle.has_stopped());
     shutdown(consensus).await;
     tokio::time::timeout(DEADLINE, waiting)
         .await
         .expect("stopped() resolves once the driver has ended")
         .unwrap();
+    assert!(handle.has_stopped());
     assert_eq!(propose(&handle, 1).await, Err(ProposeError::Stopped));
     assert_eq!(
         handle.read_index(DEADLINE).await,

@@ -149,14 +149,12 @@ fn a_broken_file_in_the_middle_of_the_log_is_still_refused() {
 #[test]
 fn a_snapshot_installed_only_halfway_before_a_crash_still_starts_raft() {
     let dir = tempfile::tempdir().unwrap();
-    {
-        let mut storage = DiskStorage::open(dir.path(), Some(&[1, 2, 3])).unwrap();
-        let entries: Vec<Entry> = (1..=3).map(|i| entry(i, 1)).collect();
-        storage
-            .append(&entries, Some(&hard_state(1, 0, 3)))
-            .unwrap();
-        write_snapshot(&storage.snapshot_path, &snapshot(10, 2, vec![1, 2, 3])).unwrap();
-    }
+    closed_log(dir.path(), 3);
+    write_snapshot(
+        &dir.path().join(SNAPSHOT_FILE),
+        &snapshot(10, 2, vec![1, 2, 3]),
+    )
+    .unwrap();
     let storage = DiskStorage::open(dir.path(), None).unwrap();
     assert_eq!(storage.hard_state.commit, 10);
     assert_eq!(storage.hard_state.term, 2);
