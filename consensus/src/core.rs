@@ -76,6 +76,10 @@ pub(crate) struct Core<L: LogStore, S: StateMachine> {
     snapshot_due: bool,
     /// A ready that could not be written yet (disk full); retried first.
     unpersisted: Option<Unpersisted>,
+    /// The newest leader a stalled member heard from in the messages it had to drop:
+    /// while raft-rs here lags behind that term, this member is not the leader, whatever
+    /// raft-rs still believes, and callers are sent to the one it heard.
+    heard: Option<HeardLeader>,
     outbox: Vec<Message>,
     events: Vec<CoreEvent>,
 }
@@ -86,6 +90,13 @@ struct Unpersisted {
     /// Its snapshot is installed and its committed entries applied: what is left is to
     /// persist its entries and hard state. (Both are done once.)
     applied: bool,
+}
+
+/// A leader of a newer term, known from its messages before raft-rs could step them.
+#[derive(Clone, Copy, Debug)]
+struct HeardLeader {
+    term: u64,
+    id: u64,
 }
 
 /// Settings of a core.
@@ -153,6 +164,7 @@ impl<L: LogStore, S: StateMachine> Core<L, S> {
             snapshot_interval_entries: config.snapshot_interval_entries.max(1),
             snapshot_due: false,
             unpersisted: None,
+            heard: None,
             outbox: Vec::new(),
             events: Vec::new(),
         })
@@ -167,6 +179,11 @@ impl<L: LogStore, S: StateMachine> Core<L, S> {
     }
 
     fn refusal(&self) -> Option<ProposeError> {
+        if let Some(newer) = self.newer_leader() {
+            return Some(ProposeError::NotLeader {
+                leader: Some(newer.id),
+            });
+        }
         if let Some(refusal) = self.stall_refusal() {
             return Some(refusal);
         }
@@ -252,6 +269,12 @@ impl<L: LogStore, S: StateMachine> Core<L, S> {
     /// Asks for a linearizable read point: `reply` gets a log index once the leader has
     /// confirmed its leadership and this member has applied up to that index.
     pub(crate) fn read_index(&mut self, deadline: Instant, reply: ReadReply) {
+        if let Some(newer) = self.newer_leader() {
+            let _ = reply.send(Err(ProposeError::NotLeader {
+                leader: Some(newer.id),
+            }));
+            return;
+        }
         if let Some(refusal) = self.stall_refusal() {
             let _ = reply.send(Err(refusal));
             return;
@@ -281,6 +304,7 @@ impl<L: LogStore, S: StateMachine> Core<L, S> {
                 .raft_messages_dropped_total
                 .with_label_values(&["storage_stalled"])
                 .inc();
+            self.hear(&message);
             return;
         }
         let last_index = self.raw.raft.raft_log.last_index();
@@ -373,6 +397,35 @@ impl<L: LogStore, S: StateMachine> Core<L, S> {
         self.unpersisted.is_some()
     }
 
+    /// Notes the sender of a dropped message as the leader of a newer term, when only a
+    /// leader sends such a message. A stalled leader does not tick, so the others elect a
+    /// new one; without this it would go on calling itself leader and refuse every write
+    /// until its disk had room, where it can send them to the one that leads now.
+    fn hear(&mut self, message: &Message) {
+        let from_a_leader = matches!(
+            message.get_msg_type(),
+            MessageType::MsgAppend | MessageType::MsgHeartbeat | MessageType::MsgSnapshot
+        );
+        let newest = self.heard.map_or(self.raw.raft.term, |heard| heard.term);
+        if from_a_leader && message.term > newest {
+            tracing::info!(
+                id = self.id,
+                leader = message.from,
+                term = message.term,
+                "heard from the leader of a newer term while this member cannot write"
+            );
+            self.heard = Some(HeardLeader {
+                term: message.term,
+                id: message.from,
+            });
+        }
+    }
+
+    /// The leader heard of a term newer than raft-rs here knows (see [`Core::hear`]).
+    fn newer_leader(&self) -> Option<HeardLeader> {
+        self.heard.filter(|heard| heard.term > self.raw.raft.term)
+    }
+
     #[cfg(test)]
     pub(crate) fn state_machine(&self) -> &S {
         &self.state_machine
@@ -387,9 +440,11 @@ impl<L: LogStore, S: StateMachine> Core<L, S> {
         self.raw.mut_store()
     }
 
-    /// This member's raft role, as named in the `shoal_raft_role` metric.
+    /// This member's raft role, as named in the `shoal_raft_role` metric. A stalled leader
+    /// that heard of a newer one counts as a follower: it leads nothing any more.
     pub(crate) fn role_name(&self) -> &'static str {
         match self.raw.raft.state {
+            StateRole::Leader if self.newer_leader().is_some() => "follower",
             StateRole::Leader => "leader",
             StateRole::Candidate => "candidate",
             StateRole::PreCandidate => "pre_candidate",
@@ -400,11 +455,12 @@ impl<L: LogStore, S: StateMachine> Core<L, S> {
     pub(crate) fn status(&self) -> RaftStatus {
         let raft = &self.raw.raft;
         let conf_state = self.raw.store().conf_state();
+        let newer = self.newer_leader();
         RaftStatus {
             id: self.id,
             term: raft.term,
-            leader: self.leader,
-            is_leader: raft.state == StateRole::Leader,
+            leader: newer.map_or(self.leader, |newer| Some(newer.id)),
+            is_leader: raft.state == StateRole::Leader && newer.is_none(),
             commit_index: raft.raft_log.committed,
             applied_index: raft.raft_log.applied,
             snapshot_index: self.raw.store().latest_snapshot().get_metadata().index,

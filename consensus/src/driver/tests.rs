@@ -637,26 +637,7 @@ async fn a_follower_whose_disk_fills_up_stalls_and_catches_up_when_space_returns
 
     let ballast = disk.fill();
     // The leader goes on with the other follower while member 3 cannot write.
-    let mut stalled = group.handle(3).watch_status();
-    let started = Instant::now();
-    let mut seed = 0x9E37_79B9_7F4A_7C15u64;
-    while !stalled.borrow_and_update().storage_stalled {
-        // Filler (not recorded, and not compressible) uses up what the log allocated ahead.
-        let filler: Vec<u8> = (0..(256 << 10) / 8)
-            .flat_map(|_| {
-                seed ^= seed << 13;
-                seed ^= seed >> 7;
-                seed ^= seed << 17;
-                seed.to_le_bytes()
-            })
-            .collect();
-        group
-            .handle(leader)
-            .propose(filler, DEADLINE)
-            .await
-            .unwrap();
-        assert!(started.elapsed() < DEADLINE, "member 3 never stalled");
-    }
+    fill_until_stalled(&group, leader, 3).await;
     let mut value = 10;
     // Heartbeats and appends reach the stalled member for a while.
     for _ in 0..20 {
@@ -672,6 +653,97 @@ async fn a_follower_whose_disk_fills_up_stalls_and_catches_up_when_space_returns
     // Its driver is alive: it still takes part in the group.
     propose(&group.handle(leader), value).await.unwrap();
     expected.push(value);
+    group.converges(3, &expected).await;
+    group.shutdown().await;
+}
+
+/// Proposes filler through member `through` until member `stalled` cannot write its log.
+/// The filler is not recorded and not compressible: it uses up what the log allocated
+/// ahead. A proposal through a member that stalls never commits, so none is waited on
+/// for long, and their answers do not matter.
+async fn fill_until_stalled(group: &Group, through: u64, stalled: u64) {
+    let mut status = group.handle(stalled).watch_status();
+    let started = Instant::now();
+    let mut seed = 0x9E37_79B9_7F4A_7C15u64;
+    while !status.borrow_and_update().storage_stalled {
+        let filler: Vec<u8> = (0..(256 << 10) / 8)
+            .flat_map(|_| {
+                seed ^= seed << 13;
+                seed ^= seed >> 7;
+                seed ^= seed << 17;
+                seed.to_le_bytes()
+            })
+            .collect();
+        let _ = group
+            .handle(through)
+            .propose(filler, Duration::from_secs(1))
+            .await;
+        assert!(
+            started.elapsed() < DEADLINE,
+            "member {stalled} never stalled"
+        );
+    }
+}
+
+/// A leader whose disk fills up stops ticking, so the others elect a new leader. Until it
+/// can write again it must name that leader and refuse writes as not the leader (so a
+/// server forwards them there), not go on calling itself leader and refuse every write
+/// for want of disk.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_leader_whose_disk_fills_up_sends_callers_to_the_leader_elected_without_it() {
+    let disk = SmallDisk::mount("64m");
+    let mut group = Group::new(3, 10_000);
+    std::os::unix::fs::symlink(disk.path(), group.root.path().join("member-3")).unwrap();
+    for id in 1..=3 {
+        group.start_member(id, false).await;
+    }
+    let started = Instant::now();
+    while group.leader().await != 3 {
+        let _ = group.handle(group.leader().await).transfer_leader(3);
+        assert!(
+            started.elapsed() < DEADLINE,
+            "the lead never went to member 3"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let mut expected: Vec<u64> = (0..10).collect();
+    for &value in &expected {
+        propose(&group.handle(3), value).await.unwrap();
+    }
+    group.converges(1, &expected).await;
+
+    let ballast = disk.fill();
+    fill_until_stalled(&group, 3, 3).await;
+    let started = Instant::now();
+    let elected = loop {
+        let status = group.handle(3).status();
+        if let Some(leader) = status.leader.filter(|&leader| leader != 3) {
+            assert!(!status.is_leader, "{status:?}");
+            break leader;
+        }
+        assert!(
+            started.elapsed() < DEADLINE,
+            "the stalled member still names itself: {status:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    assert_eq!(
+        propose(&group.handle(3), 100).await,
+        Err(ProposeError::NotLeader {
+            leader: Some(elected)
+        })
+    );
+    for value in 10..20 {
+        propose(&group.handle(elected), value).await.unwrap();
+        expected.push(value);
+    }
+
+    std::fs::remove_file(ballast).unwrap();
+    group.converges(3, &expected).await;
+    let status = group.handle(3).status();
+    assert!(!status.storage_stalled && !status.is_leader, "{status:?}");
+    propose(&group.handle(elected), 20).await.unwrap();
+    expected.push(20);
     group.converges(3, &expected).await;
     group.shutdown().await;
 }
