@@ -30,7 +30,7 @@ use std::time::Duration;
 use tokio::sync::{mpsc, watch};
 
 /// Time between heartbeats; the lease outlives three of them.
-const HEARTBEAT_INTERVAL: Duration = Duration::from_secs(1);
+pub(crate) const HEARTBEAT_INTERVAL: Duration = Duration::from_secs(1);
 /// How long one assignments poll may wait on the server.
 const POLL_WAIT: Duration = Duration::from_secs(20);
 /// Pause after a failed call before trying the next server.
@@ -318,7 +318,7 @@ async fn heartbeat(
     loop {
         // A beat that did not get through is sent again as it was, load included.
         if delivered {
-            beat.load = plane.take_load(HEARTBEAT_INTERVAL);
+            beat.load = plane.traffic.take_load(HEARTBEAT_INTERVAL);
         }
         let answer = servers
             .request(
@@ -359,71 +359,10 @@ async fn heartbeat(
     }
 }
 
-/// One replica's traffic since the last heartbeat.
-#[derive(Debug, Default)]
-struct Traffic {
-    in_flight: u64,
-    /// Summed time requests spent here since the last report: divided by the interval it
-    /// is the average number in flight (Little's law), which a sample at one instant
-    /// would miss for fast models.
-    busy: Duration,
-    last_request_ms: Option<u64>,
-}
-
 /// What the data plane's handlers reach.
 struct DataPlane {
     routes: watch::Receiver<Arc<Routes>>,
-    /// Locked only to update counters, never across an await.
-    traffic: std::sync::Mutex<HashMap<u64, Traffic>>,
-}
-
-impl DataPlane {
-    fn started(&self, replica: u64) {
-        if let Ok(mut traffic) = self.traffic.lock() {
-            traffic.entry(replica).or_default().in_flight += 1;
-        }
-    }
-
-    fn finished(&self, replica: u64, took: Duration) {
-        if let Ok(mut traffic) = self.traffic.lock() {
-            let entry = traffic.entry(replica).or_default();
-            entry.in_flight = entry.in_flight.saturating_sub(1);
-            entry.busy += took;
-            entry.last_request_ms = Some(crate::store::now_ms());
-        }
-    }
-
-    /// Each replica's load over the `interval` just ended; starts the next one.
-    fn take_load(&self, interval: Duration) -> BTreeMap<u64, shoal_scheduler::ReplicaLoad> {
-        let Ok(mut traffic) = self.traffic.lock() else {
-            return BTreeMap::new();
-        };
-        traffic
-            .iter_mut()
-            .map(|(replica, traffic)| {
-                let average = (traffic.busy.as_secs_f64() / interval.as_secs_f64()).ceil() as u64;
-                traffic.busy = Duration::ZERO;
-                let load = shoal_scheduler::ReplicaLoad {
-                    requests_in_flight: average.max(traffic.in_flight),
-                    last_request_ms: traffic.last_request_ms,
-                };
-                (*replica, load)
-            })
-            .collect()
-    }
-}
-
-/// Counts a request against its replica until dropped.
-struct Tracked<'a> {
-    plane: &'a DataPlane,
-    replica: u64,
-    started: std::time::Instant,
-}
-
-impl Drop for Tracked<'_> {
-    fn drop(&mut self) {
-        self.plane.finished(self.replica, self.started.elapsed());
-    }
+    traffic: crate::leases::TrafficMeter,
 }
 
 /// `POST /internal/v1/replicas/{id}/infer`: an Open Inference Protocol request for one
@@ -453,12 +392,7 @@ async fn infer(
     // The gateway passes requests on unread: the check happens here, once. A refused
     // request is not traffic: it must not keep an idle replica from scaling to zero.
     crate::api::check_request(route.handle.signature(), model, &request)?;
-    plane.started(id);
-    let _tracked = Tracked {
-        plane: &plane,
-        replica: id,
-        started: received,
-    };
+    let _tracked = plane.traffic.track(id, received);
     let outputs = route
         .handle
         .infer(std::mem::take(&mut request.inputs), deadline)
@@ -592,7 +526,7 @@ pub async fn run(config: AgentConfig) -> anyhow::Result<()> {
     };
     let plane = Arc::new(DataPlane {
         routes,
-        traffic: std::sync::Mutex::new(HashMap::new()),
+        traffic: crate::leases::TrafficMeter::default(),
     });
     let heartbeats = tokio::spawn(heartbeat(
         servers.clone(),

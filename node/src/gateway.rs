@@ -125,6 +125,7 @@ pub async fn run(config: GatewayConfig) -> anyhow::Result<()> {
         gateway: api::gateway::Gateway::new().context("building the gateway client")?,
         load: Arc::default(),
         admission: api::Admission::new(config.admission_limit),
+        traffic: None,
         embedded: false,
     });
     let listener = tokio::net::TcpListener::bind(config.listen)

@@ -83,19 +83,16 @@ impl LoadBoard {
         }
     }
 
-    /// Counts a request waiting at a gateway for a deployment with no replica.
-    pub fn hold(&self, deployment: &str) {
+    /// Counts a request waiting at a gateway for a deployment with no replica, until the
+    /// guard is dropped: answered, timed out, or given up by a caller that went away.
+    pub fn hold<'a>(&'a self, deployment: &'a str) -> HeldRequest<'a> {
         if let Ok(mut held) = self.held.lock() {
             *held.entry(deployment.to_string()).or_insert(0) += 1;
         }
         self.held_request.notify_one();
-    }
-
-    pub fn release(&self, deployment: &str) {
-        if let Ok(mut held) = self.held.lock()
-            && let Some(count) = held.get_mut(deployment)
-        {
-            *count = count.saturating_sub(1);
+        HeldRequest {
+            board: self,
+            deployment,
         }
     }
 
@@ -132,6 +129,121 @@ impl LoadBoard {
             }
         }
         snapshot
+    }
+}
+
+/// Counts each replica's traffic where its requests are served (an agent, or `shoal up`
+/// for its own replicas) and turns it into the load the autoscaler reads.
+#[derive(Debug, Default)]
+pub struct TrafficMeter {
+    /// Locked only to update counters, never across an await.
+    replicas: Mutex<HashMap<u64, Traffic>>,
+}
+
+/// One replica's traffic since the last report.
+#[derive(Debug, Default)]
+struct Traffic {
+    in_flight: u64,
+    /// Summed time requests spent here since the last report: divided by the interval it
+    /// is the average number in flight (Little's law), which a sample at one instant
+    /// would miss for fast models.
+    busy: Duration,
+    last_request_ms: Option<u64>,
+}
+
+impl TrafficMeter {
+    /// Counts a request to `replica` that arrived at `since`, until the guard is dropped.
+    pub fn track(&self, replica: u64, since: Instant) -> Tracked<'_> {
+        if let Ok(mut replicas) = self.replicas.lock() {
+            replicas.entry(replica).or_default().in_flight += 1;
+        }
+        Tracked {
+            meter: self,
+            replica,
+            since,
+        }
+    }
+
+    fn finished(&self, replica: u64, took: Duration) {
+        if let Ok(mut replicas) = self.replicas.lock() {
+            let traffic = replicas.entry(replica).or_default();
+            traffic.in_flight = traffic.in_flight.saturating_sub(1);
+            traffic.busy += took;
+            traffic.last_request_ms = Some(crate::store::now_ms());
+        }
+    }
+
+    /// Each replica's load over the `interval` just ended; starts the next one.
+    pub fn take_load(&self, interval: Duration) -> BTreeMap<u64, ReplicaLoad> {
+        let Ok(mut replicas) = self.replicas.lock() else {
+            return BTreeMap::new();
+        };
+        replicas
+            .iter_mut()
+            .map(|(replica, traffic)| {
+                let average = (traffic.busy.as_secs_f64() / interval.as_secs_f64()).ceil() as u64;
+                traffic.busy = Duration::ZERO;
+                let load = ReplicaLoad {
+                    requests_in_flight: average.max(traffic.in_flight),
+                    last_request_ms: traffic.last_request_ms,
+                };
+                (*replica, load)
+            })
+            .collect()
+    }
+}
+
+/// A request counted against its replica until dropped.
+pub struct Tracked<'a> {
+    meter: &'a TrafficMeter,
+    replica: u64,
+    since: Instant,
+}
+
+impl Drop for Tracked<'_> {
+    fn drop(&mut self) {
+        self.meter.finished(self.replica, self.since.elapsed());
+    }
+}
+
+/// `shoal up`'s own replicas, which no agent reports: their load goes to `board` as this
+/// node's every `interval`, as an agent's heartbeat would carry it, until `shutdown`.
+pub async fn report_own_load(
+    meter: std::sync::Arc<TrafficMeter>,
+    board: std::sync::Arc<LoadBoard>,
+    node: NodeId,
+    interval: Duration,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    loop {
+        tokio::select! {
+            _ = shutdown.changed() => return,
+            () = tokio::time::sleep(interval) => {}
+        }
+        board.report(
+            node,
+            meter
+                .take_load(interval)
+                .into_iter()
+                .map(|(id, load)| (ReplicaId(id), load))
+                .collect(),
+        );
+    }
+}
+
+/// A request counted as held (see [`LoadBoard::hold`]).
+pub struct HeldRequest<'a> {
+    board: &'a LoadBoard,
+    deployment: &'a str,
+}
+
+impl Drop for HeldRequest<'_> {
+    fn drop(&mut self) {
+        if let Ok(mut held) = self.board.held.lock()
+            && let Some(count) = held.get_mut(self.deployment)
+        {
+            *count = count.saturating_sub(1);
+        }
     }
 }
 
@@ -307,10 +419,21 @@ mod tests {
     fn a_held_request_wakes_the_autoscaler_before_its_next_look() {
         use futures_util::FutureExt;
         let board = LoadBoard::default();
-        board.hold("iris");
+        let held = board.hold("iris");
         // The wake-up is stored for the autoscaler's next wait, which ends at once.
         assert!(board.held_request.notified().now_or_never().is_some());
         // Nothing held, nothing stored: the autoscaler waits out its interval.
         assert!(board.held_request.notified().now_or_never().is_none());
+        let load = |board: &LoadBoard| {
+            board
+                .snapshot(&ClusterState::default())
+                .deployments
+                .get("iris")
+                .map_or(0, |load| load.requests_held)
+        };
+        assert_eq!(load(&board), 1);
+        // However the wait ends (a caller that goes away drops it too), it is let go.
+        drop(held);
+        assert_eq!(load(&board), 0);
     }
 }

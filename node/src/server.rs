@@ -162,6 +162,7 @@ pub async fn run(config: ServerConfig) -> anyhow::Result<()> {
         gateway: crate::api::gateway::Gateway::new().context("building the gateway client")?,
         load: load.clone(),
         admission: crate::api::Admission::new(config.admission_limit),
+        traffic: None,
         embedded: false,
     });
     let listener = tokio::net::TcpListener::bind(config.listen)

@@ -99,6 +99,22 @@ pub async fn run(config: UpConfig) -> anyhow::Result<()> {
         agent.clone(),
         stopping.clone(),
     ));
+    // No agent reports this node's load: the gateway counts it as it serves, for the
+    // autoscaler as in a cluster.
+    let load = Arc::new(crate::leases::LoadBoard::default());
+    let traffic = Arc::new(crate::leases::TrafficMeter::default());
+    let reporter = tokio::spawn(crate::leases::report_own_load(
+        traffic.clone(),
+        load.clone(),
+        NODE_ID,
+        crate::agent::HEARTBEAT_INTERVAL,
+        stopping.clone(),
+    ));
+    let autoscaler = tokio::spawn(crate::leases::run_autoscaler(
+        control.clone(),
+        load.clone(),
+        stopping.clone(),
+    ));
 
     let app = Arc::new(AppState {
         control: control.clone(),
@@ -111,7 +127,8 @@ pub async fn run(config: UpConfig) -> anyhow::Result<()> {
         member_id: MEMBER_ID,
         leases: None,
         gateway: crate::api::gateway::Gateway::new().context("building the gateway client")?,
-        load: Arc::default(),
+        load,
+        traffic: Some(traffic),
         admission: crate::api::Admission::new(config.admission_limit),
         embedded: true,
     });
@@ -153,7 +170,7 @@ pub async fn run(config: UpConfig) -> anyhow::Result<()> {
     // Asked before the process stops the driver itself.
     let lost = consensus.handle().has_stopped();
     let _ = stop.send(true);
-    let _ = tokio::join!(controller, publisher, reconciler);
+    let _ = tokio::join!(controller, publisher, reconciler, reporter, autoscaler);
     agent.stop().await;
     tokio::task::spawn_blocking(move || consensus.shutdown()).await?;
     drop(data_dir);

@@ -1,6 +1,7 @@
 //! `shoal up` end to end: the real binary on a free port in a temp dir, the demo model
-//! trained and served, every kind of bad input answered, a graceful stop, and a restart
-//! that recovers from the raft log without training again.
+//! trained and served, every kind of bad input answered, a graceful stop, a restart that
+//! recovers from the raft log without training again, and a deployment that scales with
+//! its load.
 
 use serde_json::{Value, json};
 use shoal_tests::{Shoal, infer_iris_binary, shoal_binary};
@@ -262,4 +263,112 @@ async fn shoal_up_serves_iris_refuses_bad_input_stops_gracefully_and_recovers() 
     );
     again.interrupt();
     assert!(again.wait_exit(Duration::from_secs(30)).success());
+}
+
+/// The replicas `shoal up` wants for its iris deployment.
+async fn iris_replicas_wanted(client: &reqwest::Client, shoal: &Shoal) -> u64 {
+    let deployments: Value = client
+        .get(shoal.url("/api/v1/deployments"))
+        .send()
+        .await
+        .expect("deployments asked")
+        .json()
+        .await
+        .expect("deployments as JSON");
+    deployments
+        .as_array()
+        .into_iter()
+        .flatten()
+        .find(|deployment| deployment["name"] == "iris")
+        .and_then(|deployment| deployment["replicas_wanted"].as_u64())
+        .expect("iris is deployed")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shoal_up_scales_a_deployment_up_with_load_to_zero_when_idle_and_back_for_a_request() {
+    let temp = tempfile::tempdir().unwrap();
+    let data_dir = temp.path().join("data");
+    let client = reqwest::Client::new();
+    let mut shoal = Shoal::up(&data_dir, "autoscale");
+    shoal.wait_ready(&client).await;
+    let spec = temp.path().join("iris.toml");
+    std::fs::write(
+        &spec,
+        "name = \"iris\"\nmodel = \"iris\"\nversion = 1\nreplicas = 1\n\
+         [autoscale]\nmin = 0\nmax = 3\ntarget_ongoing_requests = 1\n\
+         upscale_delay_ms = 500\ndownscale_delay_ms = 1500\nscale_to_zero_after_ms = 2500\n",
+    )
+    .unwrap();
+    shoal_tests::run_shoal(&[
+        "deploy",
+        "apply",
+        "-f",
+        spec.to_str().unwrap(),
+        "--addr",
+        &shoal.url(""),
+    ]);
+
+    // Many callers at once: more requests in flight than one replica's target.
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let callers: Vec<_> = (0..32)
+        .map(|caller| {
+            let (client, url, stop) = (
+                client.clone(),
+                shoal.url("/v2/models/iris/infer"),
+                stop.clone(),
+            );
+            tokio::spawn(async move {
+                let mut failures = Vec::new();
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    let (row, _) = SAMPLES[caller % SAMPLES.len()];
+                    match client.post(&url).json(&features(&[row])).send().await {
+                        Ok(answer) if answer.status() == 200 => {}
+                        Ok(answer) => failures.push(answer.status().to_string()),
+                        Err(error) => failures.push(error.to_string()),
+                    }
+                }
+                failures
+            })
+        })
+        .collect();
+    let started = std::time::Instant::now();
+    while iris_replicas_wanted(&client, &shoal).await < 2 {
+        assert!(
+            started.elapsed() < Duration::from_secs(20),
+            "load never scaled iris up:\n{}",
+            shoal.stderr()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    for caller in callers {
+        let failures = caller.await.unwrap();
+        assert!(
+            failures.is_empty(),
+            "requests failed while scaling: {failures:?}"
+        );
+    }
+
+    // Idle: down to no replica; the server is still ready, since that is what was asked.
+    let started = std::time::Instant::now();
+    while iris_replicas_wanted(&client, &shoal).await > 0 {
+        assert!(
+            started.elapsed() < Duration::from_secs(20),
+            "idleness never scaled iris to zero"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let ready = client
+        .get(shoal.url("/v2/health/ready"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(ready.status(), 200, "{}", ready.text().await.unwrap());
+
+    // The next request is held until a replica is back, then answered.
+    let (row, species) = SAMPLES[1];
+    assert_eq!(infer_labels(&client, &shoal, &[row]).await, vec![species]);
+    assert!(iris_replicas_wanted(&client, &shoal).await >= 1);
+    shoal.interrupt();
+    assert!(shoal.wait_exit(Duration::from_secs(30)).success());
 }

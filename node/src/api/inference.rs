@@ -9,6 +9,7 @@ use axum::extract::{Path, State};
 use axum::http::header::CONTENT_TYPE;
 use axum::http::{HeaderMap, HeaderName, HeaderValue};
 use axum::response::{IntoResponse, Response};
+use shoal_actors::agent::{Route, Routes};
 use shoal_actors::batcher::InferError;
 use shoal_actors::tensor::validate_inputs;
 use shoal_scheduler::{ClusterState, ModelVersion, Signature};
@@ -48,13 +49,19 @@ pub async fn ready(State(app): State<Arc<AppState>>) -> Result<Json<serde_json::
     let state = app.control.state();
     let routes = app.routes.borrow().clone();
     // A deployment is served when a replica runs here or on any agent; one scaled to zero
-    // waits for its first request, which is served by holding it.
+    // waits for its first request, which is served by holding it. A required model counts
+    // until it is deployed.
     let waiting: Vec<&str> = state
         .deployments
         .values()
         .filter(|deployment| deployment.replicas_desired > 0)
         .map(|deployment| deployment.model())
-        .chain(app.required_models.iter().map(String::as_str))
+        .chain(
+            app.required_models
+                .iter()
+                .map(String::as_str)
+                .filter(|model| !state.deployments.values().any(|d| d.model() == *model)),
+        )
         .filter(|model| {
             routes.for_model(model).is_empty()
                 && (app.embedded || super::gateway::targets_any_version(&state, model).is_empty())
@@ -307,28 +314,27 @@ fn request_timeout(headers: &HeaderMap) -> Duration {
 /// Requests held at once for one deployment scaled to zero; beyond this, 503.
 const HELD_REQUESTS_MAX: u64 = 1_024;
 
-/// For a deployment scaled to zero: holds the request, counted so the autoscaler brings a
-/// replica back, until one is ready or the deadline passes (then 503).
-async fn hold_for_scale_up(
+/// The deployment of `model` when it is scaled to zero, so a request for it may be held
+/// until a replica is back; else why it is refused (503).
+fn scaled_to_zero(
     app: &AppState,
+    state: &ClusterState,
     model: &str,
     version: u32,
-    deadline: tokio::time::Instant,
-) -> Result<Vec<super::gateway::Target>, ApiError> {
-    let state = app.control.state();
+) -> Result<String, ApiError> {
     let scaled_to_zero = state
         .deployments
         .values()
         .find(|deployment| deployment.model() == model && deployment.replicas_desired == 0);
     let Some(deployment) = scaled_to_zero else {
         return Err(ApiError::Unavailable(format!(
-            "model {model:?} version {version} has no ready replica"
+            "model {model:?} version {version} has no ready replica yet"
         )));
     };
     let name = deployment.name().to_string();
     let held = app
         .load
-        .snapshot(&state)
+        .snapshot(state)
         .deployments
         .get(&name)
         .map_or(0, |load| load.requests_held);
@@ -337,7 +343,25 @@ async fn hold_for_scale_up(
             "{name} is scaling up from zero and already holds {held} requests"
         )));
     }
-    app.load.hold(&name);
+    Ok(name)
+}
+
+fn not_back_in_time(deployment: &str) -> ApiError {
+    ApiError::Unavailable(format!(
+        "{deployment} did not scale up from zero in time; retry"
+    ))
+}
+
+/// For a deployment scaled to zero: holds the request, counted so the autoscaler brings a
+/// replica back, until one is ready on an agent or the deadline passes (then 503).
+async fn hold_for_scale_up(
+    app: &AppState,
+    model: &str,
+    version: u32,
+    deadline: tokio::time::Instant,
+) -> Result<Vec<super::gateway::Target>, ApiError> {
+    let name = scaled_to_zero(app, &app.control.state(), model, version)?;
+    let _held = app.load.hold(&name);
     let mut states = app.control.watch_state();
     let found = tokio::time::timeout_at(deadline, async {
         loop {
@@ -351,12 +375,32 @@ async fn hold_for_scale_up(
         }
     })
     .await;
-    app.load.release(&name);
     match found {
         Ok(Some(targets)) => Ok(targets),
-        _ => Err(ApiError::Unavailable(format!(
-            "{name} did not scale up from zero in time; retry"
-        ))),
+        _ => Err(not_back_in_time(&name)),
+    }
+}
+
+/// `shoal up`'s [`hold_for_scale_up`]: until a replica of `version` serves in this
+/// process; the routes then.
+async fn hold_for_own_replica(
+    app: &AppState,
+    model: &str,
+    version: u32,
+    deadline: tokio::time::Instant,
+) -> Result<Arc<Routes>, ApiError> {
+    let name = scaled_to_zero(app, &app.control.state(), model, version)?;
+    let _held = app.load.hold(&name);
+    let mut routes = app.routes.clone();
+    let serving = |routes: &Arc<Routes>| {
+        routes
+            .for_model(model)
+            .iter()
+            .any(|route| route.version == version)
+    };
+    match tokio::time::timeout_at(deadline, routes.wait_for(serving)).await {
+        Ok(Ok(routes)) => Ok(routes.clone()),
+        _ => Err(not_back_in_time(&name)),
     }
 }
 
@@ -382,11 +426,7 @@ async fn serve(
     *served = Some(resolved.version);
 
     let routes = app.routes.borrow().clone();
-    let candidates: Vec<_> = routes
-        .for_model(model)
-        .iter()
-        .filter(|route| route.version == resolved.version)
-        .collect();
+    let candidates = serving_here(&routes, model, resolved.version);
     if candidates.is_empty() && !app.embedded {
         // No replica in this process: send it to one on an agent.
         let mut targets = super::gateway::targets(&state, model, resolved.version);
@@ -407,12 +447,13 @@ async fn serve(
     // request is refused at once and never wakes a deployment scaled to zero.
     let mut request = oip::read_request(&body, header_bytes).map_err(ApiError::BadRequest)?;
     check_request(&resolved.signature, model, &request)?;
-    if candidates.is_empty() && app.embedded {
-        return Err(ApiError::Unavailable(format!(
-            "model {model:?} version {} has no ready replica yet",
-            resolved.version
-        )));
-    }
+    let held_for;
+    let candidates = if candidates.is_empty() && app.embedded {
+        held_for = hold_for_own_replica(app, model, resolved.version, deadline).await?;
+        serving_here(&held_for, model, resolved.version)
+    } else {
+        candidates
+    };
     if candidates.is_empty() {
         let forwarded = headers.contains_key(super::cluster::FORWARDED_HEADER);
         let status = app.control.raft_status();
@@ -435,6 +476,10 @@ async fn serve(
     let inputs = std::mem::take(&mut request.inputs);
     let position = app.next_route.fetch_add(1, Ordering::Relaxed) % candidates.len();
     let route = candidates[position];
+    let _tracked = app
+        .traffic
+        .as_ref()
+        .map(|traffic| traffic.track(route.replica.0, Instant::now()));
     let outputs = route
         .handle
         .infer(inputs, deadline)
@@ -454,6 +499,15 @@ async fn serve(
             InferError::Model(message) => ApiError::ReplicaFailed(message),
         })?;
     Ok(answer(model, route.version, outputs, &request))
+}
+
+/// The replicas of `version` of `model` that serve in this process.
+fn serving_here<'a>(routes: &'a Routes, model: &str, version: u32) -> Vec<&'a Route> {
+    routes
+        .for_model(model)
+        .iter()
+        .filter(|route| route.version == version)
+        .collect()
 }
 
 /// Checks a read request against the signature of the model that will run it: its inputs
