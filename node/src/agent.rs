@@ -362,7 +362,7 @@ async fn heartbeat(
 /// What the data plane's handlers reach.
 struct DataPlane {
     routes: watch::Receiver<Arc<Routes>>,
-    traffic: crate::leases::TrafficMeter,
+    traffic: Arc<crate::leases::TrafficMeter>,
 }
 
 /// `POST /internal/v1/replicas/{id}/infer`: an Open Inference Protocol request for one
@@ -424,6 +424,7 @@ async fn generate(
     body: Result<Bytes, BytesRejection>,
 ) -> Result<axum::response::Response, ApiError> {
     use axum::response::IntoResponse;
+    let received = std::time::Instant::now();
     let body = body?;
     let request: GenerateRequest = serde_json::from_slice(&body)
         .map_err(|error| ApiError::BadRequest(format!("malformed generate request: {error}")))?;
@@ -474,6 +475,7 @@ async fn generate(
         let text = format!("{line}\n");
         Some((Ok(text), (!is_error).then_some(stream)))
     });
+    let lines = plane.traffic.track(id, received).over(lines);
     Ok((
         [("content-type", "application/x-ndjson")],
         axum::body::Body::from_stream(lines),
@@ -526,7 +528,7 @@ pub async fn run(config: AgentConfig) -> anyhow::Result<()> {
     };
     let plane = Arc::new(DataPlane {
         routes,
-        traffic: crate::leases::TrafficMeter::default(),
+        traffic: Arc::default(),
     });
     let heartbeats = tokio::spawn(heartbeat(
         servers.clone(),

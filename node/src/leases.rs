@@ -153,12 +153,12 @@ struct Traffic {
 
 impl TrafficMeter {
     /// Counts a request to `replica` that arrived at `since`, until the guard is dropped.
-    pub fn track(&self, replica: u64, since: Instant) -> Tracked<'_> {
+    pub fn track(self: &std::sync::Arc<Self>, replica: u64, since: Instant) -> Tracked {
         if let Ok(mut replicas) = self.replicas.lock() {
             replicas.entry(replica).or_default().in_flight += 1;
         }
         Tracked {
-            meter: self,
+            meter: self.clone(),
             replica,
             since,
         }
@@ -194,13 +194,28 @@ impl TrafficMeter {
 }
 
 /// A request counted against its replica until dropped.
-pub struct Tracked<'a> {
-    meter: &'a TrafficMeter,
+pub struct Tracked {
+    meter: std::sync::Arc<TrafficMeter>,
     replica: u64,
     since: Instant,
 }
 
-impl Drop for Tracked<'_> {
+impl Tracked {
+    /// `stream` (a generation's tokens), with its request counted until it is dropped:
+    /// a generation holds its replica for as long as it streams.
+    pub fn over<S: futures_util::Stream>(
+        self,
+        stream: S,
+    ) -> impl futures_util::Stream<Item = S::Item> {
+        use futures_util::StreamExt;
+        stream.map(move |item| {
+            let _counted = &self;
+            item
+        })
+    }
+}
+
+impl Drop for Tracked {
     fn drop(&mut self) {
         self.meter.finished(self.replica, self.since.elapsed());
     }
@@ -413,6 +428,32 @@ mod tests {
         apply(&mut state, 10, command).unwrap();
         let leases = Leases::default();
         assert!(leases.expired(&state, Instant::now()).is_empty());
+    }
+
+    #[test]
+    fn a_stream_counts_as_its_replicas_traffic_until_it_is_dropped() {
+        use futures_util::{FutureExt, StreamExt};
+        let meter = std::sync::Arc::new(TrafficMeter::default());
+        let in_flight = |meter: &TrafficMeter| {
+            meter
+                .take_load(Duration::from_secs(1))
+                .get(&7)
+                .map_or(0, |load| load.requests_in_flight)
+        };
+        let mut tokens = meter
+            .track(7, Instant::now())
+            .over(futures_util::stream::iter(["a", "b"]));
+        assert_eq!(in_flight(&meter), 1);
+        assert_eq!(tokens.next().now_or_never(), Some(Some("a")));
+        assert_eq!(in_flight(&meter), 1, "still streaming");
+        drop(tokens);
+        let load = meter.take_load(Duration::from_secs(1))[&7];
+        assert!(
+            load.last_request_ms.is_some(),
+            "its end is the replica's last request"
+        );
+        assert_eq!(load.requests_in_flight, 1, "busy for part of this interval");
+        assert_eq!(in_flight(&meter), 0, "and none of the next");
     }
 
     #[test]

@@ -372,3 +372,43 @@ async fn shoal_up_scales_a_deployment_up_with_load_to_zero_when_idle_and_back_fo
     shoal.interrupt();
     assert!(shoal.wait_exit(Duration::from_secs(30)).success());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shoal_up_holds_a_completion_for_a_deployment_scaled_to_zero_until_it_is_back() {
+    let temp = tempfile::tempdir().unwrap();
+    let data_dir = temp.path().join("data");
+    let client = reqwest::Client::new();
+    let mut shoal = Shoal::up(&data_dir, "generation");
+    shoal.wait_ready(&client).await;
+    let files = shoal_actors::fixtures::tiny_llama(&shoal_actors::fixtures::TinyLlama::for_tests())
+        .unwrap();
+    let model_dir = temp.path().join("tiny");
+    shoal_tests::write_model_dir(&model_dir, &files);
+    let address = shoal.url("");
+    let model_dir = model_dir.to_str().unwrap();
+    shoal_tests::run_shoal(&[
+        "model", "push", model_dir, "--name", "tiny", "--addr", &address,
+    ]);
+    let spec = temp.path().join("tiny.toml");
+    std::fs::write(
+        &spec,
+        "name = \"tiny\"\nmodel = \"tiny\"\nversion = 1\nreplicas = 0\n\
+         [autoscale]\nmin = 0\nmax = 1\ntarget_ongoing_requests = 1\n\
+         upscale_delay_ms = 0\ndownscale_delay_ms = 500\nscale_to_zero_after_ms = 1000\n",
+    )
+    .unwrap();
+    let spec = spec.to_str().unwrap();
+    shoal_tests::run_shoal(&["deploy", "apply", "-f", spec, "--addr", &address]);
+
+    let answer = client
+        .post(shoal.url("/v1/completions"))
+        .json(&json!({"model": "tiny", "prompt": "hello", "max_tokens": 4}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(answer.status(), 200, "{}", shoal.stderr());
+    let answer: Value = answer.json().await.unwrap();
+    assert_eq!(answer["choices"][0]["finish_reason"], "length", "{answer}");
+    shoal.interrupt();
+    assert!(shoal.wait_exit(Duration::from_secs(30)).success());
+}

@@ -1,6 +1,7 @@
 //! OpenAI-compatible routes on a real cluster: a real all-MiniLM-L6-v2 pushed to a server,
 //! served by an agent, asked through `/v1/embeddings`; the cosines of sentence pairs match
-//! the independent reference the actors crate keeps. Errors use OpenAI's envelope.
+//! the independent reference the actors crate keeps. Errors use OpenAI's envelope. A
+//! completion for a deployment scaled to zero is held until a replica is back.
 
 #![allow(
     clippy::unwrap_used,
@@ -225,5 +226,44 @@ async fn completions_stream_the_same_tokens_they_answer_whole() {
     assert_eq!(bad.status(), 400);
     let body: Value = bad.json().await.unwrap();
     assert_eq!(body["error"]["type"], "invalid_request_error");
+
+    // Idle, it scales to zero; a streamed completion is then held until a replica is
+    // back, and streams the same tokens.
+    cluster.apply_deployment(
+        1,
+        "tiny",
+        "name = \"tiny\"\nmodel = \"tiny\"\nversion = 1\nreplicas = 1\n\
+         [autoscale]\nmin = 0\nmax = 1\ntarget_ongoing_requests = 1\n\
+         upscale_delay_ms = 0\ndownscale_delay_ms = 500\nscale_to_zero_after_ms = 1000\n",
+    );
+    let started = Instant::now();
+    loop {
+        let deployments: Value = http
+            .get(cluster.url(1, "/api/v1/deployments"))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        if deployments[0]["replicas_wanted"] == 0 {
+            break;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(30),
+            "never scaled to zero: {deployments}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let answer = http.post(&url).json(&streaming).send().await.unwrap();
+    assert_eq!(answer.status(), 200);
+    let data = events(answer).await;
+    assert_eq!(data.last().map(String::as_str), Some("[DONE]"));
+    let streamed: String = data[..data.len() - 1]
+        .iter()
+        .map(|d| serde_json::from_str::<Value>(d).unwrap())
+        .filter_map(|c| c["choices"][0]["text"].as_str().map(str::to_string))
+        .collect();
+    assert_eq!(streamed, text);
     cluster.stop_all();
 }

@@ -7,7 +7,7 @@ use crate::control::ControlError;
 use axum::Json;
 use axum::body::Bytes;
 use axum::extract::{Path, Query, State};
-use axum::http::header::RETRY_AFTER;
+use axum::http::header::{CONTENT_TYPE, RETRY_AFTER};
 use axum::http::{HeaderMap, HeaderName, HeaderValue, Method, StatusCode, Uri};
 use axum::response::{IntoResponse, Response};
 use serde::{Deserialize, Serialize};
@@ -21,10 +21,13 @@ use std::time::Duration;
 fn relay(status: StatusCode, answer: &HeaderMap, bytes: axum::body::Bytes) -> Response {
     let mut response = (status, bytes).into_response();
     let headers = response.headers_mut();
-    // Admin answers are JSON; an inference answer may carry binary tensor data.
+    // Admin answers are JSON; an inference answer may carry binary tensor data, and a
+    // generation's may be server-sent events: the body is framed as the leader framed it.
     super::set_framing(headers, super::binary_header(answer).unwrap_or(None));
-    if let Some(retry_after) = answer.get(RETRY_AFTER) {
-        headers.insert(RETRY_AFTER, retry_after.clone());
+    for name in [CONTENT_TYPE, RETRY_AFTER] {
+        if let Some(value) = answer.get(&name) {
+            headers.insert(name, value.clone());
+        }
     }
     response
 }

@@ -354,7 +354,7 @@ fn not_back_in_time(deployment: &str) -> ApiError {
 
 /// For a deployment scaled to zero: holds the request, counted so the autoscaler brings a
 /// replica back, until one is ready on an agent or the deadline passes (then 503).
-async fn hold_for_scale_up(
+pub(super) async fn hold_for_scale_up(
     app: &AppState,
     model: &str,
     version: u32,
@@ -383,7 +383,7 @@ async fn hold_for_scale_up(
 
 /// `shoal up`'s [`hold_for_scale_up`]: until a replica of `version` serves in this
 /// process; the routes then.
-async fn hold_for_own_replica(
+pub(super) async fn hold_for_own_replica(
     app: &AppState,
     model: &str,
     version: u32,

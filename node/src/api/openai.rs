@@ -1,8 +1,8 @@
 //! OpenAI-compatible routes, translated onto the same inference path as the Open Inference
 //! Protocol: `GET /v1/models` and `POST /v1/embeddings`. Errors use OpenAI's envelope.
 
-use super::AppState;
 use super::oip::{InferResponse, ResponseData};
+use super::{ApiError, AppState};
 use axum::Json;
 use axum::body::Bytes;
 use axum::extract::State;
@@ -11,8 +11,10 @@ use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use serde::Deserialize;
 use serde_json::{Value, json};
+use shoal_actors::agent::Routes;
 use shoal_scheduler::DataType;
 use std::sync::Arc;
+use std::time::Instant;
 
 /// Largest response body read back from the inference path.
 const RESPONSE_BYTES_MAX: usize = 64 << 20;
@@ -200,6 +202,10 @@ enum Piece {
 /// A generation's pieces as they come.
 type Pieces = std::pin::Pin<Box<dyn futures_util::Stream<Item = Piece> + Send>>;
 
+/// Longest a generation may take, from its arrival (including a wait for a deployment
+/// scaled to zero) to its last token.
+const GENERATION_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
+
 /// Largest `max_tokens` accepted: a bound on how long one request may hold a replica.
 const MAX_TOKENS_LIMIT: usize = 4_096;
 
@@ -210,6 +216,7 @@ async fn start_generation(
     model: &str,
     prompt: String,
     max_tokens: Option<usize>,
+    sent: AsSent,
 ) -> Result<Pieces, Response> {
     use futures_util::StreamExt;
     if max_tokens.is_some_and(|tokens| tokens == 0 || tokens > MAX_TOKENS_LIMIT) {
@@ -223,12 +230,22 @@ async fn start_generation(
         Ok(version) => version.version,
         Err(problem) => return Err(error(problem.status(), problem.to_string())),
     };
-    let routes = app.routes.borrow().clone();
-    if let Some(route) = routes
-        .for_model(model)
-        .iter()
-        .find(|r| r.version == version)
-    {
+    let deadline = tokio::time::Instant::now() + GENERATION_TIMEOUT;
+    let refused = |problem: ApiError| error(problem.status(), problem.to_string());
+    let mut routes = app.routes.borrow().clone();
+    let serving_here = |routes: &Routes| {
+        routes
+            .for_model(model)
+            .iter()
+            .find(|route| route.version == version)
+            .cloned()
+    };
+    if app.embedded && serving_here(&routes).is_none() {
+        routes = super::inference::hold_for_own_replica(app, model, version, deadline)
+            .await
+            .map_err(refused)?;
+    }
+    if let Some(route) = serving_here(&routes) {
         let Some(generation) = route.handle.generation() else {
             return Err(error(
                 StatusCode::BAD_REQUEST,
@@ -238,7 +255,7 @@ async fn start_generation(
         let request = shoal_actors::generate::GenerationRequest {
             prompt,
             max_new_tokens: max_tokens,
-            deadline: tokio::time::Instant::now() + std::time::Duration::from_secs(30),
+            deadline,
         };
         let stream = match generation.submit(&request) {
             Ok(stream) => stream,
@@ -260,17 +277,31 @@ async fn start_generation(
                 }
             }
         });
-        return Ok(Box::pin(pieces));
-    }
-    if app.embedded {
-        return Err(error(
-            StatusCode::SERVICE_UNAVAILABLE,
-            format!("model {model:?} has no ready replica yet"),
-        ));
+        return Ok(match &app.traffic {
+            Some(traffic) => Box::pin(traffic.track(route.replica.0, Instant::now()).over(pieces)),
+            None => Box::pin(pieces),
+        });
     }
     let mut targets = super::gateway::targets(&state, model, version);
     if targets.is_empty() {
         targets = super::gateway::targets_any_version(&state, model);
+    }
+    if targets.is_empty() {
+        // Scaled to zero: the leader's autoscaler counts held requests, so a follower
+        // passes the request on to be held there.
+        let status = app.control.raft_status();
+        if !status.is_leader
+            && !sent.headers.contains_key(super::cluster::FORWARDED_HEADER)
+            && let (Some(leader), Some(forwarder)) = (status.leader, &app.forwarder)
+        {
+            let answer = forwarder
+                .forward_infer(&state, leader, sent.path, &sent.headers, sent.body)
+                .await;
+            return Err(answer.unwrap_or_else(refused));
+        }
+        targets = super::inference::hold_for_scale_up(app, model, version, deadline)
+            .await
+            .map_err(refused)?;
     }
     let body = json!({"prompt": prompt, "max_tokens": max_tokens}).to_string();
     let answer = match app
@@ -322,6 +353,13 @@ async fn start_generation(
     Ok(Box::pin(lines))
 }
 
+/// A generation request as it came, to pass on to the leader (see [`start_generation`]).
+struct AsSent {
+    path: &'static str,
+    headers: HeaderMap,
+    body: Bytes,
+}
+
 /// Starts and answers a generation, recorded in the gateway's request metrics (a stream
 /// counts as answered when its first bytes go out).
 async fn observed_generation(
@@ -331,12 +369,13 @@ async fn observed_generation(
     max_tokens: Option<usize>,
     stream: bool,
     chat: bool,
+    sent: AsSent,
 ) -> Response {
     let observed = super::inference::Observed::start(app, &model);
     let version = super::inference::resolve(&app.control.state(), &model, None)
         .ok()
         .map(|version| version.version);
-    let response = match start_generation(app, &model, prompt, max_tokens).await {
+    let response = match start_generation(app, &model, prompt, max_tokens, sent).await {
         Ok(pieces) => answer_generation(pieces, model, stream, chat).await,
         Err(response) => response,
     };
@@ -412,6 +451,16 @@ async fn answer_generation(pieces: Pieces, model: String, stream: bool, chat: bo
         .into_response()
 }
 
+/// A request body read as `T`, kept beside it; why not, in words for a 400.
+fn read_json<T: for<'de> Deserialize<'de>>(
+    body: Result<Bytes, BytesRejection>,
+) -> Result<(T, Bytes), String> {
+    let body = body.map_err(|rejection| rejection.body_text())?;
+    let request =
+        serde_json::from_slice(&body).map_err(|error| format!("malformed request: {error}"))?;
+    Ok((request, body))
+}
+
 #[derive(Debug, Deserialize)]
 pub struct CompletionRequest {
     model: String,
@@ -425,16 +474,19 @@ pub struct CompletionRequest {
 /// `POST /v1/completions`, streamed as server-sent events with `stream: true`.
 pub async fn completions(
     State(app): State<Arc<AppState>>,
+    headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Response {
-    let request: CompletionRequest = match body
-        .map_err(|r| r.body_text())
-        .and_then(|b| serde_json::from_slice(&b).map_err(|e| format!("malformed request: {e}")))
-    {
-        Ok(request) => request,
+    let (request, body): (CompletionRequest, Bytes) = match read_json(body) {
+        Ok(read) => read,
         Err(message) => return error(StatusCode::BAD_REQUEST, message),
     };
     let chat = false;
+    let sent = AsSent {
+        path: "/v1/completions",
+        headers,
+        body,
+    };
     observed_generation(
         &app,
         request.model,
@@ -442,6 +494,7 @@ pub async fn completions(
         request.max_tokens,
         request.stream,
         chat,
+        sent,
     )
     .await
 }
@@ -466,13 +519,11 @@ pub struct ChatRequest {
 /// ending with `assistant:` for the model to continue.
 pub async fn chat_completions(
     State(app): State<Arc<AppState>>,
+    headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Response {
-    let request: ChatRequest = match body
-        .map_err(|r| r.body_text())
-        .and_then(|b| serde_json::from_slice(&b).map_err(|e| format!("malformed request: {e}")))
-    {
-        Ok(request) => request,
+    let (request, body): (ChatRequest, Bytes) = match read_json(body) {
+        Ok(read) => read,
         Err(message) => return error(StatusCode::BAD_REQUEST, message),
     };
     if request.messages.is_empty() {
@@ -484,6 +535,11 @@ pub async fn chat_completions(
     }
     prompt.push_str("assistant:");
     let chat = true;
+    let sent = AsSent {
+        path: "/v1/chat/completions",
+        headers,
+        body,
+    };
     observed_generation(
         &app,
         request.model,
@@ -491,6 +547,7 @@ pub async fn chat_completions(
         request.max_tokens,
         request.stream,
         chat,
+        sent,
     )
     .await
 }
