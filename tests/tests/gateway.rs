@@ -183,6 +183,26 @@ async fn a_standalone_gateway_follows_the_state_and_serves_through_agents() {
         "{}",
         scaled.text().await.unwrap()
     );
+
+    // With no agent to answer, a bad request is still refused for what is wrong with it.
+    cluster.kill_agent(1);
+    let (bad, status, says) = (
+        json!({"inputs": [{"name": "features", "shape": [1, 3], "datatype": "FP32", "data": [1.0, 2.0, 3.0]}]}),
+        400,
+        "shape",
+    );
+    let answer = http
+        .post(format!("{base}/v2/models/iris/infer"))
+        .json(&bad)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(answer.status(), status);
+    let message: Value = answer.json().await.unwrap();
+    assert!(
+        message["error"].as_str().unwrap().contains(says),
+        "{message}"
+    );
     let _ = gateway.kill();
     let _ = gateway.wait();
     cluster.stop_all();

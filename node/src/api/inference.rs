@@ -439,7 +439,18 @@ async fn serve(
             // The agent reads and checks the request against the model it runs (see
             // `check_request`) and answers 400 or 413 itself: reading it here as well
             // would cost the gateway as much again for every request.
-            return app.gateway.forward(targets, body, header_bytes).await;
+            let forwarded = app
+                .gateway
+                .forward(targets, body.clone(), header_bytes)
+                .await;
+            if let Err(ApiError::ReplicaFailed(_) | ApiError::Unavailable(_)) = forwarded {
+                // No agent read it: a bad request is still told what is wrong with it,
+                // not that the agents are away.
+                let request =
+                    oip::read_request(&body, header_bytes).map_err(ApiError::BadRequest)?;
+                check_request(&resolved.signature, model, &request)?;
+            }
+            return forwarded;
         }
     }
 
