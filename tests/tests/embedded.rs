@@ -265,8 +265,8 @@ async fn shoal_up_serves_iris_refuses_bad_input_stops_gracefully_and_recovers() 
     assert!(again.wait_exit(Duration::from_secs(30)).success());
 }
 
-/// The replicas `shoal up` wants for its iris deployment.
-async fn iris_replicas_wanted(client: &reqwest::Client, shoal: &Shoal) -> u64 {
+/// `shoal up`'s iris deployment as the admin API shows it.
+async fn iris_deployment(client: &reqwest::Client, shoal: &Shoal) -> Value {
     let deployments: Value = client
         .get(shoal.url("/api/v1/deployments"))
         .send()
@@ -280,8 +280,25 @@ async fn iris_replicas_wanted(client: &reqwest::Client, shoal: &Shoal) -> u64 {
         .into_iter()
         .flatten()
         .find(|deployment| deployment["name"] == "iris")
-        .and_then(|deployment| deployment["replicas_wanted"].as_u64())
+        .cloned()
         .expect("iris is deployed")
+}
+
+/// The replicas `shoal up` wants for its iris deployment.
+async fn iris_replicas_wanted(client: &reqwest::Client, shoal: &Shoal) -> u64 {
+    iris_deployment(client, shoal).await["replicas_wanted"]
+        .as_u64()
+        .expect("a replica count")
+}
+
+/// How many of iris's replicas are ready.
+async fn iris_replicas_ready(client: &reqwest::Client, shoal: &Shoal) -> usize {
+    iris_deployment(client, shoal).await["replicas"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter(|replica| replica["state"] == "Ready")
+        .count()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -332,10 +349,10 @@ async fn shoal_up_scales_a_deployment_up_with_load_to_zero_when_idle_and_back_fo
         })
         .collect();
     let started = std::time::Instant::now();
-    while iris_replicas_wanted(&client, &shoal).await < 2 {
+    while iris_replicas_ready(&client, &shoal).await < 2 {
         assert!(
             started.elapsed() < Duration::from_secs(20),
-            "load never scaled iris up:\n{}",
+            "load never scaled iris up to two ready replicas:\n{}",
             shoal.stderr()
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
