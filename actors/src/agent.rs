@@ -87,6 +87,14 @@ impl Routes {
     pub fn for_model(&self, model: &str) -> &[Route] {
         self.by_model.get(model).map_or(&[], Vec::as_slice)
     }
+
+    /// Whether `replica` serves here.
+    pub fn serves(&self, replica: ReplicaId) -> bool {
+        self.by_model
+            .values()
+            .flatten()
+            .any(|route| route.replica == replica)
+    }
 }
 
 pub enum AgentMsg {

@@ -400,13 +400,18 @@ impl<L: LogStore, S: StateMachine> Core<L, S> {
     /// Notes the sender of a dropped message as the leader of a newer term, when only a
     /// leader sends such a message. A stalled leader does not tick, so the others elect a
     /// new one; without this it would go on calling itself leader and refuse every write
-    /// until its disk had room, where it can send them to the one that leads now.
+    /// until its disk had room, where it can send them to the one that leads now. The
+    /// note cannot outlive its use: a leader of term T had a majority in T, so this member
+    /// can only lead again in a later term, by which time raft-rs here is past T and
+    /// [`Core::newer_leader`] ignores it.
     fn hear(&mut self, message: &Message) {
         let from_a_leader = matches!(
             message.get_msg_type(),
             MessageType::MsgAppend | MessageType::MsgHeartbeat | MessageType::MsgSnapshot
         );
-        let newest = self.heard.map_or(self.raw.raft.term, |heard| heard.term);
+        let newest = self.heard.map_or(self.raw.raft.term, |heard| {
+            heard.term.max(self.raw.raft.term)
+        });
         if from_a_leader && message.term > newest {
             tracing::info!(
                 id = self.id,
@@ -440,11 +445,14 @@ impl<L: LogStore, S: StateMachine> Core<L, S> {
         self.raw.mut_store()
     }
 
-    /// This member's raft role, as named in the `shoal_raft_role` metric. A stalled leader
-    /// that heard of a newer one counts as a follower: it leads nothing any more.
+    /// This member's raft role, as named in the `shoal_raft_role` metric. A stalled member
+    /// that heard of a newer leader counts as a follower: it leads or campaigns for
+    /// nothing any more.
     pub(crate) fn role_name(&self) -> &'static str {
+        if self.newer_leader().is_some() {
+            return "follower";
+        }
         match self.raw.raft.state {
-            StateRole::Leader if self.newer_leader().is_some() => "follower",
             StateRole::Leader => "leader",
             StateRole::Candidate => "candidate",
             StateRole::PreCandidate => "pre_candidate",

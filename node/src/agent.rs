@@ -318,7 +318,10 @@ async fn heartbeat(
     loop {
         // A beat that did not get through is sent again as it was, load included.
         if delivered {
-            beat.load = plane.traffic.take_load(HEARTBEAT_INTERVAL);
+            let serving = plane.routes.borrow().clone();
+            beat.load = plane.traffic.take_load(HEARTBEAT_INTERVAL, |replica| {
+                serving.serves(shoal_scheduler::ReplicaId(replica))
+            });
         }
         let answer = servers
             .request(
@@ -362,7 +365,7 @@ async fn heartbeat(
 /// What the data plane's handlers reach.
 struct DataPlane {
     routes: watch::Receiver<Arc<Routes>>,
-    traffic: Arc<crate::leases::TrafficMeter>,
+    traffic: Arc<crate::load::TrafficMeter>,
 }
 
 /// `POST /internal/v1/replicas/{id}/infer`: an Open Inference Protocol request for one
@@ -475,7 +478,7 @@ async fn generate(
         let text = format!("{line}\n");
         Some((Ok(text), (!is_error).then_some(stream)))
     });
-    let lines = plane.traffic.track(id, received).over(lines);
+    let lines = plane.traffic.track(id, received).during(lines);
     Ok((
         [("content-type", "application/x-ndjson")],
         axum::body::Body::from_stream(lines),

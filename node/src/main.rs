@@ -14,6 +14,7 @@ mod datadir;
 mod demo;
 mod gateway;
 mod leases;
+mod load;
 mod loops;
 mod server;
 mod store;

@@ -148,7 +148,7 @@ pub async fn run(config: ServerConfig) -> anyhow::Result<()> {
         .collect();
     let (_no_agent, routes) = watch::channel(Arc::new(shoal_actors::agent::Routes::default()));
     let leases = Arc::new(crate::leases::Leases::default());
-    let load = Arc::new(crate::leases::LoadBoard::default());
+    let load = Arc::new(crate::load::LoadBoard::default());
     let app = Arc::new(AppState {
         control: control.clone(),
         routes,
@@ -175,7 +175,7 @@ pub async fn run(config: ServerConfig) -> anyhow::Result<()> {
         control.clone(),
         stopping.clone(),
     ));
-    let autoscaler = tokio::spawn(crate::leases::run_autoscaler(
+    let autoscaler = tokio::spawn(crate::load::run_autoscaler(
         control.clone(),
         load,
         stopping.clone(),

@@ -101,16 +101,17 @@ pub async fn run(config: UpConfig) -> anyhow::Result<()> {
     ));
     // No agent reports this node's load: the gateway counts it as it serves, for the
     // autoscaler as in a cluster.
-    let load = Arc::new(crate::leases::LoadBoard::default());
-    let traffic = Arc::new(crate::leases::TrafficMeter::default());
-    let reporter = tokio::spawn(crate::leases::report_own_load(
+    let load = Arc::new(crate::load::LoadBoard::default());
+    let traffic = Arc::new(crate::load::TrafficMeter::default());
+    let reporter = tokio::spawn(crate::load::report_own_load(
         traffic.clone(),
+        routes.clone(),
         load.clone(),
         NODE_ID,
         crate::agent::HEARTBEAT_INTERVAL,
         stopping.clone(),
     ));
-    let autoscaler = tokio::spawn(crate::leases::run_autoscaler(
+    let autoscaler = tokio::spawn(crate::load::run_autoscaler(
         control.clone(),
         load.clone(),
         stopping.clone(),

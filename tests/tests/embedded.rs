@@ -366,7 +366,7 @@ async fn shoal_up_scales_a_deployment_up_with_load_to_zero_when_idle_and_back_fo
         );
     }
 
-    // Idle: down to no replica; the server is still ready, since that is what was asked.
+    // Idle: down to no replica.
     let started = std::time::Instant::now();
     while iris_replicas_wanted(&client, &shoal).await > 0 {
         assert!(
@@ -375,12 +375,16 @@ async fn shoal_up_scales_a_deployment_up_with_load_to_zero_when_idle_and_back_fo
         );
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
-    let ready = client
-        .get(shoal.url("/v2/health/ready"))
+
+    // A completion asked of a model that cannot generate is refused, and wakes nothing.
+    let refused = client
+        .post(shoal.url("/v1/completions"))
+        .json(&json!({"model": "iris", "prompt": "hello"}))
         .send()
         .await
         .unwrap();
-    assert_eq!(ready.status(), 200, "{}", ready.text().await.unwrap());
+    assert_eq!(refused.status(), 400);
+    assert_eq!(iris_replicas_wanted(&client, &shoal).await, 0);
 
     // The next request is held until a replica is back, then answered.
     let (row, species) = SAMPLES[1];
@@ -407,19 +411,37 @@ async fn shoal_up_holds_a_completion_for_a_deployment_scaled_to_zero_until_it_is
         "model", "push", model_dir, "--name", "tiny", "--addr", &address,
     ]);
     let spec = temp.path().join("tiny.toml");
+    let spec = spec.to_str().unwrap();
+    let completion = json!({"model": "tiny", "prompt": "hello", "max_tokens": 4});
+
+    // Set to no replica by hand, it stays so: refused at once, not held.
     std::fs::write(
-        &spec,
+        spec,
+        "name = \"tiny\"\nmodel = \"tiny\"\nversion = 1\nreplicas = 0\n",
+    )
+    .unwrap();
+    shoal_tests::run_shoal(&["deploy", "apply", "-f", spec, "--addr", &address]);
+    let refused = client
+        .post(shoal.url("/v1/completions"))
+        .json(&completion)
+        .timeout(Duration::from_secs(5))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(refused.status(), 503);
+
+    // Scaled to zero by the autoscaler, it comes back for the request.
+    std::fs::write(
+        spec,
         "name = \"tiny\"\nmodel = \"tiny\"\nversion = 1\nreplicas = 0\n\
          [autoscale]\nmin = 0\nmax = 1\ntarget_ongoing_requests = 1\n\
          upscale_delay_ms = 0\ndownscale_delay_ms = 500\nscale_to_zero_after_ms = 1000\n",
     )
     .unwrap();
-    let spec = spec.to_str().unwrap();
     shoal_tests::run_shoal(&["deploy", "apply", "-f", spec, "--addr", &address]);
-
     let answer = client
         .post(shoal.url("/v1/completions"))
-        .json(&json!({"model": "tiny", "prompt": "hello", "max_tokens": 4}))
+        .json(&completion)
         .send()
         .await
         .unwrap();

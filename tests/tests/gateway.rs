@@ -105,16 +105,16 @@ async fn a_standalone_gateway_follows_the_state_and_serves_through_agents() {
             "malformed infer request",
         ),
     ];
-    for (bad, status, says) in refused {
+    for (bad, status, says) in &refused {
         let answer = http
             .post(format!("{base}/v2/models/iris/infer"))
-            .json(&bad)
+            .json(bad)
             .send()
             .await
             .unwrap();
         assert_eq!(
             answer.status(),
-            status,
+            *status,
             "a request that should say {says:?}"
         );
         let message: Value = answer.json().await.unwrap();
@@ -186,23 +186,20 @@ async fn a_standalone_gateway_follows_the_state_and_serves_through_agents() {
 
     // With no agent to answer, a bad request is still refused for what is wrong with it.
     cluster.kill_agent(1);
-    let (bad, status, says) = (
-        json!({"inputs": [{"name": "features", "shape": [1, 3], "datatype": "FP32", "data": [1.0, 2.0, 3.0]}]}),
-        400,
-        "shape",
-    );
-    let answer = http
-        .post(format!("{base}/v2/models/iris/infer"))
-        .json(&bad)
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(answer.status(), status);
-    let message: Value = answer.json().await.unwrap();
-    assert!(
-        message["error"].as_str().unwrap().contains(says),
-        "{message}"
-    );
+    for (bad, status, says) in refused.iter().take(3) {
+        let answer = http
+            .post(format!("{base}/v2/models/iris/infer"))
+            .json(bad)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(answer.status(), *status, "with no agent: {says:?}");
+        let message: Value = answer.json().await.unwrap();
+        assert!(
+            message["error"].as_str().unwrap().contains(says),
+            "{message}"
+        );
+    }
     let _ = gateway.kill();
     let _ = gateway.wait();
     cluster.stop_all();

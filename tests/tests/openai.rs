@@ -136,9 +136,10 @@ async fn completions_stream_the_same_tokens_they_answer_whole() {
     let root = tempfile::tempdir().unwrap();
     let model_dir = root.path().join("llama");
     write_model_dir(&model_dir, &files);
-    let mut cluster = ServerCluster::start(root.path(), 1);
+    // Three servers: a completion held for a scale-up reaches the leader from a follower.
+    let mut cluster = ServerCluster::start(root.path(), 3);
     let http = http_client(Duration::from_secs(60));
-    cluster.leader(&http, Duration::from_secs(20)).await;
+    let leader = cluster.leader(&http, Duration::from_secs(20)).await;
     cluster.start_agent(1);
     cluster.push(1, &model_dir, "tiny");
     cluster.deploy(1, "tiny", 1, 1);
@@ -227,8 +228,9 @@ async fn completions_stream_the_same_tokens_they_answer_whole() {
     let body: Value = bad.json().await.unwrap();
     assert_eq!(body["error"]["type"], "invalid_request_error");
 
-    // Idle, it scales to zero; a streamed completion is then held until a replica is
-    // back, and streams the same tokens.
+    // Idle, it scales to zero; a streamed completion sent to a follower is then held (by
+    // the leader, whose autoscaler counts it) until a replica is back, and streams the
+    // same tokens.
     cluster.apply_deployment(
         1,
         "tiny",
@@ -255,8 +257,15 @@ async fn completions_stream_the_same_tokens_they_answer_whole() {
         );
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
-    let answer = http.post(&url).json(&streaming).send().await.unwrap();
+    let follower = (1..=3).find(|&id| id != leader).unwrap();
+    let answer = http
+        .post(cluster.url(follower, "/v1/completions"))
+        .json(&streaming)
+        .send()
+        .await
+        .unwrap();
     assert_eq!(answer.status(), 200);
+    assert_eq!(answer.headers()["content-type"], "text/event-stream");
     let data = events(answer).await;
     assert_eq!(data.last().map(String::as_str), Some("[DONE]"));
     let streamed: String = data[..data.len() - 1]

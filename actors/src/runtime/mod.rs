@@ -160,6 +160,12 @@ pub fn candle_device(
     }
 }
 
+/// Whether a model with `signature` generates text (a llama: `text` in, `text` out), so
+/// it can answer completions.
+pub fn generates_text(signature: &Signature) -> bool {
+    *signature == llama::signature()
+}
+
 /// The signature a version's files will have once loaded, read from config.json alone.
 pub fn signature_of(config_json: &[u8]) -> Result<Signature, RuntimeError> {
     let parse_error = |error: serde_json::Error| RuntimeError::Config(error.to_string());

@@ -727,11 +727,13 @@ async fn a_leader_whose_disk_fills_up_sends_callers_to_the_leader_elected_withou
         );
         tokio::time::sleep(Duration::from_millis(20)).await;
     };
+    let not_the_leader = Err(ProposeError::NotLeader {
+        leader: Some(elected),
+    });
+    assert_eq!(propose(&group.handle(3), 100).await, not_the_leader);
     assert_eq!(
-        propose(&group.handle(3), 100).await,
-        Err(ProposeError::NotLeader {
-            leader: Some(elected)
-        })
+        group.handle(3).read_index(DEADLINE).await.map(|_| 0),
+        not_the_leader
     );
     for value in 10..20 {
         propose(&group.handle(elected), value).await.unwrap();
@@ -742,6 +744,11 @@ async fn a_leader_whose_disk_fills_up_sends_callers_to_the_leader_elected_withou
     group.converges(3, &expected).await;
     let status = group.handle(3).status();
     assert!(!status.storage_stalled && !status.is_leader, "{status:?}");
+    assert_eq!(
+        status.leader,
+        Some(elected),
+        "raft-rs itself names the leader now"
+    );
     propose(&group.handle(elected), 20).await.unwrap();
     expected.push(20);
     group.converges(3, &expected).await;

@@ -18,8 +18,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 /// The leader's answer to a forwarded request, passed on with the header a client acts on.
-fn relay(status: StatusCode, answer: &HeaderMap, bytes: axum::body::Bytes) -> Response {
-    let mut response = (status, bytes).into_response();
+fn relay(status: StatusCode, answer: &HeaderMap, body: axum::body::Body) -> Response {
+    let mut response = (status, body).into_response();
     let headers = response.headers_mut();
     // Admin answers are JSON; an inference answer may carry binary tensor data, and a
     // generation's may be server-sent events: the body is framed as the leader framed it.
@@ -80,18 +80,41 @@ impl Forwarder {
         headers: &HeaderMap,
         body: Bytes,
     ) -> Result<Response, ApiError> {
-        let authorization = headers.get(axum::http::header::AUTHORIZATION).cloned();
-        let framing = super::framing(super::binary_header(headers)?);
-        self.send_to_leader(
-            state,
-            leader,
-            Method::POST,
+        let call = LeaderCall {
+            method: Method::POST,
             path,
-            authorization,
-            framing,
+            authorization: headers.get(axum::http::header::AUTHORIZATION).cloned(),
+            framing: super::framing(super::binary_header(headers)?),
             body,
-        )
-        .await
+        };
+        self.send_to_leader(state, leader, call).await
+    }
+
+    /// Passes a generation to `leader` (to be held there for a deployment scaled to zero)
+    /// and streams its answer back as the leader writes it, tokens and all, for at most
+    /// `limit`.
+    pub async fn forward_generation(
+        &self,
+        state: &ClusterState,
+        leader: u64,
+        path: &str,
+        headers: &HeaderMap,
+        body: Bytes,
+        limit: Duration,
+    ) -> Result<Response, ApiError> {
+        let call = LeaderCall {
+            method: Method::POST,
+            path,
+            authorization: headers.get(axum::http::header::AUTHORIZATION).cloned(),
+            framing: super::framing(None),
+            body,
+        };
+        let answer = self.call_leader(state, leader, call, limit).await?;
+        let status =
+            StatusCode::from_u16(answer.status().as_u16()).unwrap_or(StatusCode::BAD_GATEWAY);
+        let headers = answer.headers().clone();
+        let body = axum::body::Body::from_stream(answer.bytes_stream());
+        Ok(relay(status, &headers, body))
     }
 
     /// Sends the request to `leader`.
@@ -108,26 +131,53 @@ impl Forwarder {
             body,
             ..
         } = request;
-        let path = uri.path_and_query().map_or("/", |p| p.as_str());
-        let json = super::framing(None);
-        self.send_to_leader(state, leader, method, path, authorization, json, body)
-            .await
+        let call = LeaderCall {
+            method,
+            path: uri.path_and_query().map_or("/", |p| p.as_str()),
+            authorization,
+            framing: super::framing(None),
+            body,
+        };
+        self.send_to_leader(state, leader, call).await
     }
 
-    /// One forwarded call: to `leader`, found in the replicated server list or, before it
-    /// registered itself there, in the configured peers; marked forwarded, with the
-    /// caller's credentials and the body's `framing` headers; the answer relayed as it came.
-    #[allow(clippy::too_many_arguments)] // each is one part of the forwarded request
+    /// One forwarded call, its answer read whole and relayed as it came.
     async fn send_to_leader(
         &self,
         state: &ClusterState,
         leader: u64,
-        method: Method,
-        path: &str,
-        authorization: Option<HeaderValue>,
-        framing: Vec<(HeaderName, HeaderValue)>,
-        body: Bytes,
+        call: LeaderCall<'_>,
     ) -> Result<Response, ApiError> {
+        let answer = self
+            .call_leader(state, leader, call, FORWARD_TIMEOUT)
+            .await?;
+        let status =
+            StatusCode::from_u16(answer.status().as_u16()).unwrap_or(StatusCode::BAD_GATEWAY);
+        let headers = answer.headers().clone();
+        let bytes = answer.bytes().await.map_err(|error| {
+            ApiError::DeadlineExceeded(format!("reading the leader's answer: {error}"))
+        })?;
+        Ok(relay(status, &headers, bytes.into()))
+    }
+
+    /// Sends `call` to `leader`, found in the replicated server list or, before it
+    /// registered itself there, in the configured peers; marked forwarded, with the
+    /// caller's credentials and the body's framing headers; the answer's head back within
+    /// `limit`, which also bounds reading its body.
+    async fn call_leader(
+        &self,
+        state: &ClusterState,
+        leader: u64,
+        call: LeaderCall<'_>,
+        limit: Duration,
+    ) -> Result<reqwest::Response, ApiError> {
+        let LeaderCall {
+            method,
+            path,
+            authorization,
+            framing,
+            body,
+        } = call;
         let registered = state
             .servers
             .get(&leader)
@@ -143,6 +193,7 @@ impl Forwarder {
         let mut forwarded = self
             .http
             .request(method, format!("{base}{path}"))
+            .timeout(limit)
             .header(FORWARDED_HEADER, "1");
         for (name, value) in framing {
             forwarded = forwarded.header(name, value);
@@ -150,18 +201,21 @@ impl Forwarder {
         if let Some(authorization) = authorization {
             forwarded = forwarded.header(axum::http::header::AUTHORIZATION, authorization);
         }
-        let answer = forwarded.body(body).send().await.map_err(|error| {
+        forwarded.body(body).send().await.map_err(|error| {
             // The leader may have acted on it before the connection broke.
             ApiError::DeadlineExceeded(format!("forwarding to the leader ({base}) failed: {error}"))
-        })?;
-        let status =
-            StatusCode::from_u16(answer.status().as_u16()).unwrap_or(StatusCode::BAD_GATEWAY);
-        let headers = answer.headers().clone();
-        let bytes = answer.bytes().await.map_err(|error| {
-            ApiError::DeadlineExceeded(format!("reading the leader's answer: {error}"))
-        })?;
-        Ok(relay(status, &headers, bytes))
+        })
     }
+}
+
+/// A request for the leader, as [`Forwarder::call_leader`] sends it.
+struct LeaderCall<'a> {
+    method: Method,
+    path: &'a str,
+    /// The caller's credentials, for the leader to check again.
+    authorization: Option<HeaderValue>,
+    framing: Vec<(HeaderName, HeaderValue)>,
+    body: Bytes,
 }
 
 /// What a write did: applied here, or answered by the leader it was forwarded to.
@@ -627,7 +681,7 @@ mod tests {
             HeaderValue::from_static("42"),
         );
         answer.insert("x-other", HeaderValue::from_static("dropped"));
-        let relayed = relay(StatusCode::OK, &answer, Bytes::from_static(b"{}"));
+        let relayed = relay(StatusCode::OK, &answer, Bytes::from_static(b"{}").into());
         let headers = relayed.headers();
         assert_eq!(headers[CONTENT_TYPE], oip::BINARY_CONTENT_TYPE);
         assert_eq!(headers[RETRY_AFTER], "1");
@@ -636,8 +690,19 @@ mod tests {
 
         assert_eq!(headers.get_all(CONTENT_TYPE).iter().count(), 1);
 
-        let plain = relay(StatusCode::OK, &HeaderMap::new(), Bytes::from_static(b"{}"));
+        let plain = relay(
+            StatusCode::OK,
+            &HeaderMap::new(),
+            Bytes::from_static(b"{}").into(),
+        );
         assert_eq!(plain.headers()[CONTENT_TYPE], "application/json");
         assert_eq!(plain.headers().get_all(CONTENT_TYPE).iter().count(), 1);
+
+        // A generation streamed from the leader stays server-sent events.
+        let mut events = HeaderMap::new();
+        events.insert(CONTENT_TYPE, HeaderValue::from_static("text/event-stream"));
+        let relayed = relay(StatusCode::OK, &events, axum::body::Body::empty());
+        assert_eq!(relayed.headers()[CONTENT_TYPE], "text/event-stream");
+        assert_eq!(relayed.headers().get_all(CONTENT_TYPE).iter().count(), 1);
     }
 }

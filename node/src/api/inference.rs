@@ -49,19 +49,13 @@ pub async fn ready(State(app): State<Arc<AppState>>) -> Result<Json<serde_json::
     let state = app.control.state();
     let routes = app.routes.borrow().clone();
     // A deployment is served when a replica runs here or on any agent; one scaled to zero
-    // waits for its first request, which is served by holding it. A required model counts
-    // until it is deployed.
+    // waits for its first request, which is served by holding it.
     let waiting: Vec<&str> = state
         .deployments
         .values()
         .filter(|deployment| deployment.replicas_desired > 0)
         .map(|deployment| deployment.model())
-        .chain(
-            app.required_models
-                .iter()
-                .map(String::as_str)
-                .filter(|model| !state.deployments.values().any(|d| d.model() == *model)),
-        )
+        .chain(app.required_models.iter().map(String::as_str))
         .filter(|model| {
             routes.for_model(model).is_empty()
                 && (app.embedded || super::gateway::targets_any_version(&state, model).is_empty())
@@ -314,18 +308,22 @@ fn request_timeout(headers: &HeaderMap) -> Duration {
 /// Requests held at once for one deployment scaled to zero; beyond this, 503.
 const HELD_REQUESTS_MAX: u64 = 1_024;
 
-/// The deployment of `model` when it is scaled to zero, so a request for it may be held
-/// until a replica is back; else why it is refused (503).
+/// The deployment of `model` when the autoscaler scaled it to zero and will bring it back
+/// for a request, so the request may be held until a replica is; else why it is refused
+/// (503). One an operator set to zero replicas stays there: holding would only delay the
+/// refusal.
 fn scaled_to_zero(
     app: &AppState,
     state: &ClusterState,
     model: &str,
     version: u32,
 ) -> Result<String, ApiError> {
-    let scaled_to_zero = state
-        .deployments
-        .values()
-        .find(|deployment| deployment.model() == model && deployment.replicas_desired == 0);
+    let scaled_to_zero = state.deployments.values().find(|deployment| {
+        deployment.model() == model
+            && deployment.replicas_desired == 0
+            && deployment.spec.autoscale.is_some()
+            && deployment.spec.replicas.max > 0
+    });
     let Some(deployment) = scaled_to_zero else {
         return Err(ApiError::Unavailable(format!(
             "model {model:?} version {version} has no ready replica yet"
@@ -350,6 +348,20 @@ fn not_back_in_time(deployment: &str) -> ApiError {
     ApiError::Unavailable(format!(
         "{deployment} did not scale up from zero in time; retry"
     ))
+}
+
+/// Where a follower passes a request that must be held for a deployment scaled to zero:
+/// the leader, whose autoscaler counts held requests. `None` on the leader, without one,
+/// and for a request another server passed on already.
+pub(super) fn leader_to_hold_at<'a>(
+    app: &'a AppState,
+    headers: &HeaderMap,
+) -> Option<(u64, &'a super::cluster::Forwarder)> {
+    let status = app.control.raft_status();
+    if status.is_leader || headers.contains_key(super::cluster::FORWARDED_HEADER) {
+        return None;
+    }
+    Some((status.leader?, app.forwarder.as_ref()?))
 }
 
 /// For a deployment scaled to zero: holds the request, counted so the autoscaler brings a
@@ -430,6 +442,7 @@ async fn serve(
     if candidates.is_empty() && !app.embedded {
         // No replica in this process: send it to one on an agent.
         let mut targets = super::gateway::targets(&state, model, resolved.version);
+        let this_version = !targets.is_empty();
         if targets.is_empty() && version.is_none() {
             // Mid-rollout the deployment's version may have no ready replica yet (or any
             // more); a request that named no version goes to the one that has.
@@ -443,9 +456,12 @@ async fn serve(
                 .gateway
                 .forward(targets, body.clone(), header_bytes)
                 .await;
-            if let Err(ApiError::ReplicaFailed(_) | ApiError::Unavailable(_)) = forwarded {
-                // No agent read it: a bad request is still told what is wrong with it,
-                // not that the agents are away.
+            if let Err(ApiError::ReplicaFailed(_) | ApiError::Unavailable(_)) = forwarded
+                && this_version
+            {
+                // No agent checked it: a bad request is still told what is wrong with it,
+                // not that the agents are away. (Against the version it was meant for:
+                // one sent to another version mid-rollout keeps the agents' error.)
                 let request =
                     oip::read_request(&body, header_bytes).map_err(ApiError::BadRequest)?;
                 check_request(&resolved.signature, model, &request)?;
@@ -466,13 +482,7 @@ async fn serve(
         candidates
     };
     if candidates.is_empty() {
-        let forwarded = headers.contains_key(super::cluster::FORWARDED_HEADER);
-        let status = app.control.raft_status();
-        // The leader's autoscaler counts held requests: hold them there.
-        if !status.is_leader
-            && !forwarded
-            && let (Some(leader), Some(forwarder)) = (status.leader, &app.forwarder)
-        {
+        if let Some((leader, forwarder)) = leader_to_hold_at(app, headers) {
             let path = match version {
                 Some(version) => format!("/v2/models/{model}/versions/{version}/infer"),
                 None => format!("/v2/models/{model}/infer"),
@@ -513,7 +523,7 @@ async fn serve(
 }
 
 /// The replicas of `version` of `model` that serve in this process.
-fn serving_here<'a>(routes: &'a Routes, model: &str, version: u32) -> Vec<&'a Route> {
+pub(super) fn serving_here<'a>(routes: &'a Routes, model: &str, version: u32) -> Vec<&'a Route> {
     routes
         .for_model(model)
         .iter()

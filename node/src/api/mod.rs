@@ -59,10 +59,10 @@ pub struct AppState {
     /// Sends requests to replicas on agents.
     pub gateway: gateway::Gateway,
     /// Live load reported by agents and held at the gateway.
-    pub load: Arc<crate::leases::LoadBoard>,
+    pub load: Arc<crate::load::LoadBoard>,
     /// Counts the traffic of the replicas this process serves itself (`shoal up`), for
     /// its autoscaler; `None` where agents count their own.
-    pub traffic: Option<Arc<crate::leases::TrafficMeter>>,
+    pub traffic: Option<Arc<crate::load::TrafficMeter>>,
     /// Per-model bound on requests in flight through this gateway.
     pub admission: Admission,
     /// `shoal up`: replicas run only in this process; there are no agents to send to.

@@ -206,6 +206,10 @@ type Pieces = std::pin::Pin<Box<dyn futures_util::Stream<Item = Piece> + Send>>;
 /// scaled to zero) to its last token.
 const GENERATION_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
 
+/// What a follower allows beyond [`GENERATION_TIMEOUT`] for a generation it passed to the
+/// leader: the hop there and back.
+const LEADER_HOP: std::time::Duration = std::time::Duration::from_secs(5);
+
 /// Largest `max_tokens` accepted: a bound on how long one request may hold a replica.
 const MAX_TOKENS_LIMIT: usize = 4_096;
 
@@ -225,19 +229,24 @@ async fn start_generation(
             format!("max_tokens must be 1..={MAX_TOKENS_LIMIT}"),
         ));
     }
-    let state = app.control.state();
-    let version = match super::inference::resolve(&state, model, None) {
-        Ok(version) => version.version,
-        Err(problem) => return Err(error(problem.status(), problem.to_string())),
-    };
-    let deadline = tokio::time::Instant::now() + GENERATION_TIMEOUT;
     let refused = |problem: ApiError| error(problem.status(), problem.to_string());
+    let state = app.control.state();
+    let resolved = super::inference::resolve(&state, model, None).map_err(refused)?;
+    let version = resolved.version;
+    // Before anything waits for a replica: a model that cannot generate is refused at
+    // once, and never woken from zero for it.
+    if !shoal_actors::runtime::generates_text(&resolved.signature) {
+        return Err(error(
+            StatusCode::BAD_REQUEST,
+            format!("model {model:?} does not generate text"),
+        ));
+    }
+    let deadline = tokio::time::Instant::now() + GENERATION_TIMEOUT;
     let mut routes = app.routes.borrow().clone();
     let serving_here = |routes: &Routes| {
-        routes
-            .for_model(model)
-            .iter()
-            .find(|route| route.version == version)
+        super::inference::serving_here(routes, model, version)
+            .first()
+            .copied()
             .cloned()
     };
     if app.embedded && serving_here(&routes).is_none() {
@@ -278,7 +287,11 @@ async fn start_generation(
             }
         });
         return Ok(match &app.traffic {
-            Some(traffic) => Box::pin(traffic.track(route.replica.0, Instant::now()).over(pieces)),
+            Some(traffic) => Box::pin(
+                traffic
+                    .track(route.replica.0, Instant::now())
+                    .during(pieces),
+            ),
             None => Box::pin(pieces),
         });
     }
@@ -287,15 +300,17 @@ async fn start_generation(
         targets = super::gateway::targets_any_version(&state, model);
     }
     if targets.is_empty() {
-        // Scaled to zero: the leader's autoscaler counts held requests, so a follower
-        // passes the request on to be held there.
-        let status = app.control.raft_status();
-        if !status.is_leader
-            && !sent.headers.contains_key(super::cluster::FORWARDED_HEADER)
-            && let (Some(leader), Some(forwarder)) = (status.leader, &app.forwarder)
-        {
+        if let Some((leader, forwarder)) = super::inference::leader_to_hold_at(app, &sent.headers) {
+            // The leader's answer, streamed through: `Err` is a response sent as it is.
             let answer = forwarder
-                .forward_infer(&state, leader, sent.path, &sent.headers, sent.body)
+                .forward_generation(
+                    &state,
+                    leader,
+                    sent.path,
+                    &sent.headers,
+                    sent.body,
+                    GENERATION_TIMEOUT + LEADER_HOP,
+                )
                 .await;
             return Err(answer.unwrap_or_else(refused));
         }
