@@ -37,15 +37,20 @@ impl LoadBoard {
 
     /// Counts a request waiting at a gateway for a deployment with no replica, until the
     /// guard is dropped: answered, timed out, or given up by a caller that went away.
-    pub fn hold<'a>(&'a self, deployment: &'a str) -> HeldRequest<'a> {
+    /// Refused, with how many are held, when `most` already are.
+    pub fn hold<'a>(&'a self, deployment: &'a str, most: u64) -> Result<HeldRequest<'a>, u64> {
         if let Ok(mut held) = self.held.lock() {
-            *held.entry(deployment.to_string()).or_insert(0) += 1;
+            let count = held.entry(deployment.to_string()).or_insert(0);
+            if *count >= most {
+                return Err(*count);
+            }
+            *count += 1;
         }
         self.held_request.notify_one();
-        HeldRequest {
+        Ok(HeldRequest {
             board: self,
             deployment,
-        }
+        })
     }
 
     /// The load of every deployment in `state`, from the replicas it still has.
@@ -411,7 +416,7 @@ mod tests {
     fn a_held_request_wakes_the_autoscaler_before_its_next_look() {
         use futures_util::FutureExt;
         let board = LoadBoard::default();
-        let held = board.hold("iris");
+        let held = board.hold("iris", 2).unwrap();
         // The wake-up is stored for the autoscaler's next wait, which ends at once.
         assert!(board.held_request.notified().now_or_never().is_some());
         // Nothing held, nothing stored: the autoscaler waits out its interval.
@@ -424,8 +429,11 @@ mod tests {
                 .map_or(0, |load| load.requests_held)
         };
         assert_eq!(load(&board), 1);
+        let second = board.hold("iris", 2).unwrap();
+        assert_eq!(board.hold("iris", 2).err(), Some(2), "at most two");
         // However the wait ends (a caller that goes away drops it too), it is let go.
         drop(held);
+        drop(second);
         assert_eq!(load(&board), 0);
     }
 }

@@ -2,6 +2,7 @@
 
 use super::oip::{self, InferResponse, ModelMetadata, TensorMetadata};
 use super::{ApiError, AppState};
+use crate::load::HeldRequest;
 use axum::Json;
 use axum::body::Bytes;
 use axum::extract::rejection::BytesRejection;
@@ -312,12 +313,7 @@ const HELD_REQUESTS_MAX: u64 = 1_024;
 /// for a request, so the request may be held until a replica is; else why it is refused
 /// (503). One an operator set to zero replicas stays there: holding would only delay the
 /// refusal.
-fn scaled_to_zero(
-    app: &AppState,
-    state: &ClusterState,
-    model: &str,
-    version: u32,
-) -> Result<String, ApiError> {
+fn scaled_to_zero(state: &ClusterState, model: &str, version: u32) -> Result<String, ApiError> {
     let scaled_to_zero = state.deployments.values().find(|deployment| {
         deployment.model() == model
             && deployment.replicas_desired == 0
@@ -329,19 +325,19 @@ fn scaled_to_zero(
             "model {model:?} version {version} has no ready replica yet"
         )));
     };
-    let name = deployment.name().to_string();
-    let held = app
-        .load
-        .snapshot(state)
-        .deployments
-        .get(&name)
-        .map_or(0, |load| load.requests_held);
-    if held >= HELD_REQUESTS_MAX {
-        return Err(ApiError::Unavailable(format!(
-            "{name} is scaling up from zero and already holds {held} requests"
-        )));
-    }
-    Ok(name)
+    Ok(deployment.name().to_string())
+}
+
+/// Counts a request held for `deployment` until the guard is dropped; 503 beyond
+/// [`HELD_REQUESTS_MAX`].
+fn hold<'a>(app: &'a AppState, deployment: &'a str) -> Result<HeldRequest<'a>, ApiError> {
+    app.load
+        .hold(deployment, HELD_REQUESTS_MAX)
+        .map_err(|held| {
+            ApiError::Unavailable(format!(
+                "{deployment} is scaling up from zero and already holds {held} requests"
+            ))
+        })
 }
 
 fn not_back_in_time(deployment: &str) -> ApiError {
@@ -372,8 +368,8 @@ pub(super) async fn hold_for_scale_up(
     version: u32,
     deadline: tokio::time::Instant,
 ) -> Result<Vec<super::gateway::Target>, ApiError> {
-    let name = scaled_to_zero(app, &app.control.state(), model, version)?;
-    let _held = app.load.hold(&name);
+    let name = scaled_to_zero(&app.control.state(), model, version)?;
+    let _held = hold(app, &name)?;
     let mut states = app.control.watch_state();
     let found = tokio::time::timeout_at(deadline, async {
         loop {
@@ -401,8 +397,8 @@ pub(super) async fn hold_for_own_replica(
     version: u32,
     deadline: tokio::time::Instant,
 ) -> Result<Arc<Routes>, ApiError> {
-    let name = scaled_to_zero(app, &app.control.state(), model, version)?;
-    let _held = app.load.hold(&name);
+    let name = scaled_to_zero(&app.control.state(), model, version)?;
+    let _held = hold(app, &name)?;
     let mut routes = app.routes.clone();
     let serving = |routes: &Arc<Routes>| {
         routes
