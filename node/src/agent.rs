@@ -319,9 +319,9 @@ async fn heartbeat(
         // A beat that did not get through is sent again as it was, load included.
         if delivered {
             let serving = plane.routes.borrow().clone();
-            beat.load = plane.traffic.take_load(HEARTBEAT_INTERVAL, |replica| {
-                serving.serves(shoal_scheduler::ReplicaId(replica))
-            });
+            beat.load = plane
+                .traffic
+                .take_load(|replica| serving.serves(shoal_scheduler::ReplicaId(replica)));
         }
         let answer = servers
             .request(

@@ -101,13 +101,16 @@ pub struct TrafficMeter {
 #[derive(Debug)]
 struct Traffic {
     in_flight: u64,
-    /// The time requests spent here since the last report, summed up to `counted_to`:
-    /// divided by the interval it is the average number in flight (Little's law), which
-    /// a sample at one instant would miss for fast models. Counted as it passes, so a
-    /// generation that streams for a minute weighs one request in each interval, not
-    /// sixty in the one it ends in.
+    /// The time requests spent here since `window_from`, summed up to `counted_to`:
+    /// divided by the window it is the average number in flight (Little's law), which a
+    /// sample at one instant would miss for fast models. Counted as it passes, so a
+    /// generation that streams for a minute weighs one request in each report, not sixty
+    /// in the one it ends in.
     busy: Duration,
     counted_to: Instant,
+    /// Where this report's window began: the last report, or the replica's first request.
+    /// Reports come as often as the reporter manages, not exactly on its interval.
+    window_from: Instant,
     last_request_ms: Option<u64>,
 }
 
@@ -117,6 +120,7 @@ impl Traffic {
             in_flight: 0,
             busy: Duration::ZERO,
             counted_to: now,
+            window_from: now,
             last_request_ms: None,
         }
     }
@@ -124,8 +128,27 @@ impl Traffic {
     /// Adds the time in flight up to `now`.
     fn count_to(&mut self, now: Instant) {
         let passed = now.saturating_duration_since(self.counted_to);
-        self.busy += passed * u32::try_from(self.in_flight).unwrap_or(u32::MAX);
+        let in_flight = u32::try_from(self.in_flight).unwrap_or(u32::MAX);
+        self.busy = self.busy.saturating_add(passed.saturating_mul(in_flight));
         self.counted_to = self.counted_to.max(now);
+    }
+
+    /// The requests in flight on average since the window began, rounded up, and never
+    /// fewer than are in flight now; starts the next window at `now`.
+    fn take_average(&mut self, now: Instant) -> u64 {
+        self.count_to(now);
+        let window = now.saturating_duration_since(self.window_from);
+        // In whole nanoseconds: a float division of exact sums could land an ulp above a
+        // whole number and round up a request that is not there.
+        let average = if window.is_zero() {
+            0
+        } else {
+            let average = self.busy.as_nanos().div_ceil(window.as_nanos());
+            u64::try_from(average).unwrap_or(u64::MAX)
+        };
+        self.busy = Duration::ZERO;
+        self.window_from = now;
+        average.max(self.in_flight)
     }
 }
 
@@ -141,10 +164,13 @@ impl TrafficMeter {
 
     fn started(&self, replica: u64, since: Instant, now: Instant) {
         if let Ok(mut replicas) = self.replicas.lock() {
-            let traffic = replicas.entry(replica).or_insert_with(|| Traffic::new(now));
+            let traffic = replicas
+                .entry(replica)
+                .or_insert_with(|| Traffic::new(since.min(now)));
             traffic.count_to(now);
-            // What it spent before it was counted (reading its body) counts too.
-            traffic.busy += now.saturating_duration_since(since);
+            // What it spent before it was counted (reading its body) counts too, within
+            // this window.
+            traffic.busy += now.saturating_duration_since(since.max(traffic.window_from));
             traffic.in_flight += 1;
         }
     }
@@ -158,22 +184,13 @@ impl TrafficMeter {
         }
     }
 
-    /// Each replica's load over the `interval` just ended; starts the next one. Replicas
-    /// not in `serving` are forgotten once nothing of theirs is in flight.
-    pub fn take_load(
-        &self,
-        interval: Duration,
-        serving: impl Fn(u64) -> bool,
-    ) -> BTreeMap<u64, ReplicaLoad> {
-        self.load_at(interval, serving, Instant::now())
+    /// Each replica's load since the last call; starts the next window. Replicas not in
+    /// `serving` are forgotten once nothing of theirs is in flight.
+    pub fn take_load(&self, serving: impl Fn(u64) -> bool) -> BTreeMap<u64, ReplicaLoad> {
+        self.load_at(serving, Instant::now())
     }
 
-    fn load_at(
-        &self,
-        interval: Duration,
-        serving: impl Fn(u64) -> bool,
-        now: Instant,
-    ) -> BTreeMap<u64, ReplicaLoad> {
+    fn load_at(&self, serving: impl Fn(u64) -> bool, now: Instant) -> BTreeMap<u64, ReplicaLoad> {
         let Ok(mut replicas) = self.replicas.lock() else {
             return BTreeMap::new();
         };
@@ -181,11 +198,8 @@ impl TrafficMeter {
         replicas
             .iter_mut()
             .map(|(replica, traffic)| {
-                traffic.count_to(now);
-                let average = (traffic.busy.as_secs_f64() / interval.as_secs_f64()).ceil() as u64;
-                traffic.busy = Duration::ZERO;
                 let load = ReplicaLoad {
-                    requests_in_flight: average.max(traffic.in_flight),
+                    requests_in_flight: traffic.take_average(now),
                     last_request_ms: traffic.last_request_ms,
                 };
                 (*replica, load)
@@ -238,7 +252,7 @@ pub async fn report_own_load(
         }
         let serving = routes.borrow().clone();
         let load = meter
-            .take_load(interval, |replica| serving.serves(ReplicaId(replica)))
+            .take_load(|replica| serving.serves(ReplicaId(replica)))
             .into_iter()
             .map(|(replica, load)| (ReplicaId(replica), load))
             .collect();
@@ -345,10 +359,10 @@ mod tests {
 
     const SECOND: Duration = Duration::from_secs(1);
 
-    /// Replica 7's requests in flight over the interval that ends at `now`.
+    /// Replica 7's requests in flight over the window that ends at `now`.
     fn in_flight(meter: &TrafficMeter, now: Instant) -> u64 {
         meter
-            .load_at(SECOND, |_| true, now)
+            .load_at(|_| true, now)
             .get(&7)
             .map_or(0, |load| load.requests_in_flight)
     }
@@ -363,6 +377,17 @@ mod tests {
         meter.finished(7, start + 5 * SECOND / 2);
         assert_eq!(in_flight(&meter, start + 3 * SECOND), 1, "busy half of it");
         assert_eq!(in_flight(&meter, start + 4 * SECOND), 0);
+    }
+
+    #[test]
+    fn reports_that_come_late_or_are_skipped_do_not_inflate_the_load() {
+        let meter = TrafficMeter::default();
+        let start = Instant::now();
+        meter.started(7, start, start);
+        let late = SECOND + Duration::from_millis(3);
+        assert_eq!(in_flight(&meter, start + late), 1, "a report 3 ms late");
+        // A report that did not get through: the next covers both windows.
+        assert_eq!(in_flight(&meter, start + late + 3 * SECOND), 1);
     }
 
     #[test]
@@ -388,9 +413,9 @@ mod tests {
         let start = Instant::now();
         meter.started(7, start, start);
         let gone = |_| false;
-        assert!(meter.load_at(SECOND, gone, start + SECOND).contains_key(&7));
+        assert!(meter.load_at(gone, start + SECOND).contains_key(&7));
         meter.finished(7, start + SECOND);
-        assert!(meter.load_at(SECOND, gone, start + 2 * SECOND).is_empty());
+        assert!(meter.load_at(gone, start + 2 * SECOND).is_empty());
     }
 
     #[test]
@@ -404,7 +429,7 @@ mod tests {
         let now = Instant::now();
         assert_eq!(in_flight(&meter, now), 1, "still streaming");
         drop(tokens);
-        let load = meter.load_at(SECOND, |_| true, now + SECOND)[&7];
+        let load = meter.load_at(|_| true, now + SECOND)[&7];
         assert!(
             load.last_request_ms.is_some(),
             "its end is the replica's last request"

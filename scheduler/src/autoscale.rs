@@ -32,6 +32,9 @@ struct Memory {
     /// The round that last woke it from zero: the held request that woke it reaches the
     /// load reports only after it is answered, so idleness never counts from before this.
     woken_ms: u64,
+    /// The latest request any round's load showed. Reports forget a replica that went
+    /// away (replaced, or reloading after a crash), and its last request with it.
+    last_request_ms: Option<u64>,
     trend: Option<Trend>,
 }
 
@@ -83,6 +86,7 @@ impl Autoscaler {
                 .or_insert(Memory {
                     first_seen_ms: now_ms,
                     woken_ms: 0,
+                    last_request_ms: None,
                     trend: None,
                 });
             let empty = DeploymentLoad::default();
@@ -111,6 +115,7 @@ fn decide_one(
         return None;
     }
     let recommended = recommended_replicas(policy, bounds.min, bounds.max, load);
+    memory.last_request_ms = memory.last_request_ms.max(load.last_request_ms);
     if current == 0 {
         // At zero only a held request counts: it brings the deployment back at once.
         memory.trend = None;
@@ -125,7 +130,7 @@ fn decide_one(
         && bounds.min == 0
         && ongoing == 0
     {
-        let quiet_since_ms = load
+        let quiet_since_ms = memory
             .last_request_ms
             .unwrap_or(memory.first_seen_ms)
             .max(memory.woken_ms);

@@ -38,6 +38,10 @@ pub const FORWARDED_HEADER: &str = "x-shoal-forwarded";
 /// Longest a forwarded request may take.
 const FORWARD_TIMEOUT: Duration = Duration::from_secs(15);
 
+/// What a follower allows beyond a request's own deadline for the way to the leader and
+/// back.
+pub const LEADER_HOP: Duration = Duration::from_secs(5);
+
 /// Sends writes that reached a follower to the leader's HTTP address.
 #[derive(Debug)]
 pub struct Forwarder {
@@ -70,49 +74,38 @@ impl Forwarder {
         addresses
     }
 
-    /// Sends an inference request to the leader (for a deployment scaled to zero, whose
-    /// held requests the leader's autoscaler counts), with the caller's credentials.
-    pub async fn forward_infer(
+    /// Passes a request that must be held for a deployment scaled to zero to the leader,
+    /// whose autoscaler counts held requests: with the caller's credentials, its body's
+    /// framing and what is left of its deadline (`remaining`, sent as
+    /// [`super::inference::TIMEOUT_HEADER`]). The answer streams back as the leader writes it (a
+    /// generation's tokens as they come) for at most `limit`.
+    pub async fn forward_held(
         &self,
         state: &ClusterState,
         leader: u64,
-        path: &str,
-        headers: &HeaderMap,
-        body: Bytes,
-    ) -> Result<Response, ApiError> {
-        let call = LeaderCall {
-            method: Method::POST,
-            path,
-            authorization: headers.get(axum::http::header::AUTHORIZATION).cloned(),
-            framing: super::framing(super::binary_header(headers)?),
-            body,
-        };
-        self.send_to_leader(state, leader, call).await
-    }
-
-    /// Passes a generation to `leader` (to be held there for a deployment scaled to zero)
-    /// and streams its answer back as the leader writes it, tokens and all, for at most
-    /// `limit`.
-    pub async fn forward_generation(
-        &self,
-        state: &ClusterState,
-        leader: u64,
-        path: &str,
-        headers: &HeaderMap,
-        body: Bytes,
+        sent: AsSent,
+        remaining: Duration,
         limit: Duration,
     ) -> Result<Response, ApiError> {
+        let AsSent {
+            path,
+            headers,
+            body,
+        } = sent;
+        let mut extra = super::framing(super::binary_header(&headers)?);
+        extra.push((
+            HeaderName::from_static(super::inference::TIMEOUT_HEADER),
+            HeaderValue::from(u64::try_from(remaining.as_millis()).unwrap_or(u64::MAX)),
+        ));
         let call = LeaderCall {
             method: Method::POST,
-            path,
+            path: &path,
             authorization: headers.get(axum::http::header::AUTHORIZATION).cloned(),
-            framing: super::framing(None),
+            headers: extra,
             body,
         };
         let answer = self.call_leader(state, leader, call, limit).await?;
-        let status =
-            StatusCode::from_u16(answer.status().as_u16()).unwrap_or(StatusCode::BAD_GATEWAY);
-        let headers = answer.headers().clone();
+        let (status, headers) = (answer.status(), answer.headers().clone());
         let body = axum::body::Body::from_stream(answer.bytes_stream());
         Ok(relay(status, &headers, body))
     }
@@ -135,7 +128,7 @@ impl Forwarder {
             method,
             path: uri.path_and_query().map_or("/", |p| p.as_str()),
             authorization,
-            framing: super::framing(None),
+            headers: super::framing(None),
             body,
         };
         self.send_to_leader(state, leader, call).await
@@ -151,9 +144,7 @@ impl Forwarder {
         let answer = self
             .call_leader(state, leader, call, FORWARD_TIMEOUT)
             .await?;
-        let status =
-            StatusCode::from_u16(answer.status().as_u16()).unwrap_or(StatusCode::BAD_GATEWAY);
-        let headers = answer.headers().clone();
+        let (status, headers) = (answer.status(), answer.headers().clone());
         let bytes = answer.bytes().await.map_err(|error| {
             ApiError::DeadlineExceeded(format!("reading the leader's answer: {error}"))
         })?;
@@ -162,7 +153,7 @@ impl Forwarder {
 
     /// Sends `call` to `leader`, found in the replicated server list or, before it
     /// registered itself there, in the configured peers; marked forwarded, with the
-    /// caller's credentials and the body's framing headers; the answer's head back within
+    /// caller's credentials and the call's own headers; the answer's head back within
     /// `limit`, which also bounds reading its body.
     async fn call_leader(
         &self,
@@ -175,7 +166,7 @@ impl Forwarder {
             method,
             path,
             authorization,
-            framing,
+            headers,
             body,
         } = call;
         let registered = state
@@ -195,7 +186,7 @@ impl Forwarder {
             .request(method, format!("{base}{path}"))
             .timeout(limit)
             .header(FORWARDED_HEADER, "1");
-        for (name, value) in framing {
+        for (name, value) in headers {
             forwarded = forwarded.header(name, value);
         }
         if let Some(authorization) = authorization {
@@ -208,13 +199,21 @@ impl Forwarder {
     }
 }
 
+/// A request as it came, to pass on to the leader as it is.
+pub struct AsSent {
+    pub path: String,
+    pub headers: HeaderMap,
+    pub body: Bytes,
+}
+
 /// A request for the leader, as [`Forwarder::call_leader`] sends it.
 struct LeaderCall<'a> {
     method: Method,
     path: &'a str,
     /// The caller's credentials, for the leader to check again.
     authorization: Option<HeaderValue>,
-    framing: Vec<(HeaderName, HeaderValue)>,
+    /// The body's framing, and what else the call carries (a deadline).
+    headers: Vec<(HeaderName, HeaderValue)>,
     body: Bytes,
 }
 

@@ -39,8 +39,8 @@ pub async fn server_metadata() -> Json<serde_json::Value> {
     }))
 }
 
-/// 200 when the control plane has a leader and every deployment and required model has a
-/// serving replica.
+/// 200 when the control plane has a leader and every deployment not scaled to zero, and
+/// every required model, has a serving replica.
 pub async fn ready(State(app): State<Arc<AppState>>) -> Result<Json<serde_json::Value>, ApiError> {
     if app.control.raft_status().leader.is_none() {
         return Err(ApiError::Unavailable(
@@ -296,7 +296,7 @@ fn split_version(app: &AppState, state: &ClusterState, model: &str) -> Option<u3
 pub const TIMEOUT_HEADER: &str = "x-shoal-timeout-ms";
 
 /// The request's deadline budget: the caller's, capped at [`REQUEST_TIMEOUT`].
-fn request_timeout(headers: &HeaderMap) -> Duration {
+pub(super) fn request_timeout(headers: &HeaderMap) -> Duration {
     headers
         .get(TIMEOUT_HEADER)
         .and_then(|value| value.to_str().ok())
@@ -483,8 +483,15 @@ async fn serve(
                 Some(version) => format!("/v2/models/{model}/versions/{version}/infer"),
                 None => format!("/v2/models/{model}/infer"),
             };
+            let sent = super::cluster::AsSent {
+                path,
+                headers: headers.clone(),
+                body,
+            };
+            let remaining = deadline.saturating_duration_since(tokio::time::Instant::now());
+            let limit = remaining + super::cluster::LEADER_HOP;
             return forwarder
-                .forward_infer(&state, leader, &path, headers, body)
+                .forward_held(&state, leader, sent, remaining, limit)
                 .await;
         }
         let targets = hold_for_scale_up(app, model, resolved.version, deadline).await?;

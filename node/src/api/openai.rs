@@ -1,6 +1,7 @@
 //! OpenAI-compatible routes, translated onto the same inference path as the Open Inference
 //! Protocol: `GET /v1/models` and `POST /v1/embeddings`. Errors use OpenAI's envelope.
 
+use super::cluster::AsSent;
 use super::oip::{InferResponse, ResponseData};
 use super::{ApiError, AppState};
 use axum::Json;
@@ -202,13 +203,9 @@ enum Piece {
 /// A generation's pieces as they come.
 type Pieces = std::pin::Pin<Box<dyn futures_util::Stream<Item = Piece> + Send>>;
 
-/// Longest a generation may take, from its arrival (including a wait for a deployment
-/// scaled to zero) to its last token.
-const GENERATION_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
-
-/// What a follower allows beyond [`GENERATION_TIMEOUT`] for a generation it passed to the
-/// leader: the hop there and back.
-const LEADER_HOP: std::time::Duration = std::time::Duration::from_secs(5);
+/// What an agent gives a generation once it starts there: a generation passed to the leader
+/// may take this beyond its own deadline (which bounds the wait for a replica).
+const AGENT_GENERATION_TIME: std::time::Duration = std::time::Duration::from_secs(30);
 
 /// Largest `max_tokens` accepted: a bound on how long one request may hold a replica.
 const MAX_TOKENS_LIMIT: usize = 4_096;
@@ -241,7 +238,10 @@ async fn start_generation(
             format!("model {model:?} does not generate text"),
         ));
     }
-    let deadline = tokio::time::Instant::now() + GENERATION_TIMEOUT;
+    // The caller's deadline (`x-shoal-timeout-ms`) within 30 s, as for inference: for the
+    // wait for a replica, and for the generation itself in this process.
+    let timeout = super::inference::request_timeout(&sent.headers);
+    let deadline = tokio::time::Instant::now() + timeout;
     let mut routes = app.routes.borrow().clone();
     let serving_here = |routes: &Routes| {
         super::inference::serving_here(routes, model, version)
@@ -302,15 +302,9 @@ async fn start_generation(
     if targets.is_empty() {
         if let Some((leader, forwarder)) = super::inference::leader_to_hold_at(app, &sent.headers) {
             // The leader's answer, streamed through: `Err` is a response sent as it is.
+            let limit = timeout + AGENT_GENERATION_TIME + super::cluster::LEADER_HOP;
             let answer = forwarder
-                .forward_generation(
-                    &state,
-                    leader,
-                    sent.path,
-                    &sent.headers,
-                    sent.body,
-                    GENERATION_TIMEOUT + LEADER_HOP,
-                )
+                .forward_held(&state, leader, sent, timeout, limit)
                 .await;
             return Err(answer.unwrap_or_else(refused));
         }
@@ -366,13 +360,6 @@ async fn start_generation(
         },
     );
     Ok(Box::pin(lines))
-}
-
-/// A generation request as it came, to pass on to the leader (see [`start_generation`]).
-struct AsSent {
-    path: &'static str,
-    headers: HeaderMap,
-    body: Bytes,
 }
 
 /// Starts and answers a generation, recorded in the gateway's request metrics (a stream
@@ -498,7 +485,7 @@ pub async fn completions(
     };
     let chat = false;
     let sent = AsSent {
-        path: "/v1/completions",
+        path: "/v1/completions".into(),
         headers,
         body,
     };
@@ -551,7 +538,7 @@ pub async fn chat_completions(
     prompt.push_str("assistant:");
     let chat = true;
     let sent = AsSent {
-        path: "/v1/chat/completions",
+        path: "/v1/chat/completions".into(),
         headers,
         body,
     };

@@ -231,6 +231,38 @@ fn a_deployment_woken_from_zero_is_not_scaled_back_before_it_has_been_idle_again
     assert_eq!(later, vec![(701 * SECOND_MS, 0)]);
 }
 
+/// Regression: a replica that went away (replaced, or reloading after a crash) dropped out
+/// of the load reports with its last request, and idleness was counted from when the
+/// autoscaler first saw the deployment, hours before.
+#[test]
+fn idleness_counts_from_the_last_request_seen_even_once_its_replica_is_gone() {
+    let bounds = ReplicaPolicy {
+        initial: 1,
+        min: 0,
+        max: 4,
+    };
+    let mut state = autoscaled(bounds, policy(Some(300 * SECOND_MS)));
+    let mut scaler = Autoscaler::new();
+    let served = load(0, 0, Some(1_000 * SECOND_MS));
+    assert_eq!(
+        run(&mut scaler, &mut state, &served, 0, 1_000 * SECOND_MS),
+        vec![]
+    );
+    let forgotten = load(0, 0, None);
+    let after = run(
+        &mut scaler,
+        &mut state,
+        &forgotten,
+        1_001 * SECOND_MS,
+        1_300 * SECOND_MS,
+    );
+    assert_eq!(
+        after,
+        vec![(1_300 * SECOND_MS, 0)],
+        "300 s after its last request"
+    );
+}
+
 #[test]
 fn without_scale_to_zero_an_idle_deployment_keeps_one_replica() {
     let bounds = ReplicaPolicy {
