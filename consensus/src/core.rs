@@ -14,7 +14,8 @@ use crate::storage::{LogStore, StorageError};
 use crate::{MembershipChange, ProposeError, RaftStatus, StateMachine};
 use protobuf::Message as _;
 use raft::eraftpb::{
-    ConfChange, ConfChangeType, ConfChangeV2, Entry, EntryType, Message, MessageType, Snapshot,
+    ConfChange, ConfChangeType, ConfChangeV2, ConfState, Entry, EntryType, Message, MessageType,
+    Snapshot,
 };
 use raft::{RawNode, StateRole};
 use std::collections::HashMap;
@@ -76,6 +77,11 @@ pub(crate) struct Core<L: LogStore, S: StateMachine> {
     snapshot_due: bool,
     /// A ready that could not be written yet (disk full); retried first.
     unpersisted: Option<Unpersisted>,
+    /// A membership applied but not yet written (the disk was full): written again before
+    /// each ready, and no snapshot is taken meanwhile, since a snapshot records the written
+    /// membership. Lost in a crash, it comes back when the log's committed entries are
+    /// applied again on restart.
+    unsaved_membership: Option<ConfState>,
     /// The newest leader a stalled member heard from in the messages it had to drop:
     /// while raft-rs here lags behind that term, this member is not the leader, whatever
     /// raft-rs still believes, and callers are sent to the one it heard.
@@ -164,6 +170,7 @@ impl<L: LogStore, S: StateMachine> Core<L, S> {
             snapshot_interval_entries: config.snapshot_interval_entries.max(1),
             snapshot_due: false,
             unpersisted: None,
+            unsaved_membership: None,
             heard: None,
             outbox: Vec::new(),
             events: Vec::new(),
@@ -474,13 +481,16 @@ impl<L: LogStore, S: StateMachine> Core<L, S> {
             snapshot_index: self.raw.store().latest_snapshot().get_metadata().index,
             voters: conf_state.voters.clone(),
             learners: conf_state.learners.clone(),
-            storage_stalled: self.unpersisted.is_some(),
+            storage_stalled: self.unpersisted.is_some() || self.unsaved_membership.is_some(),
         }
     }
 
     /// Processes everything raft has ready. On `Stalled` the ready is kept and the next
     /// call goes on with it from where it stopped.
     pub(crate) fn handle_ready(&mut self) -> Result<(), ReadyError> {
+        if let Some(membership) = self.unsaved_membership.take() {
+            self.save_membership(membership)?;
+        }
         let Unpersisted { mut ready, applied } = match self.unpersisted.take() {
             Some(unpersisted) => unpersisted,
             None if self.raw.has_ready() => Unpersisted {
@@ -645,10 +655,7 @@ impl<L: LogStore, S: StateMachine> Core<L, S> {
                 return Ok(());
             }
         };
-        self.raw
-            .mut_store()
-            .set_conf_state(&conf_state)
-            .map_err(|error| ReadyError::Fatal(format!("persisting the membership: {error}")))?;
+        self.save_membership(conf_state.clone())?;
         self.snapshot_due = true;
         if node != raft::INVALID_ID {
             match kind {
@@ -662,6 +669,22 @@ impl<L: LogStore, S: StateMachine> Core<L, S> {
         }
         tracing::info!(id = self.id, voters = ?conf_state.voters, learners = ?conf_state.learners, "membership changed");
         Ok(())
+    }
+
+    /// Writes `membership`; on a full disk keeps it to write again (see
+    /// `unsaved_membership`) rather than stop the member.
+    fn save_membership(&mut self, membership: ConfState) -> Result<(), ReadyError> {
+        match self.raw.mut_store().set_conf_state(&membership) {
+            Ok(()) => Ok(()),
+            Err(error) if error.is_out_of_space() => {
+                tracing::warn!(id = self.id, %error, "no space to write the membership; it is written once there is");
+                self.unsaved_membership = Some(membership);
+                Ok(())
+            }
+            Err(error) => Err(ReadyError::Fatal(format!(
+                "persisting the membership: {error}"
+            ))),
+        }
     }
 
     fn answer(&mut self, entry: &Entry, output: Vec<u8>) {
@@ -707,7 +730,7 @@ impl<L: LogStore, S: StateMachine> Core<L, S> {
         if !self.snapshot_due && applied < last_snapshot + self.snapshot_interval_entries {
             return Ok(());
         }
-        if applied <= last_snapshot {
+        if applied <= last_snapshot || self.unsaved_membership.is_some() {
             return Ok(());
         }
         self.snapshot_due = false;

@@ -118,7 +118,8 @@ pub struct RaftStatus {
     pub snapshot_index: u64,
     pub voters: Vec<u64>,
     pub learners: Vec<u64>,
-    /// True while this member cannot write its log (disk full) and refuses proposals.
+    /// True while this member cannot write its log (disk full) and refuses proposals, or
+    /// has a membership change applied but not yet written.
     pub storage_stalled: bool,
 }
 

@@ -180,6 +180,9 @@ impl LogStore for MemoryLog {
     }
 
     fn set_conf_state(&mut self, conf_state: &ConfState) -> Result<(), StorageError> {
+        if self.full {
+            return Err(no_space());
+        }
         self.durable.conf_state = conf_state.clone();
         Ok(())
     }
@@ -708,6 +711,7 @@ fn run_unguarded(seed: u64, config: SimConfig) -> Result<usize, String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::MembershipChange;
 
     fn config(members: u64) -> SimConfig {
         SimConfig {
@@ -782,6 +786,128 @@ mod tests {
             .filter(|&seed| run(seed, lossy.clone()).is_err())
             .count();
         assert!(failures > 0, "a lossy disk went unnoticed in 12 seeds");
+    }
+
+    type TestCore = Core<MemoryLog, Sequence>;
+
+    /// Voters 1 and 2, on disks with room.
+    fn two_members() -> BTreeMap<u64, TestCore> {
+        (1..=2)
+            .map(|id| {
+                (
+                    id,
+                    member(
+                        id,
+                        Durable {
+                            conf_state: ConfState::from((vec![1, 2], vec![])),
+                            ..Durable::default()
+                        },
+                    ),
+                )
+            })
+            .collect()
+    }
+
+    fn member(id: u64, durable: Durable) -> TestCore {
+        let log = MemoryLog {
+            durable,
+            full: false,
+        };
+        Core::new(&core_config(id, 1_000), log, Sequence::default(), &logger())
+            .expect("core starts")
+    }
+
+    /// Lets every member process its ready and delivers what they send, until nothing
+    /// is sent; member 1 ticks `ticks` times first. A member whose disk is full stalls.
+    fn pump(cores: &mut BTreeMap<u64, TestCore>, ticks: usize) {
+        for _ in 0..ticks {
+            cores.get_mut(&1).expect("member 1").tick(Instant::now());
+        }
+        for _ in 0..100 {
+            let mut messages = Vec::new();
+            for core in cores.values_mut() {
+                match core.handle_ready() {
+                    Ok(()) | Err(ReadyError::Stalled(_)) => {}
+                    Err(ReadyError::Fatal(message)) => panic!("member stopped: {message}"),
+                }
+                messages.extend(core.take_outbox());
+            }
+            if messages.is_empty() {
+                return;
+            }
+            for message in messages {
+                if let Some(core) = cores.get_mut(&message.to) {
+                    core.step(message);
+                }
+            }
+        }
+    }
+
+    /// Member 1 leads and adds a learner; the entry reaches member 2's log, then member
+    /// 2's disk fills before the commit comes, and everything sent is delivered. The
+    /// answer to the change is returned.
+    fn a_change_member_2_applies_on_a_full_disk(
+        cores: &mut BTreeMap<u64, TestCore>,
+    ) -> oneshot::Receiver<Result<Vec<u8>, ProposeError>> {
+        // Only member 1 ticks: it campaigns and leads.
+        pump(cores, 30);
+        assert!(cores[&1].status().is_leader);
+        let (reply, answer) = oneshot::channel();
+        let learner = MembershipChange::AddLearner {
+            id: 3,
+            address: "127.0.0.1:1".into(),
+        };
+        let leader = cores.get_mut(&1).expect("member 1");
+        leader.change_membership(&learner, Sim::far_deadline(), reply);
+        // The append to member 2, then its answer.
+        for _ in 0..2 {
+            let mut messages = Vec::new();
+            for core in cores.values_mut() {
+                core.handle_ready().expect("room on both disks");
+                messages.extend(core.take_outbox());
+            }
+            for message in messages {
+                cores.get_mut(&message.to).expect("a member").step(message);
+            }
+        }
+        assert_eq!(cores[&2].store().last(), cores[&1].store().last());
+        cores.get_mut(&2).expect("member 2").store_mut().full = true;
+        pump(cores, 3);
+        assert!(cores[&2].store().conf_state().learners.is_empty());
+        answer
+    }
+
+    /// Regression: a member whose disk filled up between storing a membership change
+    /// and applying it stopped ("persisting the membership: … No space left on device"),
+    /// and restarted, stopped again, until space returned.
+    #[test]
+    fn a_membership_change_applied_on_a_full_disk_is_written_once_there_is_room() {
+        let mut cores = two_members();
+        let mut answer = a_change_member_2_applies_on_a_full_disk(&mut cores);
+        assert!(
+            matches!(answer.try_recv(), Ok(Ok(_))),
+            "the change is applied"
+        );
+        let status = cores[&2].status();
+        assert!(status.storage_stalled, "{status:?}");
+
+        cores.get_mut(&2).expect("member 2").store_mut().full = false;
+        pump(&mut cores, 3);
+        assert_eq!(cores[&2].store().conf_state().learners, [3]);
+        assert!(!cores[&2].status().storage_stalled);
+    }
+
+    /// The same, but member 2 crashes before space returns: restarted from what its disk
+    /// holds, it applies the change again and writes it.
+    #[test]
+    fn a_membership_lost_with_a_full_disk_in_a_crash_comes_back_from_the_log() {
+        let mut cores = two_members();
+        a_change_member_2_applies_on_a_full_disk(&mut cores);
+        let disk = cores.remove(&2).expect("member 2").store().durable.clone();
+        cores.insert(2, member(2, disk));
+        // Heartbeats bring the commit index, and the change is applied again.
+        pump(&mut cores, 10);
+        assert_eq!(cores[&2].store().conf_state().learners, [3]);
     }
 
     #[test]
