@@ -510,6 +510,8 @@ impl<L: LogStore, S: StateMachine> Core<L, S> {
                         &format!("installing the snapshot at {index}"),
                     ));
                 }
+                // The snapshot's membership is newer than any this member kept unwritten.
+                self.unsaved_membership = None;
                 self.restore(&snapshot)?;
             }
             self.apply(ready.take_committed_entries())?;
