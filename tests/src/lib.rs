@@ -387,6 +387,21 @@ impl ServerCluster {
         &self.agents[&id].1
     }
 
+    /// The replicas the first deployment wants, as member `via` answers.
+    pub async fn replicas_wanted(&self, client: &reqwest::Client, via: u64) -> u64 {
+        let deployments: serde_json::Value = client
+            .get(self.url(via, "/api/v1/deployments"))
+            .send()
+            .await
+            .expect("deployments asked")
+            .json()
+            .await
+            .expect("deployments as JSON");
+        deployments[0]["replicas_wanted"]
+            .as_u64()
+            .expect("a replica count")
+    }
+
     /// Applies the deployment described by the TOML `spec` through member `via`.
     pub fn apply_deployment(&self, via: u64, name: &str, spec: &str) {
         let file = self.root.join(format!("{name}.toml"));

@@ -219,18 +219,6 @@ async fn a_model_pushed_and_deployed_on_agents_survives_an_agent_and_a_leader_ki
     cluster.stop_all();
 }
 
-async fn wanted(cluster: &ServerCluster, http: &reqwest::Client) -> u64 {
-    let deployments: Value = http
-        .get(cluster.url(1, "/api/v1/deployments"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
-    deployments[0]["replicas_wanted"].as_u64().unwrap()
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn load_scales_a_deployment_up_idleness_to_zero_and_a_request_brings_it_back() {
     let root = tempfile::tempdir().unwrap();
@@ -275,7 +263,7 @@ async fn load_scales_a_deployment_up_idleness_to_zero_and_a_request_brings_it_ba
         .map(|_| load(&http, servers.clone(), stop.clone()))
         .collect();
     let started = Instant::now();
-    while wanted(&cluster, &http).await < 2 {
+    while cluster.replicas_wanted(&http, 1).await < 2 {
         assert!(
             started.elapsed() < Duration::from_secs(20),
             "load never scaled the deployment up"
@@ -293,7 +281,7 @@ async fn load_scales_a_deployment_up_idleness_to_zero_and_a_request_brings_it_ba
 
     // Idle: down to zero replicas.
     let started = Instant::now();
-    while wanted(&cluster, &http).await > 0 {
+    while cluster.replicas_wanted(&http, 1).await > 0 {
         assert!(
             started.elapsed() < Duration::from_secs(20),
             "idleness never scaled to zero"
@@ -307,7 +295,7 @@ async fn load_scales_a_deployment_up_idleness_to_zero_and_a_request_brings_it_ba
         "virginica"
     );
     eprintln!("answered from zero replicas in {:?}", asked.elapsed());
-    assert!(wanted(&cluster, &http).await >= 1);
+    assert!(cluster.replicas_wanted(&http, 1).await >= 1);
     cluster.stop_all();
 }
 

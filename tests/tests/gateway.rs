@@ -11,6 +11,28 @@ use shoal_tests::{ServerCluster, free_addresses, http_client, infer_iris_binary,
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
+/// Sends each bad request to iris through `base` and checks its status and message.
+async fn expect_refusals(http: &reqwest::Client, base: &str, refused: &[(Value, u16, &str)]) {
+    for (bad, status, says) in refused {
+        let answer = http
+            .post(format!("{base}/v2/models/iris/infer"))
+            .json(bad)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(
+            answer.status(),
+            *status,
+            "a request that should say {says:?}"
+        );
+        let message: Value = answer.json().await.unwrap();
+        assert!(
+            message["error"].as_str().unwrap().contains(says),
+            "{message}"
+        );
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_standalone_gateway_follows_the_state_and_serves_through_agents() {
     let root = tempfile::tempdir().unwrap();
@@ -105,24 +127,7 @@ async fn a_standalone_gateway_follows_the_state_and_serves_through_agents() {
             "malformed infer request",
         ),
     ];
-    for (bad, status, says) in &refused {
-        let answer = http
-            .post(format!("{base}/v2/models/iris/infer"))
-            .json(bad)
-            .send()
-            .await
-            .unwrap();
-        assert_eq!(
-            answer.status(),
-            *status,
-            "a request that should say {says:?}"
-        );
-        let message: Value = answer.json().await.unwrap();
-        assert!(
-            message["error"].as_str().unwrap().contains(says),
-            "{message}"
-        );
-    }
+    expect_refusals(&http, &base, &refused).await;
 
     // A version that exists but runs nowhere: 503 with Retry-After, and serving goes on.
     let second = root.path().join("iris-2");
@@ -186,20 +191,7 @@ async fn a_standalone_gateway_follows_the_state_and_serves_through_agents() {
 
     // With no agent to answer, a bad request is still refused for what is wrong with it.
     cluster.kill_agent(1);
-    for (bad, status, says) in &refused {
-        let answer = http
-            .post(format!("{base}/v2/models/iris/infer"))
-            .json(bad)
-            .send()
-            .await
-            .unwrap();
-        assert_eq!(answer.status(), *status, "with no agent: {says:?}");
-        let message: Value = answer.json().await.unwrap();
-        assert!(
-            message["error"].as_str().unwrap().contains(says),
-            "{message}"
-        );
-    }
+    expect_refusals(&http, &base, &refused).await;
     let _ = gateway.kill();
     let _ = gateway.wait();
     cluster.stop_all();

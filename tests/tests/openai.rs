@@ -239,21 +239,10 @@ async fn completions_stream_the_same_tokens_they_answer_whole() {
          upscale_delay_ms = 0\ndownscale_delay_ms = 500\nscale_to_zero_after_ms = 1000\n",
     );
     let started = Instant::now();
-    loop {
-        let deployments: Value = http
-            .get(cluster.url(1, "/api/v1/deployments"))
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
-        if deployments[0]["replicas_wanted"] == 0 {
-            break;
-        }
+    while cluster.replicas_wanted(&http, 1).await > 0 {
         assert!(
             started.elapsed() < Duration::from_secs(30),
-            "never scaled to zero: {deployments}"
+            "never scaled to zero"
         );
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
