@@ -488,7 +488,7 @@ impl<L: LogStore, S: StateMachine> Core<L, S> {
     /// Processes everything raft has ready. On `Stalled` the ready is kept and the next
     /// call goes on with it from where it stopped.
     pub(crate) fn handle_ready(&mut self) -> Result<(), ReadyError> {
-        if let Some(membership) = self.unsaved_membership.take() {
+        if let Some(membership) = self.unsaved_membership.clone() {
             self.save_membership(membership)?;
         }
         let Unpersisted { mut ready, applied } = match self.unpersisted.take() {
@@ -673,13 +673,19 @@ impl<L: LogStore, S: StateMachine> Core<L, S> {
         Ok(())
     }
 
-    /// Writes `membership`; on a full disk keeps it to write again (see
-    /// `unsaved_membership`) rather than stop the member.
+    /// Writes `membership`, the newest applied; on a full disk keeps it to write again
+    /// (see `unsaved_membership`) rather than stop the member.
     fn save_membership(&mut self, membership: ConfState) -> Result<(), ReadyError> {
         match self.raw.mut_store().set_conf_state(&membership) {
-            Ok(()) => Ok(()),
+            Ok(()) => {
+                // The newest is written: an older one kept unwritten must never follow it.
+                self.unsaved_membership = None;
+                Ok(())
+            }
             Err(error) if error.is_out_of_space() => {
-                tracing::warn!(id = self.id, %error, "no space to write the membership; it is written once there is");
+                if self.unsaved_membership.is_none() {
+                    tracing::warn!(id = self.id, %error, "no space to write the membership; it is written once there is");
+                }
                 self.unsaved_membership = Some(membership);
                 Ok(())
             }

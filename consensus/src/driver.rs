@@ -530,7 +530,7 @@ impl<S: StateMachine> Driver<S> {
             .set(saturating_i64(self.core.store().used_bytes() as u64));
         metrics
             .raft_storage_stalled
-            .set(i64::from(self.core.is_stalled()));
+            .set(i64::from(status.storage_stalled));
         self.status.send_if_modified(|current| {
             let changed = *current != status;
             *current = status;

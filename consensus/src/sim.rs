@@ -65,6 +65,8 @@ struct MemoryLog {
     durable: Durable,
     /// The disk is full: appends fail as raft-engine's do, with `ENOSPC`.
     full: bool,
+    /// Only the membership's write fails, as when the disk fills between two writes.
+    refuse_membership: bool,
 }
 
 impl MemoryLog {
@@ -180,7 +182,7 @@ impl LogStore for MemoryLog {
     }
 
     fn set_conf_state(&mut self, conf_state: &ConfState) -> Result<(), StorageError> {
-        if self.full {
+        if self.full || self.refuse_membership {
             return Err(no_space());
         }
         self.durable.conf_state = conf_state.clone();
@@ -315,6 +317,7 @@ impl Sim {
             let log = MemoryLog {
                 durable,
                 full: false,
+                refuse_membership: false,
             };
             let core = Core::new(
                 &core_config(id, config.snapshot_interval_entries),
@@ -412,6 +415,7 @@ impl Sim {
             let log = MemoryLog {
                 durable,
                 full: false,
+                refuse_membership: false,
             };
             let core = Core::new(
                 &core_config(id, self.config.snapshot_interval_entries),
@@ -812,6 +816,7 @@ mod tests {
         let log = MemoryLog {
             durable,
             full: false,
+            refuse_membership: false,
         };
         Core::new(&core_config(id, 1_000), log, Sequence::default(), &logger())
             .expect("core starts")
@@ -843,12 +848,13 @@ mod tests {
         }
     }
 
-    /// Member 1 leads and adds a learner; the entry reaches member 2's log, then member
-    /// 2's disk fills before the commit comes, and everything sent is delivered. The
-    /// answer to the change is returned.
-    fn a_change_member_2_applies_on_a_full_disk(
+    /// Member 1 leads and adds a learner; the entry reaches member 2's log, then `fill`
+    /// takes room from member 2's disk before the commit comes, and everything sent is
+    /// delivered. Gives the answer to the change and the index of its entry.
+    fn a_change_member_2_applies_without_room(
         cores: &mut BTreeMap<u64, TestCore>,
-    ) -> oneshot::Receiver<Result<Vec<u8>, ProposeError>> {
+        fill: impl FnOnce(&mut MemoryLog),
+    ) -> (oneshot::Receiver<Result<Vec<u8>, ProposeError>>, u64) {
         // Only member 1 ticks: it campaigns and leads.
         pump(cores, 30);
         assert!(cores[&1].status().is_leader);
@@ -870,11 +876,12 @@ mod tests {
                 cores.get_mut(&message.to).expect("a member").step(message);
             }
         }
-        assert_eq!(cores[&2].store().last(), cores[&1].store().last());
-        cores.get_mut(&2).expect("member 2").store_mut().full = true;
+        let change = cores[&1].store().last();
+        assert_eq!(cores[&2].store().last(), change);
+        fill(cores.get_mut(&2).expect("member 2").store_mut());
         pump(cores, 3);
         assert!(cores[&2].store().conf_state().learners.is_empty());
-        answer
+        (answer, change)
     }
 
     /// Regression: a member whose disk filled up between storing a membership change
@@ -883,7 +890,8 @@ mod tests {
     #[test]
     fn a_membership_change_applied_on_a_full_disk_is_written_once_there_is_room() {
         let mut cores = two_members();
-        let mut answer = a_change_member_2_applies_on_a_full_disk(&mut cores);
+        let (mut answer, _) =
+            a_change_member_2_applies_without_room(&mut cores, |disk| disk.full = true);
         assert!(
             matches!(answer.try_recv(), Ok(Ok(_))),
             "the change is applied"
@@ -902,12 +910,38 @@ mod tests {
     #[test]
     fn a_membership_lost_with_a_full_disk_in_a_crash_comes_back_from_the_log() {
         let mut cores = two_members();
-        a_change_member_2_applies_on_a_full_disk(&mut cores);
+        a_change_member_2_applies_without_room(&mut cores, |disk| disk.full = true);
         let disk = cores.remove(&2).expect("member 2").store().durable.clone();
         cores.insert(2, member(2, disk));
         // Heartbeats bring the commit index, and the change is applied again.
         pump(&mut cores, 10);
         assert_eq!(cores[&2].store().conf_state().learners, [3]);
+    }
+
+    /// With only the membership's write refused, the rest of the ready is written and
+    /// applied; a snapshot then would record the old membership past the change, and the
+    /// change would be lost for good, so none is taken until the membership is written.
+    #[test]
+    fn no_snapshot_is_taken_while_the_membership_is_unwritten() {
+        let mut cores = two_members();
+        let (_, change) = a_change_member_2_applies_without_room(&mut cores, |disk| {
+            disk.refuse_membership = true;
+        });
+        let status = cores[&2].status();
+        assert!(status.applied_index >= change, "{status:?}");
+        assert!(status.storage_stalled, "{status:?}");
+        assert!(cores[&2].store().latest_snapshot().get_metadata().index < change);
+
+        cores
+            .get_mut(&2)
+            .expect("member 2")
+            .store_mut()
+            .refuse_membership = false;
+        pump(&mut cores, 3);
+        assert_eq!(cores[&2].store().conf_state().learners, [3]);
+        let snapshot = cores[&2].store().latest_snapshot().get_metadata();
+        assert!(snapshot.index >= change, "the snapshot due is taken now");
+        assert_eq!(snapshot.get_conf_state().learners, [3]);
     }
 
     #[test]
