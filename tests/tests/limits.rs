@@ -67,6 +67,8 @@ async fn over_the_admission_limit_is_429_and_past_the_deadline_is_504() {
         413,
         "more rows than one request may carry"
     );
+    // Its body was read whole: the connection may carry the next request.
+    assert!(refused.headers().get("connection").is_none());
     let served_again = client.post(&url).json(&body()).send().await.unwrap();
     assert_eq!(served_again.status(), 200, "it keeps serving");
     shoal.interrupt();

@@ -16,8 +16,12 @@ pub enum ApiError {
     BadRequest(String),
     #[error("{0}")]
     NotFound(String),
+    /// 413 for a body too large to read: the rest of it is left unread.
     #[error("{0}")]
     PayloadTooLarge(String),
+    /// 413 for a request read whole that carries more rows than one may.
+    #[error("{0}")]
+    TooManyRows(String),
     #[error("{0}")]
     Overloaded(String),
     #[error("{0}")]
@@ -47,7 +51,9 @@ impl ApiError {
         match self {
             ApiError::BadRequest(_) => StatusCode::BAD_REQUEST,
             ApiError::NotFound(_) => StatusCode::NOT_FOUND,
-            ApiError::PayloadTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
+            ApiError::PayloadTooLarge(_) | ApiError::TooManyRows(_) => {
+                StatusCode::PAYLOAD_TOO_LARGE
+            }
             ApiError::Overloaded(_) => StatusCode::TOO_MANY_REQUESTS,
             ApiError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
             ApiError::ReplicaFailed(_) => StatusCode::BAD_GATEWAY,
@@ -65,7 +71,7 @@ impl ApiError {
         match self {
             ApiError::BadRequest(_) => "bad_request",
             ApiError::NotFound(_) => "not_found",
-            ApiError::PayloadTooLarge(_) => "payload_too_large",
+            ApiError::PayloadTooLarge(_) | ApiError::TooManyRows(_) => "payload_too_large",
             ApiError::Overloaded(_) => "overloaded",
             ApiError::Unavailable(_) => "unavailable",
             ApiError::ReplicaFailed(_) => "replica_failed",

@@ -546,7 +546,7 @@ pub(crate) fn check_request(
     let rows = validate_inputs(signature, &request.inputs)
         .map_err(|error| ApiError::BadRequest(error.to_string()))?;
     if rows > ROWS_PER_REQUEST_MAX {
-        return Err(ApiError::PayloadTooLarge(format!(
+        return Err(ApiError::TooManyRows(format!(
             "{rows} rows in one request; the limit is {ROWS_PER_REQUEST_MAX}, split the batch"
         )));
     }
