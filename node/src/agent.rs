@@ -416,11 +416,15 @@ pub struct GenerateRequest {
     pub prompt: String,
     #[serde(default)]
     pub max_tokens: Option<usize>,
+    /// What is left of the caller's deadline, in milliseconds; the generation gets at most
+    /// [`REQUEST_TIMEOUT`], and that when this is absent.
+    #[serde(default)]
+    pub timeout_ms: Option<u64>,
 }
 
 /// `POST /internal/v1/replicas/{id}/generate`: the tokens of one generation as they are
 /// produced, one JSON object per line (`{"text": ...}`, then `{"finish": ...}` or
-/// `{"error": ...}`). Closing the connection cancels the sequence.
+/// `{"error": ..., "deadline": true|false}`). Closing the connection cancels the sequence.
 async fn generate(
     State(plane): State<Arc<DataPlane>>,
     Path(id): Path<u64>,
@@ -451,7 +455,10 @@ async fn generate(
         .submit(&shoal_actors::generate::GenerationRequest {
             prompt: request.prompt,
             max_new_tokens: request.max_tokens,
-            deadline: tokio::time::Instant::now() + REQUEST_TIMEOUT,
+            deadline: tokio::time::Instant::now()
+                + request.timeout_ms.map_or(REQUEST_TIMEOUT, |ms| {
+                    Duration::from_millis(ms).min(REQUEST_TIMEOUT)
+                }),
         })
         .map_err(|error| match error {
             shoal_actors::generate::GenerateError::Overloaded => {
@@ -464,7 +471,10 @@ async fn generate(
         let mut stream = stream?;
         let line = match stream.next().await {
             Some(Ok(piece)) => serde_json::json!({"text": piece.text}),
-            Some(Err(error)) => serde_json::json!({"error": error.to_string()}),
+            Some(Err(error)) => serde_json::json!({
+                "error": error.to_string(),
+                "deadline": matches!(error, shoal_actors::generate::GenerateError::DeadlineExceeded),
+            }),
             None => {
                 let finish = match stream.finish() {
                     Some(shoal_actors::generate::FinishReason::EndToken) | None => "stop",

@@ -228,6 +228,25 @@ async fn completions_stream_the_same_tokens_they_answer_whole() {
     let body: Value = bad.json().await.unwrap();
     assert_eq!(body["error"]["type"], "invalid_request_error");
 
+    // The caller's deadline reaches the agent: with a millisecond left, the generation is
+    // cut short with a 504, not run for the agent's own 30 s.
+    let rushed = http
+        .post(&url)
+        .header("x-shoal-timeout-ms", "1")
+        .json(&json!({"model": "tiny", "prompt": "hello", "max_tokens": 64}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(rushed.status(), 504);
+    let body: Value = rushed.json().await.unwrap();
+    assert!(
+        body["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("deadline"),
+        "{body}"
+    );
+
     // Idle, it scales to zero; a streamed completion sent to a follower is then held (by
     // the leader, whose autoscaler counts it) until a replica is back, and streams the
     // same tokens.

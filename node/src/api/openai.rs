@@ -197,15 +197,22 @@ pub async fn embeddings(
 enum Piece {
     Text(String),
     Finish(String),
-    Failed(String),
+    /// The generation failed: 504 when its deadline passed, else 502.
+    Failed(StatusCode, String),
+}
+
+impl Piece {
+    fn failed(problem: &shoal_actors::generate::GenerateError) -> Piece {
+        let status = match problem {
+            shoal_actors::generate::GenerateError::DeadlineExceeded => StatusCode::GATEWAY_TIMEOUT,
+            _ => StatusCode::BAD_GATEWAY,
+        };
+        Piece::Failed(status, problem.to_string())
+    }
 }
 
 /// A generation's pieces as they come.
 type Pieces = std::pin::Pin<Box<dyn futures_util::Stream<Item = Piece> + Send>>;
-
-/// What an agent gives a generation once it starts there: a generation passed to the leader
-/// may take this beyond its own deadline (which bounds the wait for a replica).
-const AGENT_GENERATION_TIME: std::time::Duration = std::time::Duration::from_secs(30);
 
 /// Largest `max_tokens` accepted: a bound on how long one request may hold a replica.
 const MAX_TOKENS_LIMIT: usize = 4_096;
@@ -276,7 +283,7 @@ async fn start_generation(
             let mut stream = stream?;
             match stream.next().await {
                 Some(Ok(piece)) => Some((Piece::Text(piece.text), Some(stream))),
-                Some(Err(problem)) => Some((Piece::Failed(problem.to_string()), None)),
+                Some(Err(problem)) => Some((Piece::failed(&problem), None)),
                 None => {
                     let finish = match stream.finish() {
                         Some(shoal_actors::generate::FinishReason::EndToken) | None => "stop",
@@ -302,7 +309,7 @@ async fn start_generation(
     if targets.is_empty() {
         if let Some((leader, forwarder)) = super::inference::leader_to_hold_at(app, &sent.headers) {
             // The leader's answer, streamed through: `Err` is a response sent as it is.
-            let limit = timeout + AGENT_GENERATION_TIME + super::cluster::LEADER_HOP;
+            let limit = timeout + super::cluster::LEADER_HOP;
             let answer = forwarder
                 .forward_held(&state, leader, sent, timeout, limit)
                 .await;
@@ -312,7 +319,15 @@ async fn start_generation(
             .await
             .map_err(refused)?;
     }
-    let body = json!({"prompt": prompt, "max_tokens": max_tokens}).to_string();
+    // The agent generates within what is left of the deadline.
+    let remaining = deadline.saturating_duration_since(tokio::time::Instant::now());
+    let body = crate::agent::GenerateRequest {
+        prompt,
+        max_tokens,
+        timeout_ms: Some(u64::try_from(remaining.as_millis()).unwrap_or(u64::MAX)),
+    };
+    let body = serde_json::to_string(&body)
+        .map_err(|problem| error(StatusCode::INTERNAL_SERVER_ERROR, problem.to_string()))?;
     let answer = match app
         .gateway
         .open_generation(targets, Bytes::from(body))
@@ -337,12 +352,15 @@ async fn start_generation(
                     } else if let Some(finish) = value["finish"].as_str() {
                         Piece::Finish(finish.to_string())
                     } else {
-                        Piece::Failed(
-                            value["error"]
-                                .as_str()
-                                .unwrap_or("a malformed line from the replica")
-                                .to_string(),
-                        )
+                        let status = if value["deadline"] == true {
+                            StatusCode::GATEWAY_TIMEOUT
+                        } else {
+                            StatusCode::BAD_GATEWAY
+                        };
+                        let message = value["error"]
+                            .as_str()
+                            .unwrap_or("a malformed line from the replica");
+                        Piece::Failed(status, message.to_string())
                     };
                     let last = !matches!(piece, Piece::Text(_));
                     return Some((piece, (chunks, buffer, last)));
@@ -351,7 +369,10 @@ async fn start_generation(
                     Some(Ok(chunk)) => buffer.extend_from_slice(&chunk),
                     _ => {
                         return Some((
-                            Piece::Failed("the replica's stream broke off".into()),
+                            Piece::Failed(
+                                StatusCode::BAD_GATEWAY,
+                                "the replica's stream broke off".into(),
+                            ),
                             (chunks, buffer, true),
                         ));
                     }
@@ -412,7 +433,7 @@ async fn answer_generation(pieces: Pieces, model: String, stream: bool, chat: bo
             match piece {
                 Piece::Text(more) => text.push_str(&more),
                 Piece::Finish(reason) => finish = reason,
-                Piece::Failed(message) => return error(StatusCode::BAD_GATEWAY, message),
+                Piece::Failed(status, message) => return error(status, message),
             }
         }
         let choice = if chat {
@@ -428,7 +449,7 @@ async fn answer_generation(pieces: Pieces, model: String, stream: bool, chat: bo
             let (delta, finish) = match piece {
                 Piece::Text(text) => (text, Value::Null),
                 Piece::Finish(reason) => (String::new(), Value::String(reason)),
-                Piece::Failed(message) => {
+                Piece::Failed(_, message) => {
                     let body = json!({"error": {"message": message, "type": "server_error", "param": null, "code": null}});
                     return format!("data: {body}\n\n");
                 }
