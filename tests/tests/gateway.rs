@@ -11,6 +11,16 @@ use shoal_tests::{ServerCluster, free_addresses, http_client, infer_iris_binary,
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
+/// A child process killed when dropped.
+struct KillOnDrop(std::process::Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
 /// Sends each bad request to iris through `base` and checks its status and message.
 async fn expect_refusals(http: &reqwest::Client, base: &str, refused: &[(Value, u16, &str)]) {
     for (bad, status, says) in refused {
@@ -46,7 +56,7 @@ async fn a_standalone_gateway_follows_the_state_and_serves_through_agents() {
     cluster.deploy(1, "iris", 1, 1);
 
     let listen = free_addresses(1).remove(0);
-    let mut gateway = Command::new(shoal_binary())
+    let gateway = Command::new(shoal_binary())
         .args([
             "gateway",
             "--servers",
@@ -60,6 +70,8 @@ async fn a_standalone_gateway_follows_the_state_and_serves_through_agents() {
         .stderr(std::fs::File::create(root.path().join("gateway.stderr")).unwrap())
         .spawn()
         .unwrap();
+    // Stopped however the test ends, a failed assertion included.
+    let _gateway = KillOnDrop(gateway);
     let base = format!("http://{listen}");
     let started = Instant::now();
     loop {
@@ -192,7 +204,5 @@ async fn a_standalone_gateway_follows_the_state_and_serves_through_agents() {
     // With no agent to answer, a bad request is still refused for what is wrong with it.
     cluster.kill_agent(1);
     expect_refusals(&http, &base, &refused).await;
-    let _ = gateway.kill();
-    let _ = gateway.wait();
     cluster.stop_all();
 }
