@@ -177,20 +177,21 @@ impl<L: LogStore, S: StateMachine> Core<L, S> {
         })
     }
 
-    /// Why nothing may reach the `RawNode` now: a ready is waiting for disk space, and
-    /// raft-rs forbids changing its state between `ready` and `advance`.
+    /// Why nothing may reach the `RawNode` now: a leader of a newer term is known (the
+    /// caller goes there), or a ready is waiting for disk space, and raft-rs forbids
+    /// changing its state between `ready` and `advance`.
     fn stall_refusal(&self) -> Option<ProposeError> {
+        if let Some(newer) = self.newer_leader() {
+            return Some(ProposeError::NotLeader {
+                leader: Some(newer.id),
+            });
+        }
         self.is_stalled().then(|| {
             ProposeError::Storage("this member cannot write its log (disk full); retrying".into())
         })
     }
 
     fn refusal(&self) -> Option<ProposeError> {
-        if let Some(newer) = self.newer_leader() {
-            return Some(ProposeError::NotLeader {
-                leader: Some(newer.id),
-            });
-        }
         if let Some(refusal) = self.stall_refusal() {
             return Some(refusal);
         }
@@ -276,12 +277,6 @@ impl<L: LogStore, S: StateMachine> Core<L, S> {
     /// Asks for a linearizable read point: `reply` gets a log index once the leader has
     /// confirmed its leadership and this member has applied up to that index.
     pub(crate) fn read_index(&mut self, deadline: Instant, reply: ReadReply) {
-        if let Some(newer) = self.newer_leader() {
-            let _ = reply.send(Err(ProposeError::NotLeader {
-                leader: Some(newer.id),
-            }));
-            return;
-        }
         if let Some(refusal) = self.stall_refusal() {
             let _ = reply.send(Err(refusal));
             return;

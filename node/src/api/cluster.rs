@@ -40,7 +40,7 @@ const FORWARD_TIMEOUT: Duration = Duration::from_secs(15);
 
 /// What a follower allows beyond a request's own deadline for the way to the leader and
 /// back.
-pub const LEADER_HOP: Duration = Duration::from_secs(5);
+const LEADER_HOP: Duration = Duration::from_secs(5);
 
 /// Sends writes that reached a follower to the leader's HTTP address.
 #[derive(Debug)]
@@ -78,14 +78,13 @@ impl Forwarder {
     /// whose autoscaler counts held requests: with the caller's credentials, its body's
     /// framing and what is left of its deadline (`remaining`, sent as
     /// [`super::inference::TIMEOUT_HEADER`]). The answer streams back as the leader writes it (a
-    /// generation's tokens as they come) for at most `limit`.
+    /// generation's tokens as they come), for that long and a hop.
     pub async fn forward_held(
         &self,
         state: &ClusterState,
         leader: u64,
         sent: AsSent,
         remaining: Duration,
-        limit: Duration,
     ) -> Result<Response, ApiError> {
         let AsSent {
             path,
@@ -95,7 +94,7 @@ impl Forwarder {
         let mut extra = super::framing(super::binary_header(&headers)?);
         extra.push((
             HeaderName::from_static(super::inference::TIMEOUT_HEADER),
-            HeaderValue::from(u64::try_from(remaining.as_millis()).unwrap_or(u64::MAX)),
+            HeaderValue::from(super::inference::whole_millis(remaining)),
         ));
         let call = LeaderCall {
             method: Method::POST,
@@ -104,7 +103,9 @@ impl Forwarder {
             headers: extra,
             body,
         };
-        let answer = self.call_leader(state, leader, call, limit).await?;
+        let answer = self
+            .call_leader(state, leader, call, remaining + LEADER_HOP)
+            .await?;
         let (status, headers) = (answer.status(), answer.headers().clone());
         let body = axum::body::Body::from_stream(answer.bytes_stream());
         Ok(relay(status, &headers, body))

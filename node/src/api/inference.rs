@@ -295,6 +295,12 @@ fn split_version(app: &AppState, state: &ClusterState, model: &str) -> Option<u3
 /// A caller may ask for a shorter deadline than [`REQUEST_TIMEOUT`] with this header.
 pub const TIMEOUT_HEADER: &str = "x-shoal-timeout-ms";
 
+/// What is left of a deadline, as [`TIMEOUT_HEADER`] and the agents' generate requests
+/// carry it.
+pub(super) fn whole_millis(remaining: Duration) -> u64 {
+    u64::try_from(remaining.as_millis()).unwrap_or(u64::MAX)
+}
+
 /// The request's deadline budget: the caller's, capped at [`REQUEST_TIMEOUT`].
 pub(super) fn request_timeout(headers: &HeaderMap) -> Duration {
     headers
@@ -400,12 +406,7 @@ pub(super) async fn hold_for_own_replica(
     let name = scaled_to_zero(&app.control.state(), model, version)?;
     let _held = hold(app, &name)?;
     let mut routes = app.routes.clone();
-    let serving = |routes: &Arc<Routes>| {
-        routes
-            .for_model(model)
-            .iter()
-            .any(|route| route.version == version)
-    };
+    let serving = |routes: &Arc<Routes>| !serving_here(routes, model, version).is_empty();
     match tokio::time::timeout_at(deadline, routes.wait_for(serving)).await {
         Ok(Ok(routes)) => Ok(routes.clone()),
         _ => Err(not_back_in_time(&name)),
@@ -489,9 +490,8 @@ async fn serve(
                 body,
             };
             let remaining = deadline.saturating_duration_since(tokio::time::Instant::now());
-            let limit = remaining + super::cluster::LEADER_HOP;
             return forwarder
-                .forward_held(&state, leader, sent, remaining, limit)
+                .forward_held(&state, leader, sent, remaining)
                 .await;
         }
         let targets = hold_for_scale_up(app, model, resolved.version, deadline).await?;

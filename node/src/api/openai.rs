@@ -13,6 +13,7 @@ use axum::response::{IntoResponse, Response};
 use serde::Deserialize;
 use serde_json::{Value, json};
 use shoal_actors::agent::Routes;
+use shoal_actors::generate::GenerateError;
 use shoal_scheduler::DataType;
 use std::sync::Arc;
 use std::time::Instant;
@@ -202,9 +203,9 @@ enum Piece {
 }
 
 impl Piece {
-    fn failed(problem: &shoal_actors::generate::GenerateError) -> Piece {
+    fn failed(problem: &GenerateError) -> Piece {
         let status = match problem {
-            shoal_actors::generate::GenerateError::DeadlineExceeded => StatusCode::GATEWAY_TIMEOUT,
+            GenerateError::DeadlineExceeded => StatusCode::GATEWAY_TIMEOUT,
             _ => StatusCode::BAD_GATEWAY,
         };
         Piece::Failed(status, problem.to_string())
@@ -247,8 +248,7 @@ async fn start_generation(
     }
     // The caller's deadline (`x-shoal-timeout-ms`) within 30 s, as for inference: for the
     // wait for a replica, and for the generation itself in this process.
-    let timeout = super::inference::request_timeout(&sent.headers);
-    let deadline = tokio::time::Instant::now() + timeout;
+    let deadline = tokio::time::Instant::now() + super::inference::request_timeout(&sent.headers);
     let mut routes = app.routes.borrow().clone();
     let serving_here = |routes: &Routes| {
         super::inference::serving_here(routes, model, version)
@@ -309,9 +309,9 @@ async fn start_generation(
     if targets.is_empty() {
         if let Some((leader, forwarder)) = super::inference::leader_to_hold_at(app, &sent.headers) {
             // The leader's answer, streamed through: `Err` is a response sent as it is.
-            let limit = timeout + super::cluster::LEADER_HOP;
+            let remaining = deadline.saturating_duration_since(tokio::time::Instant::now());
             let answer = forwarder
-                .forward_held(&state, leader, sent, timeout, limit)
+                .forward_held(&state, leader, sent, remaining)
                 .await;
             return Err(answer.unwrap_or_else(refused));
         }
@@ -324,7 +324,7 @@ async fn start_generation(
     let body = crate::agent::GenerateRequest {
         prompt,
         max_tokens,
-        timeout_ms: Some(u64::try_from(remaining.as_millis()).unwrap_or(u64::MAX)),
+        timeout_ms: Some(super::inference::whole_millis(remaining)),
     };
     let body = serde_json::to_string(&body)
         .map_err(|problem| error(StatusCode::INTERNAL_SERVER_ERROR, problem.to_string()))?;
