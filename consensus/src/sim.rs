@@ -65,8 +65,9 @@ struct MemoryLog {
     durable: Durable,
     /// The disk is full: appends fail as raft-engine's do, with `ENOSPC`.
     full: bool,
-    /// Only the membership's write fails, as when the disk fills between two writes.
-    refuse_membership: bool,
+    /// How many more membership writes fail while everything else is written, as when
+    /// the disk fills and frees between two writes (`u64::MAX`: until set back to 0).
+    membership_refusals: u64,
 }
 
 impl MemoryLog {
@@ -182,7 +183,11 @@ impl LogStore for MemoryLog {
     }
 
     fn set_conf_state(&mut self, conf_state: &ConfState) -> Result<(), StorageError> {
-        if self.full || self.refuse_membership {
+        if self.full {
+            return Err(no_space());
+        }
+        if self.membership_refusals > 0 {
+            self.membership_refusals -= 1;
             return Err(no_space());
         }
         self.durable.conf_state = conf_state.clone();
@@ -317,7 +322,7 @@ impl Sim {
             let log = MemoryLog {
                 durable,
                 full: false,
-                refuse_membership: false,
+                membership_refusals: 0,
             };
             let core = Core::new(
                 &core_config(id, config.snapshot_interval_entries),
@@ -415,7 +420,7 @@ impl Sim {
             let log = MemoryLog {
                 durable,
                 full: false,
-                refuse_membership: false,
+                membership_refusals: 0,
             };
             let core = Core::new(
                 &core_config(id, self.config.snapshot_interval_entries),
@@ -794,20 +799,16 @@ mod tests {
 
     type TestCore = Core<MemoryLog, Sequence>;
 
-    /// Voters 1 and 2, on disks with room.
-    fn two_members() -> BTreeMap<u64, TestCore> {
-        (1..=2)
-            .map(|id| {
-                (
-                    id,
-                    member(
-                        id,
-                        Durable {
-                            conf_state: ConfState::from((vec![1, 2], vec![])),
-                            ..Durable::default()
-                        },
-                    ),
-                )
+    /// Voters 1 to `count`, on disks with room.
+    fn voters(count: u64) -> BTreeMap<u64, TestCore> {
+        let ids: Vec<u64> = (1..=count).collect();
+        ids.iter()
+            .map(|&id| {
+                let durable = Durable {
+                    conf_state: ConfState::from((ids.clone(), vec![])),
+                    ..Durable::default()
+                };
+                (id, member(id, durable))
             })
             .collect()
     }
@@ -816,7 +817,7 @@ mod tests {
         let log = MemoryLog {
             durable,
             full: false,
-            refuse_membership: false,
+            membership_refusals: 0,
         };
         Core::new(&core_config(id, 1_000), log, Sequence::default(), &logger())
             .expect("core starts")
@@ -829,23 +830,52 @@ mod tests {
             cores.get_mut(&1).expect("member 1").tick(Instant::now());
         }
         for _ in 0..100 {
-            let mut messages = Vec::new();
-            for core in cores.values_mut() {
-                match core.handle_ready() {
-                    Ok(()) | Err(ReadyError::Stalled(_)) => {}
-                    Err(ReadyError::Fatal(message)) => panic!("member stopped: {message}"),
-                }
-                messages.extend(core.take_outbox());
-            }
-            if messages.is_empty() {
+            if !round(cores) {
                 return;
             }
-            for message in messages {
-                if let Some(core) = cores.get_mut(&message.to) {
-                    core.step(message);
-                }
+        }
+    }
+
+    /// Every member processes its ready (a member whose disk is full stalls), then what
+    /// they sent is delivered to the members present. False when nothing was sent.
+    fn round(cores: &mut BTreeMap<u64, TestCore>) -> bool {
+        let mut messages = Vec::new();
+        for core in cores.values_mut() {
+            match core.handle_ready() {
+                Ok(()) | Err(ReadyError::Stalled(_)) => {}
+                Err(ReadyError::Fatal(message)) => panic!("member stopped: {message}"),
+            }
+            messages.extend(core.take_outbox());
+        }
+        let sent = !messages.is_empty();
+        for message in messages {
+            if let Some(core) = cores.get_mut(&message.to) {
+                core.step(message);
             }
         }
+        sent
+    }
+
+    /// Member 1, the leader, proposes adding learner `id`.
+    fn add_learner(
+        cores: &mut BTreeMap<u64, TestCore>,
+        id: u64,
+    ) -> oneshot::Receiver<Result<Vec<u8>, ProposeError>> {
+        let (reply, answer) = oneshot::channel();
+        let change = MembershipChange::AddLearner {
+            id,
+            address: "127.0.0.1:1".into(),
+        };
+        let leader = cores.get_mut(&1).expect("member 1");
+        leader.change_membership(&change, Sim::far_deadline(), reply);
+        answer
+    }
+
+    /// The learners in `membership`, in order.
+    fn learners(membership: &ConfState) -> Vec<u64> {
+        let mut learners = membership.learners.clone();
+        learners.sort_unstable();
+        learners
     }
 
     /// Member 1 leads and adds a learner; the entry reaches member 2's log, then `fill`
@@ -858,13 +888,7 @@ mod tests {
         // Only member 1 ticks: it campaigns and leads.
         pump(cores, 30);
         assert!(cores[&1].status().is_leader);
-        let (reply, answer) = oneshot::channel();
-        let learner = MembershipChange::AddLearner {
-            id: 3,
-            address: "127.0.0.1:1".into(),
-        };
-        let leader = cores.get_mut(&1).expect("member 1");
-        leader.change_membership(&learner, Sim::far_deadline(), reply);
+        let answer = add_learner(cores, 3);
         // The append to member 2, then its answer.
         for _ in 0..2 {
             let mut messages = Vec::new();
@@ -889,7 +913,7 @@ mod tests {
     /// and restarted, stopped again, until space returned.
     #[test]
     fn a_membership_change_applied_on_a_full_disk_is_written_once_there_is_room() {
-        let mut cores = two_members();
+        let mut cores = voters(2);
         let (mut answer, _) =
             a_change_member_2_applies_without_room(&mut cores, |disk| disk.full = true);
         assert!(
@@ -909,7 +933,7 @@ mod tests {
     /// holds, it applies the change again and writes it.
     #[test]
     fn a_membership_lost_with_a_full_disk_in_a_crash_comes_back_from_the_log() {
-        let mut cores = two_members();
+        let mut cores = voters(2);
         a_change_member_2_applies_without_room(&mut cores, |disk| disk.full = true);
         let disk = cores.remove(&2).expect("member 2").store().durable.clone();
         cores.insert(2, member(2, disk));
@@ -923,9 +947,9 @@ mod tests {
     /// change would be lost for good, so none is taken until the membership is written.
     #[test]
     fn no_snapshot_is_taken_while_the_membership_is_unwritten() {
-        let mut cores = two_members();
+        let mut cores = voters(2);
         let (_, change) = a_change_member_2_applies_without_room(&mut cores, |disk| {
-            disk.refuse_membership = true;
+            disk.membership_refusals = u64::MAX;
         });
         let status = cores[&2].status();
         assert!(status.applied_index >= change, "{status:?}");
@@ -936,12 +960,98 @@ mod tests {
             .get_mut(&2)
             .expect("member 2")
             .store_mut()
-            .refuse_membership = false;
+            .membership_refusals = 0;
         pump(&mut cores, 3);
         assert_eq!(cores[&2].store().conf_state().learners, [3]);
         let snapshot = cores[&2].store().latest_snapshot().get_metadata();
         assert!(snapshot.index >= change, "the snapshot due is taken now");
         assert_eq!(snapshot.get_conf_state().learners, [3]);
+    }
+
+    /// Regression guard: once a newer membership is written, an older one still kept
+    /// unwritten must be dropped, or its retry before the next ready writes it over the
+    /// newer one and undoes the later change.
+    #[test]
+    fn a_newer_membership_once_written_is_not_undone_by_an_older_unwritten_one() {
+        let mut cores = voters(2);
+        a_change_member_2_applies_without_room(&mut cores, |disk| {
+            disk.membership_refusals = u64::MAX;
+        });
+        // The change becomes the leader's next entry.
+        let change = cores[&1].store().last() + 1;
+        let _answer = add_learner(&mut cores, 4);
+        // Deliver until member 2 hears that the second change is committed, and stop
+        // before it applies it.
+        for _ in 0..10 {
+            if cores[&2].status().commit_index >= change {
+                break;
+            }
+            round(&mut cores);
+        }
+        assert_eq!(cores[&1].store().last(), change);
+        let member_2 = cores.get_mut(&2).expect("member 2");
+        assert!(member_2.status().commit_index >= change);
+        // Room comes back between the two writes: the older membership's retry is
+        // refused, the newer one is written.
+        member_2.store_mut().membership_refusals = 1;
+        member_2
+            .handle_ready()
+            .expect("the newer membership is written");
+        assert_eq!(learners(member_2.store().conf_state()), [3, 4]);
+
+        pump(&mut cores, 3);
+        assert_eq!(learners(cores[&2].store().conf_state()), [3, 4]);
+        assert!(!cores[&2].status().storage_stalled);
+    }
+
+    /// A snapshot from the leader carries a membership newer than the one this member
+    /// kept unwritten; writing the kept one afterwards would undo the snapshot's.
+    #[test]
+    fn a_snapshot_installed_supersedes_a_membership_left_unwritten() {
+        let mut cores = voters(3);
+        pump(&mut cores, 30);
+        assert!(cores[&1].status().is_leader);
+        cores
+            .get_mut(&2)
+            .expect("member 2")
+            .store_mut()
+            .membership_refusals = u64::MAX;
+        let _first = add_learner(&mut cores, 4);
+        pump(&mut cores, 3);
+        assert!(cores[&2].status().storage_stalled);
+        let behind = cores[&2].status().applied_index;
+
+        // Cut off, member 2 misses a second change; the leader snapshots (a membership
+        // change makes one due) and compacts its log past what member 2 has.
+        let member_2 = cores.remove(&2).expect("member 2");
+        let _second = add_learner(&mut cores, 5);
+        pump(&mut cores, 3);
+        let leader = cores[&1].store();
+        assert_eq!(
+            learners(leader.latest_snapshot().get_metadata().get_conf_state()),
+            [4, 5]
+        );
+        assert!(
+            leader.first() > behind + 1,
+            "the leader keeps what member 2 lacks"
+        );
+
+        cores.insert(2, member_2);
+        pump(&mut cores, 6);
+        assert!(
+            cores[&2].store().snapshot_index() > behind,
+            "member 2 installed a snapshot"
+        );
+        assert_eq!(learners(cores[&2].store().conf_state()), [4, 5]);
+        assert!(!cores[&2].status().storage_stalled);
+
+        cores
+            .get_mut(&2)
+            .expect("member 2")
+            .store_mut()
+            .membership_refusals = 0;
+        pump(&mut cores, 3);
+        assert_eq!(learners(cores[&2].store().conf_state()), [4, 5]);
     }
 
     #[test]
