@@ -12,11 +12,12 @@
 //! embeddings through `/v1/embeddings`. Each is measured raw (in-process candle forward
 //! passes on the same weights, batch 1 and 32, the best of one intra-op thread, one per
 //! core, and one per core on a rayon pool's thread), through the
-//! gateway of `shoal up`, and (the MLP) through a 3-server + 1-agent cluster: closed loop at
-//! concurrency 1, 8 and 64, and open loop at fixed rates, latency counted from each
-//! request's scheduled send time. The load generator shares the machine's cores with
-//! Shoal; the ratios are what this host gives both. Every point reports the machine's core
-//! time per request, split among the server process's kinds of thread where the server is
+//! gateway of `shoal up` and of a 3-server + 1-agent cluster: the MLP in closed loops at
+//! concurrency 1, 8 and 64 and open loops at fixed rates, latency counted from each
+//! request's scheduled send time; MiniLM in closed loops at concurrency 1, 8, 32 and 64
+//! and an open loop at 100/s. The load generator shares the machine's cores with Shoal;
+//! the ratios are what this host gives both. Every point reports the machine's core time
+//! per request, split among the server process's kinds of thread where the server is
 //! one process, and the c=64 budget says where a request's core time goes.
 
 use serde_json::json;
@@ -36,6 +37,9 @@ use std::time::{Duration, Instant};
 const MLP_LAYERS: [usize; 4] = [784, 512, 512, 10];
 const CONCURRENCY: [usize; 3] = [1, 8, 64];
 const OPEN_RATES: [f64; 3] = [200.0, 500.0, 1_000.0];
+const MINILM_CONCURRENCY: [usize; 4] = [1, 8, 32, 64];
+/// About 40% of what MiniLM's one replica answers a second on this host.
+const MINILM_OPEN_RATE: f64 = 100.0;
 
 /// One load held for the whole run (`--steady`), to profile.
 #[derive(Clone, Copy, Debug)]
@@ -396,6 +400,52 @@ fn push_and_deploy(base: &str, root: &Path, dir: &Path, name: &str, deployment: 
             file.to_str().expect("a UTF-8 path"),
         ],
     );
+}
+
+/// The OpenAI-compatible route MiniLM answers on.
+const EMBEDDINGS: &str = "/v1/embeddings";
+
+/// Pushes MiniLM's files as `minilm` and deploys one replica.
+fn push_and_deploy_minilm(base: &str, root: &Path, dir: &Path) {
+    let dir = dir.to_str().expect("a UTF-8 path");
+    cli(base, &["model", "push", dir, "--name", "minilm"]);
+    let file = root.join("minilm.toml");
+    std::fs::write(
+        &file,
+        "name = \"minilm\"\nmodel = \"minilm\"\nversion = 1\nreplicas = 1\n",
+    )
+    .expect("deployment file");
+    let file = file.to_str().expect("a UTF-8 path");
+    cli(base, &["deploy", "apply", "-f", file]);
+}
+
+/// MiniLM's loads through `url`, one sentence a request: closed loops at each of
+/// [`MINILM_CONCURRENCY`], then an open loop at [`MINILM_OPEN_RATE`]. Gives the points and
+/// the rate at c=32, the concurrency the ratio to raw batch 32 is read at.
+async fn minilm_sweep(
+    through: &str,
+    url: &str,
+    seconds: Duration,
+    server: Option<u32>,
+) -> (Vec<Point>, f64) {
+    let body = embedding_request();
+    wait_serving(url, body).await;
+    let target = Target::post_json(url, body);
+    closed_loop(&target, 8, Duration::from_millis(500)).await;
+    let mut points = Vec::new();
+    let mut c32_rate = 0.0;
+    for concurrency in MINILM_CONCURRENCY {
+        let name = format!("MiniLM via {through}, closed loop c={concurrency}");
+        let point = Point::measure(name, server, closed_loop(&target, concurrency, seconds)).await;
+        if concurrency == 32 {
+            c32_rate = point.result.rate();
+        }
+        points.push(point);
+    }
+    let name = format!("MiniLM via {through}, open loop {MINILM_OPEN_RATE:.0}/s");
+    let load = open_loop(&target, MINILM_OPEN_RATE, seconds);
+    points.push(Point::measure(name, server, load).await);
+    (points, c32_rate)
 }
 
 async fn wait_serving(url: &str, body: &'static [u8]) {
@@ -823,47 +873,17 @@ async fn served(
     // MiniLM through shoal up, against raw embedding passes.
     let mut minilm_served = None;
     if let Some((dir, raw)) = &minilm {
-        cli(
-            &base,
-            &[
-                "model",
-                "push",
-                dir.to_str().expect("a UTF-8 path"),
-                "--name",
-                "minilm",
-            ],
-        );
-        let file = root.join("minilm.toml");
-        std::fs::write(
-            &file,
-            "name = \"minilm\"\nmodel = \"minilm\"\nversion = 1\nreplicas = 1\n",
-        )
-        .expect("deployment file");
-        cli(
-            &base,
-            &[
-                "deploy",
-                "apply",
-                "-f",
-                file.to_str().expect("a UTF-8 path"),
-            ],
-        );
-        let url = up.url("/v1/embeddings");
-        let body = embedding_request();
-        wait_serving(&url, body).await;
-        let target = Target::post_json(&url, body);
-        closed_loop(&target, 8, Duration::from_millis(500)).await;
-        for concurrency in [1, 8, 32] {
-            let name = format!("MiniLM via shoal up, closed loop c={concurrency}");
-            let load = closed_loop(&target, concurrency, seconds);
-            points.push(Point::measure(name, Some(up.id()), load).await);
-        }
-        minilm_served = Some((*raw, points.last().map_or(0.0, |p| p.result.rate())));
+        push_and_deploy_minilm(&base, root, dir);
+        let (minilm_points, c32_rate) =
+            minilm_sweep("shoal up", &up.url(EMBEDDINGS), seconds, Some(up.id())).await;
+        minilm_served = Some((*raw, c32_rate));
+        points.extend(minilm_points);
     }
     up.interrupt();
     let _ = up.wait_exit(Duration::from_secs(30));
 
     // A 3-server + 1-agent cluster: the leader's gateway forwards to the agent.
+    let mut minilm_cluster = None;
     let cluster_c64 = if skip_cluster {
         f64::NAN
     } else {
@@ -889,6 +909,14 @@ async fn served(
         .await;
         let cluster_c64 = cluster_points[2].result.rate();
         points.extend(cluster_points);
+        if let Some((dir, _)) = &minilm {
+            push_and_deploy_minilm(&base, &cluster_root, dir);
+            let url = cluster.url(leader, EMBEDDINGS);
+            let (minilm_points, c32_rate) =
+                minilm_sweep("a 3-server cluster", &url, seconds, None).await;
+            minilm_cluster = Some(c32_rate);
+            points.extend(minilm_points);
+        }
         cluster.stop_all();
         cluster_c64
     };
@@ -950,6 +978,14 @@ async fn served(
             served / raw.batch32_rate,
             "-"
         );
+        if let Some(cluster) = minilm_cluster {
+            println!(
+                "{:<64} {:>10.2} {:>8}",
+                "MiniLM cluster c=32 req/s / raw batch-32 sentences/s",
+                cluster / raw.batch32_rate,
+                "-"
+            );
+        }
         println!(
             "{:<64} {:>10.0} {:>8}",
             "MiniLM raw sentences/s at batch 1", raw.batch1_rate, "-"
@@ -970,6 +1006,11 @@ async fn served(
             "up_c1_p50_minus_raw_batch1_ms": ms(c1_overhead),
             "up_open_500_p99_ms": ms(up_open_500_p99),
             "dynamic_batching_gain_c64": up_c64 / unbatched_rate.max(f64::MIN_POSITIVE),
+            "minilm_up_c32_over_raw_batch32":
+                minilm_served.map(|(raw, served)| served / raw.batch32_rate),
+            "minilm_cluster_c32_over_raw_batch32": minilm_served
+                .zip(minilm_cluster)
+                .map(|((raw, _), cluster)| cluster / raw.batch32_rate),
             "ceiling_c64_over_raw_batch32": budget.ceiling(budget.floor.machine),
             "ceiling_binary_c64_over_raw_batch32": budget.ceiling(budget.floor_binary.machine),
             "ceiling_json_reading_c64_over_raw_batch32":
