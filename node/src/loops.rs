@@ -5,6 +5,7 @@ use crate::control::ControlPlane;
 use shoal_actors::ReplicaReporter;
 use shoal_actors::agent::AgentHandle;
 use shoal_actors::replica::ReplicaSpec;
+use shoal_scheduler::backoff::FailureMemory;
 use shoal_scheduler::{
     ClusterState, Command, LoadSnapshot, NodeId, ReplicaId, ReplicaState, placement,
 };
@@ -23,14 +24,22 @@ const REPORT_QUEUE_CAPACITY: usize = 1_024;
 /// On the leader, turns placement plans into proposals until `shutdown` fires.
 pub async fn run_controller(control: ControlPlane, mut shutdown: watch::Receiver<bool>) {
     let mut states = control.watch_state();
+    // Which failed groups wait before they are placed again: this leader's memory only.
+    let mut failures = FailureMemory::default();
     loop {
         if control.raft_status().is_leader {
             let state = control.state();
             let metrics = shoal_ops::metrics::metrics();
             let started = std::time::Instant::now();
-            // No live load is gathered yet: an empty snapshot judges no canary and evicts
-            // nothing.
-            let plan = placement::plan(&state, &LoadSnapshot::default(), now_ms());
+            let now_ms = now_ms();
+            failures.observe(&state, now_ms);
+            // No live traffic is gathered here: a snapshot without it judges no canary and
+            // evicts nothing.
+            let load = LoadSnapshot {
+                retry_at_ms: failures.retry_at_ms(),
+                ..LoadSnapshot::default()
+            };
+            let plan = placement::plan(&state, &load, now_ms);
             metrics
                 .placement_round_duration_seconds
                 .observe(started.elapsed().as_secs_f64());
@@ -50,6 +59,8 @@ pub async fn run_controller(control: ControlPlane, mut shutdown: watch::Receiver
                     .with_label_values(&[command.kind(), result])
                     .inc();
             }
+        } else {
+            failures = FailureMemory::default();
         }
         tokio::select! {
             _ = shutdown.changed() => break,

@@ -11,6 +11,7 @@
 //! and property-testable.
 
 pub mod autoscale;
+pub mod backoff;
 mod command;
 mod deployment;
 mod load;

@@ -1,5 +1,7 @@
-//! Live load: what the leader knows about traffic right now. Not replicated; the leader
-//! gathers it from agents and gateways and hands a snapshot to the controllers.
+//! Live load: what the leader knows about traffic right now, and which failing groups must
+//! wait before they are placed again. Not replicated; the leader gathers it from agents,
+//! gateways and its own [`crate::backoff::FailureMemory`] and hands a snapshot to the
+//! controllers.
 //!
 //! Missing entries mean "unknown", and every controller reads unknown conservatively: an
 //! unknown replica is never idle (so never evicted), an unknown canary is never judged.
@@ -13,6 +15,10 @@ pub struct LoadSnapshot {
     pub deployments: BTreeMap<String, DeploymentLoad>,
     /// Per replica group, by group id.
     pub replicas: BTreeMap<ReplicaId, ReplicaLoad>,
+    /// Groups that failed again and again, by group id: placement leaves each failed until
+    /// this time ([`crate::backoff`]). A failed group not listed is placed again at once.
+    #[serde(default)]
+    pub retry_at_ms: BTreeMap<ReplicaId, u64>,
 }
 
 /// One deployment's traffic.

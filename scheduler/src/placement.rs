@@ -5,7 +5,8 @@
 //! 1. steps its rollout (`rollout::decide`), which sets how many groups of each version are
 //!    wanted (`rollout::version_targets`);
 //! 2. places again, in place and at a higher epoch, every group with a failed shard or a
-//!    shard on a down node;
+//!    shard on a down node (a group that failed again and again once its wait is over, see
+//!    [`crate::backoff`]);
 //! 3. removes surplus groups, those on draining nodes first, then those not ready, then the
 //!    newest, but never a ready one while that would leave fewer ready groups than the
 //!    deployment wants minus its `max_unavailable`: a replacement is ready before the group
@@ -287,7 +288,13 @@ impl<'a> Planner<'a> {
             }
             let wanted = target(group.view.version) > 0 && group.view.shards == shards_wanted;
             let bytes = need_bytes(group.view.version);
+            let waiting = self
+                .load
+                .retry_at_ms
+                .get(&group.view.id)
+                .is_some_and(|&retry_at_ms| retry_at_ms > self.now_ms);
             match (wanted, bytes) {
+                (true, Some(_)) if waiting => position += 1,
                 (true, Some(bytes)) => {
                     if let Some(placements) =
                         self.reassign(deployment, &groups[position], bytes, &spread)

@@ -1,6 +1,7 @@
 //! Placement tests: worked examples, then properties over random clusters and histories.
 
 use super::*;
+use crate::backoff::FailureMemory;
 use crate::command::tests::{applied, deployment_command, next, node_command, version_command};
 use crate::command::{Outcome, Rejected, apply};
 use crate::deployment::{
@@ -320,6 +321,106 @@ fn a_failed_replica_is_placed_again_in_its_slot() {
     apply_plan(&mut state, commands);
     assert_eq!(state.replicas.len(), 1);
     assert_eq!(state.replicas[&ReplicaId(0)].epoch, 2);
+}
+
+/// Regression: a version that can never load (no `config.json`) was placed again the
+/// moment it failed, three raft entries per attempt, forever, and its reason was hardly
+/// ever on show.
+#[test]
+fn a_group_that_keeps_failing_waits_longer_each_time_before_it_is_placed_again() {
+    let mut state = applied(vec![
+        node_command(1, &[8 * GIB]),
+        version_command("m", "d1", GIB),
+        deployment_command("m", "m", 1),
+    ]);
+    converge(&mut state, NOW_MS);
+    let mut memory = FailureMemory::default();
+    let mut now_ms = NOW_MS;
+    let mut waits = Vec::new();
+    for epoch in 1..=4 {
+        next(
+            &mut state,
+            Command::SetReplicaState {
+                replica: ReplicaId(0),
+                epoch,
+                state: ReplicaState::Failed,
+                failure: Some("the version has no config.json file".into()),
+            },
+        )
+        .unwrap();
+        memory.observe(&state, now_ms);
+        let load = LoadSnapshot {
+            retry_at_ms: memory.retry_at_ms(),
+            ..LoadSnapshot::default()
+        };
+        let failed_at_ms = now_ms;
+        while plan(&state, &load, now_ms).is_empty() {
+            let replica = &state.replicas[&ReplicaId(0)];
+            assert_eq!(replica.state, ReplicaState::Failed);
+            assert!(replica.failure.is_some(), "the reason stays on show");
+            now_ms += 100;
+        }
+        waits.push(now_ms - failed_at_ms);
+        let commands = plan(&state, &load, now_ms);
+        assert!(matches!(
+            commands.as_slice(),
+            [Command::ReassignReplica {
+                group: ReplicaId(0),
+                ..
+            }]
+        ));
+        apply_plan(&mut state, commands);
+        memory.observe(&state, now_ms);
+    }
+    assert_eq!(waits, [0, 500, 1_000, 2_000]);
+
+    // Once it serves, the count starts again.
+    agents_report_ready(&mut state);
+    memory.observe(&state, now_ms);
+    assert_eq!(memory.failures_in_a_row(ReplicaId(0)), 0);
+    assert!(memory.retry_at_ms().is_empty());
+}
+
+/// A deployment that no longer wants a failed group drops it at once, wait or not.
+#[test]
+fn a_failed_group_that_waits_is_still_removed_when_no_longer_wanted() {
+    let mut spec = DeploymentSpec::new("m", "m", 1, 1);
+    spec.replicas = ReplicaPolicy {
+        initial: 1,
+        min: 0,
+        max: 1,
+    };
+    let mut state = applied(vec![
+        node_command(1, &[8 * GIB]),
+        version_command("m", "d1", GIB),
+        Command::CreateDeployment { spec },
+    ]);
+    converge(&mut state, NOW_MS);
+    next(
+        &mut state,
+        Command::SetReplicaState {
+            replica: ReplicaId(0),
+            epoch: 1,
+            state: ReplicaState::Failed,
+            failure: Some("weights do not match the config".into()),
+        },
+    )
+    .unwrap();
+    next(
+        &mut state,
+        Command::SetDesiredReplicas {
+            deployment: "m".into(),
+            replicas: 0,
+        },
+    )
+    .unwrap();
+    let mut load = LoadSnapshot::default();
+    load.retry_at_ms.insert(ReplicaId(0), NOW_MS + 60_000);
+    let commands = plan(&state, &load, NOW_MS);
+    assert!(
+        matches!(commands.as_slice(), [Command::RemoveReplica { .. }]),
+        "{commands:?}"
+    );
 }
 
 fn packed(name: &str, replicas: ReplicaPolicy) -> Command {
