@@ -78,3 +78,43 @@ async fn over_the_admission_limit_is_429_and_past_the_deadline_is_504() {
             .success()
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn openai_routes_answer_413_in_their_shape_for_a_body_over_4_mib() {
+    let temp = tempfile::tempdir().unwrap();
+    let mut shoal = Shoal::up(&temp.path().join("data"), "openai-413");
+    let client = reqwest::Client::new();
+    shoal.wait_ready(&client).await;
+    // Valid JSON for each route, 5 MiB of it: only its size is wrong.
+    let padding = "x".repeat(5 << 20);
+    let bodies = [
+        (
+            "/v1/completions",
+            json!({"model": "iris", "prompt": padding}),
+        ),
+        (
+            "/v1/chat/completions",
+            json!({"model": "iris", "messages": [{"role": "user", "content": padding}]}),
+        ),
+        ("/v1/embeddings", json!({"model": "iris", "input": padding})),
+    ];
+    for (path, body) in bodies {
+        let answer = client
+            .post(shoal.url(path))
+            .json(&body)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(answer.status(), 413, "{path}");
+        let error: serde_json::Value = answer.json().await.unwrap();
+        assert_eq!(error["error"]["type"], "invalid_request_error", "{path}");
+        let message = error["error"]["message"].as_str().unwrap();
+        assert!(message.contains("over the limit"), "{path}: {message}");
+    }
+    shoal.interrupt();
+    assert!(
+        shoal
+            .wait_exit(std::time::Duration::from_secs(30))
+            .success()
+    );
+}

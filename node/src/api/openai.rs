@@ -69,9 +69,9 @@ pub async fn embeddings(
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Response {
-    let body = match body {
+    let body = match read_body(body) {
         Ok(body) => body,
-        Err(rejection) => return error(rejection.status(), rejection.body_text()),
+        Err(problem) => return refused(&problem),
     };
     let request: EmbeddingsRequest = match serde_json::from_slice(&body) {
         Ok(request) => request,
@@ -234,9 +234,9 @@ async fn start_generation(
             format!("max_tokens must be 1..={MAX_TOKENS_LIMIT}"),
         ));
     }
-    let refused = |problem: ApiError| error(problem.status(), problem.to_string());
     let state = app.control.state();
-    let resolved = super::inference::resolve(&state, model, None).map_err(refused)?;
+    let resolved =
+        super::inference::resolve(&state, model, None).map_err(|problem| refused(&problem))?;
     let version = resolved.version;
     // Before anything waits for a replica: a model that cannot generate is refused at
     // once, and never woken from zero for it.
@@ -259,7 +259,7 @@ async fn start_generation(
     if app.embedded && serving_here(&routes).is_none() {
         routes = super::inference::hold_for_own_replica(app, model, version, deadline)
             .await
-            .map_err(refused)?;
+            .map_err(|problem| refused(&problem))?;
     }
     if let Some(route) = serving_here(&routes) {
         let Some(generation) = route.handle.generation() else {
@@ -313,11 +313,11 @@ async fn start_generation(
             let answer = forwarder
                 .forward_held(&state, leader, sent, remaining)
                 .await;
-            return Err(answer.unwrap_or_else(refused));
+            return Err(answer.unwrap_or_else(|problem| refused(&problem)));
         }
         targets = super::inference::hold_for_scale_up(app, model, version, deadline)
             .await
-            .map_err(refused)?;
+            .map_err(|problem| refused(&problem))?;
     }
     // The agent generates within what is left of the deadline.
     let remaining = deadline.saturating_duration_since(tokio::time::Instant::now());
@@ -474,14 +474,25 @@ async fn answer_generation(pieces: Pieces, model: String, stream: bool, chat: bo
         .into_response()
 }
 
-/// A request body read as `T`, kept beside it; why not, in words for a 400.
+/// A request body, or why it could not be read: 413 for one over
+/// [`super::REQUEST_BODY_MAX_BYTES`], as the inference routes answer, else 400.
+fn read_body(body: Result<Bytes, BytesRejection>) -> Result<Bytes, ApiError> {
+    body.map_err(ApiError::from)
+}
+
+/// A request body read as `T`, kept beside it; why not, as an error for [`refused`].
 fn read_json<T: for<'de> Deserialize<'de>>(
     body: Result<Bytes, BytesRejection>,
-) -> Result<(T, Bytes), String> {
-    let body = body.map_err(|rejection| rejection.body_text())?;
-    let request =
-        serde_json::from_slice(&body).map_err(|error| format!("malformed request: {error}"))?;
+) -> Result<(T, Bytes), ApiError> {
+    let body = read_body(body)?;
+    let request = serde_json::from_slice(&body)
+        .map_err(|problem| ApiError::BadRequest(format!("malformed request: {problem}")))?;
     Ok((request, body))
+}
+
+/// An error of this module's callers, in OpenAI's shape with its status.
+fn refused(problem: &ApiError) -> Response {
+    error(problem.status(), problem.to_string())
 }
 
 #[derive(Debug, Deserialize)]
@@ -502,7 +513,7 @@ pub async fn completions(
 ) -> Response {
     let (request, body): (CompletionRequest, Bytes) = match read_json(body) {
         Ok(read) => read,
-        Err(message) => return error(StatusCode::BAD_REQUEST, message),
+        Err(problem) => return refused(&problem),
     };
     let chat = false;
     let sent = AsSent {
@@ -547,7 +558,7 @@ pub async fn chat_completions(
 ) -> Response {
     let (request, body): (ChatRequest, Bytes) = match read_json(body) {
         Ok(read) => read,
-        Err(message) => return error(StatusCode::BAD_REQUEST, message),
+        Err(problem) => return refused(&problem),
     };
     if request.messages.is_empty() {
         return error(StatusCode::BAD_REQUEST, "messages must not be empty");
