@@ -4,7 +4,7 @@
 //! `datatype` they are read as FP32, and read again in the rare case the type is INT64.
 //!
 //! Anything else gives `None` — BYTES tensors, strings with escapes, `parameters`, fields it
-//! does not know, a malformed body — and the caller reads the body with serde instead
+//! does not know, a number past FP32's range, a malformed body — and the caller reads the body with serde instead
 //! ([`super::oip`]), which also words every error. So this reader only has to be right
 //! about what it accepts, and a property test holds it to serde's answer on those.
 //!
@@ -317,8 +317,10 @@ impl<'a> Cursor<'a> {
     fn fp32(&mut self, expected: Option<usize>) -> Option<Vec<f32>> {
         let mut values = Vec::with_capacity(self.capacity(expected));
         self.elements(0, &mut |number| {
-            values.push(number.to_f32());
-            Some(())
+            // A finite number past FP32's range would read as an infinity: serde's path
+            // refuses it and names the element.
+            let value = number.to_f32();
+            value.is_finite().then(|| values.push(value))
         })?;
         fit(&mut values);
         Some(values)

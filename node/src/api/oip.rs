@@ -300,7 +300,19 @@ pub fn to_tensor(input: RequestInput) -> Result<NamedTensor, String> {
             let mut values = Vec::with_capacity(elements.len());
             for (index, element) in elements.iter().enumerate() {
                 values.push(match *element {
-                    Element::Float(value) => value as f32,
+                    Element::Float(value) => {
+                        // serde_json reads only finite numbers; one past FP32's range would
+                        // reach the model as an infinity.
+                        let narrowed = value as f32;
+                        if narrowed.is_infinite() {
+                            return Err(format!(
+                                "input {name:?}: element {index} is {value:e}, outside the \
+                                 range of FP32 (±{:e})",
+                                f32::MAX
+                            ));
+                        }
+                        narrowed
+                    }
                     Element::Int(value) => value as f32,
                     Element::Unsigned(value) => value as f32,
                     _ => return Err(bad_element(index, element, "a number")),
@@ -623,6 +635,27 @@ mod tests {
         assert!(string.contains("element 1"), "{string}");
         let fraction = to_tensor(input("INT64", vec![1], json!([1.5]))).unwrap_err();
         assert!(fraction.contains("an integer"), "{fraction}");
+    }
+
+    #[test]
+    fn fp32_numbers_past_its_range_are_refused_naming_the_element() {
+        for (data, element) in [
+            (json!([1e39, 2, 3, 4]), "element 0 is 1e39"),
+            (json!([[1, 2], [3, -1e300]]), "element 3 is -1e300"),
+        ] {
+            let refused = to_tensor(input("FP32", vec![4], data)).unwrap_err();
+            assert!(refused.contains("input \"x\""), "{refused}");
+            assert!(refused.contains(element), "{refused}");
+            assert!(refused.contains("range of FP32"), "{refused}");
+        }
+        // The largest FP32, and what rounds down to it or to zero, still fit.
+        let edge = to_tensor(input(
+            "FP32",
+            vec![3],
+            json!([3.4028235e38, -3.4028235e38, 1e-50]),
+        ))
+        .unwrap();
+        assert_eq!(edge.data, TensorData::Fp32(vec![f32::MAX, f32::MIN, 0.0]));
     }
 
     #[test]

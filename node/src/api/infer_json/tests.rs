@@ -115,6 +115,24 @@ fn what_the_fast_path_does_not_know_is_left_to_serde() {
     assert!(refused.contains("malformed infer request"), "{refused}");
 }
 
+#[test]
+fn a_number_past_fp32s_range_is_refused_naming_the_input_and_element() {
+    // `datatype` before `data`, and after it (read as FP32 before the type is known).
+    let bodies = [
+        r#"{"inputs":[{"name":"features","shape":[1,4],"datatype":"FP32","data":[1e39,2,3,4]}]}"#,
+        r#"{"inputs":[{"data":[[1,2],[3,-4e38]],"datatype":"FP32","name":"features","shape":[1,4]}]}"#,
+        r#"{"inputs":[{"name":"features","shape":[1,4],"datatype":"FP32","data":[1,2,3,3.5e38]}]}"#,
+    ];
+    for (body, element) in bodies.iter().zip(["element 0", "element 3", "element 3"]) {
+        assert!(read(body.as_bytes()).is_none(), "left to serde: {body}");
+        let refused = crate::api::oip::read_request(body.as_bytes(), None).unwrap_err();
+        assert!(
+            refused.contains("input \"features\"") && refused.contains(element),
+            "{refused}"
+        );
+    }
+}
+
 /// A JSON number as clients write them: integers, decimals, exponents, the shortest
 /// forms of `f32` and `f64`, and long mantissas past what a `u64` holds.
 fn number_text() -> impl Strategy<Value = String> {
