@@ -476,6 +476,14 @@ impl<L: LogStore, S: StateMachine> Core<L, S> {
             snapshot_index: self.raw.store().latest_snapshot().get_metadata().index,
             voters: conf_state.voters.clone(),
             learners: conf_state.learners.clone(),
+            matched: if raft.state == StateRole::Leader {
+                raft.prs()
+                    .iter()
+                    .map(|(&id, progress)| (id, progress.matched))
+                    .collect()
+            } else {
+                std::collections::BTreeMap::new()
+            },
             storage_stalled: self.unpersisted.is_some() || self.unsaved_membership.is_some(),
         }
     }

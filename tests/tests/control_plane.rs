@@ -11,7 +11,7 @@
 
 use serde_json::{Value, json};
 use shoal_tests::linearizability::{Op, Operation, Verdict, check};
-use shoal_tests::{ServerCluster, http_client};
+use shoal_tests::{ServerCluster, Shoal, http_client};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -350,4 +350,87 @@ async fn a_server_joins_takes_the_lead_and_another_leaves_through_the_cli() {
         "{body}"
     );
     cluster.stop_all();
+}
+
+/// The ids of the members `status` lists with `role`, in order.
+fn members_with_role(status: &Value, role: &str) -> Vec<u64> {
+    let mut ids: Vec<u64> = status["members"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter(|member| member["role"] == role)
+        .filter_map(|member| member["id"].as_u64())
+        .collect();
+    ids.sort_unstable();
+    ids
+}
+
+/// Regression: `shoal cluster add` of a server that never came made it a voter at once.
+/// The one member of a single-server cluster then counted it in every majority: it could
+/// commit nothing more, not even the change removing it, and after a restart it could not
+/// elect itself.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn adding_a_member_that_never_comes_leaves_it_a_learner_and_the_cluster_writable() {
+    let root = tempfile::tempdir().unwrap();
+    let mut cluster = ServerCluster::start(root.path(), 1);
+    let http = client();
+    cluster.register_model(&http, MODEL, VALUES).await;
+
+    let nowhere = shoal_tests::free_addresses(1).remove(0);
+    let answer = http_client(Duration::from_secs(30))
+        .post(cluster.url(1, "/api/v1/cluster/members"))
+        .json(&json!({"id": 2, "address": nowhere}))
+        .send()
+        .await
+        .unwrap();
+    let status = answer.status();
+    let text = answer.text().await.unwrap();
+    assert_eq!(status, 504, "{text}");
+    assert!(text.contains("stays a learner"), "{text}");
+    let members = wait_for_status(&cluster, &http, 1, |_| true).await;
+    assert_eq!(members_with_role(&members, "voter"), [1], "{members}");
+    assert_eq!(members_with_role(&members, "learner"), [2], "{members}");
+
+    // Writes still commit, the member can be removed, and a restart leads at once.
+    let written = write(&http, alias_write_url(&cluster, 1), 2).await;
+    assert!(matches!(written, Outcome::Ok(_)), "{written:?}");
+    let table = cluster.cli(1, &["cluster", "remove", "2"]);
+    assert!(table.contains("Remove"), "{table}");
+    cluster.kill(1);
+    cluster.start_member(1);
+    cluster.leader(&http, LEADER_TIMEOUT).await;
+    let written = write(&http, alias_write_url(&cluster, 1), 3).await;
+    assert!(matches!(written, Outcome::Ok(_)), "{written:?}");
+}
+
+/// `shoal up` has no raft transport: a member added to it could never join.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shoal_up_refuses_a_new_member() {
+    let root = tempfile::tempdir().unwrap();
+    let mut shoal = Shoal::up(root.path(), "up");
+    let http = http_client(Duration::from_secs(30));
+    shoal.wait_ready(&http).await;
+    let answer = http
+        .post(shoal.url("/api/v1/cluster/members"))
+        .json(&json!({"id": 2, "address": "127.0.0.1:9"}))
+        .send()
+        .await
+        .unwrap();
+    let status = answer.status();
+    let text = answer.text().await.unwrap();
+    assert_eq!(status, 409, "{text}");
+    assert!(text.contains("shoal server"), "{text}");
+    let cluster: Value = http
+        .get(shoal.url("/api/v1/cluster"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(members_with_role(&cluster, "voter"), [1], "{cluster}");
+    assert!(
+        members_with_role(&cluster, "learner").is_empty(),
+        "{cluster}"
+    );
 }

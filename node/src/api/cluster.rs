@@ -11,7 +11,7 @@ use axum::http::header::{CONTENT_TYPE, RETRY_AFTER};
 use axum::http::{HeaderMap, HeaderName, HeaderValue, Method, StatusCode, Uri};
 use axum::response::{IntoResponse, Response};
 use serde::{Deserialize, Serialize};
-use shoal_consensus::{MembershipChange, ProposeError};
+use shoal_consensus::{MembershipChange, ProposeError, RaftStatus};
 use shoal_scheduler::{ClusterState, Command, Outcome};
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -418,22 +418,81 @@ pub async fn add_member(
             ApiError::BadRequest(format!("address {:?} is not host:port", add.address)).into(),
         );
     }
-    let change = match add.role.as_deref() {
-        None | Some("voter") => MembershipChange::AddVoter {
-            id: add.id,
-            address: add.address,
-        },
-        Some("learner") => MembershipChange::AddLearner {
-            id: add.id,
-            address: add.address,
-        },
-        Some(other) => {
-            return Err(
-                ApiError::BadRequest(format!("role {other:?} is not voter or learner")).into(),
-            );
-        }
+    if app.embedded {
+        return Err(ApiError::Conflict(
+            "`shoal up` runs a control plane of one member with no raft transport, so no \
+             server can join it; run `shoal server` members for a cluster"
+                .into(),
+        )
+        .into());
+    }
+    let learner = MembershipChange::AddLearner {
+        id: add.id,
+        address: add.address.clone(),
     };
-    change_membership(&app, write, change).await
+    match add.role.as_deref() {
+        Some("learner") => change_membership(&app, write, learner).await,
+        None | Some("voter") => add_voter(&app, write, add.id, add.address, learner).await,
+        Some(other) => {
+            Err(ApiError::BadRequest(format!("role {other:?} is not voter or learner")).into())
+        }
+    }
+}
+
+/// How long a new member has, as a learner, to catch up with the log before it is made a
+/// voter: a server started with `--join` fetches a snapshot and the log's tail in well
+/// under a second here. The leader's forward limit ([`FORWARD_TIMEOUT`]) leaves room for
+/// it and the two changes.
+const CATCH_UP_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Adds a voter the safe way: first as a learner, which does not count towards the
+/// quorum, and only once its log has caught up as a voter. Added as a voter at once, a
+/// member that never came (a wrong address, a server not started) counted in every
+/// majority: the one member of a single-server cluster could commit nothing more, and
+/// could not even remove it again.
+async fn add_voter(
+    app: &AppState,
+    write: WriteRequest,
+    id: u64,
+    address: String,
+    learner: MembershipChange,
+) -> Result<Response, AdminError> {
+    // Only the leader knows how far a learner got: elsewhere the leader does all of it.
+    let write = match write.leader_or_forward(app).await? {
+        Ok(write) => write,
+        Err(answer) => return Ok(answer),
+    };
+    let status = app.control.raft_status();
+    if status.voters.contains(&id) {
+        return change_membership(app, write, MembershipChange::AddVoter { id, address }).await;
+    }
+    if !status.learners.contains(&id) {
+        app.control.change_membership(learner).await?;
+    }
+    let caught_up = |status: &RaftStatus| {
+        status
+            .matched
+            .get(&id)
+            .is_some_and(|&matched| matched >= status.commit_index)
+    };
+    let deadline = tokio::time::Instant::now() + CATCH_UP_TIMEOUT;
+    let mut raft = app.control.watch_raft();
+    // (The status the wait gives back is not kept: it must not live across an await.)
+    let in_time = matches!(
+        tokio::time::timeout_at(deadline, raft.wait_for(caught_up)).await,
+        Ok(Ok(_))
+    );
+    if !in_time {
+        return Err(ApiError::DeadlineExceeded(format!(
+            "member {id} at {address} did not catch up with the log within {} s, so it stays \
+             a learner: it receives the log but does not vote, and the quorum is unchanged. \
+             Start it with `shoal server --join`, then run `shoal cluster add` again to make it \
+             a voter, or `shoal cluster remove {id}`",
+            CATCH_UP_TIMEOUT.as_secs()
+        ))
+        .into());
+    }
+    change_membership(app, write, MembershipChange::AddVoter { id, address }).await
 }
 
 pub async fn remove_member(
