@@ -9,6 +9,30 @@ use std::io::{IsTerminal, Write as _};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+/// Standard output was closed by whoever reads it (`shoal model list | head -1`): the
+/// command stops there, and `main` exits quietly, as Unix tools do. Rust ignores SIGPIPE,
+/// so without this a closed pipe made `println!` panic; the servers keep that default.
+#[derive(Debug, thiserror::Error)]
+#[error("standard output is closed")]
+pub struct StdoutClosed;
+
+/// Writes one line to standard output; a closed pipe is [`StdoutClosed`].
+pub fn write_line(line: std::fmt::Arguments) -> anyhow::Result<()> {
+    match writeln!(std::io::stdout().lock(), "{line}") {
+        Ok(()) => Ok(()),
+        Err(error) if error.kind() == std::io::ErrorKind::BrokenPipe => Err(StdoutClosed.into()),
+        Err(error) => Err(anyhow::Error::new(error).context("writing to standard output")),
+    }
+}
+
+/// `println!` for the CLI: evaluates to [`write_line`]'s result, for `?`.
+macro_rules! out {
+    ($($arg:tt)*) => {
+        $crate::cli::write_line(format_args!($($arg)*))
+    };
+}
+pub(crate) use out;
+
 /// Longest the CLI waits for an answer.
 const CLIENT_TIMEOUT: Duration = Duration::from_secs(60);
 
@@ -256,12 +280,12 @@ pub async fn cluster(command: ClusterCommand, args: &ClientArgs) -> anyhow::Resu
         }
     };
     if args.output == Output::Json || !is_view {
-        println!("{}", serde_json::to_string_pretty(&answer)?);
+        out!("{}", serde_json::to_string_pretty(&answer)?)?;
         return Ok(());
     }
     let members = answer["members"].as_array().cloned().unwrap_or_default();
     if is_status {
-        println!(
+        out!(
             "member {} sees leader {} in term {}; commit {}, applied {}, snapshot {}",
             text(&answer, "id"),
             text(&answer, "leader"),
@@ -269,13 +293,13 @@ pub async fn cluster(command: ClusterCommand, args: &ClientArgs) -> anyhow::Resu
             text(&answer, "commit_index"),
             text(&answer, "applied_index"),
             text(&answer, "snapshot_index"),
-        );
+        )?;
     }
     let rows: Vec<Vec<String>> = members
         .iter()
         .map(|m| vec![text(m, "id"), text(m, "role"), text(m, "leader")])
         .collect();
-    print_table(&["ID", "ROLE", "LEADER"], &rows);
+    print_table(&["ID", "ROLE", "LEADER"], &rows)?;
     Ok(())
 }
 
@@ -404,7 +428,7 @@ pub async fn node(command: NodeCommand, args: &ClientArgs) -> anyhow::Result<()>
         }
     };
     if args.output == Output::Json || !matches!(command, NodeCommand::List) {
-        println!("{}", serde_json::to_string_pretty(&answer)?);
+        out!("{}", serde_json::to_string_pretty(&answer)?)?;
         return Ok(());
     }
     let rows: Vec<Vec<String>> = answer
@@ -438,7 +462,7 @@ pub async fn node(command: NodeCommand, args: &ClientArgs) -> anyhow::Result<()>
             "REPLICAS",
         ],
         &rows,
-    );
+    )?;
     Ok(())
 }
 
@@ -454,12 +478,12 @@ pub async fn model(command: ModelCommand, args: &ClientArgs) -> anyhow::Result<(
             shoal_actors::train::train_classifier(shoal_actors::IRIS_CSV, &config, &out)
         })
         .await??;
-        println!(
+        out!(
             "trained the iris classifier: accuracy {:.3} on {} rows; files: {}",
             report.accuracy,
             report.rows,
             report.files.join(", ")
-        );
+        )?;
         return Ok(());
     }
     let client = Client::new(args)?;
@@ -478,14 +502,14 @@ pub async fn model(command: ModelCommand, args: &ClientArgs) -> anyhow::Result<(
                 .post(&format!("/api/v1/models/{name}/versions"), &body)
                 .await?;
             if args.output == Output::Json {
-                println!("{}", serde_json::to_string_pretty(&answer)?);
+                out!("{}", serde_json::to_string_pretty(&answer)?)?;
             } else {
                 let created = if answer["created"] == true {
                     "new"
                 } else {
                     "existing"
                 };
-                println!("{name} version {} ({created})", text(&answer, "version"));
+                out!("{name} version {} ({created})", text(&answer, "version"))?;
             }
         }
         ModelCommand::Show { name } => {
@@ -498,23 +522,23 @@ pub async fn model(command: ModelCommand, args: &ClientArgs) -> anyhow::Result<(
                 bail!("no model {name}");
             }
             if args.output == Output::Json {
-                println!("{}", serde_json::to_string_pretty(&versions)?);
+                out!("{}", serde_json::to_string_pretty(&versions)?)?;
                 return Ok(());
             }
             for version in versions {
-                println!(
+                out!(
                     "{name} version {}: {} bytes, digest {}",
                     text(version, "version"),
                     text(version, "size_bytes"),
                     text(version, "manifest_digest")
-                );
+                )?;
                 for file in version["files"].as_array().into_iter().flatten() {
-                    println!(
+                    out!(
                         "  {}  {}  {} bytes",
                         text(file, "name"),
                         text(file, "digest"),
                         text(file, "size_bytes")
-                    );
+                    )?;
                 }
             }
         }
@@ -529,16 +553,16 @@ pub async fn model(command: ModelCommand, args: &ClientArgs) -> anyhow::Result<(
                     &serde_json::json!({"version": version}),
                 )
                 .await?;
-            println!(
+            out!(
                 "{name}:{} -> version {}",
                 text(&answer, "alias"),
                 text(&answer, "version")
-            );
+            )?;
         }
         ModelCommand::List => {
             let versions: Vec<serde_json::Value> = client.get("/api/v1/models").await?;
             if args.output == Output::Json {
-                println!("{}", serde_json::to_string_pretty(&versions)?);
+                out!("{}", serde_json::to_string_pretty(&versions)?)?;
                 return Ok(());
             }
             let rows: Vec<Vec<String>> = versions
@@ -556,7 +580,7 @@ pub async fn model(command: ModelCommand, args: &ClientArgs) -> anyhow::Result<(
             print_table(
                 &["MODEL", "VERSION", "FORMAT", "SIZE_BYTES", "DIGEST"],
                 &rows,
-            );
+            )?;
         }
     }
     Ok(())
@@ -572,7 +596,7 @@ pub async fn deploy(command: DeployCommand, args: &ClientArgs) -> anyhow::Result
                 .with_context(|| format!("{} is not a deployment file", file.display()))?;
             deployment.spec().map_err(anyhow::Error::msg)?;
             let answer: serde_json::Value = client.post("/api/v1/deployments", &deployment).await?;
-            println!("{}", serde_json::to_string_pretty(&answer)?);
+            out!("{}", serde_json::to_string_pretty(&answer)?)?;
         }
         DeployCommand::Scale { name, replicas } => {
             let answer: serde_json::Value = client
@@ -581,7 +605,7 @@ pub async fn deploy(command: DeployCommand, args: &ClientArgs) -> anyhow::Result
                     &serde_json::json!({"replicas": replicas}),
                 )
                 .await?;
-            println!("{}", serde_json::to_string_pretty(&answer)?);
+            out!("{}", serde_json::to_string_pretty(&answer)?)?;
         }
         DeployCommand::Rollback { name } => {
             let answer: serde_json::Value = client
@@ -590,7 +614,7 @@ pub async fn deploy(command: DeployCommand, args: &ClientArgs) -> anyhow::Result
                     &serde_json::json!({}),
                 )
                 .await?;
-            println!("{}", serde_json::to_string_pretty(&answer)?);
+            out!("{}", serde_json::to_string_pretty(&answer)?)?;
         }
         DeployCommand::Show { name } => {
             let deployments: Vec<serde_json::Value> = client.get("/api/v1/deployments").await?;
@@ -598,16 +622,16 @@ pub async fn deploy(command: DeployCommand, args: &ClientArgs) -> anyhow::Result
                 bail!("no deployment {name}");
             };
             if args.output == Output::Json {
-                println!("{}", serde_json::to_string_pretty(deployment)?);
+                out!("{}", serde_json::to_string_pretty(deployment)?)?;
                 return Ok(());
             }
-            println!(
+            out!(
                 "{name}: model {} version {}, {}/{} ready",
                 text(deployment, "model"),
                 text(deployment, "version"),
                 text(deployment, "replicas_ready"),
                 text(deployment, "replicas_wanted")
-            );
+            )?;
             let rows: Vec<Vec<String>> = deployment["replicas"]
                 .as_array()
                 .into_iter()
@@ -622,18 +646,18 @@ pub async fn deploy(command: DeployCommand, args: &ClientArgs) -> anyhow::Result
                     ]
                 })
                 .collect();
-            print_table(&["REPLICA", "VERSION", "NODE", "STATE", "FAILURE"], &rows);
+            print_table(&["REPLICA", "VERSION", "NODE", "STATE", "FAILURE"], &rows)?;
         }
         DeployCommand::Delete { name } => {
             let answer: serde_json::Value = client
                 .delete(&format!("/api/v1/deployments/{name}"))
                 .await?;
-            println!("{}", serde_json::to_string_pretty(&answer)?);
+            out!("{}", serde_json::to_string_pretty(&answer)?)?;
         }
         DeployCommand::List => {
             let deployments: Vec<serde_json::Value> = client.get("/api/v1/deployments").await?;
             if args.output == Output::Json {
-                println!("{}", serde_json::to_string_pretty(&deployments)?);
+                out!("{}", serde_json::to_string_pretty(&deployments)?)?;
                 return Ok(());
             }
             let rows: Vec<Vec<String>> = deployments
@@ -651,7 +675,7 @@ pub async fn deploy(command: DeployCommand, args: &ClientArgs) -> anyhow::Result
                     ]
                 })
                 .collect();
-            print_table(&["NAME", "MODEL", "VERSION", "READY"], &rows);
+            print_table(&["NAME", "MODEL", "VERSION", "READY"], &rows)?;
         }
     }
     Ok(())
@@ -688,7 +712,7 @@ pub async fn infer(request: InferArgs, args: &ClientArgs) -> anyhow::Result<()> 
     };
     let answer: InferResponse = client.post(&format!("{path}/infer"), &body).await?;
     if args.output == Output::Json {
-        println!("{}", serde_json::to_string_pretty(&answer)?);
+        out!("{}", serde_json::to_string_pretty(&answer)?)?;
         return Ok(());
     }
     let rows_total = answer
@@ -724,11 +748,12 @@ pub async fn infer(request: InferArgs, args: &ClientArgs) -> anyhow::Result<()> 
         rows.push(cells);
     }
     let headers: Vec<&str> = headers.iter().map(String::as_str).collect();
-    print_table(&headers, &rows);
-    println!(
+    print_table(&headers, &rows)?;
+    out!(
         "model {} version {}",
-        answer.model_name, answer.model_version
-    );
+        answer.model_name,
+        answer.model_version
+    )?;
     Ok(())
 }
 
@@ -765,7 +790,7 @@ fn text(value: &serde_json::Value, key: &str) -> String {
     }
 }
 
-fn print_table(headers: &[&str], rows: &[Vec<String>]) {
+fn print_table(headers: &[&str], rows: &[Vec<String>]) -> anyhow::Result<()> {
     let mut widths: Vec<usize> = headers.iter().map(|h| h.len()).collect();
     for row in rows {
         for (width, cell) in widths.iter_mut().zip(row) {
@@ -778,12 +803,13 @@ fn print_table(headers: &[&str], rows: &[Vec<String>]) {
             .zip(&widths)
             .map(|(cell, width)| format!("{cell:<width$}"))
             .collect();
-        println!("{}", padded.join("  ").trim_end());
+        out!("{}", padded.join("  ").trim_end())
     };
-    line(headers.to_vec());
+    line(headers.to_vec())?;
     for row in rows {
-        line(row.iter().map(String::as_str).collect());
+        line(row.iter().map(String::as_str).collect())?;
     }
+    Ok(())
 }
 
 #[cfg(test)]

@@ -266,10 +266,10 @@ fn token(command: &TokenCommand) -> anyhow::Result<()> {
             let mut bytes = [0u8; 24];
             std::io::Read::read_exact(&mut std::fs::File::open("/dev/urandom")?, &mut bytes)?;
             let token = format!("shoal_{}", hex::encode(bytes));
-            println!("token:            {token}");
-            println!("tokens file line: {scope} {}", auth::hash_token(&token));
+            cli::out!("token:            {token}")?;
+            cli::out!("tokens file line: {scope} {}", auth::hash_token(&token))?;
         }
-        TokenCommand::Hash { token } => println!("{}", auth::hash_token(token)),
+        TokenCommand::Hash { token } => cli::out!("{}", auth::hash_token(token))?,
     }
     Ok(())
 }
@@ -460,6 +460,8 @@ fn main() -> ExitCode {
     runtime.shutdown_timeout(BLOCKING_WORK_AT_EXIT);
     match result {
         Ok(()) => ExitCode::SUCCESS,
+        // Whoever read the output stopped reading (`| head -1`): nothing is wrong.
+        Err(error) if error.is::<cli::StdoutClosed>() => ExitCode::SUCCESS,
         Err(error) => {
             eprintln!("shoal: {error:#}");
             ExitCode::FAILURE

@@ -451,3 +451,39 @@ async fn shoal_up_holds_a_completion_for_a_deployment_scaled_to_zero_until_it_is
     shoal.interrupt();
     assert!(shoal.wait_exit(Duration::from_secs(30)).success());
 }
+
+/// Regression: `shoal model list | head -1` panicked with "failed printing to stdout:
+/// Broken pipe" once `head` had closed the pipe.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cli_commands_exit_quietly_when_their_output_pipe_is_closed() {
+    let temp = tempfile::tempdir().unwrap();
+    let mut shoal = Shoal::up(&temp.path().join("data"), "closed-pipe");
+    let client = reqwest::Client::new();
+    shoal.wait_ready(&client).await;
+    let commands: [&[&str]; 5] = [
+        &["model", "list"],
+        &["model", "list", "--output", "json"],
+        &["deploy", "list"],
+        &["model", "show", "iris"],
+        &["token", "new"],
+    ];
+    for args in commands {
+        // The reading end is closed before the command starts: its first line fails.
+        let (reader, writer) = std::io::pipe().unwrap();
+        drop(reader);
+        let output = std::process::Command::new(shoal_binary())
+            .args(args)
+            .env("SHOAL_ADDR", &shoal.base_url)
+            .stdout(writer)
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert!(
+            output.status.success() && stderr.is_empty(),
+            "shoal {args:?}: {}\n{stderr}",
+            output.status
+        );
+    }
+    shoal.interrupt();
+    assert!(shoal.wait_exit(Duration::from_secs(30)).success());
+}
