@@ -42,31 +42,43 @@ pub fn replica_state_label(state: ReplicaState) -> &'static str {
     }
 }
 
+/// The label of a group with a shard on a node that is down: whatever its agent last
+/// reported, it serves nothing until the node is back or the group is placed elsewhere
+/// (Nomad's word for such an allocation).
+pub const LOST_LABEL: &str = "lost";
+
 /// Replica groups of each deployment by the group's state: a group is as far along as its
-/// least advanced shard, so it counts as ready only when every shard is.
+/// least advanced shard, so it counts as ready only when every shard is, and as
+/// [`LOST_LABEL`] while any shard is on a node that is down.
 pub fn groups_by_state(state: &ClusterState) -> BTreeMap<&str, BTreeMap<&'static str, i64>> {
-    let mut groups: BTreeMap<(&str, u64), ReplicaState> = BTreeMap::new();
+    let mut groups: BTreeMap<(&str, u64), (ReplicaState, bool)> = BTreeMap::new();
     for replica in state.replicas.values() {
         let key = (replica.deployment.as_str(), replica.group.0);
-        groups
-            .entry(key)
-            .and_modify(|group| {
-                if *group == ReplicaState::Ready {
-                    *group = replica.state;
-                }
-            })
-            .or_insert(replica.state);
+        let on_down_node = state
+            .nodes
+            .get(&replica.node)
+            .is_some_and(|node| node.status == NodeStatus::Down);
+        let (group_state, lost) = groups.entry(key).or_insert((replica.state, false));
+        if *group_state == ReplicaState::Ready {
+            *group_state = replica.state;
+        }
+        *lost |= on_down_node;
     }
     let mut counts: BTreeMap<&str, BTreeMap<&'static str, i64>> = state
         .deployments
         .keys()
         .map(|name| (name.as_str(), BTreeMap::new()))
         .collect();
-    for ((deployment, _), group_state) in groups {
+    for ((deployment, _), (group_state, lost)) in groups {
+        let label = if lost {
+            LOST_LABEL
+        } else {
+            replica_state_label(group_state)
+        };
         *counts
             .entry(deployment)
             .or_default()
-            .entry(replica_state_label(group_state))
+            .entry(label)
             .or_default() += 1;
     }
     counts
@@ -86,11 +98,12 @@ pub fn publish(state: &ClusterState) {
         }
     }
     for (name, counts) in groups_by_state(state) {
-        for replica_state in REPLICA_STATES.map(replica_state_label) {
-            let count = counts.get(replica_state).copied().unwrap_or(0);
+        let labels = REPLICA_STATES.map(replica_state_label);
+        for label in labels.into_iter().chain([LOST_LABEL]) {
+            let count = counts.get(label).copied().unwrap_or(0);
             metrics
                 .deployment_replicas
-                .with_label_values(&[name, replica_state])
+                .with_label_values(&[name, label])
                 .set(count);
         }
     }
@@ -176,5 +189,42 @@ mod tests {
         let counts = groups_by_state(&state);
         assert_eq!(counts["d"].get("ready"), Some(&1));
         assert_eq!(counts["d"].get("loading"), Some(&1));
+    }
+
+    /// Regression: with its only agent gone, a deployment showed its groups ready, so the
+    /// no-ready-replica alert never fired while every request failed.
+    #[test]
+    fn a_group_on_a_node_that_is_down_counts_as_lost_not_ready() {
+        let mut state = ClusterState::default();
+        for (id, status) in [(1, NodeStatus::Ready), (2, NodeStatus::Down)] {
+            let node = shoal_scheduler::Node {
+                id: NodeId(id),
+                address: String::new(),
+                devices: Vec::new(),
+                labels: BTreeMap::new(),
+                status,
+            };
+            state.nodes.insert(NodeId(id), node);
+        }
+        for (id, node) in [(1, 1), (2, 2), (3, 2)] {
+            let replica = Replica {
+                id: ReplicaId(id),
+                group: ReplicaId(id),
+                shard: 0,
+                deployment: "d".into(),
+                model: "m".into(),
+                version: 1,
+                node: NodeId(node),
+                device: DeviceId(0),
+                reserved_bytes: 0,
+                state: ReplicaState::Ready,
+                epoch: 1,
+                failure: None,
+            };
+            state.replicas.insert(ReplicaId(id), replica);
+        }
+        let counts = groups_by_state(&state);
+        assert_eq!(counts["d"].get("ready"), Some(&1));
+        assert_eq!(counts["d"].get(LOST_LABEL), Some(&2));
     }
 }

@@ -200,3 +200,70 @@ async fn a_replica_that_cannot_load_shows_its_failure_and_is_retried_with_growin
     assert!(after - before < 60, "{} entries in 5 s", after - before);
     cluster.stop_all();
 }
+
+/// Regression: with its only agent killed, a deployment's requests got 502 ("the model
+/// failed") until the agent's lease ran out, and its groups went on counting as ready in
+/// `shoal_deployment_replicas`, so the no-ready-replica alert never fired while every
+/// request failed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_deployment_whose_only_agent_dies_answers_503_and_counts_its_groups_lost() {
+    let root = tempfile::tempdir().unwrap();
+    let mut cluster = ServerCluster::start(root.path(), 1);
+    let http = http_client(Duration::from_secs(10));
+    cluster.leader(&http, Duration::from_secs(30)).await;
+    cluster.start_agent(1);
+    let model_dir = root.path().join("iris");
+    run_shoal(&["model", "demo", "--out", model_dir.to_str().unwrap()]);
+    cluster.push(1, &model_dir, "iris");
+    cluster.deploy(1, "iris", 1, 1);
+    let request = json!({"inputs": [{"name": "features", "shape": [1, 4], "datatype": "FP32",
+        "data": [5.1, 3.5, 1.4, 0.2]}]});
+    let url = cluster.url(1, "/v2/models/iris/infer");
+    let infer = || http.post(&url).json(&request).send();
+    let started = Instant::now();
+    while infer().await.unwrap().status() != 200 {
+        assert!(
+            started.elapsed() < Duration::from_secs(60),
+            "iris never served"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+
+    cluster.kill_agent(1);
+    // Before its lease runs out the gateway still tries it: no replica can be reached.
+    let answer = infer().await.unwrap();
+    assert_eq!(answer.status(), 503, "{:?}", answer.text().await);
+
+    // Once the node is down, its group counts as lost.
+    let started = Instant::now();
+    while node_status(&cluster, &http, 1).await != "Down" {
+        assert!(
+            started.elapsed() < Duration::from_secs(30),
+            "the node never went down"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let answer = infer().await.unwrap();
+    assert_eq!(answer.status(), 503, "{:?}", answer.text().await);
+    let started = Instant::now();
+    loop {
+        let metrics = http
+            .get(cluster.url(1, "/metrics"))
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+        if metrics.contains(r#"shoal_deployment_replicas{deployment="iris",state="lost"} 1"#) {
+            assert!(
+                metrics.contains(r#"shoal_deployment_replicas{deployment="iris",state="ready"} 0"#),
+                "{metrics}"
+            );
+            break;
+        }
+        assert!(started.elapsed() < Duration::from_secs(10), "{metrics}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    cluster.stop_all();
+}

@@ -201,7 +201,7 @@ impl Gateway {
                 Err(error) => last_error = format!("{}: {error}", target.replica),
             }
         }
-        Err(ApiError::ReplicaFailed(format!(
+        Err(ApiError::Unavailable(format!(
             "no replica took the generation; last: {last_error}"
         )))
     }
@@ -217,6 +217,9 @@ impl Gateway {
         header_bytes: Option<usize>,
     ) -> Result<Response, ApiError> {
         let mut last_error = String::new();
+        // Whether a replica took the request and then failed to answer it whole, rather
+        // than only being out of reach: 502 rather than 503.
+        let mut cut_short = false;
         for _ in 0..ATTEMPTS_MAX {
             if candidates.is_empty() {
                 break;
@@ -244,6 +247,7 @@ impl Gateway {
                         Ok(bytes) => bytes,
                         Err(error) => {
                             last_error = format!("{}: {error}", target.replica);
+                            cut_short = true;
                             continue;
                         }
                     };
@@ -272,9 +276,14 @@ impl Gateway {
         if last_error.is_empty() {
             return Err(ApiError::Unavailable("no ready replica".into()));
         }
-        Err(ApiError::ReplicaFailed(format!(
-            "no replica answered after retries; last: {last_error}"
-        )))
+        let message = format!("no replica answered after retries; last: {last_error}");
+        Err(if cut_short {
+            ApiError::ReplicaFailed(message)
+        } else {
+            // None could be reached (an agent gone before its lease ran out): no ready
+            // replica, for now.
+            ApiError::Unavailable(message)
+        })
     }
 }
 
