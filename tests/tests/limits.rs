@@ -118,3 +118,54 @@ async fn openai_routes_answer_413_in_their_shape_for_a_body_over_4_mib() {
             .success()
     );
 }
+
+/// Regression: a deadline header that was not a number was ignored (the caller got 30 s),
+/// and a passed deadline of 0 ms was reported as "no answer within 30 s".
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_malformed_deadline_header_is_400_and_a_passed_deadline_is_named() {
+    let temp = tempfile::tempdir().unwrap();
+    let mut shoal = Shoal::up(&temp.path().join("data"), "deadline-header");
+    let client = reqwest::Client::new();
+    shoal.wait_ready(&client).await;
+    let url = shoal.url("/v2/models/iris/infer");
+    for value in ["abc", "-5", "1.5", "", "99999999999999999999"] {
+        let answer = client
+            .post(&url)
+            .header("x-shoal-timeout-ms", value)
+            .json(&body())
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(answer.status(), 400, "{value:?}");
+        let error: serde_json::Value = answer.json().await.unwrap();
+        let message = error["error"].as_str().unwrap();
+        assert!(
+            message.contains("x-shoal-timeout-ms must be a whole number of milliseconds"),
+            "{value:?}: {message}"
+        );
+    }
+    let late = client
+        .post(&url)
+        .header("x-shoal-timeout-ms", "0")
+        .json(&body())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(late.status(), 504);
+    let error: serde_json::Value = late.json().await.unwrap();
+    assert_eq!(error["error"], "no answer within 0 ms");
+    let served = client
+        .post(&url)
+        .header("x-shoal-timeout-ms", " 5000 ")
+        .json(&body())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(served.status(), 200, "a whole number is a deadline");
+    shoal.interrupt();
+    assert!(
+        shoal
+            .wait_exit(std::time::Duration::from_secs(30))
+            .success()
+    );
+}

@@ -301,15 +301,33 @@ pub(super) fn whole_millis(remaining: Duration) -> u64 {
     u64::try_from(remaining.as_millis()).unwrap_or(u64::MAX)
 }
 
-/// The request's deadline budget: the caller's, capped at [`REQUEST_TIMEOUT`].
-pub(super) fn request_timeout(headers: &HeaderMap) -> Duration {
-    headers
-        .get(TIMEOUT_HEADER)
-        .and_then(|value| value.to_str().ok())
-        .and_then(|value| value.parse::<u64>().ok())
-        .map_or(REQUEST_TIMEOUT, |ms| {
-            Duration::from_millis(ms).min(REQUEST_TIMEOUT)
-        })
+/// The request's deadline budget: the caller's, capped at [`REQUEST_TIMEOUT`]; a 400 when
+/// the caller's is not a whole number of milliseconds (ignoring it would give a caller
+/// who meant a short deadline the longest one).
+pub(super) fn request_timeout(headers: &HeaderMap) -> Result<Duration, ApiError> {
+    let Some(value) = headers.get(TIMEOUT_HEADER) else {
+        return Ok(REQUEST_TIMEOUT);
+    };
+    let milliseconds = value
+        .to_str()
+        .ok()
+        .and_then(|text| text.trim().parse::<u64>().ok())
+        .ok_or_else(|| {
+            ApiError::BadRequest(format!(
+                "{TIMEOUT_HEADER} must be a whole number of milliseconds, not {:?}",
+                String::from_utf8_lossy(value.as_bytes())
+            ))
+        })?;
+    Ok(Duration::from_millis(milliseconds).min(REQUEST_TIMEOUT))
+}
+
+/// A deadline budget in words: whole seconds as `30 s`, anything else as `250 ms`.
+fn timeout_text(timeout: Duration) -> String {
+    if timeout.subsec_millis() == 0 && timeout.as_secs() > 0 {
+        format!("{} s", timeout.as_secs())
+    } else {
+        format!("{} ms", whole_millis(timeout))
+    }
 }
 
 /// Requests held at once for one deployment scaled to zero; beyond this, 503.
@@ -421,7 +439,8 @@ async fn serve(
     body: Result<Bytes, BytesRejection>,
     served: &mut Option<u32>,
 ) -> Result<Response, ApiError> {
-    let deadline = tokio::time::Instant::now() + request_timeout(headers);
+    let timeout = request_timeout(headers)?;
+    let deadline = tokio::time::Instant::now() + timeout;
     let body = body?;
     let header_bytes = binary_header(headers)?;
     let state = app.control.state();
@@ -513,10 +532,9 @@ async fn serve(
             InferError::Overloaded => {
                 ApiError::Overloaded(format!("model {model:?} is overloaded; retry later"))
             }
-            InferError::DeadlineExceeded => ApiError::DeadlineExceeded(format!(
-                "no answer within {} s",
-                REQUEST_TIMEOUT.as_secs()
-            )),
+            InferError::DeadlineExceeded => {
+                ApiError::DeadlineExceeded(format!("no answer within {}", timeout_text(timeout)))
+            }
             InferError::Stopped | InferError::Draining => {
                 ApiError::Unavailable(format!("the replica of {model:?} stopped; retry"))
             }

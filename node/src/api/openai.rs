@@ -248,7 +248,9 @@ async fn start_generation(
     }
     // The caller's deadline (`x-shoal-timeout-ms`) within 30 s, as for inference: for the
     // wait for a replica, and for the generation itself in this process.
-    let deadline = tokio::time::Instant::now() + super::inference::request_timeout(&sent.headers);
+    let timeout =
+        super::inference::request_timeout(&sent.headers).map_err(|problem| refused(&problem))?;
+    let deadline = tokio::time::Instant::now() + timeout;
     let mut routes = app.routes.borrow().clone();
     let serving_here = |routes: &Routes| {
         super::inference::serving_here(routes, model, version)
