@@ -47,6 +47,21 @@ fn one() -> u32 {
     1
 }
 
+/// Most replica groups one deployment may ask for: beyond any fleet one control plane
+/// places for, so a typo (`replicas = 100000`) is refused instead of reserving every
+/// device's memory.
+pub const REPLICAS_MAX: u32 = 1_000;
+
+/// Refuses a replica count past [`REPLICAS_MAX`].
+fn check_replicas(what: &str, replicas: u32) -> Result<(), String> {
+    if replicas > REPLICAS_MAX {
+        return Err(format!(
+            "{what} is {replicas}; a deployment may have at most {REPLICAS_MAX} replicas"
+        ));
+    }
+    Ok(())
+}
+
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct AutoscaleFile {
@@ -82,6 +97,7 @@ impl DeploymentFile {
                 return Err("give exactly one of `version`, `alias` and a non-zero `split`".into());
             }
         };
+        check_replicas("replicas", self.replicas)?;
         let mut spec = DeploymentSpec::new(&self.name, &self.model, 0, self.replicas);
         spec.versions = versions;
         if self.latency_objective_ms == Some(0) {
@@ -95,6 +111,14 @@ impl DeploymentFile {
             if autoscale.min > autoscale.max || autoscale.target_ongoing_requests == 0 {
                 return Err("autoscale needs min <= max and a target of at least 1".into());
             }
+            if autoscale.max == 0 {
+                return Err(
+                    "autoscale needs max >= 1: a deployment that may never have a \
+                            replica serves nothing"
+                        .into(),
+                );
+            }
+            check_replicas("autoscale max", autoscale.max)?;
             spec.replicas = ReplicaPolicy {
                 initial: self.replicas.clamp(autoscale.min, autoscale.max),
                 min: autoscale.min,
@@ -152,6 +176,7 @@ pub async fn scale(
     write: WriteRequest,
 ) -> Result<Response, AdminError> {
     let scale: Scale = write.json()?;
+    check_replicas("replicas", scale.replicas).map_err(ApiError::BadRequest)?;
     let state = app.control.state();
     let Some(deployment) = state.deployments.get(&name) else {
         return Err(ApiError::NotFound(format!("unknown deployment {name:?}")).into());
@@ -245,6 +270,28 @@ mod tests {
             .spec()
             .unwrap();
         assert_eq!(spec, DeploymentSpec::new("iris", "iris", 2, 3));
+    }
+
+    /// Regression: `replicas = 100000` on one device was accepted and reserved the whole
+    /// device for about 1,500 groups; an autoscale range of 0..=0 could never serve.
+    #[test]
+    fn replica_counts_past_the_limit_and_an_autoscaler_that_may_never_run_one_are_refused() {
+        let refused = |text: &str| file(text).spec().unwrap_err();
+        let error = refused("name = \"m\"\nmodel = \"m\"\nversion = 1\nreplicas = 100000\n");
+        assert!(error.contains("at most 1000"), "{error}");
+        let error = refused(
+            "name = \"m\"\nmodel = \"m\"\nversion = 1\n\
+             [autoscale]\nmin = 0\nmax = 0\ntarget_ongoing_requests = 1\n",
+        );
+        assert!(error.contains("max >= 1"), "{error}");
+        let error = refused(
+            "name = \"m\"\nmodel = \"m\"\nversion = 1\n\
+             [autoscale]\nmin = 1\nmax = 5000\ntarget_ongoing_requests = 1\n",
+        );
+        assert!(error.contains("autoscale max is 5000"), "{error}");
+        let limit =
+            format!("name = \"m\"\nmodel = \"m\"\nversion = 1\nreplicas = {REPLICAS_MAX}\n");
+        assert!(file(&limit).spec().is_ok());
     }
 
     #[test]
