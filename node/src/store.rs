@@ -221,8 +221,9 @@ pub fn manifest_digest(files: &[ArtifactFile]) -> String {
     hex::encode(hasher.finalize())
 }
 
-/// The command that registers a version of `model` made of stored blobs `(name, digest)`.
-/// Reads each blob (blocking) for its size and, from `config.json`, the signature.
+/// The command that registers a version of `model` made of stored blobs `(name, digest)`,
+/// listed by name whatever their order here. Reads each blob (blocking) for its size and,
+/// from `config.json`, the signature.
 pub fn version_command(
     store: &ArtifactStore,
     model: &str,
@@ -254,6 +255,10 @@ pub fn version_command(
             size_bytes: bytes.len() as u64,
         });
     }
+    // One canonical order, by name, as the manifest digest hashes them: the same files are
+    // the same version (the log compares file lists, and a push lists a directory in
+    // whatever order it reads) however a caller listed them.
+    artifacts.sort_by(|a, b| a.name.cmp(&b.name));
     let total_bytes = artifacts.iter().map(|file| file.size_bytes).sum();
     Ok(Command::RegisterModelVersion {
         model: model.to_string(),
@@ -324,6 +329,37 @@ mod tests {
         assert!(
             version_command(&store, "m", vec![("config.json".into(), bad_config)], "raw").is_err()
         );
+    }
+
+    /// Regression: `shoal up` registered the demo's files as [weights, config] and a push
+    /// of the same directory listed [config, weights]: 409, "same manifest digest and
+    /// other contents".
+    #[test]
+    fn a_version_lists_its_files_by_name_whatever_order_they_are_given_in() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = ArtifactStore::open(dir.path()).unwrap();
+        let weights = ("model.txt".to_string(), store.put(b"weights").unwrap());
+        let config = ("config.txt".to_string(), store.put(b"config").unwrap());
+        let files_of = |files: Vec<(String, String)>| {
+            let Ok(Command::RegisterModelVersion {
+                files,
+                manifest_digest,
+                ..
+            }) = version_command(&store, "m", files, "raw")
+            else {
+                panic!("a registration");
+            };
+            (files, manifest_digest)
+        };
+        let given_weights_first = files_of(vec![weights.clone(), config.clone()]);
+        let given_config_first = files_of(vec![config, weights]);
+        assert_eq!(given_weights_first, given_config_first);
+        let names: Vec<&str> = given_weights_first
+            .0
+            .iter()
+            .map(|file| file.name.as_str())
+            .collect();
+        assert_eq!(names, ["config.txt", "model.txt"]);
     }
 
     #[test]

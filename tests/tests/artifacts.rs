@@ -179,3 +179,45 @@ async fn bad_uploads_and_code_are_refused_and_leave_nothing_behind() {
         .unwrap();
     assert_eq!(models, serde_json::json!([]), "nothing was registered");
 }
+
+/// Regression: `shoal up` registered the demo's files in one order and `shoal model push`
+/// of the same files listed them in another: 409 "same manifest digest and other
+/// contents". The same files are the same version.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_demo_pushed_to_a_fresh_shoal_up_is_its_existing_version() {
+    let temp = tempfile::tempdir().unwrap();
+    let mut shoal = shoal_tests::Shoal::up(&temp.path().join("data"), "demo-push");
+    shoal
+        .wait_ready(&http_client(Duration::from_secs(30)))
+        .await;
+    let fresh = temp.path().join("fresh");
+    let cli = |args: &[&std::ffi::OsStr]| {
+        let output = std::process::Command::new(shoal_binary())
+            .args(args)
+            .env("SHOAL_ADDR", &shoal.base_url)
+            .output()
+            .unwrap();
+        assert!(
+            output.status.success(),
+            "{args:?}: {}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+        String::from_utf8_lossy(&output.stdout).into_owned()
+    };
+    cli(&[
+        "model".as_ref(),
+        "demo".as_ref(),
+        "--out".as_ref(),
+        fresh.as_os_str(),
+    ]);
+    let pushed = cli(&[
+        "model".as_ref(),
+        "push".as_ref(),
+        fresh.as_os_str(),
+        "--name".as_ref(),
+        "iris".as_ref(),
+    ]);
+    assert_eq!(pushed.trim(), "iris version 1 (existing)");
+    shoal.interrupt();
+    assert!(shoal.wait_exit(Duration::from_secs(30)).success());
+}
