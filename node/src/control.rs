@@ -125,6 +125,11 @@ impl ControlPlane {
         }
     }
 
+    /// Whether this process is a raft member (a standalone gateway is not).
+    pub fn is_member(&self) -> bool {
+        self.consensus.is_some()
+    }
+
     fn member(&self) -> Result<&ConsensusHandle, ControlError> {
         self.consensus.as_ref().ok_or_else(|| {
             ControlError::Consensus(ProposeError::NotLeader {

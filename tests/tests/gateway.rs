@@ -114,6 +114,20 @@ async fn a_standalone_gateway_follows_the_state_and_serves_through_agents() {
     assert_eq!(binary.labels, ["virginica", "setosa"]);
     assert_eq!(binary.probabilities.len(), 6);
 
+    // The gateway is no raft member: the cluster's status comes from the leader. (It
+    // showed an empty picture of a member 0 in term 0.)
+    let status: Value = http
+        .get(format!("{base}/api/v1/cluster"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(status["id"], 1, "{status}");
+    assert_eq!(status["leader"], 1, "{status}");
+    assert_eq!(status["members"][0]["role"], "voter", "{status}");
+
     // The gateway passes requests on unread; the agent refuses bad ones with the same
     // statuses and messages a gateway serving the model itself gives.
     let too_many = vec![[6.3, 3.3, 6.0, 2.5]; 1_025];

@@ -368,8 +368,26 @@ pub struct ClusterView {
     pub servers: BTreeMap<u64, String>,
 }
 
-pub async fn status(State(app): State<Arc<AppState>>) -> Json<ClusterView> {
+pub async fn status(State(app): State<Arc<AppState>>, headers: HeaderMap) -> Response {
     let status = app.control.raft_status();
+    // A standalone gateway is no member: its own picture would be an empty one of member
+    // 0, so it asks the leader it follows.
+    if !app.control.is_member()
+        && let (Some(leader), Some(forwarder)) = (status.leader, &app.forwarder)
+    {
+        let call = LeaderCall {
+            method: Method::GET,
+            path: "/api/v1/cluster",
+            authorization: headers.get(axum::http::header::AUTHORIZATION).cloned(),
+            headers: Vec::new(),
+            body: Bytes::new(),
+        };
+        let state = app.control.state();
+        return forwarder
+            .send_to_leader(&state, leader, call)
+            .await
+            .unwrap_or_else(IntoResponse::into_response);
+    }
     let mut members: Vec<MemberView> = status
         .voters
         .iter()
@@ -395,6 +413,7 @@ pub async fn status(State(app): State<Arc<AppState>>) -> Json<ClusterView> {
         nodes: app.control.state().nodes.len(),
         servers: app.control.state().servers.clone(),
     })
+    .into_response()
 }
 
 #[derive(Debug, Deserialize)]
