@@ -101,7 +101,7 @@ impl Tokens {
             return Ok(());
         }
         let token = authorization
-            .and_then(|value| value.strip_prefix("Bearer "))
+            .and_then(bearer_token)
             .map(str::trim)
             .filter(|token| !token.is_empty())
             .ok_or(AuthError::Missing)?;
@@ -119,6 +119,13 @@ impl Tokens {
             Some(_) => Err(AuthError::WrongScope(needed)),
         }
     }
+}
+
+/// The token of an `Authorization: Bearer …` value. The scheme's name is
+/// case-insensitive (RFC 9110, section 11.1): `bearer` and `BEARER` are `Bearer` too.
+fn bearer_token(value: &str) -> Option<&str> {
+    let (scheme, token) = value.split_once(' ')?;
+    scheme.eq_ignore_ascii_case("bearer").then_some(token)
 }
 
 fn constant_time_eq(a: &[u8; 32], b: &[u8; 32]) -> bool {
@@ -187,6 +194,23 @@ mod tests {
         assert_eq!(
             tokens.check(Some("Bearer guess"), Scope::Infer),
             Err(AuthError::Invalid)
+        );
+    }
+
+    /// Regression: `authorization: bearer <token>` was refused as missing.
+    #[test]
+    fn the_schemes_name_is_case_insensitive() {
+        let tokens = tokens();
+        for value in [
+            "bearer app-secret",
+            "BEARER app-secret",
+            "bEaReR app-secret",
+        ] {
+            assert_eq!(tokens.check(Some(value), Scope::Infer), Ok(()), "{value}");
+        }
+        assert_eq!(
+            tokens.check(Some("Bearerapp-secret"), Scope::Infer),
+            Err(AuthError::Missing)
         );
     }
 
