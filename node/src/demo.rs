@@ -1,6 +1,7 @@
-//! The embedded demo: on first start, train the `iris` classifier, store its files,
-//! register it as a version and deploy it. Later starts find it in the replicated state
-//! and do nothing.
+//! The embedded demo: on the first start of a data dir, train the `iris` classifier, store
+//! its files, register it as a version and deploy it. Later starts find it in the
+//! replicated state and change nothing: what the operator did since (a deleted deployment,
+//! versions pushed, a rollout) stands.
 
 use crate::control::ControlPlane;
 use crate::store::ArtifactStore;
@@ -8,44 +9,44 @@ use crate::store::version_command;
 use anyhow::Context;
 use shoal_actors::runtime::{CONFIG_FILE, WEIGHTS_FILE};
 use shoal_actors::train::{TrainConfig, train_classifier};
-use shoal_scheduler::{Command, DeploymentSpec, Outcome};
+use shoal_scheduler::{ClusterState, Command, DeploymentSpec, Outcome};
 use std::path::Path;
 use std::sync::Arc;
 
 /// The demo model's (and its deployment's) name.
 pub const DEMO_MODEL: &str = "iris";
 
-/// Makes sure the demo model is registered and deployed.
+/// Whether this data dir's first start set the demo up already: its model is in the log.
+///
+/// A first start stopped between registering the model and deploying it counts as set up
+/// too: the log cannot tell that from an operator who deleted the deployment, and
+/// redeploying what an operator deleted is the worse mistake.
+pub fn is_set_up(state: &ClusterState) -> bool {
+    state.models.contains_key(DEMO_MODEL)
+}
+
+/// Sets the demo up on a data dir's first start: trains and registers its model, and
+/// deploys that version. Does nothing once [`is_set_up`].
 pub async fn ensure(
     control: &ControlPlane,
     store: &Arc<ArtifactStore>,
     scratch: &Path,
 ) -> anyhow::Result<()> {
-    let state = control.state();
-    let version = match state
-        .models
-        .get(DEMO_MODEL)
-        .and_then(|m| m.versions.keys().next_back())
-    {
-        Some(&version) => {
-            tracing::info!(
-                model = DEMO_MODEL,
-                version,
-                "demo model found in the log; not training"
-            );
-            version
-        }
-        None => register(control, store, scratch).await?,
-    };
-    if !state.deployments.contains_key(DEMO_MODEL) {
-        control
-            .propose(&Command::CreateDeployment {
-                spec: DeploymentSpec::new(DEMO_MODEL, DEMO_MODEL, version, 1),
-            })
-            .await
-            .context("deploying the demo model")?;
-        tracing::info!(deployment = DEMO_MODEL, version, "demo model deployed");
+    if is_set_up(&control.state()) {
+        tracing::info!(
+            model = DEMO_MODEL,
+            "demo model found in the log; not training or deploying it again"
+        );
+        return Ok(());
     }
+    let version = register(control, store, scratch).await?;
+    control
+        .propose(&Command::CreateDeployment {
+            spec: DeploymentSpec::new(DEMO_MODEL, DEMO_MODEL, version, 1),
+        })
+        .await
+        .context("deploying the demo model")?;
+    tracing::info!(deployment = DEMO_MODEL, version, "demo model deployed");
     Ok(())
 }
 

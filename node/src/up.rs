@@ -76,6 +76,10 @@ pub async fn run(config: UpConfig) -> anyhow::Result<()> {
         "control plane state recovered"
     );
 
+    // The demo is set up on a data dir's first start only; until it serves, that start is
+    // not ready. Later starts are ready when the deployments the log holds are served.
+    let first_start = !demo::is_set_up(&recovered);
+
     let store =
         Arc::new(ArtifactStore::open(&data_dir.blobs()).context("opening the artifact store")?);
     let reporter = Arc::new(ProposingReporter::start(control.clone()));
@@ -121,7 +125,11 @@ pub async fn run(config: UpConfig) -> anyhow::Result<()> {
         control: control.clone(),
         routes: routes.clone(),
         next_route: AtomicUsize::new(0),
-        required_models: vec![demo::DEMO_MODEL.to_string()],
+        required_models: if first_start {
+            vec![demo::DEMO_MODEL.to_string()]
+        } else {
+            Vec::new()
+        },
         store: store.clone(),
         forwarder: None,
         tokens: config.tokens.clone(),
@@ -143,12 +151,19 @@ pub async fn run(config: UpConfig) -> anyhow::Result<()> {
 
     let startup = async {
         demo::ensure(&control, &store, &data_dir.scratch()).await?;
-        let mut routes = routes.clone();
-        routes
-            .wait_for(|table| !table.for_model(demo::DEMO_MODEL).is_empty())
-            .await
-            .context("the agent stopped before the demo model was ready")?;
-        print_welcome(address);
+        // On a later start the operator may have deleted the demo's deployment, or left it
+        // scaled to zero: then there is nothing to wait for.
+        let demo_served = control.state().deployments.values().any(|deployment| {
+            deployment.model() == demo::DEMO_MODEL && deployment.replicas_desired > 0
+        });
+        if demo_served {
+            let mut routes = routes.clone();
+            routes
+                .wait_for(|table| !table.for_model(demo::DEMO_MODEL).is_empty())
+                .await
+                .context("the agent stopped before the demo model was ready")?;
+        }
+        print_welcome(address, demo_served);
         anyhow::Ok(())
     };
     let served = tokio::select! {
@@ -226,8 +241,18 @@ pub(crate) async fn shutdown_signal() {
     tracing::info!("shutdown requested; finishing in-flight requests");
 }
 
-fn print_welcome(address: SocketAddr) {
+fn print_welcome(address: SocketAddr, demo_served: bool) {
     let base = format!("http://{address}");
+    if !demo_served {
+        println!(
+            "\nShoal is up; the demo model `{model}` is not deployed, or is scaled to zero.\n\n  \
+             models     {base}/api/v1/models\n  \
+             metrics    {base}/metrics\n\n\
+             Ctrl-C stops Shoal; `shoal up` again on the same data dir resumes where it was.",
+            model = demo::DEMO_MODEL,
+        );
+        return;
+    }
     println!(
         "\nShoal is up. The demo model `{model}` is ready.\n\n  \
          inference  {base}/v2/models/{model}/infer\n  \

@@ -487,3 +487,88 @@ async fn cli_commands_exit_quietly_when_their_output_pipe_is_closed() {
     shoal.interrupt();
     assert!(shoal.wait_exit(Duration::from_secs(30)).success());
 }
+
+/// Runs a CLI command against `shoal`; its stdout, panicking with its stderr if it fails.
+fn cli(shoal: &Shoal, args: &[&std::ffi::OsStr]) -> String {
+    let output = std::process::Command::new(shoal_binary())
+        .args(args)
+        .env("SHOAL_ADDR", &shoal.base_url)
+        .output()
+        .expect("shoal runs");
+    assert!(
+        output.status.success(),
+        "shoal {args:?}: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    String::from_utf8_lossy(&output.stdout).into_owned()
+}
+
+/// Regression: with iris at versions 1 (the demo) and 2 (pushed), a deleted iris deployment
+/// came back at the newest version when `shoal up` restarted on the same data dir.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shoal_up_restarted_leaves_a_deleted_demo_deployment_deleted() {
+    let temp = tempfile::tempdir().unwrap();
+    let data_dir = temp.path().join("data");
+    let client = reqwest::Client::new();
+    let mut shoal = Shoal::up(&data_dir, "demo-deleted-first");
+    shoal.wait_ready(&client).await;
+    let other = temp.path().join("other-seed");
+    cli(
+        &shoal,
+        &[
+            "model".as_ref(),
+            "demo".as_ref(),
+            "--out".as_ref(),
+            other.as_os_str(),
+            // The demo's own seed is 7: another seed is another version.
+            "--seed".as_ref(),
+            "8".as_ref(),
+        ],
+    );
+    let pushed = cli(
+        &shoal,
+        &[
+            "model".as_ref(),
+            "push".as_ref(),
+            other.as_os_str(),
+            "--name".as_ref(),
+            "iris".as_ref(),
+        ],
+    );
+    assert_eq!(pushed.trim(), "iris version 2 (new)");
+    cli(
+        &shoal,
+        &["deploy".as_ref(), "delete".as_ref(), "iris".as_ref()],
+    );
+    shoal.interrupt();
+    assert!(shoal.wait_exit(Duration::from_secs(30)).success());
+    drop(shoal);
+
+    let mut again = Shoal::up(&data_dir, "demo-deleted-second");
+    let started = std::time::Instant::now();
+    while !again.stderr().contains("demo model found in the log") {
+        assert!(
+            started.elapsed() < Duration::from_secs(30),
+            "{}",
+            again.stderr()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    again.wait_ready(&client).await;
+    let deployments: Value = client
+        .get(again.url("/api/v1/deployments"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(deployments, json!([]), "{}", again.stderr());
+    assert!(
+        !again.stderr().contains("demo model deployed"),
+        "{}",
+        again.stderr()
+    );
+    again.interrupt();
+    assert!(again.wait_exit(Duration::from_secs(30)).success());
+}
