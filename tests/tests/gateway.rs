@@ -128,6 +128,31 @@ async fn a_standalone_gateway_follows_the_state_and_serves_through_agents() {
     assert_eq!(status["leader"], 1, "{status}");
     assert_eq!(status["members"][0]["role"], "voter", "{status}");
 
+    // What the router refuses itself has the body every refusal has, in the route's shape.
+    let unknown = http
+        .get(format!("{base}/api/v1/nope"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(unknown.status(), 404);
+    let unknown: Value = unknown.json().await.unwrap();
+    assert_eq!(unknown["error"]["code"], "not_found", "{unknown}");
+    let wrong_method = http
+        .get(format!("{base}/v2/models/iris/infer"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(wrong_method.status(), 405);
+    assert_eq!(wrong_method.headers()["allow"], "POST");
+    let wrong_method: Value = wrong_method.json().await.unwrap();
+    assert!(
+        wrong_method["error"]
+            .as_str()
+            .unwrap()
+            .contains("does not take that method"),
+        "{wrong_method}"
+    );
+
     // The gateway passes requests on unread; the agent refuses bad ones with the same
     // statuses and messages a gateway serving the model itself gives.
     let too_many = vec![[6.3, 3.3, 6.0, 2.5]; 1_025];

@@ -1,5 +1,5 @@
 //! What every request passes through before its route: a request id, and the bearer
-//! token check.
+//! token check; and on the way out, a body for the router's own bodiless 405.
 //!
 //! One hand-written tower layer rather than two `axum::middleware::from_fn`s: each of those
 //! cloned the route and boxed two futures per request, which cost 6% of `shoal up`'s
@@ -10,7 +10,8 @@ use super::AppState;
 use super::error::{AdminError, ApiError};
 use crate::auth::{self, AuthError};
 use axum::extract::Request;
-use axum::http::HeaderValue;
+use axum::http::header::CONTENT_TYPE;
+use axum::http::{HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use futures_util::future::{Either, Ready, ready};
 use std::convert::Infallible;
@@ -70,8 +71,9 @@ where
     fn call(&mut self, mut request: Request) -> Self::Future {
         let request_id = request_id(&request);
         let path = request.uri().path();
+        let admin = path.starts_with("/api/");
         let answer = match refusal(&self.app, &request) {
-            Some(refusal) => Either::Left(ready(Ok(if path.starts_with("/api/") {
+            Some(refusal) => Either::Left(ready(Ok(if admin {
                 AdminError(refusal).into_response()
             } else {
                 refusal.into_response()
@@ -91,6 +93,7 @@ where
         Answered {
             answer,
             request_id: Some(request_id),
+            admin,
         }
     }
 }
@@ -135,6 +138,8 @@ pin_project_lite::pin_project! {
         #[pin]
         answer: Either<Ready<Result<Response, Infallible>>, Instrumented<F>>,
         request_id: Option<HeaderValue>,
+        // Whether it is an admin route, whose errors have their own shape.
+        admin: bool,
     }
 }
 
@@ -147,11 +152,32 @@ where
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let this = self.project();
         let Ok(mut response) = std::task::ready!(this.answer.poll(cx));
+        if response.status() == StatusCode::METHOD_NOT_ALLOWED
+            && !response.headers().contains_key(CONTENT_TYPE)
+        {
+            response = method_not_allowed(response, *this.admin);
+        }
         if let Some(request_id) = this.request_id.take() {
             response.headers_mut().insert(REQUEST_ID_HEADER, request_id);
         }
         Poll::Ready(Ok(response))
     }
+}
+
+/// The router's 405 (a known path, another method) with the error body every other
+/// refusal has, in the route's shape. (The router adds its `Allow` header after this layer.)
+fn method_not_allowed(answer: Response, admin: bool) -> Response {
+    let (mut parts, _) = answer.into_parts();
+    let message = "this route does not take that method; its Allow header lists those it does";
+    let body = if admin {
+        serde_json::json!({"error": {"code": "method_not_allowed", "message": message}})
+    } else {
+        serde_json::json!({"error": message})
+    };
+    parts
+        .headers
+        .insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    Response::from_parts(parts, axum::body::Body::from(body.to_string()))
 }
 
 #[cfg(test)]

@@ -214,6 +214,13 @@ async fn metrics() -> impl axum::response::IntoResponse {
     )
 }
 
-async fn not_found(uri: axum::http::Uri) -> ApiError {
-    ApiError::NotFound(format!("no route {}", uri.path()))
+async fn not_found(uri: axum::http::Uri) -> axum::response::Response {
+    use axum::response::IntoResponse;
+    let error = ApiError::NotFound(format!("no route {}", uri.path()));
+    // Under /api/ the admin shape, as every admin error has.
+    if uri.path().starts_with("/api/") {
+        AdminError(error).into_response()
+    } else {
+        error.into_response()
+    }
 }
