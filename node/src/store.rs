@@ -37,15 +37,31 @@ impl ArtifactStore {
         if path.exists() {
             return Ok(digest);
         }
-        let temporary = self
-            .dir
-            .join(format!(".{digest}.{}.partial", std::process::id()));
-        let mut file = std::fs::File::create(&temporary)?;
-        file.write_all(bytes)?;
-        file.sync_all()?;
-        std::fs::rename(&temporary, &path)?;
-        std::fs::File::open(&self.dir)?.sync_all()?;
-        Ok(digest)
+        // A name of its own: two replicas of one version starting together put the same
+        // blob at once, and a shared name let one truncate the file the other was about
+        // to rename (or rename it away from under the other).
+        let temporary = self.temporary_path(&digest);
+        let written = (|| {
+            let mut file = std::fs::File::create(&temporary)?;
+            file.write_all(bytes)?;
+            file.sync_all()?;
+            std::fs::rename(&temporary, &path)?;
+            std::fs::File::open(&self.dir)?.sync_all()
+        })();
+        if written.is_err() {
+            let _ = std::fs::remove_file(&temporary);
+        }
+        written.map(|()| digest)
+    }
+
+    /// A temporary file's path for a blob on its way in, unique to this write: renamed
+    /// into place over an identical blob, concurrent writes of one blob each succeed.
+    fn temporary_path(&self, digest: &str) -> PathBuf {
+        self.dir.join(format!(
+            ".{digest}.{}.{}.partial",
+            std::process::id(),
+            TEMPORARY_SEQUENCE.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+        ))
     }
 }
 
@@ -91,11 +107,7 @@ impl ArtifactStore {
         let path = self
             .path_of(expected)
             .ok_or_else(|| ReceiveError::BadDigest(expected.to_string()))?;
-        let temporary = self.dir.join(format!(
-            ".{expected}.{}.{}.partial",
-            std::process::id(),
-            TEMPORARY_SEQUENCE.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
-        ));
+        let temporary = self.temporary_path(expected);
         let mut file = tokio::fs::File::create(&temporary).await?;
         let mut hasher = Sha256::new();
         let mut received_bytes = 0u64;
@@ -132,7 +144,7 @@ impl ArtifactStore {
     }
 }
 
-/// Makes temporary names unique when two uploads of one blob overlap.
+/// Makes temporary names unique when two writes of one blob overlap.
 static TEMPORARY_SEQUENCE: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
 
 /// File name endings a model version may contain: data formats only, never code.
@@ -290,6 +302,44 @@ mod tests {
         assert_eq!(digest, hex::encode(Sha256::digest(b"weights")));
         assert_eq!(store.fetch(&digest).unwrap(), b"weights");
         assert_eq!(store.put(b"weights").unwrap(), digest);
+    }
+
+    /// Regression: two replicas of one version starting together on one agent fetched a
+    /// blob at once; both wrote `.{digest}.{pid}.partial`, and one put failed ("a server
+    /// served a blob that does not match its digest").
+    #[test]
+    fn one_blob_put_from_many_threads_at_once_is_stored_whole_for_each() {
+        const WRITERS: usize = 8;
+        let dir = tempfile::tempdir().unwrap();
+        let store = ArtifactStore::open(dir.path()).unwrap();
+        let bytes: Vec<u8> = (0..4u32 << 20).map(|i| (i % 251) as u8).collect();
+        let expected = hex::encode(Sha256::digest(&bytes));
+        let start = std::sync::Barrier::new(WRITERS);
+        let digests: Vec<String> = std::thread::scope(|scope| {
+            let writers: Vec<_> = (0..WRITERS)
+                .map(|_| {
+                    scope.spawn(|| {
+                        start.wait();
+                        store.put(&bytes)
+                    })
+                })
+                .collect();
+            writers
+                .into_iter()
+                .map(|writer| writer.join().unwrap().unwrap())
+                .collect()
+        });
+        assert!(digests.iter().all(|digest| *digest == expected));
+        assert!(store.fetch(&expected).unwrap() == bytes, "stored whole");
+        let left: Vec<_> = std::fs::read_dir(&store.dir)
+            .unwrap()
+            .map(|entry| entry.unwrap().file_name())
+            .collect();
+        assert_eq!(
+            left,
+            [std::ffi::OsString::from(&expected)],
+            "no temporary left"
+        );
     }
 
     #[test]
