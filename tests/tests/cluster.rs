@@ -461,5 +461,16 @@ async fn a_traffic_split_sends_requests_to_both_versions() {
         served.values().all(|count| *count >= 10),
         "roughly half each: {served:?}"
     );
+
+    // A split has no single version to roll back to; the refusal says so. (It said the
+    // deployment ran version 1.)
+    let refused = http
+        .post(cluster.url(1, "/api/v1/deployments/iris/rollback"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(refused.status(), 409);
+    let refused = refused.text().await.unwrap();
+    assert!(refused.contains("splits its traffic"), "{refused}");
     cluster.stop_all();
 }

@@ -218,6 +218,13 @@ pub async fn rollback(
             version: rollout.to,
             reason: RollbackReason::Operator,
         },
+        None if matches!(deployment.spec.versions, VersionSelector::Split(_)) => {
+            return Err(ApiError::Conflict(format!(
+                "{name} splits its traffic between versions and no rollout is in progress; \
+                 to go back, apply its file with the split (or the single version) wanted"
+            ))
+            .into());
+        }
         None => {
             let previous = state
                 .version(deployment.model(), deployment.stable_version)
