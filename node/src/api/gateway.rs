@@ -346,13 +346,19 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn an_unreachable_replica_is_retried_elsewhere_then_reported() {
+    async fn unreachable_replicas_are_each_tried_then_reported_unavailable() {
         let gateway = Gateway::new().unwrap();
-        // Nothing listens on these ports.
+        // Nothing listens on these ports: no replica took the request, so it is 503 (no
+        // ready replica for now), not 502 (a model that failed on it).
         let error = gateway
             .forward(vec![target(1), target(2)], Bytes::from_static(b"{}"), None)
             .await
             .unwrap_err();
-        assert!(matches!(error, ApiError::ReplicaFailed(_)), "{error:?}");
+        assert!(matches!(error, ApiError::Unavailable(_)), "{error:?}");
+        let message = error.to_string();
+        assert!(
+            message.contains("no replica answered after retries"),
+            "{message}"
+        );
     }
 }
