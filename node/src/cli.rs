@@ -120,7 +120,8 @@ pub enum DeployCommand {
     /// Remove a deployment and all its replicas.
     Delete { name: String },
     /// Return to the previous version: abandon a rollout in progress, or roll out the
-    /// version the current one was made from.
+    /// version the deployment ran before its last rollout (pinned: an alias it followed is
+    /// no longer followed).
     Rollback { name: String },
     /// One deployment with its replicas.
     Show { name: String },

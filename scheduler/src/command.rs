@@ -383,6 +383,7 @@ pub fn apply(state: &mut ClusterState, index: u64, command: Command) -> Result<O
             let deployment = Deployment {
                 replicas_desired: spec.replicas.initial,
                 stable_version,
+                previous_version: None,
                 rollout: None,
                 blocked_version: None,
                 spec,
@@ -402,7 +403,11 @@ pub fn apply(state: &mut ClusterState, index: u64, command: Command) -> Result<O
                 )));
             }
             let deployment = deployment_mut(state, &spec.name)?;
-            if deployment.rollout.is_none() && matches!(spec.versions, VersionSelector::Split(_)) {
+            if deployment.rollout.is_none()
+                && matches!(spec.versions, VersionSelector::Split(_))
+                && deployment.stable_version != split_stable
+            {
+                deployment.previous_version = Some(deployment.stable_version);
                 deployment.stable_version = split_stable;
             }
             deployment.replicas_desired = deployment

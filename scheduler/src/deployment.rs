@@ -205,6 +205,9 @@ pub struct Deployment {
     /// The version that serves when no rollout is in progress, and that a rollback returns
     /// to. For a traffic split, the heaviest version.
     pub stable_version: u32,
+    /// The stable version before the last one: what an operator's rollback with no rollout
+    /// in progress returns to. `None` until a rollout has completed.
+    pub previous_version: Option<u32>,
     pub rollout: Option<Rollout>,
     /// A version rolled back from; no rollout goes to it again until the spec changes.
     pub blocked_version: Option<u32>,

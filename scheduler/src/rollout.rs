@@ -375,6 +375,9 @@ pub(crate) fn complete(deployment: &mut Deployment, version: u32) -> Result<(), 
             to: RolloutPhase::Rolling,
         });
     }
+    if deployment.stable_version != version {
+        deployment.previous_version = Some(deployment.stable_version);
+    }
     deployment.stable_version = version;
     deployment.rollout = None;
     deployment.blocked_version = None;

@@ -292,6 +292,9 @@ fn a_rolling_update_brings_each_new_replica_up_before_an_old_one_goes() {
             Step::Check("v2 is stable and alone", |s| {
                 stable_is(s, 2) && versions_running(s) == vec![2, 2]
             }),
+            Step::Check("v1 is what a rollback returns to", |s| {
+                s.deployments["m"].previous_version == Some(1)
+            }),
         ],
     });
 }

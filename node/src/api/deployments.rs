@@ -201,8 +201,8 @@ pub async fn scale(
 }
 
 /// `POST /api/v1/deployments/{name}/rollback`: abandons a rollout in progress (the old
-/// version's replicas are still warm), or, with none, rolls out the version the current
-/// one was made from.
+/// version's replicas are still warm), or, with none, rolls out the version the deployment
+/// ran before its last rollout, pinned (an alias it followed is no longer followed).
 pub async fn rollback(
     State(app): State<Arc<AppState>>,
     Path(name): Path<String>,
@@ -212,6 +212,7 @@ pub async fn rollback(
     let Some(deployment) = state.deployments.get(&name) else {
         return Err(ApiError::NotFound(format!("unknown deployment {name:?}")).into());
     };
+    let mut unpinned = None;
     let command = match &deployment.rollout {
         Some(rollout) => Command::RollbackRollout {
             deployment: name.clone(),
@@ -226,15 +227,18 @@ pub async fn rollback(
             .into());
         }
         None => {
-            let previous = state
-                .version(deployment.model(), deployment.stable_version)
-                .and_then(|version| version.parent)
-                .ok_or_else(|| {
-                    ApiError::Conflict(format!(
-                        "{name} runs version {} and no rollout is in progress; there is no previous version to return to",
-                        deployment.stable_version
-                    ))
-                })?;
+            let previous = deployment.previous_version.ok_or_else(|| {
+                ApiError::Conflict(format!(
+                    "{name} runs version {} and no rollout is in progress; it ran no \
+                     version before this one to return to",
+                    deployment.stable_version
+                ))
+            })?;
+            if let VersionSelector::Alias(alias) = &deployment.spec.versions {
+                // The deployment is pinned: going back must not be undone by the alias
+                // it followed, which still names the version rolled back from.
+                unpinned = Some(alias.clone());
+            }
             let mut spec = deployment.spec.clone();
             spec.versions = VersionSelector::Version(previous);
             Command::UpdateDeployment { spec }
@@ -243,10 +247,15 @@ pub async fn rollback(
     let request = write;
     match propose(&app, request, &command).await? {
         Written::Forwarded(response) => Ok(response),
-        Written::Here(outcome) => Ok(Json(
-            serde_json::json!({"name": name, "outcome": format!("{outcome:?}")}),
-        )
-        .into_response()),
+        Written::Here(outcome) => {
+            let mut answer = serde_json::json!({"name": name, "outcome": format!("{outcome:?}")});
+            if let Some(alias) = unpinned {
+                answer["note"] = serde_json::json!(format!(
+                    "{name} no longer follows alias {alias:?}; apply its file to follow it again"
+                ));
+            }
+            Ok(Json(answer).into_response())
+        }
     }
 }
 

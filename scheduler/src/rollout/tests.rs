@@ -14,6 +14,7 @@ fn deployment(kind: RolloutKind, desired: u32, rollout: Option<Rollout>) -> Depl
     Deployment {
         spec,
         stable_version: 1,
+        previous_version: None,
         rollout,
         blocked_version: None,
         replicas_desired: desired,
@@ -187,6 +188,25 @@ fn a_rolled_back_version_is_not_rolled_out_again_until_the_spec_changes() {
         decide(&rolled_back, Some(3), &counts, None, 0),
         Some(Command::StartRollout { version: 3, .. })
     ));
+}
+
+/// Regression: with versions 1, 2 and 3 pushed, a deployment moved from 1 to 3 rolled back
+/// to 2 (the version 3 was made from), which had never run.
+#[test]
+fn a_completed_rollout_remembers_the_version_it_replaced_for_a_rollback() {
+    let mut deployment = deployment(
+        RolloutKind::Rolling,
+        2,
+        Some(Rollout {
+            to: 3,
+            started_at_ms: 0,
+            phase: RolloutPhase::Rolling,
+        }),
+    );
+    assert_eq!(deployment.previous_version, None);
+    complete(&mut deployment, 3).unwrap();
+    assert_eq!(deployment.stable_version, 3);
+    assert_eq!(deployment.previous_version, Some(1));
 }
 
 proptest! {
