@@ -704,7 +704,15 @@ fn register_version(
         .values()
         .find(|version| version.manifest_digest == new.manifest_digest)
     {
-        let same = existing.files == new.files
+        // The same files in another order are the same version: the manifest digest
+        // hashes them by name, and a log written before registrations sorted them holds
+        // the demo's files in the order `shoal up` once listed them.
+        fn by_name(files: &[ArtifactFile]) -> Vec<&ArtifactFile> {
+            let mut sorted: Vec<&ArtifactFile> = files.iter().collect();
+            sorted.sort_by(|a, b| a.name.cmp(&b.name));
+            sorted
+        }
+        let same = by_name(&existing.files) == by_name(&new.files)
             && existing.format == new.format
             && existing.memory_bytes == new.memory_bytes
             && existing.signature == new.signature;

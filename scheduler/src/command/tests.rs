@@ -410,6 +410,34 @@ fn a_deployment_following_an_unset_alias_is_refused() {
     );
 }
 
+/// Regression: `shoal up` once registered the demo as [model.safetensors, config.json] and
+/// a push of the same files lists them by name; the push was refused as a conflict.
+#[test]
+fn the_same_files_in_another_order_are_the_same_version() {
+    let with_files = |names: [&str; 2]| {
+        let mut command = version_command("iris", "d1", 10);
+        if let Command::RegisterModelVersion { files, .. } = &mut command {
+            *files = names
+                .iter()
+                .map(|name| ArtifactFile {
+                    name: (*name).into(),
+                    digest: name.len().to_string().repeat(64),
+                    size_bytes: 10,
+                })
+                .collect();
+        }
+        command
+    };
+    let mut state = applied(vec![with_files(["model.safetensors", "config.json"])]);
+    assert_eq!(
+        next(&mut state, with_files(["config.json", "model.safetensors"])),
+        Ok(Outcome::VersionRegistered {
+            version: 1,
+            created: false
+        })
+    );
+}
+
 #[test]
 fn a_same_digest_with_other_contents_is_a_conflict() {
     let mut state = applied(vec![version_command("iris", "d1", 10)]);
