@@ -130,7 +130,7 @@ pub struct RaftStatus {
 /// Why a request has no answer.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
 pub enum ProposeError {
-    #[error("not the leader; the leader is {leader:?}")]
+    #[error("not the leader; {}", leader.map_or_else(|| "no leader is known".to_string(), |id| format!("the leader is member {id}")))]
     NotLeader { leader: Option<u64> },
     #[error("the request queue is full; retry later")]
     Overloaded,

@@ -110,10 +110,18 @@ impl ArtifactFetcher for CachingFetcher {
                 shoal_ops::metrics::metrics()
                     .artifact_fetched_bytes_total
                     .inc_by(bytes.len() as u64);
-                if self.cache.put(&bytes).ok().as_deref() == Some(digest) {
-                    return Ok(bytes.to_vec());
+                match self.cache.put(&bytes) {
+                    Ok(stored) if stored == digest => return Ok(bytes.to_vec()),
+                    Ok(_) => tracing::warn!(
+                        %digest,
+                        "a server served a blob that does not match its digest"
+                    ),
+                    Err(error) => tracing::warn!(
+                        %digest,
+                        %error,
+                        "a fetched blob could not be stored in the cache"
+                    ),
                 }
-                tracing::warn!(%digest, "a server served a blob that does not match its digest");
             }
             self.servers.rotate();
         }

@@ -87,11 +87,16 @@ impl Architecture {
             (Some(MlpConfig::ARCHITECTURE), _) => Ok(Architecture::MlpClassifier),
             (None, Some("bert")) => Ok(Architecture::SentenceEmbedding),
             (None, Some("llama")) => Ok(Architecture::Llama),
-            (architecture, model_type) => Err(RuntimeError::Config(format!(
-                "unknown architecture {architecture:?} / model_type {model_type:?}; known: \
-                 architecture {:?}, model_type \"bert\" or \"llama\"",
-                MlpConfig::ARCHITECTURE
-            ))),
+            (architecture, model_type) => {
+                let shown = |value: Option<&str>| value.map_or("none".into(), |v| format!("{v:?}"));
+                Err(RuntimeError::Config(format!(
+                    "unknown architecture {} / model_type {}; known: architecture {:?}, \
+                     model_type \"bert\" or \"llama\"",
+                    shown(architecture),
+                    shown(model_type),
+                    MlpConfig::ARCHITECTURE
+                )))
+            }
         }
     }
 }
@@ -191,4 +196,23 @@ pub fn memory_estimate_bytes(weights_bytes: u64) -> u64 {
     weights_bytes
         .saturating_mul(2)
         .saturating_add(WORKSPACE_BYTES)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Regression: the message showed Rust's `None` and `Some("gpt2")`.
+    #[test]
+    fn an_unknown_architecture_is_named_in_plain_words() {
+        let Err(error) = Architecture::of(br#"{"model_type": "gpt2"}"#) else {
+            panic!("gpt2 is not an architecture Shoal runs");
+        };
+        let message = error.to_string();
+        assert!(
+            message.contains(r#"unknown architecture none / model_type "gpt2""#),
+            "{message}"
+        );
+        assert!(!message.contains("Some("), "{message}");
+    }
 }

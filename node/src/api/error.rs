@@ -177,7 +177,14 @@ impl From<crate::control::ControlError> for ApiError {
             ControlError::Rejected(rejected) => ApiError::Conflict(rejected.to_string()),
             ControlError::Consensus(ProposeError::NotLeader { leader }) => ApiError::NotLeader {
                 leader,
-                message: format!("this server is not the leader; the leader is {leader:?}"),
+                message: match leader {
+                    Some(leader) => {
+                        format!("this server is not the leader; the leader is member {leader}")
+                    }
+                    None => "this server is not the leader, and no leader is known yet; \
+                             retry shortly"
+                        .to_string(),
+                },
             },
             ControlError::Consensus(ProposeError::Overloaded) => {
                 ApiError::Overloaded("the control plane's queue is full; retry later".into())
@@ -191,5 +198,28 @@ impl From<crate::control::ControlError> for ApiError {
             }
             ControlError::Codec(message) => ApiError::Internal(message),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::control::ControlError;
+    use shoal_consensus::ProposeError;
+
+    /// Regression: the message read "the leader is None" and "the leader is Some(2)".
+    #[test]
+    fn a_not_leader_refusal_names_the_leader_in_words() {
+        let message = |leader| {
+            ApiError::from(ControlError::Consensus(ProposeError::NotLeader { leader })).to_string()
+        };
+        assert!(
+            message(Some(2)).ends_with("the leader is member 2"),
+            "{}",
+            message(Some(2))
+        );
+        let unknown = message(None);
+        assert!(unknown.contains("no leader is known yet"), "{unknown}");
+        assert!(!unknown.contains("None"), "{unknown}");
     }
 }
