@@ -526,21 +526,8 @@ pub async fn model(command: ModelCommand, args: &ClientArgs) -> anyhow::Result<(
                 out!("{}", serde_json::to_string_pretty(&versions)?)?;
                 return Ok(());
             }
-            for version in versions {
-                out!(
-                    "{name} version {}: {} bytes, digest {}",
-                    text(version, "version"),
-                    text(version, "size_bytes"),
-                    text(version, "manifest_digest")
-                )?;
-                for file in version["files"].as_array().into_iter().flatten() {
-                    out!(
-                        "  {}  {}  {} bytes",
-                        text(file, "name"),
-                        text(file, "digest"),
-                        text(file, "size_bytes")
-                    )?;
-                }
+            for line in model_lines(&name, &versions) {
+                out!("{line}")?;
             }
         }
         ModelCommand::Alias {
@@ -585,6 +572,56 @@ pub async fn model(command: ModelCommand, args: &ClientArgs) -> anyhow::Result<(
         }
     }
     Ok(())
+}
+
+/// `shoal model show` as a table: each version with its files and the aliases naming it,
+/// then every alias of the model.
+fn model_lines(name: &str, versions: &[&serde_json::Value]) -> Vec<String> {
+    // Every version's entry carries the model's aliases.
+    let aliases: Vec<(String, String)> = versions
+        .first()
+        .and_then(|version| version["aliases"].as_object())
+        .into_iter()
+        .flatten()
+        .map(|(alias, version)| (alias.clone(), version.to_string()))
+        .collect();
+    let mut lines = Vec::new();
+    for version in versions {
+        let number = text(version, "version");
+        let named: Vec<&str> = aliases
+            .iter()
+            .filter(|(_, target)| *target == number)
+            .map(|(alias, _)| alias.as_str())
+            .collect();
+        let named = if named.is_empty() {
+            String::new()
+        } else {
+            format!(" ({})", named.join(", "))
+        };
+        lines.push(format!(
+            "{name} version {number}{named}: {} bytes, digest {}",
+            text(version, "size_bytes"),
+            text(version, "manifest_digest")
+        ));
+        for file in version["files"].as_array().into_iter().flatten() {
+            lines.push(format!(
+                "  {}  {}  {} bytes",
+                text(file, "name"),
+                text(file, "digest"),
+                text(file, "size_bytes")
+            ));
+        }
+    }
+    let aliases: Vec<String> = aliases
+        .iter()
+        .map(|(alias, version)| format!("{alias} -> {version}"))
+        .collect();
+    lines.push(if aliases.is_empty() {
+        "aliases: none".to_string()
+    } else {
+        format!("aliases: {}", aliases.join(", "))
+    });
+    lines
 }
 
 pub async fn deploy(command: DeployCommand, args: &ClientArgs) -> anyhow::Result<()> {
@@ -823,5 +860,28 @@ mod tests {
         assert_eq!(shape_of(&json!([[1, 2, 3, 4]])).unwrap(), vec![1, 4]);
         assert_eq!(shape_of(&json!([1, 2])).unwrap(), vec![2]);
         assert!(shape_of(&json!([[1, 2], [3]])).is_err());
+    }
+
+    #[test]
+    fn model_show_names_each_alias_and_the_version_it_points_at() {
+        let aliases = json!({"stable": 1, "canary": 2});
+        let versions = [
+            json!({"model": "iris", "version": 1, "size_bytes": 10, "manifest_digest": "aa",
+                   "files": [], "aliases": aliases}),
+            json!({"model": "iris", "version": 2, "size_bytes": 20, "manifest_digest": "bb",
+                   "files": [], "aliases": aliases}),
+        ];
+        let lines = model_lines("iris", &versions.iter().collect::<Vec<_>>());
+        assert_eq!(
+            lines,
+            [
+                "iris version 1 (stable): 10 bytes, digest aa",
+                "iris version 2 (canary): 20 bytes, digest bb",
+                "aliases: canary -> 2, stable -> 1",
+            ]
+        );
+        let bare = json!({"model": "m", "version": 1, "size_bytes": 1, "manifest_digest": "c",
+                          "files": [], "aliases": {}});
+        assert_eq!(model_lines("m", &[&bare])[1], "aliases: none");
     }
 }

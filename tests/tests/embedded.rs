@@ -503,6 +503,12 @@ fn cli(shoal: &Shoal, args: &[&std::ffi::OsStr]) -> String {
     String::from_utf8_lossy(&output.stdout).into_owned()
 }
 
+/// [`cli`] with plain string arguments.
+fn run(shoal: &Shoal, args: &[&str]) -> String {
+    let args: Vec<&std::ffi::OsStr> = args.iter().map(std::ffi::OsStr::new).collect();
+    cli(shoal, &args)
+}
+
 /// Regression: with iris at versions 1 (the demo) and 2 (pushed), a deleted iris deployment
 /// came back at the newest version when `shoal up` restarted on the same data dir.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -571,4 +577,33 @@ async fn shoal_up_restarted_leaves_a_deleted_demo_deployment_deleted() {
     );
     again.interrupt();
     assert!(again.wait_exit(Duration::from_secs(30)).success());
+}
+
+/// Regression: `shoal model show` (and `/api/v1/models`) showed no aliases, so an alias
+/// set with `shoal model alias` was nowhere to be seen.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn model_show_lists_the_aliases_set_with_model_alias() {
+    let temp = tempfile::tempdir().unwrap();
+    let client = reqwest::Client::new();
+    let mut shoal = Shoal::up(&temp.path().join("data"), "aliases-shown");
+    shoal.wait_ready(&client).await;
+    run(&shoal, &["model", "alias", "iris", "stable", "1"]);
+
+    let shown = run(&shoal, &["model", "show", "iris"]);
+    assert!(shown.contains("iris version 1 (stable):"), "{shown}");
+    assert!(shown.contains("aliases: stable -> 1"), "{shown}");
+    let shown: Value =
+        serde_json::from_str(&run(&shoal, &["model", "show", "iris", "-o", "json"])).expect("JSON");
+    assert_eq!(shown[0]["aliases"], json!({"stable": 1}), "{shown}");
+    let models: Value = client
+        .get(shoal.url("/api/v1/models"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(models[0]["aliases"], json!({"stable": 1}), "{models}");
+    shoal.interrupt();
+    assert!(shoal.wait_exit(Duration::from_secs(30)).success());
 }

@@ -4,7 +4,8 @@ use super::AppState;
 use axum::Json;
 use axum::extract::State;
 use serde::Serialize;
-use shoal_scheduler::ReplicaState;
+use shoal_scheduler::{ClusterState, ReplicaState};
+use std::collections::BTreeMap;
 use std::sync::Arc;
 
 #[derive(Debug, Serialize)]
@@ -18,11 +19,17 @@ pub struct VersionView {
     pub parent: Option<u32>,
     pub created_at_ms: u64,
     pub files: Vec<shoal_scheduler::ArtifactFile>,
+    /// The model's aliases (name -> version), the same on each of its versions' entries.
+    pub aliases: BTreeMap<String, u32>,
 }
 
 pub async fn list_models(State(app): State<Arc<AppState>>) -> Json<Vec<VersionView>> {
-    let state = app.control.state();
-    let views = state
+    Json(version_views(&app.control.state()))
+}
+
+/// Every version of every model, each with its model's aliases.
+fn version_views(state: &ClusterState) -> Vec<VersionView> {
+    state
         .models
         .values()
         .flat_map(|model| model.versions.values().map(move |version| (model, version)))
@@ -36,9 +43,9 @@ pub async fn list_models(State(app): State<Arc<AppState>>) -> Json<Vec<VersionVi
             parent: version.parent,
             created_at_ms: version.created_at_ms,
             files: version.files.clone(),
+            aliases: model.aliases.clone(),
         })
-        .collect();
-    Json(views)
+        .collect()
 }
 
 #[derive(Debug, Serialize)]
@@ -94,4 +101,65 @@ pub async fn list_deployments(State(app): State<Arc<AppState>>) -> Json<Vec<Depl
         })
         .collect();
     Json(views)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use shoal_scheduler::{ArtifactFile, Command, Signature};
+
+    /// The state after `commands`, each applied in turn.
+    fn applied(commands: Vec<Command>) -> ClusterState {
+        let mut state = ClusterState::default();
+        for (index, command) in commands.into_iter().enumerate() {
+            shoal_scheduler::apply(&mut state, index as u64 + 1, command)
+                .expect("setup command applies");
+        }
+        state
+    }
+
+    fn version(model: &str, digest: &str) -> Command {
+        Command::RegisterModelVersion {
+            model: model.into(),
+            manifest_digest: digest.into(),
+            files: vec![ArtifactFile {
+                name: "model.safetensors".into(),
+                digest: "ab".repeat(32),
+                size_bytes: 1_000,
+            }],
+            format: "safetensors".into(),
+            memory_bytes: 1 << 20,
+            signature: Signature::default(),
+            created_at_ms: 1,
+        }
+    }
+
+    #[test]
+    fn every_version_entry_carries_its_models_aliases() {
+        let state = applied(vec![
+            version("iris", "one"),
+            version("iris", "two"),
+            version("other", "three"),
+            Command::SetAlias {
+                model: "iris".into(),
+                alias: "stable".into(),
+                version: 2,
+            },
+        ]);
+        let views = serde_json::to_value(version_views(&state)).unwrap();
+        let aliases: Vec<_> = views
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|view| (view["model"].clone(), view["aliases"].clone()))
+            .collect();
+        assert_eq!(
+            aliases,
+            [
+                ("iris".into(), serde_json::json!({"stable": 2})),
+                ("iris".into(), serde_json::json!({"stable": 2})),
+                ("other".into(), serde_json::json!({})),
+            ]
+        );
+    }
 }
