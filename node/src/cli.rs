@@ -663,10 +663,14 @@ pub async fn deploy(command: DeployCommand, args: &ClientArgs) -> anyhow::Result
                 out!("{}", serde_json::to_string_pretty(deployment)?)?;
                 return Ok(());
             }
+            let versions = match deployment["selector"].get("split") {
+                Some(_) => "versions",
+                None => "version",
+            };
             out!(
-                "{name}: model {} version {}, {}/{} ready",
+                "{name}: model {} {versions} {}, {}/{} ready",
                 text(deployment, "model"),
-                text(deployment, "version"),
+                versions_text(deployment),
                 text(deployment, "replicas_ready"),
                 text(deployment, "replicas_wanted")
             )?;
@@ -704,7 +708,7 @@ pub async fn deploy(command: DeployCommand, args: &ClientArgs) -> anyhow::Result
                     vec![
                         text(d, "name"),
                         text(d, "model"),
-                        text(d, "version"),
+                        versions_text(d),
                         format!(
                             "{}/{}",
                             text(d, "replicas_ready"),
@@ -717,6 +721,28 @@ pub async fn deploy(command: DeployCommand, args: &ClientArgs) -> anyhow::Result
         }
     }
     Ok(())
+}
+
+/// The version(s) a deployment serves, from its view: `1`, `2 (alias stable)`, or a
+/// traffic split as `1 (90%), 2 (10%)`.
+fn versions_text(deployment: &serde_json::Value) -> String {
+    let selector = &deployment["selector"];
+    if let Some(split) = selector["split"].as_array() {
+        let weight = |share: &serde_json::Value| share["weight"].as_u64().unwrap_or(0);
+        let total: u64 = split.iter().map(weight).sum::<u64>().max(1);
+        return split
+            .iter()
+            .map(|share| {
+                let percent = (weight(share) * 100 + total / 2) / total;
+                format!("{} ({percent}%)", text(share, "version"))
+            })
+            .collect::<Vec<_>>()
+            .join(", ");
+    }
+    match selector["alias"].as_str() {
+        Some(alias) => format!("{} (alias {alias})", text(deployment, "version")),
+        None => text(deployment, "version"),
+    }
 }
 
 pub async fn infer(request: InferArgs, args: &ClientArgs) -> anyhow::Result<()> {
@@ -860,6 +886,20 @@ mod tests {
         assert_eq!(shape_of(&json!([[1, 2, 3, 4]])).unwrap(), vec![1, 4]);
         assert_eq!(shape_of(&json!([1, 2])).unwrap(), vec![2]);
         assert!(shape_of(&json!([[1, 2], [3]])).is_err());
+    }
+
+    #[test]
+    fn a_deployments_split_and_alias_are_shown_with_its_version() {
+        let split = json!({"version": 1, "selector": {"split": [
+            {"version": 1, "weight": 90}, {"version": 2, "weight": 10}]}});
+        assert_eq!(versions_text(&split), "1 (90%), 2 (10%)");
+        let thirds = json!({"version": 2, "selector": {"split": [
+            {"version": 1, "weight": 1}, {"version": 2, "weight": 2}]}});
+        assert_eq!(versions_text(&thirds), "1 (33%), 2 (67%)");
+        let follows = json!({"version": 2, "selector": {"alias": "stable"}});
+        assert_eq!(versions_text(&follows), "2 (alias stable)");
+        let pinned = json!({"version": 1, "selector": {"version": 1}});
+        assert_eq!(versions_text(&pinned), "1");
     }
 
     #[test]

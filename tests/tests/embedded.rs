@@ -607,3 +607,77 @@ async fn model_show_lists_the_aliases_set_with_model_alias() {
     shoal.interrupt();
     assert!(shoal.wait_exit(Duration::from_secs(30)).success());
 }
+
+/// Pushes a second iris version (the demo trained with another seed) to `shoal`.
+fn push_second_iris_version(shoal: &Shoal, temp: &std::path::Path) {
+    let other = temp.join("other-seed");
+    let other = other.to_str().unwrap();
+    run(shoal, &["model", "demo", "--out", other, "--seed", "8"]);
+    let pushed = run(shoal, &["model", "push", other, "--name", "iris"]);
+    assert_eq!(pushed.trim(), "iris version 2 (new)");
+}
+
+/// Regression: `deploy list` and `deploy show` of a traffic split showed only its heaviest
+/// version ("1"), and nothing said which alias a deployment followed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deploy_list_and_show_name_a_traffic_split_and_a_followed_alias() {
+    let temp = tempfile::tempdir().unwrap();
+    let client = reqwest::Client::new();
+    let mut shoal = Shoal::up(&temp.path().join("data"), "split-shown");
+    shoal.wait_ready(&client).await;
+    push_second_iris_version(&shoal, temp.path());
+    run(&shoal, &["model", "alias", "iris", "stable", "2"]);
+    let split = temp.path().join("split.toml");
+    std::fs::write(
+        &split,
+        "name = \"iris\"\nmodel = \"iris\"\nreplicas = 1\n\
+         split = [{version = 1, weight = 90}, {version = 2, weight = 10}]\n",
+    )
+    .unwrap();
+    let follows = temp.path().join("follows.toml");
+    std::fs::write(
+        &follows,
+        "name = \"iris-stable\"\nmodel = \"iris\"\nalias = \"stable\"\nreplicas = 0\n",
+    )
+    .unwrap();
+    for file in [&split, &follows] {
+        run(&shoal, &["deploy", "apply", "-f", file.to_str().unwrap()]);
+    }
+
+    let listed = run(&shoal, &["deploy", "list"]);
+    assert!(listed.contains("1 (90%), 2 (10%)"), "{listed}");
+    assert!(listed.contains("2 (alias stable)"), "{listed}");
+    let shown = run(&shoal, &["deploy", "show", "iris"]);
+    assert!(
+        shown.contains("model iris versions 1 (90%), 2 (10%),"),
+        "{shown}"
+    );
+    let shown = run(&shoal, &["deploy", "show", "iris-stable"]);
+    assert!(
+        shown.contains("model iris version 2 (alias stable),"),
+        "{shown}"
+    );
+    let deployments: Value = client
+        .get(shoal.url("/api/v1/deployments"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let selectors: Vec<&Value> = deployments
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|deployment| &deployment["selector"])
+        .collect();
+    assert_eq!(
+        selectors,
+        [
+            &json!({"split": [{"version": 1, "weight": 90}, {"version": 2, "weight": 10}]}),
+            &json!({"alias": "stable"}),
+        ]
+    );
+    shoal.interrupt();
+    assert!(shoal.wait_exit(Duration::from_secs(30)).success());
+}

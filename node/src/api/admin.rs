@@ -4,7 +4,7 @@ use super::AppState;
 use axum::Json;
 use axum::extract::State;
 use serde::Serialize;
-use shoal_scheduler::{ClusterState, ReplicaState};
+use shoal_scheduler::{ClusterState, ReplicaState, VersionSelector, VersionWeight};
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
@@ -63,15 +63,43 @@ pub struct ReplicaView {
 pub struct DeploymentView {
     pub name: String,
     pub model: String,
+    /// The stable version: the one serving when no rollout is in progress (for a traffic
+    /// split, the heaviest).
     pub version: u32,
+    /// Which version(s) the deployment asked for, as its file names them.
+    pub selector: SelectorView,
     pub replicas_wanted: u32,
     pub replicas_ready: usize,
     pub replicas: Vec<ReplicaView>,
 }
 
+/// A deployment's version selector with the keys of its deployment file:
+/// `{"version": 1}`, `{"alias": "stable"}` or `{"split": [{"version": 1, "weight": 90}, …]}`.
+#[derive(Debug, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum SelectorView {
+    Version(u32),
+    Alias(String),
+    Split(Vec<VersionWeight>),
+}
+
+impl From<&VersionSelector> for SelectorView {
+    fn from(selector: &VersionSelector) -> SelectorView {
+        match selector {
+            VersionSelector::Version(version) => SelectorView::Version(*version),
+            VersionSelector::Alias(alias) => SelectorView::Alias(alias.clone()),
+            VersionSelector::Split(split) => SelectorView::Split(split.clone()),
+        }
+    }
+}
+
 pub async fn list_deployments(State(app): State<Arc<AppState>>) -> Json<Vec<DeploymentView>> {
-    let state = app.control.state();
-    let views = state
+    Json(deployment_views(&app.control.state()))
+}
+
+/// Every deployment with its replicas.
+fn deployment_views(state: &ClusterState) -> Vec<DeploymentView> {
+    state
         .deployments
         .values()
         .map(|deployment| {
@@ -91,6 +119,7 @@ pub async fn list_deployments(State(app): State<Arc<AppState>>) -> Json<Vec<Depl
                 name: deployment.name().to_string(),
                 model: deployment.model().to_string(),
                 version: deployment.stable_version,
+                selector: SelectorView::from(&deployment.spec.versions),
                 replicas_wanted: deployment.replicas_desired,
                 replicas_ready: replicas
                     .iter()
@@ -99,14 +128,14 @@ pub async fn list_deployments(State(app): State<Arc<AppState>>) -> Json<Vec<Depl
                 replicas,
             }
         })
-        .collect();
-    Json(views)
+        .collect()
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use shoal_scheduler::{ArtifactFile, Command, Signature};
+    use serde_json::json;
+    use shoal_scheduler::{ArtifactFile, Command, DeploymentSpec, Signature};
 
     /// The state after `commands`, each applied in turn.
     fn applied(commands: Vec<Command>) -> ClusterState {
@@ -159,6 +188,62 @@ mod tests {
                 ("iris".into(), serde_json::json!({"stable": 2})),
                 ("iris".into(), serde_json::json!({"stable": 2})),
                 ("other".into(), serde_json::json!({})),
+            ]
+        );
+    }
+
+    #[test]
+    fn a_deployment_view_names_its_version_selector() {
+        let split = VersionSelector::Split(vec![
+            VersionWeight {
+                version: 1,
+                weight: 90,
+            },
+            VersionWeight {
+                version: 2,
+                weight: 10,
+            },
+        ]);
+        let spec = |name: &str, versions: VersionSelector| {
+            let mut spec = DeploymentSpec::new(name, "iris", 0, 1);
+            spec.versions = versions;
+            Command::CreateDeployment { spec }
+        };
+        let state = applied(vec![
+            version("iris", "one"),
+            version("iris", "two"),
+            Command::SetAlias {
+                model: "iris".into(),
+                alias: "stable".into(),
+                version: 2,
+            },
+            spec("pinned", VersionSelector::Version(1)),
+            spec("follows", VersionSelector::Alias("stable".into())),
+            spec("split", split),
+        ]);
+        let views = serde_json::to_value(deployment_views(&state)).unwrap();
+        let selectors: Vec<_> = views
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|view| {
+                (
+                    view["name"].clone(),
+                    view["selector"].clone(),
+                    view["version"].clone(),
+                )
+            })
+            .collect();
+        assert_eq!(
+            selectors,
+            [
+                ("follows".into(), json!({"alias": "stable"}), json!(2)),
+                ("pinned".into(), json!({"version": 1}), json!(1)),
+                (
+                    "split".into(),
+                    json!({"split": [{"version": 1, "weight": 90}, {"version": 2, "weight": 10}]}),
+                    json!(1)
+                ),
             ]
         );
     }
