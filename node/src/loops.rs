@@ -36,7 +36,7 @@ pub async fn run_controller(control: ControlPlane, mut shutdown: watch::Receiver
             // No live traffic is gathered here: a snapshot without it judges no canary and
             // evicts nothing.
             let load = LoadSnapshot {
-                retry_at_ms: failures.retry_at_ms(),
+                failing: failures.failing(),
                 ..LoadSnapshot::default()
             };
             let plan = placement::plan(&state, &load, now_ms);
@@ -47,6 +47,14 @@ pub async fn run_controller(control: ControlPlane, mut shutdown: watch::Receiver
                 let result = match control.propose(&command).await {
                     Ok(outcome) => {
                         tracing::info!(?outcome, "placement applied");
+                        if let Command::RollbackRollout {
+                            deployment,
+                            version,
+                            reason,
+                        } = &command
+                        {
+                            tracing::warn!(%deployment, version, ?reason, "rollout rolled back");
+                        }
                         "applied"
                     }
                     Err(error) => {

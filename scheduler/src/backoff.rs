@@ -36,6 +36,15 @@ pub fn retry_delay_ms(in_a_row: u32) -> u64 {
     }
 }
 
+/// What the planner knows of a group that failed since it was last ready.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct FailingGroup {
+    /// Failures in a row, one per placement (epoch).
+    pub in_a_row: u32,
+    /// Not placed again before this time.
+    pub retry_at_ms: u64,
+}
+
 /// The failures in a row of the groups that are failing now or failed since they were last
 /// ready.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -75,13 +84,19 @@ impl FailureMemory {
         }
     }
 
-    /// When each group that failed may be placed again, for groups that must wait.
-    pub fn retry_at_ms(&self) -> BTreeMap<ReplicaId, u64> {
+    /// Every group that failed since it was last ready: how often in a row, and when it may
+    /// be placed again.
+    pub fn failing(&self) -> BTreeMap<ReplicaId, FailingGroup> {
         self.groups
             .iter()
-            .filter_map(|(&group, failing)| {
+            .map(|(&group, failing)| {
                 let delay = retry_delay_ms(failing.in_a_row);
-                (delay > 0).then(|| (group, failing.seen_at_ms.saturating_add(delay)))
+                let retry_at_ms = failing.seen_at_ms.saturating_add(delay);
+                let known = FailingGroup {
+                    in_a_row: failing.in_a_row,
+                    retry_at_ms,
+                };
+                (group, known)
             })
             .collect()
     }

@@ -280,6 +280,8 @@ pub enum RollbackReason {
         latency_p99_ms: u64,
         latency_p99_max_ms: u64,
     },
+    /// A replica of the new version failed this many times in a row (it cannot load).
+    NewVersionFailed { failures_in_a_row: u32 },
 }
 
 impl RollbackReason {

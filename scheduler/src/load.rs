@@ -6,6 +6,7 @@
 //! Missing entries mean "unknown", and every controller reads unknown conservatively: an
 //! unknown replica is never idle (so never evicted), an unknown canary is never judged.
 
+use crate::backoff::FailingGroup;
 use crate::types::ReplicaId;
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
@@ -15,10 +16,12 @@ pub struct LoadSnapshot {
     pub deployments: BTreeMap<String, DeploymentLoad>,
     /// Per replica group, by group id.
     pub replicas: BTreeMap<ReplicaId, ReplicaLoad>,
-    /// Groups that failed again and again, by group id: placement leaves each failed until
-    /// this time ([`crate::backoff`]). A failed group not listed is placed again at once.
+    /// Groups that failed since they were last ready, by group id
+    /// ([`crate::backoff::FailureMemory`]): placement leaves each failed until its retry
+    /// time, and a rollout whose new version keeps failing is rolled back. A failed group
+    /// not listed is placed again at once.
     #[serde(default)]
-    pub retry_at_ms: BTreeMap<ReplicaId, u64>,
+    pub failing: BTreeMap<ReplicaId, FailingGroup>,
 }
 
 /// One deployment's traffic.

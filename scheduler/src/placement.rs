@@ -222,6 +222,10 @@ impl<'a> Planner<'a> {
                 if group.view.ready {
                     *counts.ready.entry(group.view.version).or_insert(0) += 1;
                 }
+                if let Some(failing) = self.load.failing.get(&group.view.id) {
+                    let most = counts.failing.entry(group.view.version).or_insert(0);
+                    *most = (*most).max(failing.in_a_row);
+                }
             }
             let health = deployment.rollout.and_then(|rollout| {
                 self.load
@@ -290,9 +294,9 @@ impl<'a> Planner<'a> {
             let bytes = need_bytes(group.view.version);
             let waiting = self
                 .load
-                .retry_at_ms
+                .failing
                 .get(&group.view.id)
-                .is_some_and(|&retry_at_ms| retry_at_ms > self.now_ms);
+                .is_some_and(|failing| failing.retry_at_ms > self.now_ms);
             match (wanted, bytes) {
                 (true, Some(_)) if waiting => position += 1,
                 (true, Some(bytes)) => {

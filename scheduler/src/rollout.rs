@@ -198,6 +198,8 @@ pub struct GroupCounts {
     pub live: BTreeMap<u32, u32>,
     /// Groups whose every shard is ready on a node that is not down, by version.
     pub ready: BTreeMap<u32, u32>,
+    /// The most failures in a row of any group of the version, by version.
+    pub failing: BTreeMap<u32, u32>,
 }
 
 impl GroupCounts {
@@ -213,6 +215,12 @@ impl GroupCounts {
             .sum()
     }
 }
+
+/// Failures in a row of one of the new version's groups after which its rollout is rolled
+/// back (and the version blocked): the first retry is at once and the second after half a
+/// second, so a passing fault gets two chances, and a version that cannot load is given up
+/// within a second or two while the stable version still serves.
+pub const ROLLOUT_FAILURES_MAX: u32 = 3;
 
 /// The next rollout step for one deployment, if one is due.
 ///
@@ -243,6 +251,14 @@ pub fn decide(
             deployment: name,
             version,
             reason: RollbackReason::Superseded,
+        });
+    }
+    let failures_in_a_row = counts.failing.get(&version).copied().unwrap_or(0);
+    if failures_in_a_row >= ROLLOUT_FAILURES_MAX {
+        return Some(Command::RollbackRollout {
+            deployment: name,
+            version,
+            reason: RollbackReason::NewVersionFailed { failures_in_a_row },
         });
     }
     let desired = deployment.replicas_desired;

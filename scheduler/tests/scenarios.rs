@@ -4,12 +4,13 @@
 //! only.
 
 use shoal_scheduler::autoscale::Autoscaler;
+use shoal_scheduler::backoff::FailingGroup;
 use shoal_scheduler::placement::plan;
 use shoal_scheduler::rollout::traffic;
 use shoal_scheduler::{
     ArtifactFile, AutoscalePolicy, CanaryThresholds, ClusterState, Command, DeploymentLoad,
     DeploymentSpec, Device, DeviceId, DeviceKind, LoadSnapshot, NodeId, NodeStatus, RemovalReason,
-    ReplicaPolicy, ReplicaState, RollbackReason, RolloutKind, RolloutPhase, Signature,
+    ReplicaId, ReplicaPolicy, ReplicaState, RollbackReason, RolloutKind, RolloutPhase, Signature,
     VersionHealth, VersionSelector, VersionWeight, apply,
 };
 use std::collections::BTreeMap;
@@ -96,6 +97,7 @@ fn describe(command: &Command) -> String {
                 RollbackReason::Superseded => "superseded",
                 RollbackReason::CanaryErrors { .. } => "canary-errors",
                 RollbackReason::CanaryLatency { .. } => "canary-latency",
+                RollbackReason::NewVersionFailed { .. } => "new-version-failed",
             };
             format!("rollback {deployment} v{version} {why}")
         }
@@ -294,6 +296,62 @@ fn a_rolling_update_brings_each_new_replica_up_before_an_old_one_goes() {
             }),
             Step::Check("v1 is what a rollback returns to", |s| {
                 s.deployments["m"].previous_version == Some(1)
+            }),
+        ],
+    });
+}
+
+/// The load the leader's failure memory gives after `group` failed `in_a_row` times.
+fn failing(group: u64, in_a_row: u32) -> LoadSnapshot {
+    let mut load = LoadSnapshot::default();
+    let failing = FailingGroup {
+        in_a_row,
+        retry_at_ms: 0,
+    };
+    load.failing.insert(ReplicaId(group), failing);
+    load
+}
+
+fn fail(replica: u64, epoch: u64) -> Command {
+    Command::SetReplicaState {
+        replica: ReplicaId(replica),
+        epoch,
+        state: ReplicaState::Failed,
+        failure: Some("the version has no config.json file".into()),
+    }
+}
+
+#[test]
+fn a_rollout_to_a_version_that_cannot_load_is_rolled_back_and_the_old_one_serves_on() {
+    let base = spec(2, RolloutKind::Rolling);
+    let (setup, _) = serving(3, base.clone());
+    run(Scenario {
+        name: "version that cannot load",
+        setup,
+        steps: vec![
+            Step::Plan(vec!["assign m v1 node-1", "assign m v1 node-2"]),
+            Step::AgentsReady,
+            Step::Do(vec![to_version(base, 2)]),
+            Step::Plan(vec!["start m v2", "assign m v2 node-3"]),
+            // Its first two failures are tried again (at once, then after a wait).
+            Step::Do(vec![fail(2, 1)]),
+            Step::Load(failing(2, 1)),
+            Step::Plan(vec!["reassign replica-2 node-3"]),
+            Step::Do(vec![fail(2, 2)]),
+            Step::Load(failing(2, 2)),
+            Step::Plan(vec!["reassign replica-2 node-3"]),
+            // The third gives the version up; the old replicas never stopped serving.
+            Step::Do(vec![fail(2, 3)]),
+            Step::Load(failing(2, 3)),
+            Step::Plan(vec![
+                "rollback m v2 new-version-failed",
+                "remove replica-2 surplus",
+            ]),
+            Step::Plan(vec![]),
+            Step::Check("v1 serves alone and v2 is blocked", |s| {
+                stable_is(s, 1)
+                    && versions_running(s) == vec![1, 1]
+                    && s.deployments["m"].blocked_version == Some(2)
             }),
         ],
     });

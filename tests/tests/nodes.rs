@@ -267,3 +267,63 @@ async fn a_deployment_whose_only_agent_dies_answers_503_and_counts_its_groups_lo
     }
     cluster.stop_all();
 }
+
+/// A rollout to a version that cannot load (its `config.json` left out) is given up after a
+/// few tries: the deployment is back on the version it ran, which served all along. (It
+/// retried the new version for as long as anyone let it.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rollout_to_a_version_that_cannot_load_is_rolled_back_while_the_old_one_serves() {
+    let root = tempfile::tempdir().unwrap();
+    let mut cluster = ServerCluster::start(root.path(), 1);
+    let http = http_client(Duration::from_secs(10));
+    cluster.leader(&http, Duration::from_secs(30)).await;
+    cluster.start_agent(1);
+    for (seed, config) in [("7", true), ("8", false)] {
+        let dir = root.path().join(format!("iris-{seed}"));
+        let dir_text = dir.to_str().unwrap();
+        run_shoal(&["model", "demo", "--out", dir_text, "--seed", seed]);
+        if !config {
+            std::fs::remove_file(dir.join("config.json")).unwrap();
+        }
+        cluster.push(1, &dir, "iris");
+    }
+    cluster.deploy(1, "iris", 1, 1);
+    let request = json!({"inputs": [{"name": "features", "shape": [1, 4], "datatype": "FP32",
+        "data": [5.1, 3.5, 1.4, 0.2]}]});
+    let url = cluster.url(1, "/v2/models/iris/infer");
+    let infer = || http.post(&url).json(&request).send();
+    let started = Instant::now();
+    while infer().await.unwrap().status() != 200 {
+        assert!(
+            started.elapsed() < Duration::from_secs(60),
+            "iris never served"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+
+    cluster.deploy(1, "iris", 2, 1);
+    let started = Instant::now();
+    loop {
+        // Version 1 answers throughout.
+        let answer = infer().await.unwrap();
+        assert_eq!(answer.status(), 200, "{:?}", answer.text().await);
+        let answer: Value = answer.json().await.unwrap();
+        assert_eq!(answer["model_version"], "1", "{answer}");
+        let deployments = get_json(&http, cluster.url(1, "/api/v1/deployments")).await;
+        let versions: Vec<u64> = deployments[0]["replicas"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|replica| replica["version"].as_u64().unwrap())
+            .collect();
+        if versions == [1] && cluster.log(1).contains("NewVersionFailed") {
+            break;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(30),
+            "never rolled back: {deployments}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    cluster.stop_all();
+}

@@ -1,7 +1,7 @@
 //! Placement tests: worked examples, then properties over random clusters and histories.
 
 use super::*;
-use crate::backoff::FailureMemory;
+use crate::backoff::{FailingGroup, FailureMemory};
 use crate::command::tests::{applied, deployment_command, next, node_command, version_command};
 use crate::command::{Outcome, Rejected, apply};
 use crate::deployment::{
@@ -350,7 +350,7 @@ fn a_group_that_keeps_failing_waits_longer_each_time_before_it_is_placed_again()
         .unwrap();
         memory.observe(&state, now_ms);
         let load = LoadSnapshot {
-            retry_at_ms: memory.retry_at_ms(),
+            failing: memory.failing(),
             ..LoadSnapshot::default()
         };
         let failed_at_ms = now_ms;
@@ -378,7 +378,7 @@ fn a_group_that_keeps_failing_waits_longer_each_time_before_it_is_placed_again()
     agents_report_ready(&mut state);
     memory.observe(&state, now_ms);
     assert_eq!(memory.failures_in_a_row(ReplicaId(0)), 0);
-    assert!(memory.retry_at_ms().is_empty());
+    assert!(memory.failing().is_empty());
 }
 
 /// A deployment that no longer wants a failed group drops it at once, wait or not.
@@ -415,7 +415,13 @@ fn a_failed_group_that_waits_is_still_removed_when_no_longer_wanted() {
     )
     .unwrap();
     let mut load = LoadSnapshot::default();
-    load.retry_at_ms.insert(ReplicaId(0), NOW_MS + 60_000);
+    load.failing.insert(
+        ReplicaId(0),
+        FailingGroup {
+            in_a_row: 9,
+            retry_at_ms: NOW_MS + 60_000,
+        },
+    );
     let commands = plan(&state, &load, NOW_MS);
     assert!(
         matches!(commands.as_slice(), [Command::RemoveReplica { .. }]),

@@ -190,6 +190,43 @@ fn a_rolled_back_version_is_not_rolled_out_again_until_the_spec_changes() {
     ));
 }
 
+/// A version whose replicas keep failing to load is given up after a few tries, in any
+/// phase, while the stable version still serves; fewer failures change nothing.
+#[test]
+fn a_rollout_whose_new_version_keeps_failing_is_rolled_back() {
+    for phase in [RolloutPhase::Rolling, RolloutPhase::CanaryWarming] {
+        let rolling = deployment(RolloutKind::Rolling, 2, to_two(phase));
+        let mut counts = GroupCounts::default();
+        counts.failing.insert(2, ROLLOUT_FAILURES_MAX - 1);
+        assert!(
+            !matches!(
+                decide(&rolling, Some(2), &counts, None, 0),
+                Some(Command::RollbackRollout { .. })
+            ),
+            "{phase:?}"
+        );
+        counts.failing.insert(2, ROLLOUT_FAILURES_MAX);
+        counts.failing.insert(1, 99);
+        assert_eq!(
+            decide(&rolling, Some(2), &counts, None, 0),
+            Some(Command::RollbackRollout {
+                deployment: "m".into(),
+                version: 2,
+                reason: RollbackReason::NewVersionFailed {
+                    failures_in_a_row: ROLLOUT_FAILURES_MAX
+                },
+            }),
+            "{phase:?}"
+        );
+    }
+    assert!(
+        RollbackReason::NewVersionFailed {
+            failures_in_a_row: 3
+        }
+        .blocks_version()
+    );
+}
+
 /// Regression: with versions 1, 2 and 3 pushed, a deployment moved from 1 to 3 rolled back
 /// to 2 (the version 3 was made from), which had never run.
 #[test]
