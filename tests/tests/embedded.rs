@@ -611,7 +611,7 @@ async fn model_show_lists_the_aliases_set_with_model_alias() {
 /// Pushes a second iris version (the demo trained with another seed) to `shoal`.
 fn push_second_iris_version(shoal: &Shoal, temp: &std::path::Path) {
     let other = temp.join("other-seed");
-    let other = other.to_str().unwrap();
+    let other = other.to_str().expect("a UTF-8 temp path");
     run(shoal, &["model", "demo", "--out", other, "--seed", "8"]);
     let pushed = run(shoal, &["model", "push", other, "--name", "iris"]);
     assert_eq!(pushed.trim(), "iris version 2 (new)");
