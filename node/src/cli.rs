@@ -683,7 +683,7 @@ pub async fn deploy(command: DeployCommand, args: &ClientArgs) -> anyhow::Result
                         text(r, "id"),
                         text(r, "version"),
                         text(r, "node"),
-                        text(r, "state"),
+                        replica_state_text(r),
                         text(r, "failure"),
                     ]
                 })
@@ -721,6 +721,16 @@ pub async fn deploy(command: DeployCommand, args: &ClientArgs) -> anyhow::Result
         }
     }
     Ok(())
+}
+
+/// A replica's state from its view; a node marked Down is named, since such a replica
+/// keeps the last state it reported: "Ready (node down)".
+fn replica_state_text(replica: &serde_json::Value) -> String {
+    let state = text(replica, "state");
+    match replica["node_status"].as_str() {
+        Some("Down") => format!("{state} (node down)"),
+        _ => state,
+    }
 }
 
 /// The version(s) a deployment serves, from its view: `1`, `2 (alias stable)`, or a
@@ -900,6 +910,14 @@ mod tests {
         assert_eq!(versions_text(&follows), "2 (alias stable)");
         let pinned = json!({"version": 1, "selector": {"version": 1}});
         assert_eq!(versions_text(&pinned), "1");
+    }
+
+    #[test]
+    fn a_replica_on_a_down_node_says_so_beside_its_last_state() {
+        let down = json!({"state": "Ready", "node_status": "Down"});
+        assert_eq!(replica_state_text(&down), "Ready (node down)");
+        let up = json!({"state": "Ready", "node_status": "Ready"});
+        assert_eq!(replica_state_text(&up), "Ready");
     }
 
     #[test]

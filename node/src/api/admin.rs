@@ -4,7 +4,7 @@ use super::AppState;
 use axum::Json;
 use axum::extract::State;
 use serde::Serialize;
-use shoal_scheduler::{ClusterState, ReplicaState, VersionSelector, VersionWeight};
+use shoal_scheduler::{ClusterState, NodeStatus, ReplicaState, VersionSelector, VersionWeight};
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
@@ -55,6 +55,9 @@ pub struct ReplicaView {
     pub device: u32,
     pub version: u32,
     pub state: ReplicaState,
+    /// The status of the replica's node: a replica on a Down node reports nothing, so
+    /// its state is the last one it reported. `None` for a node the state no longer has.
+    pub node_status: Option<NodeStatus>,
     pub reserved_bytes: u64,
     pub failure: Option<String>,
 }
@@ -69,6 +72,7 @@ pub struct DeploymentView {
     /// Which version(s) the deployment asked for, as its file names them.
     pub selector: SelectorView,
     pub replicas_wanted: u32,
+    /// Replicas Ready on a node that is not Down.
     pub replicas_ready: usize,
     pub replicas: Vec<ReplicaView>,
 }
@@ -111,6 +115,7 @@ fn deployment_views(state: &ClusterState) -> Vec<DeploymentView> {
                     device: replica.device.0,
                     version: replica.version,
                     state: replica.state,
+                    node_status: state.nodes.get(&replica.node).map(|node| node.status),
                     reserved_bytes: replica.reserved_bytes,
                     failure: replica.failure.clone(),
                 })
@@ -123,7 +128,9 @@ fn deployment_views(state: &ClusterState) -> Vec<DeploymentView> {
                 replicas_wanted: deployment.replicas_desired,
                 replicas_ready: replicas
                     .iter()
-                    .filter(|r| r.state == ReplicaState::Ready)
+                    .filter(|r| {
+                        r.state == ReplicaState::Ready && r.node_status != Some(NodeStatus::Down)
+                    })
                     .count(),
                 replicas,
             }
@@ -135,7 +142,10 @@ fn deployment_views(state: &ClusterState) -> Vec<DeploymentView> {
 mod tests {
     use super::*;
     use serde_json::json;
-    use shoal_scheduler::{ArtifactFile, Command, DeploymentSpec, Signature};
+    use shoal_scheduler::{
+        ArtifactFile, Command, DeploymentSpec, Device, DeviceId, DeviceKind, NodeId, ReplicaId,
+        ShardPlacement, Signature,
+    };
 
     /// The state after `commands`, each applied in turn.
     fn applied(commands: Vec<Command>) -> ClusterState {
@@ -244,6 +254,70 @@ mod tests {
                     json!({"split": [{"version": 1, "weight": 90}, {"version": 2, "weight": 10}]}),
                     json!(1)
                 ),
+            ]
+        );
+    }
+
+    #[test]
+    fn replicas_on_a_down_node_are_not_counted_ready_and_say_their_node_is_down() {
+        let node = |id: u64| Command::RegisterNode {
+            id: NodeId(id),
+            address: format!("127.0.0.1:{}", 9000 + id),
+            devices: vec![Device {
+                id: DeviceId(0),
+                kind: DeviceKind::Cpu,
+                memory_bytes: 1 << 30,
+            }],
+            labels: Default::default(),
+        };
+        let on = |id: u64| Command::AssignReplica {
+            deployment: "iris".into(),
+            version: 1,
+            shards: vec![ShardPlacement {
+                node: NodeId(id),
+                device: DeviceId(0),
+            }],
+        };
+        let ready = |replica: u64| Command::SetReplicaState {
+            replica: ReplicaId(replica),
+            epoch: 1,
+            state: ReplicaState::Ready,
+            failure: None,
+        };
+        let mut state = applied(vec![
+            node(1),
+            node(2),
+            version("iris", "one"),
+            Command::CreateDeployment {
+                spec: DeploymentSpec::new("iris", "iris", 1, 2),
+            },
+            on(1),
+            on(2),
+        ]);
+        let replicas: Vec<u64> = state.replicas.keys().map(|id| id.0).collect();
+        for command in replicas
+            .iter()
+            .map(|&id| ready(id))
+            .chain([Command::SetNodeStatus {
+                node: NodeId(1),
+                status: NodeStatus::Down,
+            }])
+        {
+            let index = state.applied_index + 1;
+            shoal_scheduler::apply(&mut state, index, command).unwrap();
+        }
+        let views = deployment_views(&state);
+        assert_eq!(views[0].replicas_ready, 1);
+        let nodes: Vec<_> = views[0]
+            .replicas
+            .iter()
+            .map(|replica| (replica.node, replica.state, replica.node_status))
+            .collect();
+        assert_eq!(
+            nodes,
+            [
+                (1, ReplicaState::Ready, Some(NodeStatus::Down)),
+                (2, ReplicaState::Ready, Some(NodeStatus::Ready)),
             ]
         );
     }
