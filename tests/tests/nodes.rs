@@ -145,20 +145,68 @@ async fn get_json(http: &reqwest::Client, url: String) -> Value {
     http.get(url).send().await.unwrap().json().await.unwrap()
 }
 
+async fn metrics_text(http: &reqwest::Client, cluster: &ServerCluster) -> String {
+    let answer = http.get(cluster.url(1, "/metrics")).send().await.unwrap();
+    answer.text().await.unwrap()
+}
+
+/// One server and one agent, and the demo model pushed as a version of `model` for each
+/// `(seed, config)`, its `config.json` left out where `config` is false.
+async fn one_agent_with_demo_versions(
+    root: &std::path::Path,
+    http: &reqwest::Client,
+    model: &str,
+    versions: &[(&str, bool)],
+) -> ServerCluster {
+    let mut cluster = ServerCluster::start(root, 1);
+    cluster.leader(http, Duration::from_secs(30)).await;
+    cluster.start_agent(1);
+    for (seed, config) in versions {
+        let dir = root.join(format!("{model}-{seed}"));
+        run_shoal(&[
+            "model",
+            "demo",
+            "--out",
+            dir.to_str().unwrap(),
+            "--seed",
+            seed,
+        ]);
+        if !config {
+            std::fs::remove_file(dir.join("config.json")).unwrap();
+        }
+        cluster.push(1, &dir, model);
+    }
+    cluster
+}
+
+/// One flower to classify, through server 1.
+async fn infer_iris(http: &reqwest::Client, cluster: &ServerCluster) -> reqwest::Response {
+    let request = json!({"inputs": [{"name": "features", "shape": [1, 4], "datatype": "FP32",
+        "data": [5.1, 3.5, 1.4, 0.2]}]});
+    let url = cluster.url(1, "/v2/models/iris/infer");
+    http.post(url).json(&request).send().await.unwrap()
+}
+
+async fn wait_iris_serving(http: &reqwest::Client, cluster: &ServerCluster) {
+    let started = Instant::now();
+    while infer_iris(http, cluster).await.status() != 200 {
+        assert!(
+            started.elapsed() < Duration::from_secs(60),
+            "iris never served"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
 /// Regression: a version that can never load (pushed without its `config.json`) was placed
 /// again the moment it failed: about 8,000 raft entries in 10 s, replicated to every
 /// server, and the replica so seldom `Failed` that its reason never showed.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_replica_that_cannot_load_shows_its_failure_and_is_retried_with_growing_waits() {
     let root = tempfile::tempdir().unwrap();
-    let mut cluster = ServerCluster::start(root.path(), 1);
     let http = http_client(Duration::from_secs(10));
-    cluster.leader(&http, Duration::from_secs(30)).await;
-    cluster.start_agent(1);
-    let model_dir = root.path().join("no-config");
-    run_shoal(&["model", "demo", "--out", model_dir.to_str().unwrap()]);
-    std::fs::remove_file(model_dir.join("config.json")).unwrap();
-    cluster.push(1, &model_dir, "no-config");
+    let mut cluster =
+        one_agent_with_demo_versions(root.path(), &http, "no-config", &[("7", false)]).await;
     cluster.deploy(1, "no-config", 1, 1);
 
     // Its failure and the reason are on show, in the API and in the metrics.
@@ -177,14 +225,7 @@ async fn a_replica_that_cannot_load_shows_its_failure_and_is_retried_with_growin
         );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    let metrics = http
-        .get(cluster.url(1, "/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = metrics_text(&http, &cluster).await;
     assert!(
         metrics.contains(r#"shoal_deployment_replicas{deployment="no-config",state="failed"} 1"#),
         "{metrics}"
@@ -208,30 +249,15 @@ async fn a_replica_that_cannot_load_shows_its_failure_and_is_retried_with_growin
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_deployment_whose_only_agent_dies_answers_503_and_counts_its_groups_lost() {
     let root = tempfile::tempdir().unwrap();
-    let mut cluster = ServerCluster::start(root.path(), 1);
     let http = http_client(Duration::from_secs(10));
-    cluster.leader(&http, Duration::from_secs(30)).await;
-    cluster.start_agent(1);
-    let model_dir = root.path().join("iris");
-    run_shoal(&["model", "demo", "--out", model_dir.to_str().unwrap()]);
-    cluster.push(1, &model_dir, "iris");
+    let mut cluster =
+        one_agent_with_demo_versions(root.path(), &http, "iris", &[("7", true)]).await;
     cluster.deploy(1, "iris", 1, 1);
-    let request = json!({"inputs": [{"name": "features", "shape": [1, 4], "datatype": "FP32",
-        "data": [5.1, 3.5, 1.4, 0.2]}]});
-    let url = cluster.url(1, "/v2/models/iris/infer");
-    let infer = || http.post(&url).json(&request).send();
-    let started = Instant::now();
-    while infer().await.unwrap().status() != 200 {
-        assert!(
-            started.elapsed() < Duration::from_secs(60),
-            "iris never served"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    wait_iris_serving(&http, &cluster).await;
 
     cluster.kill_agent(1);
     // Before its lease runs out the gateway still tries it: no replica can be reached.
-    let answer = infer().await.unwrap();
+    let answer = infer_iris(&http, &cluster).await;
     assert_eq!(answer.status(), 503, "{:?}", answer.text().await);
 
     // Once the node is down, its group counts as lost.
@@ -243,18 +269,11 @@ async fn a_deployment_whose_only_agent_dies_answers_503_and_counts_its_groups_lo
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    let answer = infer().await.unwrap();
+    let answer = infer_iris(&http, &cluster).await;
     assert_eq!(answer.status(), 503, "{:?}", answer.text().await);
     let started = Instant::now();
     loop {
-        let metrics = http
-            .get(cluster.url(1, "/metrics"))
-            .send()
-            .await
-            .unwrap()
-            .text()
-            .await
-            .unwrap();
+        let metrics = metrics_text(&http, &cluster).await;
         if metrics.contains(r#"shoal_deployment_replicas{deployment="iris",state="lost"} 1"#) {
             assert!(
                 metrics.contains(r#"shoal_deployment_replicas{deployment="iris",state="ready"} 0"#),
@@ -274,38 +293,17 @@ async fn a_deployment_whose_only_agent_dies_answers_503_and_counts_its_groups_lo
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_rollout_to_a_version_that_cannot_load_is_rolled_back_while_the_old_one_serves() {
     let root = tempfile::tempdir().unwrap();
-    let mut cluster = ServerCluster::start(root.path(), 1);
     let http = http_client(Duration::from_secs(10));
-    cluster.leader(&http, Duration::from_secs(30)).await;
-    cluster.start_agent(1);
-    for (seed, config) in [("7", true), ("8", false)] {
-        let dir = root.path().join(format!("iris-{seed}"));
-        let dir_text = dir.to_str().unwrap();
-        run_shoal(&["model", "demo", "--out", dir_text, "--seed", seed]);
-        if !config {
-            std::fs::remove_file(dir.join("config.json")).unwrap();
-        }
-        cluster.push(1, &dir, "iris");
-    }
+    let versions = [("7", true), ("8", false)];
+    let mut cluster = one_agent_with_demo_versions(root.path(), &http, "iris", &versions).await;
     cluster.deploy(1, "iris", 1, 1);
-    let request = json!({"inputs": [{"name": "features", "shape": [1, 4], "datatype": "FP32",
-        "data": [5.1, 3.5, 1.4, 0.2]}]});
-    let url = cluster.url(1, "/v2/models/iris/infer");
-    let infer = || http.post(&url).json(&request).send();
-    let started = Instant::now();
-    while infer().await.unwrap().status() != 200 {
-        assert!(
-            started.elapsed() < Duration::from_secs(60),
-            "iris never served"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    wait_iris_serving(&http, &cluster).await;
 
     cluster.deploy(1, "iris", 2, 1);
     let started = Instant::now();
     loop {
         // Version 1 answers throughout.
-        let answer = infer().await.unwrap();
+        let answer = infer_iris(&http, &cluster).await;
         assert_eq!(answer.status(), 200, "{:?}", answer.text().await);
         let answer: Value = answer.json().await.unwrap();
         assert_eq!(answer["model_version"], "1", "{answer}");
