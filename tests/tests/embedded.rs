@@ -681,3 +681,39 @@ async fn deploy_list_and_show_name_a_traffic_split_and_a_followed_alias() {
     shoal.interrupt();
     assert!(shoal.wait_exit(Duration::from_secs(30)).success());
 }
+
+/// Regression: an input given twice was answered 200, an output asked for twice was
+/// answered once, and `[[1, 2], [3, 4]]` was taken for shape `[1, 4]`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn repeated_inputs_repeated_outputs_and_data_nested_against_its_shape_are_400() {
+    let temp = tempfile::tempdir().unwrap();
+    let client = reqwest::Client::new();
+    let mut shoal = Shoal::up(&temp.path().join("data"), "lenient-input");
+    shoal.wait_ready(&client).await;
+    let infer = "/v2/models/iris/infer";
+    let features = json!({"name": "features", "shape": [1, 4], "datatype": "FP32",
+        "data": [5.1, 3.5, 1.4, 0.2]});
+    let bodies = [
+        json!({"inputs": [features, features]}),
+        json!({"inputs": [features], "outputs": [{"name": "label"}, {"name": "label"}]}),
+        json!({"inputs": [{"name": "features", "shape": [1, 4], "datatype": "FP32",
+            "data": [[5.1, 3.5], [1.4, 0.2]]}]}),
+    ];
+    for body in bodies {
+        expect_error(&client, &shoal, infer, body.to_string().into_bytes(), 400).await;
+    }
+    // Flat data and data nested as its shape are still served.
+    for data in [json!([5.1, 3.5, 1.4, 0.2]), json!([[5.1, 3.5, 1.4, 0.2]])] {
+        let body = json!({"inputs": [{"name": "features", "shape": [1, 4], "datatype": "FP32",
+            "data": data}]});
+        let answer = client
+            .post(shoal.url(infer))
+            .json(&body)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(answer.status(), 200, "{data}");
+    }
+    shoal.interrupt();
+    assert!(shoal.wait_exit(Duration::from_secs(30)).success());
+}

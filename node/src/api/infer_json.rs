@@ -80,6 +80,93 @@ fn element_count(shape: &[usize]) -> Option<usize> {
     shape.iter().try_fold(1usize, |n, &d| n.checked_mul(d))
 }
 
+/// The shape that a tensor's nested `data` arrays spell out, gathered as they are read (at
+/// each array's end, never per element) and checked against the tensor's `shape` once
+/// both are known: `data` may be flat whatever the shape, or nested exactly as the shape
+/// (`[[1, 2, 3, 4]]` for `[1, 4]`, never `[[1, 2], [3, 4]]`). Both readers keep one.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Nesting {
+    /// The length of the outermost array.
+    outer_length: usize,
+    /// The length of the first array met at each depth below the outermost (index 0 is
+    /// depth 1); empty for flat data, so flat data allocates nothing here.
+    inner_lengths: Vec<Option<usize>>,
+    /// The depth of the arrays that hold numbers rather than arrays (the first met).
+    leaf_depth: Option<usize>,
+    /// Every array as long as the first of its depth, numbers only at one depth, and no
+    /// array holding both numbers and arrays.
+    even: bool,
+}
+
+impl Default for Nesting {
+    fn default() -> Nesting {
+        Nesting {
+            outer_length: 0,
+            inner_lengths: Vec::new(),
+            leaf_depth: None,
+            even: true,
+        }
+    }
+}
+
+impl Nesting {
+    /// An array at `depth` (0: the outermost) closed after `items` elements, `arrays` of
+    /// which were arrays.
+    pub fn close(&mut self, depth: usize, items: usize, arrays: usize) {
+        if arrays == 0 {
+            match self.leaf_depth {
+                None => self.leaf_depth = Some(depth),
+                Some(leaf_depth) => self.even &= leaf_depth == depth,
+            }
+        } else if arrays != items {
+            self.even = false;
+        }
+        let Some(slot) = depth.checked_sub(1) else {
+            self.outer_length = items;
+            return;
+        };
+        if self.inner_lengths.len() <= slot {
+            self.inner_lengths.resize(slot + 1, None);
+        }
+        match self.inner_lengths[slot] {
+            None => self.inner_lengths[slot] = Some(items),
+            Some(length) => self.even &= length == items,
+        }
+    }
+
+    /// Whether data nested so may fill a tensor of `shape`: flat, or nested as the shape.
+    pub fn fits(&self, shape: &[usize]) -> bool {
+        if self.inner_lengths.is_empty() {
+            // Flat (or a lone number): the element count is checked against the shape later.
+            return self.even;
+        }
+        self.even
+            && self.leaf_depth == Some(self.inner_lengths.len())
+            && shape.len() == self.inner_lengths.len() + 1
+            && shape[0] == self.outer_length
+            && shape[1..]
+                .iter()
+                .zip(&self.inner_lengths)
+                .all(|(&dimension, &length)| length == Some(dimension))
+    }
+
+    /// Why data nested so does not fit `shape`, for an error message.
+    pub fn mismatch(&self, shape: &[usize]) -> String {
+        if !self.even || self.leaf_depth != Some(self.inner_lengths.len()) {
+            return "is nested unevenly (rows of different lengths, or numbers beside \
+                    arrays)"
+                .to_string();
+        }
+        let nested: Vec<usize> = std::iter::once(self.outer_length)
+            .chain(self.inner_lengths.iter().flatten().copied())
+            .collect();
+        format!(
+            "is nested as {nested:?}, which is not its shape {shape:?}; give the data flat, or \
+             nested exactly as the shape"
+        )
+    }
+}
+
 /// A tensor's data as read: typed, or read as FP32 before its `datatype` key came.
 enum Data {
     Typed(TensorData),
@@ -232,6 +319,7 @@ impl<'a> Cursor<'a> {
     fn input(&mut self) -> Option<NamedTensor> {
         self.eat(b'{')?;
         let (mut name, mut shape, mut numeric, mut data) = (None, None, None, None);
+        let mut nesting = Nesting::default();
         loop {
             match self.key()? {
                 "name" if name.is_none() => name = Some(self.string()?.to_string()),
@@ -246,7 +334,7 @@ impl<'a> Cursor<'a> {
                 "data" if data.is_none() => {
                     let expected = shape.as_deref().and_then(element_count);
                     data = Some(match numeric {
-                        Some(numeric) => Data::Typed(self.data(numeric, expected)?),
+                        Some(numeric) => Data::Typed(self.data(numeric, expected, &mut nesting)?),
                         // Keys in alphabetical order (as serde_json's maps write them) put
                         // `data` before `datatype`. Reading the numbers as FP32 at once
                         // costs one pass; keeping them untyped until the type came cost
@@ -254,7 +342,7 @@ impl<'a> Cursor<'a> {
                         None => {
                             let at = self.at;
                             Data::AsFp32 {
-                                values: self.fp32(expected)?,
+                                values: self.fp32(expected, &mut nesting)?,
                                 at,
                             }
                         }
@@ -266,6 +354,11 @@ impl<'a> Cursor<'a> {
                 break;
             }
         }
+        let shape = shape?;
+        // Data nested otherwise than the shape is refused on serde's path, which says how.
+        if !nesting.fits(&shape) {
+            return None;
+        }
         let data = match (data?, numeric?) {
             (Data::Typed(data), _) => data,
             (Data::AsFp32 { values, .. }, Numeric::Fp32) => TensorData::Fp32(values),
@@ -274,12 +367,14 @@ impl<'a> Cursor<'a> {
                     bytes: self.bytes,
                     at,
                 };
-                again.data(Numeric::Int64, shape.as_deref().and_then(element_count))?
+                // The same array again: its nesting was checked above.
+                let mut nesting = Nesting::default();
+                again.data(Numeric::Int64, element_count(&shape), &mut nesting)?
             }
         };
         Some(NamedTensor {
             name: name?,
-            shape: shape?,
+            shape,
             data,
         })
     }
@@ -297,13 +392,19 @@ impl<'a> Cursor<'a> {
 
     /// A tensor's elements, flat or nested, into a typed vector. `expected` (the shape's
     /// element count, when the shape came first) only sizes the vector; the count is
-    /// checked against the model's signature later, as on serde's path.
-    fn data(&mut self, numeric: Numeric, expected: Option<usize>) -> Option<TensorData> {
+    /// checked against the model's signature later, as on serde's path; the arrays'
+    /// nesting goes into `nesting`.
+    fn data(
+        &mut self,
+        numeric: Numeric,
+        expected: Option<usize>,
+        nesting: &mut Nesting,
+    ) -> Option<TensorData> {
         Some(match numeric {
-            Numeric::Fp32 => TensorData::Fp32(self.fp32(expected)?),
+            Numeric::Fp32 => TensorData::Fp32(self.fp32(expected, nesting)?),
             Numeric::Int64 => {
                 let mut values = Vec::with_capacity(self.capacity(expected));
-                self.elements(0, &mut |number| {
+                self.elements(0, nesting, &mut |number| {
                     values.push(number.to_i64()?);
                     Some(())
                 })?;
@@ -314,9 +415,9 @@ impl<'a> Cursor<'a> {
     }
 
     /// A tensor's elements as FP32 (see [`Cursor::data`]).
-    fn fp32(&mut self, expected: Option<usize>) -> Option<Vec<f32>> {
+    fn fp32(&mut self, expected: Option<usize>, nesting: &mut Nesting) -> Option<Vec<f32>> {
         let mut values = Vec::with_capacity(self.capacity(expected));
-        self.elements(0, &mut |number| {
+        self.elements(0, nesting, &mut |number| {
             // A finite number past FP32's range would read as an infinity: serde's path
             // refuses it and names the element.
             let value = number.to_f32();
@@ -340,10 +441,12 @@ impl<'a> Cursor<'a> {
             .min(self.bytes.len() / 2)
     }
 
-    /// Walks a (possibly nested) array of numbers, handing each to `push` in order.
+    /// Walks a (possibly nested) array of numbers, handing each to `push` in order, and
+    /// each array's length to `nesting` as it closes: per element, only a count.
     fn elements(
         &mut self,
         depth: usize,
+        nesting: &mut Nesting,
         push: &mut impl FnMut(Number) -> Option<()>,
     ) -> Option<()> {
         if depth > DATA_DEPTH_MAX {
@@ -351,15 +454,20 @@ impl<'a> Cursor<'a> {
         }
         self.eat(b'[')?;
         if self.empty(b']')? {
+            nesting.close(depth, 0, 0);
             return Some(());
         }
+        let (mut items, mut arrays) = (0, 0);
         loop {
+            items += 1;
             if self.peek()? == b'[' {
-                self.elements(depth + 1, push)?;
+                arrays += 1;
+                self.elements(depth + 1, nesting, push)?;
             } else {
                 push(self.number()?)?;
             }
             if !self.more(b']')? {
+                nesting.close(depth, items, arrays);
                 return Some(());
             }
         }

@@ -1,6 +1,7 @@
 //! Open Inference Protocol v2 JSON shapes, and their conversion to and from the tensors
 //! replicas take. Pure: no HTTP here.
 
+use super::infer_json::Nesting;
 pub use super::infer_json::Request;
 use serde::{Deserialize, Serialize};
 use shoal_actors::tensor::{NamedTensor, TensorData};
@@ -69,101 +70,125 @@ pub enum Element {
     Other(&'static str),
 }
 
-/// The leaves of a request input's (possibly nested) data array in row-major order.
+/// The leaves of a request input's (possibly nested) data array in row-major order, and
+/// how the arrays were nested (checked against the input's shape in [`to_tensor`]).
 ///
 /// Read straight from the JSON without building a `serde_json::Value` tree: decoding the
 /// numbers of a request was the largest cost of serving a small model (a `Value` per
 /// element, and an allocation per nested array).
 #[derive(Clone, Debug, Default, PartialEq)]
-pub struct Elements(pub Vec<Element>);
+pub struct Elements {
+    pub values: Vec<Element>,
+    pub nesting: Nesting,
+}
 
 impl<'de> Deserialize<'de> for Elements {
     fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Elements, D::Error> {
-        let mut elements = Vec::new();
-        deserializer.deserialize_any(Flatten(&mut elements))?;
-        Ok(Elements(elements))
+        let mut elements = Elements::default();
+        deserializer.deserialize_any(Flatten {
+            values: &mut elements.values,
+            nesting: &mut elements.nesting,
+            depth: 0,
+        })?;
+        Ok(elements)
     }
 }
 
-/// Appends every leaf it visits to the vector, descending into arrays.
-struct Flatten<'a>(&'a mut Vec<Element>);
+/// Appends every leaf it visits to the vector, descending into arrays, and tells
+/// `nesting` each array's length as it ends. Visiting gives whether the value was an
+/// array.
+struct Flatten<'a> {
+    values: &'a mut Vec<Element>,
+    nesting: &'a mut Nesting,
+    /// How deep in the data's arrays the value visited is (0: the data itself).
+    depth: usize,
+}
 
 impl<'de> serde::de::DeserializeSeed<'de> for Flatten<'_> {
-    type Value = ();
+    type Value = bool;
 
-    fn deserialize<D: serde::Deserializer<'de>>(self, deserializer: D) -> Result<(), D::Error> {
+    fn deserialize<D: serde::Deserializer<'de>>(self, deserializer: D) -> Result<bool, D::Error> {
         deserializer.deserialize_any(self)
     }
 }
 
 impl<'de> serde::de::Visitor<'de> for Flatten<'_> {
-    type Value = ();
+    type Value = bool;
 
     fn expecting(&self, formatter: &mut std::fmt::Formatter) -> std::fmt::Result {
         formatter.write_str("an array of numbers or strings, flat or nested")
     }
 
-    fn visit_f64<E>(self, value: f64) -> Result<(), E> {
-        self.0.push(Element::Float(value));
-        Ok(())
+    fn visit_f64<E>(self, value: f64) -> Result<bool, E> {
+        self.values.push(Element::Float(value));
+        Ok(false)
     }
 
-    fn visit_i64<E>(self, value: i64) -> Result<(), E> {
-        self.0.push(Element::Int(value));
-        Ok(())
+    fn visit_i64<E>(self, value: i64) -> Result<bool, E> {
+        self.values.push(Element::Int(value));
+        Ok(false)
     }
 
-    fn visit_u64<E>(self, value: u64) -> Result<(), E> {
-        self.0.push(Element::Unsigned(value));
-        Ok(())
+    fn visit_u64<E>(self, value: u64) -> Result<bool, E> {
+        self.values.push(Element::Unsigned(value));
+        Ok(false)
     }
 
-    fn visit_str<E>(self, value: &str) -> Result<(), E> {
-        self.0.push(Element::Text(value.to_string()));
-        Ok(())
+    fn visit_str<E>(self, value: &str) -> Result<bool, E> {
+        self.values.push(Element::Text(value.to_string()));
+        Ok(false)
     }
 
-    fn visit_string<E>(self, value: String) -> Result<(), E> {
-        self.0.push(Element::Text(value));
-        Ok(())
+    fn visit_string<E>(self, value: String) -> Result<bool, E> {
+        self.values.push(Element::Text(value));
+        Ok(false)
     }
 
-    fn visit_bool<E>(self, value: bool) -> Result<(), E> {
-        self.0
+    fn visit_bool<E>(self, value: bool) -> Result<bool, E> {
+        self.values
             .push(Element::Other(if value { "true" } else { "false" }));
-        Ok(())
+        Ok(false)
     }
 
-    fn visit_unit<E>(self) -> Result<(), E> {
-        self.0.push(Element::Other("null"));
-        Ok(())
+    fn visit_unit<E>(self) -> Result<bool, E> {
+        self.values.push(Element::Other("null"));
+        Ok(false)
     }
 
-    fn visit_none<E>(self) -> Result<(), E> {
-        self.0.push(Element::Other("null"));
-        Ok(())
+    fn visit_none<E>(self) -> Result<bool, E> {
+        self.values.push(Element::Other("null"));
+        Ok(false)
     }
 
-    fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<(), A::Error> {
+    fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<bool, A::Error> {
         while map
             .next_entry::<serde::de::IgnoredAny, serde::de::IgnoredAny>()?
             .is_some()
         {}
-        self.0.push(Element::Other("an object"));
-        Ok(())
+        self.values.push(Element::Other("an object"));
+        Ok(false)
     }
 
-    fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<(), A::Error> {
-        while seq.next_element_seed(Flatten(&mut *self.0))?.is_some() {}
-        Ok(())
+    fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<bool, A::Error> {
+        let (mut items, mut arrays) = (0, 0);
+        while let Some(was_array) = seq.next_element_seed(Flatten {
+            values: &mut *self.values,
+            nesting: &mut *self.nesting,
+            depth: self.depth + 1,
+        })? {
+            items += 1;
+            arrays += usize::from(was_array);
+        }
+        self.nesting.close(self.depth, items, arrays);
+        Ok(true)
     }
 }
 
 impl Serialize for Elements {
     fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
         use serde::ser::SerializeSeq;
-        let mut seq = serializer.serialize_seq(Some(self.0.len()))?;
-        for element in &self.0 {
+        let mut seq = serializer.serialize_seq(Some(self.values.len()))?;
+        for element in &self.values {
             match element {
                 Element::Float(value) => seq.serialize_element(value)?,
                 Element::Int(value) => seq.serialize_element(value)?,
@@ -289,12 +314,19 @@ pub fn to_tensor(input: RequestInput) -> Result<NamedTensor, String> {
     let bad_element = |index: usize, element: &Element, expected: &str| {
         format!("input {name:?}: element {index} is {element}, expected {expected}")
     };
-    let Some(Elements(elements)) = input.data else {
+    let Some(Elements {
+        values: elements,
+        nesting,
+    }) = input.data
+    else {
         return Err(format!(
             "input {name:?} has no data: give `data`, or `binary_data_size` with the \
              {BINARY_HEADER_LENGTH} header"
         ));
     };
+    if !nesting.fits(&shape) {
+        return Err(format!("input {name:?}: data {}", nesting.mismatch(&shape)));
+    }
     let data = match datatype {
         DataType::Fp32 => {
             let mut values = Vec::with_capacity(elements.len());
@@ -355,13 +387,50 @@ pub fn to_tensor(input: RequestInput) -> Result<NamedTensor, String> {
 /// is all JSON, read by the fast reader when it has the common shape
 /// ([`super::infer_json`]), else through serde, which words every error.
 pub fn read_request(body: &[u8], header_bytes: Option<usize>) -> Result<Request, String> {
-    if let Some(header_bytes) = header_bytes {
-        return read_binary_request(body, header_bytes);
+    let request = match header_bytes {
+        Some(header_bytes) => read_binary_request(body, header_bytes)?,
+        None => match super::infer_json::read(body) {
+            Some(request) => request,
+            None => read_with_serde(body)?,
+        },
+    };
+    check_names(&request)?;
+    Ok(request)
+}
+
+/// Refuses a request that gives an input twice, or asks for an output twice: which of
+/// the two would count is anybody's guess.
+fn check_names(request: &Request) -> Result<(), String> {
+    if let Some(name) = repeated(&request.inputs, |input| &input.name) {
+        return Err(format!(
+            "input {name:?} is given twice; give each input once"
+        ));
     }
-    match super::infer_json::read(body) {
-        Some(request) => Ok(request),
-        None => read_with_serde(body),
+    if let Some(name) = repeated(&request.outputs, |wanted| &wanted.name) {
+        return Err(format!(
+            "output {name:?} is asked for twice; name each output once"
+        ));
     }
+    Ok(())
+}
+
+/// The first name in `items` that an earlier item has too.
+fn repeated<'a, T>(items: &'a [T], name: impl Fn(&'a T) -> &'a str) -> Option<&'a str> {
+    /// Up to this many names each is compared with those before it, which costs nothing
+    /// for the one or two tensors a request names; beyond, a set, so that a body of
+    /// thousands of inputs costs thousands of steps, not millions.
+    const PAIRWISE_MAX: usize = 16;
+    if items.len() <= PAIRWISE_MAX {
+        return items.iter().enumerate().find_map(|(index, item)| {
+            let this = name(item);
+            items[..index]
+                .iter()
+                .any(|earlier| name(earlier) == this)
+                .then_some(this)
+        });
+    }
+    let mut seen = std::collections::HashSet::with_capacity(items.len());
+    items.iter().map(name).find(|this| !seen.insert(*this))
 }
 
 /// An infer request read through serde: every shape the protocol allows, every error
@@ -594,7 +663,7 @@ mod tests {
         let elements: Elements =
             serde_json::from_str(r#"[[1, -2], [3.5, "x"], [true, null, {"a": [1]}]]"#).unwrap();
         assert_eq!(
-            elements.0,
+            elements.values,
             vec![
                 Element::Unsigned(1),
                 Element::Int(-2),
@@ -639,11 +708,15 @@ mod tests {
 
     #[test]
     fn fp32_numbers_past_its_range_are_refused_naming_the_element() {
-        for (data, element) in [
-            (json!([1e39, 2, 3, 4]), "element 0 is 1e39"),
-            (json!([[1, 2], [3, -1e300]]), "element 3 is -1e300"),
+        for (shape, data, element) in [
+            (vec![4], json!([1e39, 2, 3, 4]), "element 0 is 1e39"),
+            (
+                vec![2, 2],
+                json!([[1, 2], [3, -1e300]]),
+                "element 3 is -1e300",
+            ),
         ] {
-            let refused = to_tensor(input("FP32", vec![4], data)).unwrap_err();
+            let refused = to_tensor(input("FP32", shape, data)).unwrap_err();
             assert!(refused.contains("input \"x\""), "{refused}");
             assert!(refused.contains(element), "{refused}");
             assert!(refused.contains("range of FP32"), "{refused}");
@@ -656,6 +729,68 @@ mod tests {
         ))
         .unwrap();
         assert_eq!(edge.data, TensorData::Fp32(vec![f32::MAX, f32::MIN, 0.0]));
+    }
+
+    /// Regression: an input given twice was accepted, and an output asked for twice was
+    /// answered once.
+    #[test]
+    fn an_input_given_twice_or_an_output_asked_for_twice_is_refused_on_every_path() {
+        let twice = r#"{"name": "x", "shape": [1], "datatype": "FP32", "data": [1]}"#;
+        let other = r#"{"name": "y", "shape": [1], "datatype": "FP32", "data": [2]}"#;
+        let inputs = [
+            // The fast path's shape, and one only serde reads (`parameters`).
+            format!(r#"{{"inputs": [{twice}, {other}, {twice}]}}"#),
+            format!(r#"{{"inputs": [{twice}, {twice}], "parameters": {{}}}}"#),
+        ];
+        let outputs = [
+            format!(r#"{{"inputs": [{twice}], "outputs": [{{"name": "p"}}, {{"name": "p"}}]}}"#),
+            format!(
+                r#"{{"inputs": [{twice}], "outputs": [{{"name": "p"}},
+                    {{"name": "p", "parameters": {{"binary_data": true}}}}]}}"#
+            ),
+        ];
+        for (bodies, expected) in [
+            (&inputs, "input \"x\" is given twice"),
+            (&outputs, "output \"p\" is asked for twice"),
+        ] {
+            for body in bodies {
+                let refused = read_request(body.as_bytes(), None).unwrap_err();
+                assert!(refused.contains(expected), "{body}: {refused}");
+            }
+        }
+        // And in the binary tensor data extension.
+        let four = 1.0f32.to_le_bytes();
+        let binary_input = json!({"name": "x", "shape": [1], "datatype": "FP32", "parameters": {"binary_data_size": 4}});
+        let (body, header_bytes) = binary_body(
+            &json!({"inputs": [binary_input, binary_input]}),
+            &[&four, &four],
+        );
+        let refused = read_request(&body, Some(header_bytes)).unwrap_err();
+        assert!(refused.contains("input \"x\" is given twice"), "{refused}");
+        let (body, header_bytes) = binary_body(
+            &json!({"inputs": [binary_input], "outputs": [{"name": "p"}, {"name": "p"}]}),
+            &[&four],
+        );
+        let refused = read_request(&body, Some(header_bytes)).unwrap_err();
+        assert!(
+            refused.contains("output \"p\" is asked for twice"),
+            "{refused}"
+        );
+
+        // Many inputs (past the pairwise comparison) are checked as well.
+        let many: Vec<String> = (0..40)
+            .map(|index| {
+                format!(
+                    r#"{{"name": "i{}", "shape": [1], "datatype": "FP32", "data": [1]}}"#,
+                    index % 39
+                )
+            })
+            .collect();
+        let body = format!(r#"{{"inputs": [{}]}}"#, many.join(","));
+        let refused = read_request(body.as_bytes(), None).unwrap_err();
+        assert!(refused.contains("input \"i0\" is given twice"), "{refused}");
+        let distinct = format!(r#"{{"inputs": [{}]}}"#, many[..39].join(","));
+        assert!(read_request(distinct.as_bytes(), None).is_ok());
     }
 
     #[test]

@@ -120,7 +120,7 @@ fn a_number_past_fp32s_range_is_refused_naming_the_input_and_element() {
     // `datatype` before `data`, and after it (read as FP32 before the type is known).
     let bodies = [
         r#"{"inputs":[{"name":"features","shape":[1,4],"datatype":"FP32","data":[1e39,2,3,4]}]}"#,
-        r#"{"inputs":[{"data":[[1,2],[3,-4e38]],"datatype":"FP32","name":"features","shape":[1,4]}]}"#,
+        r#"{"inputs":[{"data":[[1,2],[3,-4e38]],"datatype":"FP32","name":"features","shape":[2,2]}]}"#,
         r#"{"inputs":[{"name":"features","shape":[1,4],"datatype":"FP32","data":[1,2,3,3.5e38]}]}"#,
     ];
     for (body, element) in bodies.iter().zip(["element 0", "element 3", "element 3"]) {
@@ -202,19 +202,23 @@ fn request_body() -> impl Strategy<Value = String> {
     )
         .prop_map(
             |(datatype, numbers, nested, space, shape_first, datatype_first)| {
-                let data = if nested && numbers.len() >= 2 {
+                // Nested data is nested as its shape: two rows of half the numbers.
+                let nested = nested && numbers.len() >= 2 && numbers.len() % 2 == 0;
+                let (data, dimensions) = if nested {
                     let (left, right) = numbers.split_at(numbers.len() / 2);
-                    format!(
+                    let data = format!(
                         "[[{}],{space}[{}]]",
                         left.join(","),
                         right.join(&format!(",{space}"))
-                    )
+                    );
+                    (data, format!("2, {}", left.len()))
                 } else {
-                    format!("[{}]", numbers.join(&format!("{space},")))
+                    let data = format!("[{}]", numbers.join(&format!("{space},")));
+                    (data, numbers.len().to_string())
                 };
                 let (name, shape) = (
                     "\"name\": \"x\"",
-                    format!("\"shape\":{space}[{}]", numbers.len()),
+                    format!("\"shape\":{space}[{dimensions}]"),
                 );
                 let head = if shape_first {
                     format!("{shape}, {name}")
@@ -339,5 +343,48 @@ proptest! {
             let expected = text.parse::<f64>().unwrap() as f32;
             prop_assert_eq!(values[0].to_bits(), expected.to_bits(), "{}", text);
         }
+    }
+}
+
+/// Regression: `[[1, 2], [3, 4]]` for shape `[1, 4]` was read as the four numbers it holds.
+#[test]
+fn data_nested_otherwise_than_its_shape_is_refused_on_both_paths() {
+    let refused = [
+        // `datatype` before `data`, and after it (read as FP32, then checked).
+        r#"{"inputs":[{"name":"x","shape":[1,4],"datatype":"FP32","data":[[1,2],[3,4]]}]}"#,
+        r#"{"inputs":[{"data":[[1,2],[3,4]],"datatype":"FP32","name":"x","shape":[1,4]}]}"#,
+        r#"{"inputs":[{"data":[[1,2],[3,4]],"datatype":"INT64","name":"x","shape":[1,4]}]}"#,
+        r#"{"inputs":[{"name":"x","shape":[4],"datatype":"FP32","data":[[1,2,3,4]]}]}"#,
+        r#"{"inputs":[{"name":"x","shape":[2,2],"datatype":"FP32","data":[[1,2,3],[4]]}]}"#,
+        r#"{"inputs":[{"name":"x","shape":[2,2],"datatype":"FP32","data":[1,[2,3],4]}]}"#,
+        r#"{"inputs":[{"name":"x","shape":[1,2,2],"datatype":"FP32","data":[[[1,2],3,4]]}]}"#,
+        // Only serde's path reads strings.
+        r#"{"inputs":[{"name":"t","shape":[1,4],"datatype":"BYTES","data":[["a","b"],["c","d"]]}]}"#,
+    ];
+    for body in refused {
+        assert!(read(body.as_bytes()).is_none(), "fast path took {body}");
+        let refused = crate::api::oip::read_request(body.as_bytes(), None).unwrap_err();
+        assert!(refused.contains("nested"), "{body}: {refused}");
+    }
+    let message = crate::api::oip::read_request(refused[0].as_bytes(), None).unwrap_err();
+    assert_eq!(
+        message,
+        "input \"x\": data is nested as [2, 2], which is not its shape [1, 4]; give the data \
+         flat, or nested exactly as the shape"
+    );
+
+    // Flat data fits any shape, and data nested as its shape is read as before, on the fast
+    // path.
+    let fitting = [
+        r#"{"inputs":[{"name":"x","shape":[1,4],"datatype":"FP32","data":[1,2,3,4]}]}"#,
+        r#"{"inputs":[{"name":"x","shape":[1,4],"datatype":"FP32","data":[[1,2,3,4]]}]}"#,
+        r#"{"inputs":[{"data":[[1,2],[3,4]],"datatype":"INT64","name":"x","shape":[2,2]}]}"#,
+        r#"{"inputs":[{"name":"x","shape":[1,2,2],"datatype":"FP32","data":[[[1,2],[3,4]]]}]}"#,
+        r#"{"inputs":[{"name":"x","shape":[2,0],"datatype":"FP32","data":[[],[]]}]}"#,
+    ];
+    for body in fitting {
+        let fast = read(body.as_bytes()).unwrap_or_else(|| panic!("fast path refused {body}"));
+        let slow = read_with_serde(body.as_bytes()).unwrap();
+        assert!(same_bits(&fast, &slow), "{body}");
     }
 }
