@@ -717,3 +717,59 @@ async fn repeated_inputs_repeated_outputs_and_data_nested_against_its_shape_are_
     shoal.interrupt();
     assert!(shoal.wait_exit(Duration::from_secs(30)).success());
 }
+
+/// Regression: a version that exists but no deployment serves was answered 503 "has no
+/// ready replica yet" with Retry-After, so clients retried forever.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_version_no_deployment_serves_is_404_until_one_does() {
+    let temp = tempfile::tempdir().unwrap();
+    let client = reqwest::Client::new();
+    let mut shoal = Shoal::up(&temp.path().join("data"), "not-deployed");
+    shoal.wait_ready(&client).await;
+    push_second_iris_version(&shoal, temp.path());
+    let second = shoal.url("/v2/models/iris/versions/2/infer");
+    let row = [[5.1f32, 3.5, 1.4, 0.2]];
+
+    let refused = client
+        .post(&second)
+        .json(&features(&row))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(refused.status(), 404);
+    assert!(!refused.headers().contains_key("retry-after"));
+    let error: Value = refused.json().await.unwrap();
+    assert_eq!(error["error"], "version 2 of iris is not deployed");
+
+    // Once a deployment selects it, it is served (503 only while its replica loads).
+    let split = temp.path().join("split.toml");
+    std::fs::write(
+        &split,
+        "name = \"iris\"\nmodel = \"iris\"\nreplicas = 2\n\
+         split = [{version = 1, weight = 50}, {version = 2, weight = 50}]\n",
+    )
+    .unwrap();
+    run(&shoal, &["deploy", "apply", "-f", split.to_str().unwrap()]);
+    let started = std::time::Instant::now();
+    loop {
+        let answer = client
+            .post(&second)
+            .json(&features(&row))
+            .send()
+            .await
+            .unwrap();
+        match answer.status().as_u16() {
+            200 => break,
+            503 => {}
+            other => panic!("{other}: {}", answer.text().await.unwrap_or_default()),
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(20),
+            "version 2 never served:\n{}",
+            shoal.stderr()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    shoal.interrupt();
+    assert!(shoal.wait_exit(Duration::from_secs(30)).success());
+}

@@ -13,7 +13,7 @@ use axum::response::{IntoResponse, Response};
 use shoal_actors::agent::{Route, Routes};
 use shoal_actors::batcher::InferError;
 use shoal_actors::tensor::validate_inputs;
-use shoal_scheduler::{ClusterState, ModelVersion, Signature};
+use shoal_scheduler::{ClusterState, ModelVersion, Signature, VersionSelector};
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
@@ -486,6 +486,14 @@ async fn serve(
         }
     }
 
+    if candidates.is_empty() && version.is_some() && !deployed(&state, model, resolved.version) {
+        // Nothing will ever serve it: a 503 would have the caller retry forever.
+        return Err(ApiError::NotFound(format!(
+            "version {} of {model} is not deployed",
+            resolved.version
+        )));
+    }
+
     // Served here, held, or passed to the leader: read and check it first, so a bad
     // request is refused at once and never wakes a deployment scaled to zero.
     let mut request = oip::read_request(&body, header_bytes).map_err(ApiError::BadRequest)?;
@@ -541,6 +549,34 @@ async fn serve(
             InferError::Model(message) => ApiError::ReplicaFailed(message),
         })?;
     Ok(answer(model, route.version, outputs, &request))
+}
+
+/// Whether a deployment of `model` selects `version` (by number, by alias, in its traffic
+/// split, as its stable version or as the target of a rollout in progress) or still runs
+/// a replica of it: only then may a replica of it come, and a request wait for one.
+fn deployed(state: &ClusterState, model: &str, version: u32) -> bool {
+    let aliases = state.models.get(model).map(|known| &known.aliases);
+    state
+        .deployments
+        .values()
+        .filter(|deployment| deployment.model() == model)
+        .any(|deployment| {
+            let selected = match &deployment.spec.versions {
+                VersionSelector::Version(selected) => *selected == version,
+                VersionSelector::Alias(alias) => {
+                    aliases.and_then(|aliases| aliases.get(alias)) == Some(&version)
+                }
+                VersionSelector::Split(split) => split.iter().any(|share| share.version == version),
+            };
+            selected
+                || deployment.stable_version == version
+                || deployment
+                    .rollout
+                    .is_some_and(|rollout| rollout.to == version)
+                || state
+                    .replicas_of(deployment.name())
+                    .any(|replica| replica.version == version)
+        })
 }
 
 /// The replicas of `version` of `model` that serve in this process.
@@ -644,5 +680,67 @@ pub(crate) fn framing(header_bytes: Option<usize>) -> Vec<(HeaderName, HeaderVal
 pub(crate) fn set_framing(headers: &mut HeaderMap, header_bytes: Option<usize>) {
     for (name, value) in framing(header_bytes) {
         headers.insert(name, value);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use shoal_scheduler::{ArtifactFile, Command, DeploymentSpec, VersionWeight};
+
+    fn version(model: &str, digest: &str) -> Command {
+        Command::RegisterModelVersion {
+            model: model.into(),
+            manifest_digest: digest.into(),
+            files: vec![ArtifactFile {
+                name: "model.safetensors".into(),
+                digest: "ab".repeat(32),
+                size_bytes: 1_000,
+            }],
+            format: "safetensors".into(),
+            memory_bytes: 1 << 20,
+            signature: Signature::default(),
+            created_at_ms: 1,
+        }
+    }
+
+    fn deployment(name: &str, versions: VersionSelector) -> Command {
+        let mut spec = DeploymentSpec::new(name, "iris", 0, 1);
+        spec.versions = versions;
+        Command::CreateDeployment { spec }
+    }
+
+    /// Regression: a version no deployment serves was answered 503 with Retry-After, so
+    /// clients retried forever.
+    #[test]
+    fn a_version_is_deployed_only_when_a_deployment_selects_it() {
+        let share = |version| VersionWeight {
+            version,
+            weight: 50,
+        };
+        let commands = vec![
+            version("iris", "one"),
+            version("iris", "two"),
+            version("iris", "three"),
+            version("iris", "four"),
+            version("other", "one"),
+            Command::SetAlias {
+                model: "iris".into(),
+                alias: "stable".into(),
+                version: 2,
+            },
+            deployment("pinned", VersionSelector::Version(1)),
+            deployment("follows", VersionSelector::Alias("stable".into())),
+            deployment("split", VersionSelector::Split(vec![share(1), share(3)])),
+        ];
+        let mut state = ClusterState::default();
+        for (index, command) in commands.into_iter().enumerate() {
+            shoal_scheduler::apply(&mut state, index as u64 + 1, command).unwrap();
+        }
+        let deployed_versions: Vec<u32> = (1..=5)
+            .filter(|&version| deployed(&state, "iris", version))
+            .collect();
+        assert_eq!(deployed_versions, [1, 2, 3]);
+        assert!(!deployed(&state, "other", 1));
     }
 }
