@@ -73,18 +73,21 @@ pub struct AppState {
 /// replica's queue holds, so it only bites when the model is already overloaded.
 pub const ADMISSION_LIMIT_DEFAULT: usize = 4_096;
 
-/// Counts each model's requests in flight and refuses those beyond the limit (429).
+/// Counts each model's requests in flight and refuses those beyond the limit (429). Only
+/// models with requests in flight have an entry, so names nobody serves (any a caller may
+/// make up) do not pile up.
 #[derive(Debug)]
 pub struct Admission {
     limit: usize,
-    in_flight: std::sync::Mutex<std::collections::HashMap<String, usize>>,
+    in_flight: std::sync::Mutex<std::collections::HashMap<Arc<str>, usize>>,
 }
 
 /// A request counted against its model until dropped.
 #[derive(Debug)]
 pub struct Admitted<'a> {
     admission: &'a Admission,
-    model: String,
+    /// The map's own key: sharing it costs no allocation while the model has requests.
+    model: Arc<str>,
 }
 
 impl Admission {
@@ -102,24 +105,44 @@ impl Admission {
     /// Counts a request for `model`, or `None` when the model is at its limit.
     pub fn admit(&self, model: &str) -> Option<Admitted<'_>> {
         let mut in_flight = self.in_flight.lock().ok()?;
-        let count = in_flight.entry(model.to_string()).or_insert(0);
-        if *count >= self.limit {
+        if let Some((key, count)) = in_flight.get_key_value(model) {
+            if *count >= self.limit {
+                return None;
+            }
+            let key = key.clone();
+            *in_flight.get_mut(model)? += 1;
+            return Some(Admitted {
+                admission: self,
+                model: key,
+            });
+        }
+        if self.limit == 0 {
             return None;
         }
-        *count += 1;
+        let key: Arc<str> = Arc::from(model);
+        in_flight.insert(key.clone(), 1);
         Some(Admitted {
             admission: self,
-            model: model.to_string(),
+            model: key,
         })
+    }
+
+    /// How many models have requests in flight.
+    #[cfg(test)]
+    fn models_in_flight(&self) -> usize {
+        self.in_flight.lock().map_or(0, |in_flight| in_flight.len())
     }
 }
 
 impl Drop for Admitted<'_> {
     fn drop(&mut self) {
         if let Ok(mut in_flight) = self.admission.in_flight.lock()
-            && let Some(count) = in_flight.get_mut(&self.model)
+            && let Some(count) = in_flight.get_mut(&*self.model)
         {
             *count = count.saturating_sub(1);
+            if *count == 0 {
+                in_flight.remove(&*self.model);
+            }
         }
     }
 }
@@ -222,5 +245,41 @@ async fn not_found(uri: axum::http::Uri) -> axum::response::Response {
         AdminError(error).into_response()
     } else {
         error.into_response()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_model_at_its_limit_is_refused_until_a_request_ends() {
+        let admission = Admission::new(2);
+        let first = admission.admit("iris");
+        let second = admission.admit("iris");
+        assert!(first.is_some() && second.is_some());
+        assert!(admission.admit("iris").is_none());
+        assert!(
+            admission.admit("other").is_some(),
+            "each model has its own limit"
+        );
+        drop(first);
+        assert!(admission.admit("iris").is_some());
+    }
+
+    /// Regression: every model name ever asked for kept an entry, so a caller making up
+    /// names grew the map without bound.
+    #[test]
+    fn a_model_with_nothing_in_flight_keeps_no_entry() {
+        let admission = Admission::new(4);
+        for name in ["a", "b", "c"] {
+            let admitted = admission.admit(name);
+            assert!(admitted.is_some());
+        }
+        assert_eq!(admission.models_in_flight(), 0);
+        let held = admission.admit("iris");
+        assert_eq!(admission.models_in_flight(), 1);
+        drop(held);
+        assert_eq!(admission.models_in_flight(), 0);
     }
 }
