@@ -72,7 +72,7 @@ pub enum ModelCommand {
         /// The model's name.
         #[arg(long)]
         name: String,
-        /// The weight format.
+        /// The weight format: safetensors, gguf, or raw (data files with no weights).
         #[arg(long, default_value = "safetensors")]
         format: String,
     },
@@ -491,6 +491,8 @@ pub async fn model(command: ModelCommand, args: &ClientArgs) -> anyhow::Result<(
     match command {
         ModelCommand::Demo { .. } => {}
         ModelCommand::Push { dir, name, format } => {
+            // Refused before any upload, as the server would refuse it after.
+            crate::store::check_format(&format).map_err(anyhow::Error::msg)?;
             let files = collect_files(&dir)?;
             for file in &files {
                 upload(&client, file).await?;

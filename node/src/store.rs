@@ -233,6 +233,23 @@ pub fn manifest_digest(files: &[ArtifactFile]) -> String {
     hex::encode(hasher.finalize())
 }
 
+/// The weight formats a version may declare: those whose files Shoal accepts and loads
+/// (see [`ALLOWED_EXTENSIONS`]), and `raw`, a version of plain data files with no
+/// weights, as the end-to-end tests and the chaos workload register. Anything else
+/// (`pickle`) would only be shown back as the platform `shoal_pickle`.
+pub const WEIGHT_FORMATS: &[&str] = &["safetensors", "gguf", "raw"];
+
+/// Refuses a weight format Shoal does not know, naming those it does.
+pub fn check_format(format: &str) -> Result<(), String> {
+    if WEIGHT_FORMATS.contains(&format) {
+        return Ok(());
+    }
+    Err(format!(
+        "format {format:?} is not one Shoal loads; use one of {}",
+        WEIGHT_FORMATS.join(", ")
+    ))
+}
+
 /// The command that registers a version of `model` made of stored blobs `(name, digest)`,
 /// listed by name whatever their order here. Reads each blob (blocking) for its size and,
 /// from `config.json`, the signature.
@@ -242,6 +259,7 @@ pub fn version_command(
     files: Vec<(String, String)>,
     format: &str,
 ) -> Result<Command, String> {
+    check_format(format)?;
     let mut artifacts: Vec<ArtifactFile> = Vec::with_capacity(files.len());
     let mut signature = Signature::default();
     let mut weights_bytes = None;
@@ -379,6 +397,31 @@ mod tests {
         assert!(
             version_command(&store, "m", vec![("config.json".into(), bad_config)], "raw").is_err()
         );
+    }
+
+    /// Regression: `"format": "pickle"` was registered, and metadata then named the
+    /// platform "shoal_pickle".
+    #[test]
+    fn only_weight_formats_shoal_loads_are_registered() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = ArtifactStore::open(dir.path()).unwrap();
+        let digest = store.put(b"0123456789").unwrap();
+        let files = || vec![("data.txt".to_string(), digest.clone())];
+        for format in ["pickle", "", "SAFETENSORS", "pt"] {
+            let refused = version_command(&store, "m", files(), format).unwrap_err();
+            assert_eq!(
+                refused,
+                format!(
+                    "format {format:?} is not one Shoal loads; use one of safetensors, gguf, raw"
+                )
+            );
+        }
+        for format in WEIGHT_FORMATS {
+            assert!(
+                version_command(&store, "m", files(), format).is_ok(),
+                "{format}"
+            );
+        }
     }
 
     /// Regression: `shoal up` registered the demo's files as [weights, config] and a push

@@ -773,3 +773,55 @@ async fn a_version_no_deployment_serves_is_404_until_one_does() {
     shoal.interrupt();
     assert!(shoal.wait_exit(Duration::from_secs(30)).success());
 }
+
+/// Regression: `shoal model push --format pickle` (and `"format": "pickle"` in the
+/// registration API) was accepted, and metadata then named the platform "shoal_pickle".
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_version_in_a_format_shoal_does_not_load_is_refused_naming_those_it_does() {
+    let temp = tempfile::tempdir().unwrap();
+    let client = reqwest::Client::new();
+    let mut shoal = Shoal::up(&temp.path().join("data"), "pickle-refused");
+    shoal.wait_ready(&client).await;
+    let content = b"iris value 1";
+    let digest = shoal_tests::sha256_hex(content);
+    let stored = client
+        .put(shoal.url(&format!("/api/v1/blobs/{digest}")))
+        .body(content.to_vec())
+        .send()
+        .await
+        .unwrap();
+    assert!(stored.status().is_success());
+    let registration = client
+        .post(shoal.url("/api/v1/models/pickled/versions"))
+        .json(&json!({"format": "pickle", "files": [{"name": "value.txt", "digest": digest}]}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(registration.status(), 400);
+    let error: Value = registration.json().await.unwrap();
+    let message = error["error"]["message"].as_str().unwrap_or_default();
+    assert!(message.contains("safetensors, gguf, raw"), "{error}");
+
+    let model = temp.path().join("model");
+    std::fs::create_dir(&model).unwrap();
+    std::fs::write(model.join("value.txt"), content).unwrap();
+    let pushed = std::process::Command::new(shoal_binary())
+        .args([
+            "model",
+            "push",
+            model.to_str().unwrap(),
+            "--name",
+            "pickled",
+        ])
+        .args(["--format", "pickle"])
+        .env("SHOAL_ADDR", &shoal.base_url)
+        .output()
+        .unwrap();
+    assert!(!pushed.status.success());
+    let stderr = String::from_utf8_lossy(&pushed.stderr);
+    assert!(stderr.contains("safetensors, gguf, raw"), "{stderr}");
+    let models = run(&shoal, &["model", "list"]);
+    assert!(!models.contains("pickled"), "{models}");
+    shoal.interrupt();
+    assert!(shoal.wait_exit(Duration::from_secs(30)).success());
+}
