@@ -181,7 +181,7 @@ impl Client {
             .context("building the HTTP client")?;
         Ok(Client {
             http,
-            base: args.addr.trim_end_matches('/').to_string(),
+            base: base_url(&args.addr)?,
         })
     }
 
@@ -229,6 +229,21 @@ impl Client {
     ) -> anyhow::Result<T> {
         let body = serde_json::to_vec(body)?;
         self.call(reqwest::Method::POST, path, Some(body)).await
+    }
+}
+
+/// The base URL of `--addr`/`SHOAL_ADDR`: `host:port` alone is taken as `http://host:port`,
+/// as the servers' own flags write addresses.
+fn base_url(addr: &str) -> anyhow::Result<String> {
+    let addr = addr.trim().trim_end_matches('/');
+    let base = if addr.contains("://") {
+        addr.to_string()
+    } else {
+        format!("http://{addr}")
+    };
+    match reqwest::Url::parse(&base) {
+        Ok(url) if matches!(url.scheme(), "http" | "https") && url.host().is_some() => Ok(base),
+        _ => bail!("cannot use address {addr:?}: give the address as http://host:port"),
     }
 }
 
@@ -382,12 +397,20 @@ async fn upload(client: &Client, file: &LocalFile) -> anyhow::Result<()> {
         .await
         .with_context(|| format!("uploading {}", file.name))?;
     eprintln!(
-        "uploaded {} ({} bytes, on {} servers)",
+        "uploaded {} ({} bytes, on {})",
         file.name,
         file.size_bytes,
-        text(&answer, "copies")
+        servers_text(&answer)
     );
     Ok(())
+}
+
+/// How many servers hold an uploaded file: "1 server", "3 servers".
+fn servers_text(answer: &serde_json::Value) -> String {
+    match answer["copies"].as_u64() {
+        Some(1) => "1 server".to_string(),
+        _ => format!("{} servers", text(answer, "copies")),
+    }
 }
 
 /// A file as a stream of chunks, read on the async runtime.
@@ -479,6 +502,15 @@ pub async fn model(command: ModelCommand, args: &ClientArgs) -> anyhow::Result<(
             shoal_actors::train::train_classifier(shoal_actors::IRIS_CSV, &config, &out)
         })
         .await??;
+        if args.output == Output::Json {
+            let report = serde_json::json!({
+                "accuracy": report.accuracy,
+                "rows": report.rows,
+                "files": report.files,
+            });
+            out!("{}", serde_json::to_string_pretty(&report)?)?;
+            return Ok(());
+        }
         out!(
             "trained the iris classifier: accuracy {:.3} on {} rows; files: {}",
             report.accuracy,
@@ -543,6 +575,10 @@ pub async fn model(command: ModelCommand, args: &ClientArgs) -> anyhow::Result<(
                     &serde_json::json!({"version": version}),
                 )
                 .await?;
+            if args.output == Output::Json {
+                out!("{}", serde_json::to_string_pretty(&answer)?)?;
+                return Ok(());
+            }
             out!(
                 "{name}:{} -> version {}",
                 text(&answer, "alias"),
@@ -630,13 +666,19 @@ pub async fn deploy(command: DeployCommand, args: &ClientArgs) -> anyhow::Result
     let client = Client::new(args)?;
     match command {
         DeployCommand::Apply { file } => {
-            let text = std::fs::read_to_string(&file)
+            let contents = std::fs::read_to_string(&file)
                 .with_context(|| format!("reading {}", file.display()))?;
-            let deployment: crate::api::deployments::DeploymentFile = toml::from_str(&text)
+            let deployment: crate::api::deployments::DeploymentFile = toml::from_str(&contents)
                 .with_context(|| format!("{} is not a deployment file", file.display()))?;
             deployment.spec().map_err(anyhow::Error::msg)?;
             let answer: serde_json::Value = client.post("/api/v1/deployments", &deployment).await?;
-            out!("{}", serde_json::to_string_pretty(&answer)?)?;
+            let applied = match answer["outcome"].as_str() {
+                Some("DeploymentCreated") => "created".to_string(),
+                Some("DeploymentUpdated") => "updated".to_string(),
+                _ => format!("applied ({})", text(&answer, "outcome")),
+            };
+            let summary = format!("deployment {} {applied}", text(&answer, "name"));
+            print_answer(args, &answer, &summary)?;
         }
         DeployCommand::Scale { name, replicas } => {
             let answer: serde_json::Value = client
@@ -645,7 +687,12 @@ pub async fn deploy(command: DeployCommand, args: &ClientArgs) -> anyhow::Result
                     &serde_json::json!({"replicas": replicas}),
                 )
                 .await?;
-            out!("{}", serde_json::to_string_pretty(&answer)?)?;
+            let summary = format!(
+                "deployment {} scaled to {} replicas",
+                text(&answer, "name"),
+                text(&answer, "replicas")
+            );
+            print_answer(args, &answer, &summary)?;
         }
         DeployCommand::Rollback { name } => {
             let answer: serde_json::Value = client
@@ -654,7 +701,15 @@ pub async fn deploy(command: DeployCommand, args: &ClientArgs) -> anyhow::Result
                     &serde_json::json!({}),
                 )
                 .await?;
-            out!("{}", serde_json::to_string_pretty(&answer)?)?;
+            let mut summary = format!(
+                "deployment {} rolling back ({})",
+                text(&answer, "name"),
+                text(&answer, "outcome")
+            );
+            if let Some(note) = answer["note"].as_str() {
+                summary = format!("{summary}; {note}");
+            }
+            print_answer(args, &answer, &summary)?;
         }
         DeployCommand::Show { name } => {
             let deployments: Vec<serde_json::Value> = client.get("/api/v1/deployments").await?;
@@ -696,7 +751,8 @@ pub async fn deploy(command: DeployCommand, args: &ClientArgs) -> anyhow::Result
             let answer: serde_json::Value = client
                 .delete(&format!("/api/v1/deployments/{name}"))
                 .await?;
-            out!("{}", serde_json::to_string_pretty(&answer)?)?;
+            let summary = format!("deployment {} deleted", text(&answer, "deleted"));
+            print_answer(args, &answer, &summary)?;
         }
         DeployCommand::List => {
             let deployments: Vec<serde_json::Value> = client.get("/api/v1/deployments").await?;
@@ -723,6 +779,18 @@ pub async fn deploy(command: DeployCommand, args: &ClientArgs) -> anyhow::Result
         }
     }
     Ok(())
+}
+
+/// A write's answer: as JSON with `-o json`, else as its one-line `summary`.
+fn print_answer(
+    args: &ClientArgs,
+    answer: &serde_json::Value,
+    summary: &str,
+) -> anyhow::Result<()> {
+    match args.output {
+        Output::Json => out!("{}", serde_json::to_string_pretty(answer)?),
+        Output::Table => out!("{summary}"),
+    }
 }
 
 /// A replica's state from its view; a node marked Down is named, since such a replica
@@ -761,6 +829,7 @@ pub async fn infer(request: InferArgs, args: &ClientArgs) -> anyhow::Result<()> 
     let client = Client::new(args)?;
     let data: serde_json::Value = serde_json::from_str(&request.data)
         .with_context(|| format!("--data is not JSON: {}", request.data))?;
+    check_rows(&data)?;
     let shape = shape_of(&data)?;
     let path = match request.version {
         Some(version) => format!("/v2/models/{}/versions/{version}", request.model),
@@ -835,6 +904,14 @@ pub async fn infer(request: InferArgs, args: &ClientArgs) -> anyhow::Result<()> 
 
 fn join<T>(values: &[T], show: impl Fn(&T) -> String) -> String {
     values.iter().map(show).collect::<Vec<_>>().join(" ")
+}
+
+/// Refuses `--data` that is not a JSON array (of rows, or of one row's numbers).
+fn check_rows(data: &serde_json::Value) -> anyhow::Result<()> {
+    if !data.is_array() {
+        bail!("--data must be a JSON array of rows, e.g. '[[5.1, 3.5, 1.4, 0.2]]', not {data}");
+    }
+    Ok(())
 }
 
 /// The shape of nested JSON arrays; every row must be as long as its siblings.
@@ -920,6 +997,40 @@ mod tests {
         assert_eq!(replica_state_text(&down), "Ready (node down)");
         let up = json!({"state": "Ready", "node_status": "Ready"});
         assert_eq!(replica_state_text(&up), "Ready");
+    }
+
+    #[test]
+    fn an_address_without_a_scheme_is_taken_as_http() {
+        assert_eq!(base_url("127.0.0.1:7401").unwrap(), "http://127.0.0.1:7401");
+        assert_eq!(
+            base_url("http://127.0.0.1:7401/").unwrap(),
+            "http://127.0.0.1:7401"
+        );
+        assert_eq!(
+            base_url("https://shoal.example").unwrap(),
+            "https://shoal.example"
+        );
+        let refused = base_url("ftp://host:1").unwrap_err().to_string();
+        assert!(
+            refused.contains("give the address as http://host:port"),
+            "{refused}"
+        );
+    }
+
+    #[test]
+    fn infer_data_that_is_not_an_array_of_rows_says_so() {
+        let refused = check_rows(&json!({"x": 1})).unwrap_err().to_string();
+        assert!(
+            refused.contains("must be a JSON array of rows"),
+            "{refused}"
+        );
+        assert!(check_rows(&json!([[1, 2]])).is_ok());
+    }
+
+    #[test]
+    fn one_server_is_not_servers() {
+        assert_eq!(servers_text(&json!({"copies": 1})), "1 server");
+        assert_eq!(servers_text(&json!({"copies": 3})), "3 servers");
     }
 
     #[test]

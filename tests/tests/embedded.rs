@@ -825,3 +825,85 @@ async fn a_version_in_a_format_shoal_does_not_load_is_refused_naming_those_it_do
     shoal.interrupt();
     assert!(shoal.wait_exit(Duration::from_secs(30)).success());
 }
+
+/// Runs the CLI against `shoal` expecting it to fail; its stderr.
+fn run_failing(shoal: &Shoal, args: &[&str]) -> String {
+    let output = std::process::Command::new(shoal_binary())
+        .args(args)
+        .env("SHOAL_ADDR", &shoal.base_url)
+        .output()
+        .expect("shoal runs");
+    assert!(!output.status.success(), "shoal {args:?} succeeded");
+    String::from_utf8_lossy(&output.stderr).into_owned()
+}
+
+/// Regression: `-o json` was ignored by `model alias` and `model demo`, deploy writes
+/// printed raw JSON in table mode, `--addr host:port` failed with "relative URL without a
+/// base", `--data '{"x":1}'` said "element 0 is null", and an upload was "on 1 servers".
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cli_output_follows_the_output_flag_and_reads_plainly() {
+    let temp = tempfile::tempdir().unwrap();
+    let client = reqwest::Client::new();
+    let mut shoal = Shoal::up(&temp.path().join("data"), "cli-edges");
+    shoal.wait_ready(&client).await;
+
+    let alias: Value = serde_json::from_str(&run(
+        &shoal,
+        &["model", "alias", "iris", "stable", "1", "-o", "json"],
+    ))
+    .expect("model alias -o json is JSON");
+    assert_eq!(alias["version"], 1, "{alias}");
+    let out = temp.path().join("demo");
+    let demo: Value = serde_json::from_str(&run(
+        &shoal,
+        &[
+            "model",
+            "demo",
+            "--out",
+            out.to_str().unwrap(),
+            "-o",
+            "json",
+        ],
+    ))
+    .expect("model demo -o json is JSON");
+    assert!(demo["accuracy"].as_f64().is_some(), "{demo}");
+
+    let pushed = std::process::Command::new(shoal_binary())
+        .args(["model", "push", out.to_str().unwrap(), "--name", "other"])
+        .env("SHOAL_ADDR", &shoal.base_url)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&pushed.stderr);
+    assert!(stderr.contains("bytes, on 1 server)"), "{stderr}");
+
+    let scaled = run(&shoal, &["deploy", "scale", "iris", "2"]);
+    assert_eq!(scaled.trim(), "deployment iris scaled to 2 replicas");
+    let scaled: Value = serde_json::from_str(&run(
+        &shoal,
+        &["deploy", "scale", "iris", "1", "-o", "json"],
+    ))
+    .expect("deploy scale -o json is JSON");
+    assert_eq!(scaled["replicas"], 1, "{scaled}");
+    let file = temp.path().join("other.toml");
+    std::fs::write(
+        &file,
+        "name = \"other\"\nmodel = \"other\"\nversion = 1\nreplicas = 0\n",
+    )
+    .unwrap();
+    let applied = run(&shoal, &["deploy", "apply", "-f", file.to_str().unwrap()]);
+    assert_eq!(applied.trim(), "deployment other created");
+    let deleted = run(&shoal, &["deploy", "delete", "other"]);
+    assert_eq!(deleted.trim(), "deployment other deleted");
+
+    let address = shoal.base_url.trim_start_matches("http://");
+    let listed = run(&shoal, &["model", "list", "--addr", address]);
+    assert!(listed.contains("iris"), "{listed}");
+
+    let refused = run_failing(&shoal, &["infer", "iris", "--data", "{\"x\":1}"]);
+    assert!(
+        refused.contains("must be a JSON array of rows"),
+        "{refused}"
+    );
+    shoal.interrupt();
+    assert!(shoal.wait_exit(Duration::from_secs(30)).success());
+}
