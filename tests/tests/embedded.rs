@@ -604,6 +604,17 @@ async fn model_show_lists_the_aliases_set_with_model_alias() {
         .await
         .unwrap();
     assert_eq!(models[0]["aliases"], json!({"stable": 1}), "{models}");
+
+    // An alias named like a version number is refused: "5" would read as version 5.
+    let numeric = client
+        .put(shoal.url("/api/v1/models/iris/aliases/5"))
+        .json(&json!({"version": 1}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(numeric.status(), 400);
+    let numeric = numeric.text().await.unwrap();
+    assert!(numeric.contains("all digits"), "{numeric}");
     shoal.interrupt();
     assert!(shoal.wait_exit(Duration::from_secs(30)).success());
 }

@@ -631,6 +631,13 @@ pub async fn set_alias(
     write: WriteRequest,
 ) -> Result<Response, AdminError> {
     let set: SetAlias = write.json()?;
+    if !alias.is_empty() && alias.bytes().all(|byte| byte.is_ascii_digit()) {
+        return Err(ApiError::BadRequest(format!(
+            "alias {alias:?} is all digits and would read as a version number; give it a name \
+             with a letter in it"
+        ))
+        .into());
+    }
     let command = Command::SetAlias {
         model: model.clone(),
         alias: alias.clone(),
