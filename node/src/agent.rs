@@ -384,7 +384,8 @@ async fn infer(
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
-    let deadline = tokio::time::Instant::now() + REQUEST_TIMEOUT;
+    // The gateway sends what is left of its caller's deadline; at most 30 s.
+    let deadline = tokio::time::Instant::now() + crate::api::request_timeout(&headers)?;
     let received = std::time::Instant::now();
     let body = body?;
     let header_bytes = crate::api::binary_header(&headers)?;
@@ -411,7 +412,9 @@ async fn infer(
         .map_err(|error| match error {
             InferError::Input(input) => ApiError::BadRequest(input.to_string()),
             InferError::Overloaded => ApiError::Overloaded("the replica is overloaded".into()),
-            InferError::DeadlineExceeded => ApiError::DeadlineExceeded("no answer in time".into()),
+            InferError::DeadlineExceeded => {
+                ApiError::DeadlineExceeded("no answer before the request's deadline".into())
+            }
             InferError::Model(message) => ApiError::ReplicaFailed(message),
             other => ApiError::Unavailable(other.to_string()),
         })?;

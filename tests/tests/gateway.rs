@@ -114,6 +114,37 @@ async fn a_standalone_gateway_follows_the_state_and_serves_through_agents() {
     assert_eq!(binary.labels, ["virginica", "setosa"]);
     assert_eq!(binary.probabilities.len(), 6);
 
+    // The agent keeps to the deadline a gateway passes on with the request: what is left
+    // of the caller's (it gave every request a fresh 30 s).
+    let deployments: Value = http
+        .get(cluster.url(1, "/api/v1/deployments"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let replica = deployments[0]["replicas"][0]["id"].as_u64().unwrap();
+    let agent = format!(
+        "http://{}/internal/v1/replicas/{replica}/infer",
+        cluster.agent_address(1)
+    );
+    for (deadline, status) in [("0", 504), ("soon", 400), ("10000", 200)] {
+        let answer = http
+            .post(&agent)
+            .header("x-shoal-timeout-ms", deadline)
+            .json(&body)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(
+            answer.status(),
+            status,
+            "{deadline}: {:?}",
+            answer.text().await
+        );
+    }
+
     // The gateway is no raft member: the cluster's status comes from the leader. (It
     // showed an empty picture of a member 0 in term 0.)
     let status: Value = http
@@ -180,7 +211,8 @@ async fn a_standalone_gateway_follows_the_state_and_serves_through_agents() {
     ];
     expect_refusals(&http, &base, &refused).await;
 
-    // A version that exists but runs nowhere: 503 with Retry-After, and serving goes on.
+    // A version that exists but no deployment runs: 404, not deployed (no Retry-After,
+    // which had clients retry for ever), and serving goes on.
     let second = root.path().join("iris-2");
     cluster.cli(
         1,
@@ -195,30 +227,23 @@ async fn a_standalone_gateway_follows_the_state_and_serves_through_agents() {
     );
     cluster.push(1, &second, "iris");
     let started = Instant::now();
-    let idle = loop {
+    loop {
         let answer = http
             .post(format!("{base}/v2/models/iris/versions/2/infer"))
             .json(&body)
             .send()
             .await
             .unwrap();
-        if answer.status() != 404 {
-            break answer;
+        assert_eq!(answer.status(), 404);
+        assert!(answer.headers().get("retry-after").is_none());
+        let message = answer.text().await.unwrap();
+        if message.contains("version 2 of iris is not deployed") {
+            break;
         }
-        // The gateway has not followed the new version yet.
-        assert!(started.elapsed() < Duration::from_secs(10));
+        // The gateway has not followed the new version yet: an unknown version.
+        assert!(started.elapsed() < Duration::from_secs(10), "{message}");
         tokio::time::sleep(Duration::from_millis(50)).await;
-    };
-    assert_eq!(idle.status(), 503);
-    assert_eq!(idle.headers()["retry-after"], "1");
-    let message: Value = idle.json().await.unwrap();
-    assert!(
-        message["error"]
-            .as_str()
-            .unwrap()
-            .contains("no ready replica"),
-        "{message}"
-    );
+    }
     let again = http
         .post(format!("{base}/v2/models/iris/versions/1/infer"))
         .json(&body)

@@ -17,6 +17,9 @@ use std::time::Duration;
 const ATTEMPTS_MAX: usize = 3;
 /// Longest one forwarded request may take.
 const FORWARD_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long past the caller's deadline the gateway still waits for an agent: the agent
+/// answers 504 at the deadline itself, and that answer has to travel back.
+const AGENT_HOP: Duration = Duration::from_secs(1);
 
 /// A replica that can take a request, and where.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -210,11 +213,14 @@ impl Gateway {
     /// a replica cannot be reached or is no longer serving.
     /// `header_bytes` is the binary extension's JSON length, passed on with the body; the
     /// answer keeps the replica's content type and binary header.
+    /// `deadline` is the caller's: the agent is told what is left of it, and the wait for
+    /// its answer ends a moment after.
     pub async fn forward(
         &self,
         mut candidates: Vec<Target>,
         body: Bytes,
         header_bytes: Option<usize>,
+        deadline: tokio::time::Instant,
     ) -> Result<Response, ApiError> {
         let mut last_error = String::new();
         // Whether a replica took the request and then failed to answer it whole, rather
@@ -231,7 +237,18 @@ impl Gateway {
                 "http://{}/internal/v1/replicas/{}/infer",
                 target.address, target.replica.0
             );
-            let mut request = self.http.post(url).body(body.clone());
+            let remaining = deadline.saturating_duration_since(tokio::time::Instant::now());
+            if remaining.is_zero() {
+                return Err(ApiError::DeadlineExceeded(
+                    "the request's deadline passed before a replica answered".into(),
+                ));
+            }
+            let mut request = self
+                .http
+                .post(url)
+                .timeout((remaining + AGENT_HOP).min(FORWARD_TIMEOUT))
+                .header(super::TIMEOUT_HEADER, super::whole_millis(remaining))
+                .body(body.clone());
             for (name, value) in super::framing(header_bytes) {
                 request = request.header(name, value);
             }
@@ -262,9 +279,8 @@ impl Gateway {
                 }
                 Err(error) if error.is_timeout() => {
                     return Err(ApiError::DeadlineExceeded(format!(
-                        "no answer from {} within {} s",
-                        target.replica,
-                        FORWARD_TIMEOUT.as_secs()
+                        "no answer from {} before the request's deadline",
+                        target.replica
                     )));
                 }
                 Err(error) => {
@@ -351,7 +367,12 @@ mod tests {
         // Nothing listens on these ports: no replica took the request, so it is 503 (no
         // ready replica for now), not 502 (a model that failed on it).
         let error = gateway
-            .forward(vec![target(1), target(2)], Bytes::from_static(b"{}"), None)
+            .forward(
+                vec![target(1), target(2)],
+                Bytes::from_static(b"{}"),
+                None,
+                tokio::time::Instant::now() + Duration::from_secs(5),
+            )
             .await
             .unwrap_err();
         assert!(matches!(error, ApiError::Unavailable(_)), "{error:?}");

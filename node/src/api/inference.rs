@@ -297,14 +297,14 @@ pub const TIMEOUT_HEADER: &str = "x-shoal-timeout-ms";
 
 /// What is left of a deadline, as [`TIMEOUT_HEADER`] and the agents' generate requests
 /// carry it.
-pub(super) fn whole_millis(remaining: Duration) -> u64 {
+pub(crate) fn whole_millis(remaining: Duration) -> u64 {
     u64::try_from(remaining.as_millis()).unwrap_or(u64::MAX)
 }
 
 /// The request's deadline budget: the caller's, capped at [`REQUEST_TIMEOUT`]; a 400 when
 /// the caller's is not a whole number of milliseconds (ignoring it would give a caller
 /// who meant a short deadline the longest one).
-pub(super) fn request_timeout(headers: &HeaderMap) -> Result<Duration, ApiError> {
+pub(crate) fn request_timeout(headers: &HeaderMap) -> Result<Duration, ApiError> {
     let Some(value) = headers.get(TIMEOUT_HEADER) else {
         return Ok(REQUEST_TIMEOUT);
     };
@@ -470,7 +470,7 @@ async fn serve(
             // would cost the gateway as much again for every request.
             let forwarded = app
                 .gateway
-                .forward(targets, body.clone(), header_bytes)
+                .forward(targets, body.clone(), header_bytes, deadline)
                 .await;
             if let Err(ApiError::ReplicaFailed(_) | ApiError::Unavailable(_)) = forwarded
                 && this_version
@@ -522,7 +522,10 @@ async fn serve(
                 .await;
         }
         let targets = hold_for_scale_up(app, model, resolved.version, deadline).await?;
-        return app.gateway.forward(targets, body, header_bytes).await;
+        return app
+            .gateway
+            .forward(targets, body, header_bytes, deadline)
+            .await;
     }
     let inputs = std::mem::take(&mut request.inputs);
     let position = app.next_route.fetch_add(1, Ordering::Relaxed) % candidates.len();

@@ -15,7 +15,10 @@ pub mod nodes;
 pub mod oip;
 mod openai;
 
-pub(crate) use inference::{answer, binary_header, check_request, framing, set_framing};
+pub(crate) use inference::{
+    TIMEOUT_HEADER, answer, binary_header, check_request, framing, request_timeout, set_framing,
+    whole_millis,
+};
 
 use crate::auth::Tokens;
 use crate::control::ControlPlane;
