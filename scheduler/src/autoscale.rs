@@ -116,6 +116,13 @@ fn decide_one(
     }
     let recommended = recommended_replicas(policy, bounds.min, bounds.max, load);
     memory.last_request_ms = memory.last_request_ms.max(load.last_request_ms);
+    let ongoing = load.requests_in_flight.saturating_add(load.requests_held);
+    if ongoing > 0 {
+        // A request running or held now: the deployment is not idle now, whenever that
+        // request arrived (a held one waited out the replica's load; a long one started
+        // long ago) and whenever a report of its end comes.
+        memory.last_request_ms = memory.last_request_ms.max(Some(now_ms));
+    }
     if current == 0 {
         // At zero only a held request counts: it brings the deployment back at once.
         memory.trend = None;
@@ -125,7 +132,6 @@ fn decide_one(
         memory.woken_ms = now_ms;
         return Some(recommended);
     }
-    let ongoing = load.requests_in_flight.saturating_add(load.requests_held);
     if let Some(idle_ms) = policy.scale_to_zero_after_ms
         && bounds.min == 0
         && ongoing == 0

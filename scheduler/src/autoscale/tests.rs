@@ -231,6 +231,43 @@ fn a_deployment_woken_from_zero_is_not_scaled_back_before_it_has_been_idle_again
     assert_eq!(later, vec![(701 * SECOND_MS, 0)]);
 }
 
+/// Regression: a held request that waited longer than the idle time for its replica to
+/// load was answered, and the next round (before any report of it came) found the
+/// deployment idle since it was woken and put it straight back to zero.
+#[test]
+fn a_request_held_longer_than_the_idle_time_keeps_the_deployment_up_after_its_answer() {
+    let (mut scaler, mut state, _) = scaled_to_zero_by_400_s();
+    let held = load(0, 1, Some(0));
+    let woken = run(
+        &mut scaler,
+        &mut state,
+        &held,
+        401 * SECOND_MS,
+        800 * SECOND_MS,
+    );
+    assert_eq!(
+        woken,
+        vec![(401 * SECOND_MS, 1)],
+        "held from 401 s to 800 s"
+    );
+    let answered = run(
+        &mut scaler,
+        &mut state,
+        &load(0, 0, Some(0)),
+        801 * SECOND_MS,
+        1_099 * SECOND_MS,
+    );
+    assert_eq!(answered, vec![], "idle only since 800 s");
+    let idle = run(
+        &mut scaler,
+        &mut state,
+        &load(0, 0, Some(0)),
+        1_100 * SECOND_MS,
+        1_100 * SECOND_MS,
+    );
+    assert_eq!(idle, vec![(1_100 * SECOND_MS, 0)]);
+}
+
 /// Regression: a replica that went away (replaced, or reloading after a crash) dropped out
 /// of the load reports with its last request, and idleness was counted from when the
 /// autoscaler first saw the deployment, hours before.
