@@ -27,7 +27,7 @@ use crate::command::{Command, shard_bytes};
 use crate::deployment::{Deployment, RemovalReason};
 use crate::load::LoadSnapshot;
 use crate::rollout::{self, GroupCounts};
-use crate::state::{ClusterState, GroupView, ReplicaState};
+use crate::state::{ClusterState, GroupView, NodeStatus, ReplicaState};
 use crate::types::{ReplicaId, ShardPlacement};
 use index::{DeviceIndex, Request, Spread};
 use std::borrow::Cow;
@@ -292,11 +292,20 @@ impl<'a> Planner<'a> {
             }
             let wanted = target(group.view.version) > 0 && group.view.shards == shards_wanted;
             let bytes = need_bytes(group.view.version);
-            let waiting = self
-                .load
-                .failing
-                .get(&group.view.id)
-                .is_some_and(|failing| failing.retry_at_ms > self.now_ms);
+            // A failing group waits out its backoff, unless it lost a node too: then it
+            // moves at once, as any group off a down node does.
+            let on_lost_node = group.shards.iter().any(|(placement, _, _)| {
+                self.state
+                    .nodes
+                    .get(&placement.node)
+                    .is_none_or(|node| node.status == NodeStatus::Down)
+            });
+            let waiting = !on_lost_node
+                && self
+                    .load
+                    .failing
+                    .get(&group.view.id)
+                    .is_some_and(|failing| failing.retry_at_ms > self.now_ms);
             match (wanted, bytes) {
                 (true, Some(_)) if waiting => position += 1,
                 (true, Some(bytes)) => {

@@ -217,9 +217,10 @@ impl GroupCounts {
 }
 
 /// Failures in a row of one of the new version's groups after which its rollout is rolled
-/// back (and the version blocked): the first retry is at once and the second after half a
-/// second, so a passing fault gets two chances, and a version that cannot load is given up
-/// within a second or two while the stable version still serves.
+/// back (and the version blocked): with [`crate::backoff::retry_delay_ms`]'s waits (the
+/// first retry at once, the second after half a second) a passing fault gets two chances,
+/// and a version that cannot load is given up within a second or two while the stable
+/// version still serves.
 pub const ROLLOUT_FAILURES_MAX: u32 = 3;
 
 /// The next rollout step for one deployment, if one is due.

@@ -381,6 +381,44 @@ fn a_group_that_keeps_failing_waits_longer_each_time_before_it_is_placed_again()
     assert!(memory.failing().is_empty());
 }
 
+/// A failing group that also lost its node moves at once: the wait is for the version, and
+/// another node may run it.
+#[test]
+fn a_failed_group_whose_node_went_down_moves_without_waiting() {
+    let mut state = applied(vec![
+        node_command(1, &[8 * GIB]),
+        node_command(2, &[8 * GIB]),
+        version_command("m", "d1", GIB),
+        deployment_command("m", "m", 1),
+    ]);
+    converge(&mut state, NOW_MS);
+    let node = state.replicas[&ReplicaId(0)].node;
+    next(
+        &mut state,
+        Command::SetReplicaState {
+            replica: ReplicaId(0),
+            epoch: 1,
+            state: ReplicaState::Failed,
+            failure: Some("out of memory".into()),
+        },
+    )
+    .unwrap();
+    set_status(&mut state, node.0, NodeStatus::Down);
+    let mut load = LoadSnapshot::default();
+    let failing = FailingGroup {
+        in_a_row: 5,
+        retry_at_ms: NOW_MS + 60_000,
+    };
+    load.failing.insert(ReplicaId(0), failing);
+    let commands = plan(&state, &load, NOW_MS);
+    assert!(
+        matches!(commands.as_slice(), [Command::ReassignReplica { .. }]),
+        "{commands:?}"
+    );
+    apply_plan(&mut state, commands);
+    assert_ne!(state.replicas[&ReplicaId(0)].node, node);
+}
+
 /// A deployment that no longer wants a failed group drops it at once, wait or not.
 #[test]
 fn a_failed_group_that_waits_is_still_removed_when_no_longer_wanted() {
