@@ -476,9 +476,12 @@ impl<L: LogStore, S: StateMachine> Core<L, S> {
             snapshot_index: self.raw.store().latest_snapshot().get_metadata().index,
             voters: conf_state.voters.clone(),
             learners: conf_state.learners.clone(),
+            // Learners only: a voter's index moves with every append, and the status is
+            // published whenever it changes.
             matched: if raft.state == StateRole::Leader {
                 raft.prs()
                     .iter()
+                    .filter(|(id, _)| conf_state.learners.contains(id))
                     .map(|(&id, progress)| (id, progress.matched))
                     .collect()
             } else {

@@ -118,7 +118,7 @@ pub struct RaftStatus {
     pub snapshot_index: u64,
     pub voters: Vec<u64>,
     pub learners: Vec<u64>,
-    /// On the leader: the last index each member's log is known to hold, as the leader
+    /// On the leader: the last index each learner's log is known to hold, as the leader
     /// has it (raft's `matched`); a learner that has caught up holds `commit_index`. Empty
     /// on any other member.
     pub matched: std::collections::BTreeMap<u64, u64>,

@@ -488,11 +488,14 @@ async fn add_voter(
     if !status.learners.contains(&id) {
         app.control.change_membership(learner).await?;
     }
+    // Done when it has caught up, or when this member no longer leads (and so no longer
+    // knows how far it got).
     let caught_up = |status: &RaftStatus| {
-        status
-            .matched
-            .get(&id)
-            .is_some_and(|&matched| matched >= status.commit_index)
+        !status.is_leader
+            || status
+                .matched
+                .get(&id)
+                .is_some_and(|&matched| matched >= status.commit_index)
     };
     let deadline = tokio::time::Instant::now() + CATCH_UP_TIMEOUT;
     let mut raft = app.control.watch_raft();
@@ -501,6 +504,15 @@ async fn add_voter(
         tokio::time::timeout_at(deadline, raft.wait_for(caught_up)).await,
         Ok(Ok(_))
     );
+    let status = app.control.raft_status();
+    if in_time && !status.is_leader {
+        return Err(
+            ApiError::from(ControlError::Consensus(ProposeError::NotLeader {
+                leader: status.leader,
+            }))
+            .into(),
+        );
+    }
     if !in_time {
         return Err(ApiError::DeadlineExceeded(format!(
             "member {id} at {address} did not catch up with the log within {} s, so it stays \

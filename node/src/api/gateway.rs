@@ -246,7 +246,7 @@ impl Gateway {
             let mut request = self
                 .http
                 .post(url)
-                .timeout((remaining + AGENT_HOP).min(FORWARD_TIMEOUT))
+                .timeout(remaining + AGENT_HOP)
                 .header(super::TIMEOUT_HEADER, super::whole_millis(remaining))
                 .body(body.clone());
             for (name, value) in super::framing(header_bytes) {
