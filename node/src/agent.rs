@@ -116,11 +116,14 @@ impl ArtifactFetcher for CachingFetcher {
                         %digest,
                         "a server served a blob that does not match its digest"
                     ),
-                    Err(error) => tracing::warn!(
-                        %digest,
-                        %error,
-                        "a fetched blob could not be stored in the cache"
-                    ),
+                    // The local disk, not the server: another server's copy would fail
+                    // the same way.
+                    Err(error) => {
+                        return Err(FetchError::Io {
+                            digest: digest.into(),
+                            message: format!("storing it in the local cache: {error}"),
+                        });
+                    }
                 }
             }
             self.servers.rotate();
