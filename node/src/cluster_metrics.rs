@@ -42,7 +42,7 @@ pub fn replica_state_label(state: ReplicaState) -> &'static str {
     }
 }
 
-/// The label of a group with a shard on a node that is down: whatever its agent last
+/// The label of a group with a shard on a node that is down (or gone): whatever its agent last
 /// reported, it serves nothing until the node is back or the group is placed elsewhere
 /// (Nomad's word for such an allocation).
 pub const LOST_LABEL: &str = "lost";
@@ -57,7 +57,7 @@ pub fn groups_by_state(state: &ClusterState) -> BTreeMap<&str, BTreeMap<&'static
         let on_down_node = state
             .nodes
             .get(&replica.node)
-            .is_some_and(|node| node.status == NodeStatus::Down);
+            .is_none_or(|node| node.status == NodeStatus::Down);
         let (group_state, lost) = groups.entry(key).or_insert((replica.state, false));
         if *group_state == ReplicaState::Ready {
             *group_state = replica.state;
@@ -165,6 +165,14 @@ mod tests {
     #[test]
     fn a_sharded_group_is_ready_only_when_every_shard_is() {
         let mut state = ClusterState::default();
+        let node = shoal_scheduler::Node {
+            id: NodeId(1),
+            address: String::new(),
+            devices: Vec::new(),
+            labels: BTreeMap::new(),
+            status: NodeStatus::Ready,
+        };
+        state.nodes.insert(NodeId(1), node);
         let mut replica = |id: u64, group: u64, shard: u32, replica_state: ReplicaState| {
             let replica = Replica {
                 id: ReplicaId(id),

@@ -129,7 +129,11 @@ fn deployment_views(state: &ClusterState) -> Vec<DeploymentView> {
                 replicas_ready: replicas
                     .iter()
                     .filter(|r| {
-                        r.state == ReplicaState::Ready && r.node_status != Some(NodeStatus::Down)
+                        r.state == ReplicaState::Ready
+                            && matches!(
+                                r.node_status,
+                                Some(NodeStatus::Ready | NodeStatus::Draining)
+                            )
                     })
                     .count(),
                 replicas,
