@@ -511,6 +511,7 @@ async fn generate(
 }
 
 pub async fn run(config: AgentConfig) -> anyhow::Result<()> {
+    crate::up::listen_for_shutdown();
     shoal_ops::metrics::set_process_role("agent");
     let data_dir = DataDir::lock(&config.data_dir)?;
     let servers = Servers {

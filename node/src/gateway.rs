@@ -101,6 +101,7 @@ async fn follow(
 }
 
 pub async fn run(config: GatewayConfig) -> anyhow::Result<()> {
+    crate::up::listen_for_shutdown();
     shoal_ops::metrics::set_process_role("gateway");
     let data_dir = crate::datadir::DataDir::lock(&config.data_dir)?;
     let (states, state_receiver) = watch::channel(Arc::new(ClusterState::default()));

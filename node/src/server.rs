@@ -116,6 +116,7 @@ impl ServerConfig {
 }
 
 pub async fn run(config: ServerConfig) -> anyhow::Result<()> {
+    crate::up::listen_for_shutdown();
     shoal_ops::metrics::set_process_role("server");
     let data_dir = DataDir::lock(&config.data_dir)?;
     let mut peers = config.peers.clone();

@@ -36,6 +36,7 @@ pub struct UpConfig {
 }
 
 pub async fn run(config: UpConfig) -> anyhow::Result<()> {
+    listen_for_shutdown();
     shoal_ops::metrics::set_process_role("up");
     let data_dir = DataDir::lock(&config.data_dir)?;
     let (machine, states) = ClusterStateMachine::new();
@@ -215,8 +216,39 @@ pub(crate) async fn shutdown_signal_or_lost_raft(consensus: ConsensusHandle) {
 pub(crate) const RAFT_LOST: &str =
     "the raft driver stopped (see the log above); exiting to be restarted";
 
-/// Resolves on Ctrl-C or SIGTERM.
+/// Set once a shutdown is asked for, from the moment [`listen_for_shutdown`] runs.
+static SHUTDOWN: std::sync::OnceLock<watch::Receiver<bool>> = std::sync::OnceLock::new();
+
+/// Starts listening for Ctrl-C and SIGTERM at once; a long-running command calls it first,
+/// inside the runtime. Before, a process only listened once it served, and a signal that
+/// came while it started (opening its raft log, electing) was lost: the process ran on
+/// until killed.
+pub(crate) fn listen_for_shutdown() {
+    let (asked, receiver) = watch::channel(false);
+    if SHUTDOWN.set(receiver).is_ok() {
+        tokio::spawn(async move {
+            wait_for_signal().await;
+            let _ = asked.send(true);
+            // Kept open: a receiver of a closed channel does not wait.
+            std::future::pending::<()>().await;
+        });
+    }
+}
+
+/// Resolves once Ctrl-C or SIGTERM came, even if it came before this was called (see
+/// [`listen_for_shutdown`]).
 pub(crate) async fn shutdown_signal() {
+    match SHUTDOWN.get() {
+        Some(receiver) => {
+            let _ = receiver.clone().wait_for(|asked| *asked).await;
+        }
+        None => wait_for_signal().await,
+    }
+    tracing::info!("shutdown requested; finishing in-flight requests");
+}
+
+/// Resolves on the next Ctrl-C or SIGTERM.
+async fn wait_for_signal() {
     let interrupt = async {
         if let Err(error) = tokio::signal::ctrl_c().await {
             tracing::error!(%error, "cannot listen for ctrl-c");
@@ -238,7 +270,6 @@ pub(crate) async fn shutdown_signal() {
         () = interrupt => {}
         () = terminate => {}
     }
-    tracing::info!("shutdown requested; finishing in-flight requests");
 }
 
 fn print_welcome(address: SocketAddr, demo_served: bool) {

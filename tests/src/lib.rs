@@ -288,21 +288,32 @@ impl ServerCluster {
             .insert(id, addresses.pop().expect("two addresses"));
         self.raft
             .insert(id, addresses.pop().expect("two addresses"));
-        self.spawn(id, true);
+        self.spawn(id, true, false);
     }
 
     /// Starts (or restarts) member `id` on its data dir.
     pub fn start_member(&mut self, id: u64) {
-        self.spawn(id, false);
+        self.spawn(id, false, false);
     }
 
-    fn spawn(&mut self, id: u64, join: bool) {
+    /// Like [`ServerCluster::start_member`], but as a shell starts a background job without
+    /// job control: with SIGINT ignored until the process installs its own handler.
+    pub fn start_member_as_background_job(&mut self, id: u64) {
+        self.spawn(id, false, true);
+    }
+
+    #[allow(
+        unsafe_code,
+        reason = "setting a signal's disposition in the child before it runs shoal"
+    )]
+    fn spawn(&mut self, id: u64, join: bool, interrupt_ignored: bool) {
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
             .open(self.root.join(format!("server-{id}.stderr")))
             .expect("log file");
-        let child = Command::new(shoal_binary())
+        let mut command = Command::new(shoal_binary());
+        command
             .arg("server")
             .args(["--id", &id.to_string()])
             .args(["--peers", &Self::list(&self.raft)])
@@ -316,9 +327,18 @@ impl ServerCluster {
             .envs(self.extra_env.iter().map(|(key, value)| (key, value)))
             .env("RUST_LOG", "info,raft=warn,raft_engine=warn")
             .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()
-            .expect("shoal server starts");
+            .stderr(log);
+        if interrupt_ignored {
+            use std::os::unix::process::CommandExt;
+            // SAFETY: signal(2) is async-signal-safe, as pre_exec requires.
+            unsafe {
+                command.pre_exec(|| {
+                    libc::signal(libc::SIGINT, libc::SIG_IGN);
+                    Ok(())
+                });
+            }
+        }
+        let child = command.spawn().expect("shoal server starts");
         self.processes.insert(id, ServerProcess { child });
     }
 
@@ -429,6 +449,27 @@ impl ServerCluster {
             let _ = process.child.kill();
             let _ = process.child.wait();
         }
+    }
+
+    /// Sends SIGINT to member `id`, as Ctrl-C or a supervisor's stop would, and waits at
+    /// most `timeout` for it to exit; false if it still runs (it is then killed).
+    pub fn interrupt(&mut self, id: u64, timeout: Duration) -> bool {
+        let Some(mut process) = self.processes.remove(&id) else {
+            return true;
+        };
+        if let Ok(pid) = i32::try_from(process.child.id()) {
+            signal(pid, libc::SIGINT);
+        }
+        let started = std::time::Instant::now();
+        while started.elapsed() < timeout {
+            if let Ok(Some(_)) = process.child.try_wait() {
+                return true;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let _ = process.child.kill();
+        let _ = process.child.wait();
+        false
     }
 
     /// Sends SIGINT to every member and agent and waits for them.

@@ -434,3 +434,27 @@ async fn shoal_up_refuses_a_new_member() {
         "{cluster}"
     );
 }
+
+/// Regression: a server started as a background job of a script (SIGINT ignored until it
+/// handles it) and interrupted while it was still starting never stopped: it handled
+/// signals only once it served, and the one that came before was ignored. (Seen as the
+/// artifacts test hanging in `stop_all` under a backgrounded `.ci/run`.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_server_interrupted_while_it_starts_stops() {
+    let root = tempfile::tempdir().unwrap();
+    let mut cluster = ServerCluster::start(root.path(), 1);
+    let http = client();
+    cluster.leader(&http, LEADER_TIMEOUT).await;
+    for delay_ms in [10, 50, 150] {
+        cluster.kill(1);
+        cluster.start_member_as_background_job(1);
+        tokio::time::sleep(Duration::from_millis(delay_ms)).await;
+        assert!(
+            cluster.interrupt(1, Duration::from_secs(20)),
+            "interrupted {delay_ms} ms after its start, the server still ran 20 s on"
+        );
+        cluster.start_member(1);
+        cluster.leader(&http, LEADER_TIMEOUT).await;
+    }
+    cluster.stop_all();
+}
