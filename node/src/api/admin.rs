@@ -147,35 +147,10 @@ mod tests {
     use super::*;
     use serde_json::json;
     use shoal_scheduler::{
-        ArtifactFile, Command, DeploymentSpec, Device, DeviceId, DeviceKind, NodeId, ReplicaId,
-        ShardPlacement, Signature,
+        Command, DeploymentSpec, Device, DeviceId, DeviceKind, NodeId, ReplicaId, ShardPlacement,
     };
 
-    /// The state after `commands`, each applied in turn.
-    fn applied(commands: Vec<Command>) -> ClusterState {
-        let mut state = ClusterState::default();
-        for (index, command) in commands.into_iter().enumerate() {
-            shoal_scheduler::apply(&mut state, index as u64 + 1, command)
-                .expect("setup command applies");
-        }
-        state
-    }
-
-    fn version(model: &str, digest: &str) -> Command {
-        Command::RegisterModelVersion {
-            model: model.into(),
-            manifest_digest: digest.into(),
-            files: vec![ArtifactFile {
-                name: "model.safetensors".into(),
-                digest: "ab".repeat(32),
-                size_bytes: 1_000,
-            }],
-            format: "safetensors".into(),
-            memory_bytes: 1 << 20,
-            signature: Signature::default(),
-            created_at_ms: 1,
-        }
-    }
+    use crate::api::fixtures::{applied, version};
 
     #[test]
     fn every_version_entry_carries_its_models_aliases() {

@@ -689,23 +689,8 @@ pub(crate) fn set_framing(headers: &mut HeaderMap, header_bytes: Option<usize>) 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use shoal_scheduler::{ArtifactFile, Command, DeploymentSpec, VersionWeight};
-
-    fn version(model: &str, digest: &str) -> Command {
-        Command::RegisterModelVersion {
-            model: model.into(),
-            manifest_digest: digest.into(),
-            files: vec![ArtifactFile {
-                name: "model.safetensors".into(),
-                digest: "ab".repeat(32),
-                size_bytes: 1_000,
-            }],
-            format: "safetensors".into(),
-            memory_bytes: 1 << 20,
-            signature: Signature::default(),
-            created_at_ms: 1,
-        }
-    }
+    use crate::api::fixtures::{applied, version};
+    use shoal_scheduler::{Command, DeploymentSpec, VersionWeight};
 
     fn deployment(name: &str, versions: VersionSelector) -> Command {
         let mut spec = DeploymentSpec::new(name, "iris", 0, 1);
@@ -736,10 +721,7 @@ mod tests {
             deployment("follows", VersionSelector::Alias("stable".into())),
             deployment("split", VersionSelector::Split(vec![share(1), share(3)])),
         ];
-        let mut state = ClusterState::default();
-        for (index, command) in commands.into_iter().enumerate() {
-            shoal_scheduler::apply(&mut state, index as u64 + 1, command).unwrap();
-        }
+        let state = applied(commands);
         let deployed_versions: Vec<u32> = (1..=5)
             .filter(|&version| deployed(&state, "iris", version))
             .collect();

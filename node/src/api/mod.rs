@@ -8,6 +8,8 @@ pub mod cluster;
 pub mod deployments;
 mod edge;
 mod error;
+#[cfg(test)]
+mod fixtures;
 pub mod gateway;
 mod infer_json;
 mod inference;
