@@ -87,6 +87,17 @@ async fn tokens_gate_each_route_by_scope_and_survive_forwarding() {
         .await
         .unwrap();
     assert_eq!(allowed.status(), 404);
+    // An OpenAI-compatible route refuses in OpenAI's envelope, as its other errors are.
+    let openai = http
+        .post(cluster.url(follower, "/v1/embeddings"))
+        .json(&serde_json::json!({"model": "nothing", "input": "hello"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(openai.status(), 401);
+    assert_eq!(openai.headers()["www-authenticate"], "Bearer");
+    let openai: serde_json::Value = openai.json().await.unwrap();
+    assert_eq!(openai["error"]["type"], "authentication_error", "{openai}");
     assert_eq!(
         http.get(cluster.url(follower, "/v2/health/live"))
             .send()

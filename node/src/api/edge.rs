@@ -75,6 +75,8 @@ where
         let answer = match refusal(&self.app, &request) {
             Some(refusal) => Either::Left(ready(Ok(if admin {
                 AdminError(refusal).into_response()
+            } else if path.starts_with("/v1/") {
+                refusal.into_openai_response()
             } else {
                 refusal.into_response()
             }))),

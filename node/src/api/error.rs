@@ -84,6 +84,13 @@ impl ApiError {
         }
     }
 
+    /// The error in OpenAI's envelope, for the OpenAI-compatible routes, with the same
+    /// status and headers.
+    pub(crate) fn into_openai_response(self) -> Response {
+        let body = openai_body(self.status(), &self.to_string());
+        self.with_body(body)
+    }
+
     fn with_body(self, body: serde_json::Value) -> Response {
         let mut response = (self.status(), axum::Json(body)).into_response();
         if matches!(self, ApiError::Unauthorized(_)) {
@@ -199,6 +206,17 @@ impl From<crate::control::ControlError> for ApiError {
             ControlError::Codec(message) => ApiError::Internal(message),
         }
     }
+}
+
+/// OpenAI's error envelope for `message` answered with `status`.
+pub(crate) fn openai_body(status: StatusCode, message: &str) -> serde_json::Value {
+    let kind = match status.as_u16() {
+        400 | 404 | 413 => "invalid_request_error",
+        401 | 403 => "authentication_error",
+        429 => "rate_limit_error",
+        _ => "server_error",
+    };
+    serde_json::json!({"error": {"message": message, "type": kind, "param": null, "code": null}})
 }
 
 #[cfg(test)]

@@ -23,14 +23,7 @@ const RESPONSE_BYTES_MAX: usize = 64 << 20;
 
 /// An error in OpenAI's shape.
 fn error(status: StatusCode, message: impl Into<String>) -> Response {
-    let kind = match status.as_u16() {
-        400 | 404 | 413 => "invalid_request_error",
-        401 | 403 => "authentication_error",
-        429 => "rate_limit_error",
-        _ => "server_error",
-    };
-    let body =
-        json!({"error": {"message": message.into(), "type": kind, "param": null, "code": null}});
+    let body = super::error::openai_body(status, &message.into());
     (status, Json(body)).into_response()
 }
 
