@@ -273,9 +273,11 @@ async fn load_scales_a_deployment_up_idleness_to_zero_and_a_request_brings_it_ba
     wait_ready(&cluster, &http, 1, 2).await;
     stop.store(true, Ordering::Relaxed);
     for (task, _) in traffic {
+        let failures = task.await.unwrap();
         assert!(
-            task.await.unwrap().is_empty(),
-            "no request failed while scaling"
+            failures.is_empty(),
+            "requests failed while scaling: {:?}",
+            &failures[..failures.len().min(5)]
         );
     }
 
