@@ -33,14 +33,18 @@ impl Leases {
         }
     }
 
-    /// Gives every node in `state` a lease of [`NEW_LEADER_GRACE`] from `now`: what a new
-    /// leader does, since it has not been hearing heartbeats until now and agents need a
-    /// moment to find it.
+    /// Gives every node in `state` a lease of at least [`NEW_LEADER_GRACE`] from `now`:
+    /// what a new leader does, since it has not been hearing heartbeats until now and
+    /// agents need a moment to find it. A lease renewed since this member began to lead
+    /// (a heartbeat can come before the failure detector notices) is kept: before, it was
+    /// cleared, and a node that registered in between was marked Down a moment later.
     fn grant_all(&self, state: &ClusterState, now: Instant) {
         if let Ok(mut expires) = self.expires.lock() {
-            expires.clear();
+            // Leases of nodes gone from the state, long run out, go.
+            expires.retain(|node, until| state.nodes.contains_key(node) || *until > now);
             for node in state.nodes.keys() {
-                expires.insert(*node, now + NEW_LEADER_GRACE);
+                let until = expires.entry(*node).or_insert(now);
+                *until = (*until).max(now + NEW_LEADER_GRACE);
             }
         }
     }
@@ -137,6 +141,29 @@ mod tests {
                 .is_empty()
         );
         assert_eq!(leases.expired(&state, start + NEW_LEADER_GRACE).len(), 2);
+    }
+
+    /// Regression: a node whose first heartbeat reached the new leader before its failure
+    /// detector noticed the leadership lost that renewal, and being registered by then
+    /// but given no lease, it was marked Down 250 ms after it joined.
+    #[test]
+    fn a_lease_renewed_before_the_new_leader_grants_its_grace_is_kept() {
+        let leases = Leases::default();
+        let start = Instant::now();
+        // Its heartbeat renews the lease and registers it...
+        leases.renew(NodeId(2), start);
+        let state = state_with_nodes(&[1, 2]);
+        // ...then the detector notices it leads, with node 2 already in the state.
+        leases.grant_all(&state_with_nodes(&[1]), start);
+        assert!(leases.expired(&state, start + LEASE_TTL / 2).is_empty());
+        // And a grant never shortens a lease.
+        leases.renew(NodeId(1), start + NEW_LEADER_GRACE);
+        leases.grant_all(&state, start);
+        assert!(
+            !leases
+                .expired(&state, start + NEW_LEADER_GRACE + LEASE_TTL / 2)
+                .contains(&NodeId(1))
+        );
     }
 
     #[test]
