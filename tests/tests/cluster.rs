@@ -255,9 +255,23 @@ async fn load_scales_a_deployment_up_idleness_to_zero_and_a_request_brings_it_ba
         &addr,
     ]);
     wait_ready(&cluster, &http, 1, 1).await;
+    // Every server routes to it (a follower applies the replica's state a moment later).
+    let servers: Vec<String> = cluster.http.values().cloned().collect();
+    for server in &servers {
+        let started = Instant::now();
+        while classify(&http, std::slice::from_ref(server), SAMPLES[0].0)
+            .await
+            .is_err()
+        {
+            assert!(
+                started.elapsed() < Duration::from_secs(20),
+                "{server} never routed to the replica"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
 
     // Many callers at once: more requests in flight than one replica's target.
-    let servers: Vec<String> = cluster.http.values().cloned().collect();
     let stop = Arc::new(AtomicBool::new(false));
     let traffic: Vec<_> = (0..12)
         .map(|_| load(&http, servers.clone(), stop.clone()))
