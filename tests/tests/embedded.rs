@@ -399,8 +399,7 @@ async fn shoal_up_scales_a_deployment_up_with_load_to_zero_when_idle_and_back_fo
     let (row, species) = SAMPLES[1];
     assert_eq!(infer_labels(&client, &shoal, &[row]).await, vec![species]);
     assert!(iris_replicas_wanted(&client, &shoal).await >= 1);
-    shoal.interrupt();
-    assert!(shoal.wait_exit(Duration::from_secs(30)).success());
+    stop_shoal(shoal);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -457,8 +456,7 @@ async fn shoal_up_holds_a_completion_for_a_deployment_scaled_to_zero_until_it_is
     assert_eq!(answer.status(), 200, "{}", shoal.stderr());
     let answer: Value = answer.json().await.unwrap();
     assert_eq!(answer["choices"][0]["finish_reason"], "length", "{answer}");
-    shoal.interrupt();
-    assert!(shoal.wait_exit(Duration::from_secs(30)).success());
+    stop_shoal(shoal);
 }
 
 /// Regression: `shoal model list | head -1` panicked with "failed printing to stdout:
@@ -493,8 +491,7 @@ async fn cli_commands_exit_quietly_when_their_output_pipe_is_closed() {
             output.status
         );
     }
-    shoal.interrupt();
-    assert!(shoal.wait_exit(Duration::from_secs(30)).success());
+    stop_shoal(shoal);
 }
 
 /// Runs a CLI command against `shoal`; its stdout, panicking with its stderr if it fails.
@@ -510,6 +507,21 @@ fn cli(shoal: &Shoal, args: &[&std::ffi::OsStr]) -> String {
         String::from_utf8_lossy(&output.stderr)
     );
     String::from_utf8_lossy(&output.stdout).into_owned()
+}
+
+/// A `shoal up` of its own in a fresh temp dir, ready; the dir lasts as long as the guard
+/// returned with it.
+async fn ready_shoal(client: &reqwest::Client, log_name: &str) -> (tempfile::TempDir, Shoal) {
+    let temp = tempfile::tempdir().expect("a temp dir");
+    let mut shoal = Shoal::up(&temp.path().join("data"), log_name);
+    shoal.wait_ready(client).await;
+    (temp, shoal)
+}
+
+/// Stops `shoal` as Ctrl-C does and checks that it exits cleanly.
+fn stop_shoal(mut shoal: Shoal) {
+    shoal.interrupt();
+    assert!(shoal.wait_exit(Duration::from_secs(30)).success());
 }
 
 /// [`cli`] with plain string arguments.
@@ -592,10 +604,8 @@ async fn shoal_up_restarted_leaves_a_deleted_demo_deployment_deleted() {
 /// set with `shoal model alias` was nowhere to be seen.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn model_show_lists_the_aliases_set_with_model_alias() {
-    let temp = tempfile::tempdir().unwrap();
     let client = reqwest::Client::new();
-    let mut shoal = Shoal::up(&temp.path().join("data"), "aliases-shown");
-    shoal.wait_ready(&client).await;
+    let (_temp, shoal) = ready_shoal(&client, "aliases-shown").await;
     run(&shoal, &["model", "alias", "iris", "stable", "1"]);
 
     let shown = run(&shoal, &["model", "show", "iris"]);
@@ -624,8 +634,7 @@ async fn model_show_lists_the_aliases_set_with_model_alias() {
     assert_eq!(numeric.status(), 400);
     let numeric = numeric.text().await.unwrap();
     assert!(numeric.contains("all digits"), "{numeric}");
-    shoal.interrupt();
-    assert!(shoal.wait_exit(Duration::from_secs(30)).success());
+    stop_shoal(shoal);
 }
 
 /// Pushes a second iris version (the demo trained with another seed) to `shoal`.
@@ -641,10 +650,8 @@ fn push_second_iris_version(shoal: &Shoal, temp: &std::path::Path) {
 /// version ("1"), and nothing said which alias a deployment followed.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn deploy_list_and_show_name_a_traffic_split_and_a_followed_alias() {
-    let temp = tempfile::tempdir().unwrap();
     let client = reqwest::Client::new();
-    let mut shoal = Shoal::up(&temp.path().join("data"), "split-shown");
-    shoal.wait_ready(&client).await;
+    let (temp, shoal) = ready_shoal(&client, "split-shown").await;
     push_second_iris_version(&shoal, temp.path());
     run(&shoal, &["model", "alias", "iris", "stable", "2"]);
     let split = temp.path().join("split.toml");
@@ -698,18 +705,15 @@ async fn deploy_list_and_show_name_a_traffic_split_and_a_followed_alias() {
             &json!({"alias": "stable"}),
         ]
     );
-    shoal.interrupt();
-    assert!(shoal.wait_exit(Duration::from_secs(30)).success());
+    stop_shoal(shoal);
 }
 
 /// Regression: an input given twice was answered 200, an output asked for twice was
 /// answered once, and `[[1, 2], [3, 4]]` was taken for shape `[1, 4]`.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn repeated_inputs_repeated_outputs_and_data_nested_against_its_shape_are_400() {
-    let temp = tempfile::tempdir().unwrap();
     let client = reqwest::Client::new();
-    let mut shoal = Shoal::up(&temp.path().join("data"), "lenient-input");
-    shoal.wait_ready(&client).await;
+    let (_temp, shoal) = ready_shoal(&client, "lenient-input").await;
     let infer = "/v2/models/iris/infer";
     let features = json!({"name": "features", "shape": [1, 4], "datatype": "FP32",
         "data": [5.1, 3.5, 1.4, 0.2]});
@@ -734,18 +738,15 @@ async fn repeated_inputs_repeated_outputs_and_data_nested_against_its_shape_are_
             .unwrap();
         assert_eq!(answer.status(), 200, "{data}");
     }
-    shoal.interrupt();
-    assert!(shoal.wait_exit(Duration::from_secs(30)).success());
+    stop_shoal(shoal);
 }
 
 /// Regression: a version that exists but no deployment serves was answered 503 "has no
 /// ready replica yet" with Retry-After, so clients retried forever.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_version_no_deployment_serves_is_404_until_one_does() {
-    let temp = tempfile::tempdir().unwrap();
     let client = reqwest::Client::new();
-    let mut shoal = Shoal::up(&temp.path().join("data"), "not-deployed");
-    shoal.wait_ready(&client).await;
+    let (temp, shoal) = ready_shoal(&client, "not-deployed").await;
     push_second_iris_version(&shoal, temp.path());
     let second = shoal.url("/v2/models/iris/versions/2/infer");
     let row = [[5.1f32, 3.5, 1.4, 0.2]];
@@ -790,18 +791,15 @@ async fn a_version_no_deployment_serves_is_404_until_one_does() {
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    shoal.interrupt();
-    assert!(shoal.wait_exit(Duration::from_secs(30)).success());
+    stop_shoal(shoal);
 }
 
 /// Regression: `shoal model push --format pickle` (and `"format": "pickle"` in the
 /// registration API) was accepted, and metadata then named the platform "shoal_pickle".
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_version_in_a_format_shoal_does_not_load_is_refused_naming_those_it_does() {
-    let temp = tempfile::tempdir().unwrap();
     let client = reqwest::Client::new();
-    let mut shoal = Shoal::up(&temp.path().join("data"), "pickle-refused");
-    shoal.wait_ready(&client).await;
+    let (temp, shoal) = ready_shoal(&client, "pickle-refused").await;
     let content = b"iris value 1";
     let digest = shoal_tests::sha256_hex(content);
     let stored = client
@@ -842,8 +840,7 @@ async fn a_version_in_a_format_shoal_does_not_load_is_refused_naming_those_it_do
     assert!(stderr.contains("safetensors, gguf, raw"), "{stderr}");
     let models = run(&shoal, &["model", "list"]);
     assert!(!models.contains("pickled"), "{models}");
-    shoal.interrupt();
-    assert!(shoal.wait_exit(Duration::from_secs(30)).success());
+    stop_shoal(shoal);
 }
 
 /// Runs the CLI against `shoal` expecting it to fail; its stderr.
@@ -862,10 +859,8 @@ fn run_failing(shoal: &Shoal, args: &[&str]) -> String {
 /// base", `--data '{"x":1}'` said "element 0 is null", and an upload was "on 1 servers".
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cli_output_follows_the_output_flag_and_reads_plainly() {
-    let temp = tempfile::tempdir().unwrap();
     let client = reqwest::Client::new();
-    let mut shoal = Shoal::up(&temp.path().join("data"), "cli-edges");
-    shoal.wait_ready(&client).await;
+    let (temp, shoal) = ready_shoal(&client, "cli-edges").await;
 
     let alias: Value = serde_json::from_str(&run(
         &shoal,
@@ -924,6 +919,5 @@ async fn cli_output_follows_the_output_flag_and_reads_plainly() {
         refused.contains("must be a JSON array of rows"),
         "{refused}"
     );
-    shoal.interrupt();
-    assert!(shoal.wait_exit(Duration::from_secs(30)).success());
+    stop_shoal(shoal);
 }
