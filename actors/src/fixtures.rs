@@ -4,8 +4,9 @@
 //!
 //! Nothing here runs in a serving path.
 
-use crate::runtime::{CONFIG_FILE, ModelFiles, TOKENIZER_FILE, WEIGHTS_FILE};
+use crate::runtime::{CONFIG_FILE, GGUF_WEIGHTS_FILE, ModelFiles, TOKENIZER_FILE, WEIGHTS_FILE};
 use crate::train::SplitMix;
+use candle_core::quantized::{GgmlDType, QTensor};
 use candle_core::{Device, Tensor};
 use sha2::{Digest, Sha256};
 use shoal_scheduler::ArtifactFile;
@@ -245,6 +246,50 @@ pub fn mlp_classifier(layer_sizes: &[usize], seed: u64) -> Result<ModelFiles, Fi
         (CONFIG_FILE.to_string(), config),
         (WEIGHTS_FILE.to_string(), weights),
     ]))
+}
+
+/// How [`as_gguf`] stores tensors.
+#[derive(Clone, Copy, Debug)]
+pub enum GgufStorage {
+    /// Every tensor as it is, in `f32`.
+    F32,
+    /// Matrices in ggml's 8-bit blocks (`Q8_0`).
+    Q8,
+}
+
+/// The same model with its weights in GGUF (`model.gguf` for `model.safetensors`). Stored
+/// as [`GgufStorage::Q8`], each matrix whose rows split into 8-bit blocks is quantized, and
+/// the rest kept in `f32`, as llama.cpp keeps norms and biases.
+pub fn as_gguf(files: &ModelFiles, storage: GgufStorage) -> Result<ModelFiles, FixtureError> {
+    let dtype = match storage {
+        GgufStorage::F32 => GgmlDType::F32,
+        GgufStorage::Q8 => GgmlDType::Q8_0,
+    };
+    let mut files = files.clone();
+    let safetensors = files
+        .remove(WEIGHTS_FILE)
+        .ok_or_else(|| FixtureError::Io(std::io::Error::other("no model.safetensors")))?;
+    let tensors = candle_core::safetensors::load_buffer(&safetensors, &Device::Cpu)?;
+    let mut names: Vec<&String> = tensors.keys().collect();
+    names.sort();
+    let quantized = names
+        .iter()
+        .map(|name| {
+            let tensor = &tensors[*name];
+            let splits = tensor.rank() >= 2
+                && tensor
+                    .dims()
+                    .last()
+                    .is_some_and(|row| row % dtype.block_size() == 0);
+            let chosen = if splits { dtype } else { GgmlDType::F32 };
+            Ok((name.as_str(), QTensor::quantize(tensor, chosen)?))
+        })
+        .collect::<Result<Vec<_>, FixtureError>>()?;
+    let listed: Vec<(&str, &QTensor)> = quantized.iter().map(|(name, q)| (*name, q)).collect();
+    let mut gguf = std::io::Cursor::new(Vec::new());
+    candle_core::quantized::gguf_file::write(&mut gguf, &[], &listed)?;
+    files.insert(GGUF_WEIGHTS_FILE.to_string(), gguf.into_inner());
+    Ok(files)
 }
 
 /// A fresh private directory under the system temp dir.

@@ -3,7 +3,7 @@
 
 use super::*;
 use crate::fixtures::{TinyLlama, tiny_llama};
-use crate::runtime::{CONFIG_FILE, LlamaRuntime, TOKENIZER_FILE, WEIGHTS_FILE};
+use crate::runtime::{CONFIG_FILE, LlamaRuntime, TOKENIZER_FILE, WEIGHTS_FILE, WeightsFile};
 use std::time::Duration;
 
 fn model(shape: &TinyLlama) -> Arc<LlamaRuntime> {
@@ -11,7 +11,7 @@ fn model(shape: &TinyLlama) -> Arc<LlamaRuntime> {
     Arc::new(
         LlamaRuntime::load(
             &files[CONFIG_FILE],
-            &files[WEIGHTS_FILE],
+            WeightsFile::Safetensors(&files[WEIGHTS_FILE]),
             &files[TOKENIZER_FILE],
             &candle_core::Device::Cpu,
         )

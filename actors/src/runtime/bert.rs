@@ -4,7 +4,7 @@
 //! Files: `config.json` (Hugging Face BERT config), `model.safetensors`, `tokenizer.json`.
 //! Signature: `text` BYTES `[N]` in, `embedding` FP32 `[N, hidden_size]` out.
 
-use super::{ModelRuntime, RuntimeError, TEXT};
+use super::{ModelRuntime, RuntimeError, TEXT, WeightsFile};
 use crate::tensor::{NamedTensor, TensorData};
 use candle_core::{DType, Device, Tensor};
 use candle_nn::VarBuilder;
@@ -53,7 +53,7 @@ pub struct SentenceEmbedder {
 impl SentenceEmbedder {
     pub fn load(
         config_json: &[u8],
-        safetensors: &[u8],
+        weights: WeightsFile<'_>,
         tokenizer_json: &[u8],
         device: &Device,
     ) -> Result<SentenceEmbedder, RuntimeError> {
@@ -61,8 +61,7 @@ impl SentenceEmbedder {
             .map_err(|error| RuntimeError::Config(error.to_string()))?;
         let hidden_size: EmbedderConfig = serde_json::from_slice(config_json)
             .map_err(|error| RuntimeError::Config(error.to_string()))?;
-        let tensors = candle_core::safetensors::load_buffer(safetensors, device)?;
-        let weights = VarBuilder::from_tensors(tensors, DType::F32, device);
+        let weights = VarBuilder::from_tensors(weights.tensors(device)?, DType::F32, device);
         let model = BertModel::load(weights, &config)
             .map_err(|error| RuntimeError::Weights(error.to_string()))?;
         let mut tokenizer = Tokenizer::from_bytes(tokenizer_json)

@@ -12,7 +12,7 @@
 //! `candle-transformers`' `Llama` in the tests, which check that both give the same logits.
 //! Decoding is greedy (argmax), so a sequence's tokens do not depend on its batch-mates.
 
-use super::{RuntimeError, TEXT};
+use super::{RuntimeError, TEXT, WeightsFile};
 use crate::generate::Generator;
 use crate::shard::{Activation, Stage};
 use candle_core::{D, DType, Device, IndexOp, Tensor};
@@ -101,7 +101,7 @@ impl LlamaSequence {
 impl LlamaRuntime {
     pub fn load(
         config_json: &[u8],
-        safetensors: &[u8],
+        weights: WeightsFile<'_>,
         tokenizer_json: &[u8],
         device: &Device,
     ) -> Result<LlamaRuntime, RuntimeError> {
@@ -123,8 +123,7 @@ impl LlamaRuntime {
                 "hidden_size must split evenly into heads, and heads into kv heads".into(),
             ));
         }
-        let tensors = candle_core::safetensors::load_buffer(safetensors, device)?;
-        let vb = VarBuilder::from_tensors(tensors, DType::F32, device);
+        let vb = VarBuilder::from_tensors(weights.tensors(device)?, DType::F32, device);
         let weights = Weights::load(&vb, config, device)
             .map_err(|error| RuntimeError::Weights(error.to_string()))?;
         let tokenizer = Tokenizer::from_bytes(tokenizer_json)
@@ -575,7 +574,7 @@ impl Generator for LlamaRuntime {
 mod tests {
     use super::*;
     use crate::fixtures::{TinyLlama, tiny_llama};
-    use crate::runtime::{CONFIG_FILE, TOKENIZER_FILE, WEIGHTS_FILE};
+    use crate::runtime::{CONFIG_FILE, TOKENIZER_FILE, WEIGHTS_FILE, WeightsFile};
     use candle_transformers::models::llama::{Cache, Llama};
 
     fn max_difference(a: &Tensor, b: &Tensor) -> f32 {
@@ -597,7 +596,7 @@ mod tests {
         let device = Device::Cpu;
         let ours = LlamaRuntime::load(
             &files[CONFIG_FILE],
-            &files[WEIGHTS_FILE],
+            WeightsFile::Safetensors(&files[WEIGHTS_FILE]),
             &files[TOKENIZER_FILE],
             &device,
         )
@@ -665,7 +664,7 @@ mod tests {
         let files = tiny_llama(&TinyLlama::for_tests()).unwrap();
         let model = LlamaRuntime::load(
             &files[CONFIG_FILE],
-            &files[WEIGHTS_FILE],
+            WeightsFile::Safetensors(&files[WEIGHTS_FILE]),
             &files[TOKENIZER_FILE],
             &Device::Cpu,
         )

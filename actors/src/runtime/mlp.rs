@@ -3,7 +3,7 @@
 //! Weights (safetensors): `input.mean` and `input.std` `[inputs]`, then `layers.{i}.weight`
 //! `[out, in]` and `layers.{i}.bias` `[out]` for each layer.
 
-use super::{ModelRuntime, RuntimeError};
+use super::{ModelRuntime, RuntimeError, WeightsFile};
 use crate::tensor::{NamedTensor, TensorData};
 use candle_core::{D, Device, Tensor};
 use candle_nn::{Linear, Module};
@@ -90,20 +90,24 @@ pub struct MlpClassifier {
 impl MlpClassifier {
     /// Loads from config.json bytes and safetensors bytes onto the CPU.
     pub fn load(config_json: &[u8], safetensors: &[u8]) -> Result<MlpClassifier, RuntimeError> {
-        MlpClassifier::load_on(config_json, safetensors, &Device::Cpu)
+        MlpClassifier::load_on(
+            config_json,
+            WeightsFile::Safetensors(safetensors),
+            &Device::Cpu,
+        )
     }
 
-    /// Loads from config.json bytes and safetensors bytes onto `device`.
+    /// Loads from config.json bytes and a weights file onto `device`.
     pub fn load_on(
         config_json: &[u8],
-        safetensors: &[u8],
+        weights: WeightsFile<'_>,
         device: &Device,
     ) -> Result<MlpClassifier, RuntimeError> {
         let config: MlpConfig = serde_json::from_slice(config_json)
             .map_err(|error| RuntimeError::Config(error.to_string()))?;
         config.validate()?;
         let device = device.clone();
-        let mut tensors = candle_core::safetensors::load_buffer(safetensors, &device)?;
+        let mut tensors = weights.tensors(&device)?;
         let mut take = |name: String, shape: &[usize]| -> Result<Tensor, RuntimeError> {
             let tensor = tensors
                 .remove(&name)

@@ -2,7 +2,7 @@
 //!
 //! Every fixed-shape runtime sits behind [`ModelRuntime`], which batchers call from a
 //! compute thread; generative models load as [`LlamaRuntime`], which the continuous
-//! batcher drives token by token. Only data formats are loaded (safetensors, JSON,
+//! batcher drives token by token. Only data formats are loaded (safetensors, GGUF, JSON,
 //! tokenizer.json), never code.
 //!
 //! A version's config.json names its architecture either with Shoal's own `architecture`
@@ -52,8 +52,11 @@ pub enum RuntimeError {
     Device(String, String),
 }
 
-/// The weights file every runtime reads.
+/// The weights file every runtime reads, in safetensors; or else [`GGUF_WEIGHTS_FILE`].
 pub const WEIGHTS_FILE: &str = "model.safetensors";
+/// The same weights in GGUF, with the same tensor names; quantized tensors are
+/// dequantized to `f32` as they load.
+pub const GGUF_WEIGHTS_FILE: &str = "model.gguf";
 /// The config file every runtime reads.
 pub const CONFIG_FILE: &str = "config.json";
 /// The tokenizer file of text models (Hugging Face `tokenizers` JSON).
@@ -79,6 +82,14 @@ struct ArchitectureOnly {
 }
 
 impl Architecture {
+    /// The files a version of this architecture needs besides its weights file.
+    pub fn files(self) -> &'static [&'static str] {
+        match self {
+            Architecture::MlpClassifier => &[CONFIG_FILE],
+            Architecture::SentenceEmbedding | Architecture::Llama => &[CONFIG_FILE, TOKENIZER_FILE],
+        }
+    }
+
     /// Reads the architecture from config.json.
     pub fn of(config_json: &[u8]) -> Result<Architecture, RuntimeError> {
         let named: ArchitectureOnly = serde_json::from_slice(config_json)
@@ -96,6 +107,99 @@ impl Architecture {
                     shown(model_type),
                     MlpConfig::ARCHITECTURE
                 )))
+            }
+        }
+    }
+}
+
+/// A version's weights file, by its format.
+#[derive(Clone, Copy, Debug)]
+pub enum WeightsFile<'a> {
+    Safetensors(&'a [u8]),
+    Gguf(&'a [u8]),
+}
+
+impl<'a> WeightsFile<'a> {
+    /// The one weights file among a version's files.
+    pub fn of(files: &'a ModelFiles) -> Result<WeightsFile<'a>, RuntimeError> {
+        match (files.get(WEIGHTS_FILE), files.get(GGUF_WEIGHTS_FILE)) {
+            (Some(safetensors), None) => Ok(WeightsFile::Safetensors(safetensors)),
+            (None, Some(gguf)) => Ok(WeightsFile::Gguf(gguf)),
+            (None, None) => Err(RuntimeError::MissingFile(WEIGHTS_FILE)),
+            (Some(_), Some(_)) => Err(RuntimeError::Weights(format!(
+                "the version has both {WEIGHTS_FILE} and {GGUF_WEIGHTS_FILE}: keep one"
+            ))),
+        }
+    }
+
+    /// The weights file called `name`, if that is a weights file's name.
+    pub fn named(name: &str, bytes: &'a [u8]) -> Option<WeightsFile<'a>> {
+        match name {
+            WEIGHTS_FILE => Some(WeightsFile::Safetensors(bytes)),
+            GGUF_WEIGHTS_FILE => Some(WeightsFile::Gguf(bytes)),
+            _ => None,
+        }
+    }
+
+    /// The bytes its tensors take once loaded, read from the file's header alone: a
+    /// quantized GGUF tensor loads as `f32`, larger than it is stored. A GGUF file must
+    /// also hold every tensor its header lists.
+    pub fn loaded_bytes(self) -> Result<u64, RuntimeError> {
+        let bytes = match self {
+            WeightsFile::Safetensors(bytes) => return Ok(bytes.len() as u64),
+            WeightsFile::Gguf(bytes) => bytes,
+        };
+        let refused =
+            |message: String| RuntimeError::Weights(format!("{GGUF_WEIGHTS_FILE}: {message}"));
+        let content =
+            candle_core::quantized::gguf_file::Content::read(&mut std::io::Cursor::new(bytes))
+                .map_err(|error| refused(error.to_string()))?;
+        let mut loaded_bytes = 0u64;
+        for (name, info) in &content.tensor_infos {
+            let elements = info.shape.elem_count();
+            let block = info.ggml_dtype.block_size();
+            let stored_bytes = (elements / block * info.ggml_dtype.type_size()) as u64;
+            let end = content
+                .tensor_data_offset
+                .saturating_add(info.offset)
+                .saturating_add(stored_bytes);
+            if !elements.is_multiple_of(block) || end > bytes.len() as u64 {
+                return Err(refused(format!(
+                    "tensor {name:?} runs past the end of the file"
+                )));
+            }
+            loaded_bytes += elements as u64 * 4;
+        }
+        Ok(loaded_bytes)
+    }
+
+    /// Every tensor in the file by name, on `device`.
+    pub fn tensors(
+        self,
+        device: &candle_core::Device,
+    ) -> Result<HashMap<String, candle_core::Tensor>, RuntimeError> {
+        match self {
+            WeightsFile::Safetensors(bytes) => {
+                Ok(candle_core::safetensors::load_buffer(bytes, device)?)
+            }
+            WeightsFile::Gguf(bytes) => {
+                let gguf = |error: candle_core::Error| {
+                    RuntimeError::Weights(format!("{GGUF_WEIGHTS_FILE}: {error}"))
+                };
+                let mut reader = std::io::Cursor::new(bytes);
+                let content =
+                    candle_core::quantized::gguf_file::Content::read(&mut reader).map_err(gguf)?;
+                content
+                    .tensor_infos
+                    .keys()
+                    .map(|name| {
+                        let tensor = content
+                            .tensor(&mut reader, name, device)
+                            .and_then(|quantized| quantized.dequantize(device))
+                            .map_err(gguf)?;
+                        Ok((name.clone(), tensor))
+                    })
+                    .collect()
             }
         }
     }
@@ -129,7 +233,7 @@ pub fn load_on(
 ) -> Result<LoadedModel, RuntimeError> {
     let file = |name: &'static str| files.get(name).ok_or(RuntimeError::MissingFile(name));
     let config = file(CONFIG_FILE)?;
-    let weights = file(WEIGHTS_FILE)?;
+    let weights = WeightsFile::of(files)?;
     Ok(match Architecture::of(config)? {
         Architecture::MlpClassifier => {
             LoadedModel::Fixed(Arc::new(MlpClassifier::load_on(config, weights, device)?))
@@ -201,6 +305,103 @@ pub fn memory_estimate_bytes(weights_bytes: u64) -> u64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::fixtures::{GgufStorage, TinyLlama, as_gguf, mlp_classifier, tiny_llama};
+    use crate::tensor::TensorData;
+
+    /// The MLP's answer to the same two rows, by output name.
+    fn mlp_answer(files: &ModelFiles) -> Vec<NamedTensor> {
+        let LoadedModel::Fixed(model) = load(files).unwrap() else {
+            panic!("an MLP is a fixed-shape model");
+        };
+        let rows: Vec<f32> = (0..2 * 64).map(|i| (i % 13) as f32 / 13.0 - 0.5).collect();
+        let input = NamedTensor {
+            name: "features".into(),
+            shape: vec![2, 64],
+            data: TensorData::Fp32(rows),
+        };
+        model.forward(&[input]).unwrap()
+    }
+
+    fn probabilities(answer: &[NamedTensor]) -> Vec<f32> {
+        let output = answer.iter().find(|t| t.name == "probabilities").unwrap();
+        let TensorData::Fp32(values) = &output.data else {
+            panic!("probabilities are FP32");
+        };
+        values.clone()
+    }
+
+    #[test]
+    fn a_version_in_gguf_answers_as_the_same_weights_in_safetensors() {
+        let safetensors = mlp_classifier(&[64, 32, 4], 7).unwrap();
+        let expected = mlp_answer(&safetensors);
+
+        let gguf = as_gguf(&safetensors, GgufStorage::F32).unwrap();
+        assert!(!gguf.contains_key(WEIGHTS_FILE));
+        assert_eq!(
+            mlp_answer(&gguf),
+            expected,
+            "f32 GGUF holds the same numbers"
+        );
+
+        // Quantized to 8 bits, the weights load dequantized and answer nearly the same.
+        let quantized = as_gguf(&safetensors, GgufStorage::Q8).unwrap();
+        assert!(quantized[GGUF_WEIGHTS_FILE].len() < gguf[GGUF_WEIGHTS_FILE].len() / 2);
+        let near = probabilities(&mlp_answer(&quantized));
+        for (got, want) in near.iter().zip(probabilities(&expected)) {
+            assert!((got - want).abs() < 0.01, "{got} against {want}");
+        }
+        assert_eq!(
+            WeightsFile::Gguf(&quantized[GGUF_WEIGHTS_FILE])
+                .loaded_bytes()
+                .unwrap(),
+            4 * (64 + 64 + 64 * 32 + 32 + 32 * 4 + 4),
+            "a quantized tensor loads as f32"
+        );
+    }
+
+    #[test]
+    fn a_generative_model_in_gguf_loads_with_the_same_weights() {
+        let files = tiny_llama(&TinyLlama::for_tests()).unwrap();
+        let gguf = as_gguf(&files, GgufStorage::F32).unwrap();
+        let device = candle_core::Device::Cpu;
+        let from_safetensors = WeightsFile::of(&files).unwrap().tensors(&device).unwrap();
+        let from_gguf = WeightsFile::of(&gguf).unwrap().tensors(&device).unwrap();
+        assert_eq!(from_gguf.len(), from_safetensors.len());
+        for (name, tensor) in &from_safetensors {
+            let other = &from_gguf[name];
+            assert_eq!(other.dims(), tensor.dims(), "{name}");
+            let difference = (other - tensor).unwrap().abs().unwrap().max_all().unwrap();
+            assert_eq!(difference.to_scalar::<f32>().unwrap(), 0.0, "{name}");
+        }
+        assert!(matches!(load(&gguf), Ok(LoadedModel::Generative(_))));
+    }
+
+    #[test]
+    fn a_version_with_two_weights_files_or_a_damaged_gguf_is_refused_by_name() {
+        let mut files = mlp_classifier(&[8, 4], 1).unwrap();
+        let gguf = as_gguf(&files, GgufStorage::F32).unwrap();
+        files.insert(GGUF_WEIGHTS_FILE.into(), gguf[GGUF_WEIGHTS_FILE].clone());
+        let Err(both) = load(&files) else {
+            panic!("two weights files are ambiguous");
+        };
+        assert!(both.to_string().contains("keep one"), "{both}");
+
+        let mut damaged = gguf;
+        let bytes = damaged.get_mut(GGUF_WEIGHTS_FILE).unwrap();
+        bytes.truncate(bytes.len() - 8);
+        let Err(error) = load(&damaged) else {
+            panic!("a GGUF file cut short does not load");
+        };
+        assert!(error.to_string().contains(GGUF_WEIGHTS_FILE), "{error}");
+        let Err(error) = WeightsFile::Gguf(&damaged[GGUF_WEIGHTS_FILE]).loaded_bytes() else {
+            panic!("a GGUF file missing its last tensor's end has no size");
+        };
+        assert!(error.to_string().contains("runs past the end"), "{error}");
+        let Err(error) = WeightsFile::Gguf(b"GGUF\x03\x00\x00\x00").loaded_bytes() else {
+            panic!("a GGUF header cut short has no size");
+        };
+        assert!(error.to_string().contains(GGUF_WEIGHTS_FILE), "{error}");
+    }
 
     /// Regression: the message showed Rust's `None` and `Some("gpt2")`.
     #[test]

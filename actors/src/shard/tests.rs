@@ -3,7 +3,7 @@
 
 use super::*;
 use crate::fixtures::{TinyLlama, tiny_llama};
-use crate::runtime::{CONFIG_FILE, LlamaRuntime, TOKENIZER_FILE, WEIGHTS_FILE};
+use crate::runtime::{CONFIG_FILE, LlamaRuntime, TOKENIZER_FILE, WEIGHTS_FILE, WeightsFile};
 
 /// A 4-layer test model, so it splits into several stages.
 fn model() -> LlamaRuntime {
@@ -14,7 +14,7 @@ fn model() -> LlamaRuntime {
     .unwrap();
     LlamaRuntime::load(
         &files[CONFIG_FILE],
-        &files[WEIGHTS_FILE],
+        WeightsFile::Safetensors(&files[WEIGHTS_FILE]),
         &files[TOKENIZER_FILE],
         &candle_core::Device::Cpu,
     )
