@@ -5,6 +5,7 @@ use crate::api::oip::{InferRequest, InferResponse, ModelMetadata, RequestInput, 
 use anyhow::{Context, bail};
 use clap::{Args, Subcommand, ValueEnum};
 use serde::de::DeserializeOwned;
+use shoal_actors::runtime::GGUF_WEIGHTS_FILE;
 use std::io::{IsTerminal, Write as _};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -73,8 +74,9 @@ pub enum ModelCommand {
         #[arg(long)]
         name: String,
         /// The weight format: safetensors, gguf, or raw (data files with no weights).
-        #[arg(long, default_value = "safetensors")]
-        format: String,
+        /// Default: gguf when the directory holds model.gguf, else safetensors.
+        #[arg(long)]
+        format: Option<String>,
     },
     /// The versions and aliases of one model.
     Show { name: String },
@@ -524,8 +526,14 @@ pub async fn model(command: ModelCommand, args: &ClientArgs) -> anyhow::Result<(
         ModelCommand::Demo { .. } => {}
         ModelCommand::Push { dir, name, format } => {
             // Refused before any upload, as the server would refuse it after.
-            crate::store::check_format(&format).map_err(anyhow::Error::msg)?;
+            if let Some(format) = &format {
+                crate::store::check_format(format).map_err(anyhow::Error::msg)?;
+            }
             let files = collect_files(&dir)?;
+            let format = format.unwrap_or_else(|| {
+                let gguf = files.iter().any(|file| file.name == GGUF_WEIGHTS_FILE);
+                if gguf { "gguf" } else { "safetensors" }.to_string()
+            });
             for file in &files {
                 upload(&client, file).await?;
             }

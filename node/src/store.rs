@@ -5,7 +5,10 @@
 //! loads.
 
 use sha2::{Digest, Sha256};
-use shoal_actors::runtime::{CONFIG_FILE, WEIGHTS_FILE, memory_estimate_bytes, signature_of};
+use shoal_actors::runtime::{
+    Architecture, CONFIG_FILE, GGUF_WEIGHTS_FILE, WEIGHTS_FILE, WeightsFile, memory_estimate_bytes,
+    signature_of,
+};
 use shoal_actors::{ArtifactFetcher, FetchError};
 use shoal_scheduler::{ArtifactFile, Command, Signature};
 use std::io::Write;
@@ -253,6 +256,12 @@ pub fn check_format(format: &str) -> Result<(), String> {
 /// The command that registers a version of `model` made of stored blobs `(name, digest)`,
 /// listed by name whatever their order here. Reads each blob (blocking) for its size and,
 /// from `config.json`, the signature.
+///
+/// A version in a weight format must be one a runtime can load, as far as its files tell
+/// without loading it: `config.json` naming an architecture Shoal runs, the files that
+/// architecture needs, and one weights file, of the declared format, whose header reads.
+/// Refused here, a bad push is a clear error at once rather than a replica failing later.
+/// (Whether the weights fit the config is known only by loading them.)
 pub fn version_command(
     store: &ArtifactStore,
     model: &str,
@@ -262,7 +271,8 @@ pub fn version_command(
     check_format(format)?;
     let mut artifacts: Vec<ArtifactFile> = Vec::with_capacity(files.len());
     let mut signature = Signature::default();
-    let mut weights_bytes = None;
+    let mut architecture = None;
+    let mut weights: Option<(String, u64)> = None;
     for (name, digest) in files {
         if name.is_empty() || name.contains('/') || artifacts.iter().any(|f| f.name == name) {
             return Err(format!(
@@ -274,16 +284,30 @@ pub fn version_command(
             .map_err(|error| format!("file {name}: {error}; upload it first"))?;
         validate_artifact(&name, &bytes)?;
         if name == CONFIG_FILE {
-            signature = signature_of(&bytes).map_err(|error| format!("{CONFIG_FILE}: {error}"))?;
+            let read = |error| format!("{CONFIG_FILE}: {error}");
+            signature = signature_of(&bytes).map_err(read)?;
+            architecture = Some(Architecture::of(&bytes).map_err(read)?);
         }
-        if name == WEIGHTS_FILE {
-            weights_bytes = Some(bytes.len() as u64);
+        if let Some(file) = WeightsFile::named(&name, &bytes) {
+            if let Some((other, _)) = &weights {
+                return Err(format!(
+                    "a version has one weights file; this one has {other} and {name}"
+                ));
+            }
+            let loaded_bytes = match format {
+                "raw" => bytes.len() as u64,
+                _ => file.loaded_bytes().map_err(|error| error.to_string())?,
+            };
+            weights = Some((name.clone(), loaded_bytes));
         }
         artifacts.push(ArtifactFile {
             name,
             digest,
             size_bytes: bytes.len() as u64,
         });
+    }
+    if format != "raw" {
+        check_loadable(format, architecture, weights.as_ref(), &artifacts)?;
     }
     // One canonical order, by name, as the manifest digest hashes them: the same files are
     // the same version (the log compares file lists, and a push lists a directory in
@@ -295,10 +319,49 @@ pub fn version_command(
         manifest_digest: manifest_digest(&artifacts),
         files: artifacts,
         format: format.to_string(),
-        memory_bytes: memory_estimate_bytes(weights_bytes.unwrap_or(total_bytes)),
+        memory_bytes: memory_estimate_bytes(weights.map_or(total_bytes, |(_, bytes)| bytes)),
         signature,
         created_at_ms: now_ms(),
     })
+}
+
+/// Refuses a version in weight `format` that no runtime could load (see
+/// [`version_command`]), saying what is missing.
+fn check_loadable(
+    format: &str,
+    architecture: Option<Architecture>,
+    weights: Option<&(String, u64)>,
+    files: &[ArtifactFile],
+) -> Result<(), String> {
+    let architecture = architecture.ok_or_else(|| {
+        format!("a {format} version needs a {CONFIG_FILE} that names its architecture")
+    })?;
+    let expected = match format {
+        "gguf" => GGUF_WEIGHTS_FILE,
+        _ => WEIGHTS_FILE,
+    };
+    match weights {
+        Some((name, _)) if name == expected => {}
+        found => {
+            let found = found.map_or("none".to_string(), |(name, _)| name.clone());
+            return Err(format!(
+                "a {format} version keeps its weights in {expected}; found {found}"
+            ));
+        }
+    }
+    let missing: Vec<&str> = architecture
+        .files()
+        .iter()
+        .copied()
+        .filter(|needed| !files.iter().any(|file| file.name == *needed))
+        .collect();
+    if !missing.is_empty() {
+        return Err(format!(
+            "this model's architecture also needs {}",
+            missing.join(" and ")
+        ));
+    }
+    Ok(())
 }
 
 /// Milliseconds since the Unix epoch, for `created_at_ms` fields.
@@ -311,6 +374,8 @@ pub fn now_ms() -> u64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use shoal_actors::fixtures::{GgufStorage, TinyLlama, as_gguf, mlp_classifier, tiny_llama};
+    use shoal_actors::runtime::{ModelFiles, TOKENIZER_FILE};
 
     #[test]
     fn a_stored_blob_is_fetched_by_its_digest() {
@@ -416,12 +481,88 @@ mod tests {
                 )
             );
         }
+        let mlp = mlp_classifier(&[8, 4], 1).unwrap();
         for format in WEIGHT_FORMATS {
-            assert!(
-                version_command(&store, "m", files(), format).is_ok(),
-                "{format}"
-            );
+            let files = match *format {
+                "safetensors" => stored(&store, &mlp),
+                "gguf" => stored(&store, &as_gguf(&mlp, GgufStorage::F32).unwrap()),
+                _ => files(),
+            };
+            let registered = version_command(&store, "m", files, format);
+            assert!(registered.is_ok(), "{format}: {registered:?}");
         }
+    }
+
+    /// Puts each of `files` in `store`, as `(name, digest)`.
+    fn stored(store: &ArtifactStore, files: &ModelFiles) -> Vec<(String, String)> {
+        files
+            .iter()
+            .map(|(name, bytes)| (name.clone(), store.put(bytes).unwrap()))
+            .collect()
+    }
+
+    /// Regression: a version with no config.json, or its weights in a file no runtime
+    /// reads, was registered, and every replica of it failed to load.
+    #[test]
+    fn a_version_no_runtime_could_load_is_refused_saying_what_is_missing() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = ArtifactStore::open(dir.path()).unwrap();
+        let mlp = mlp_classifier(&[8, 4], 1).unwrap();
+        let gguf = as_gguf(&mlp, GgufStorage::F32).unwrap();
+        let refused = |files: &ModelFiles, format: &str| {
+            version_command(&store, "m", stored(&store, files), format).unwrap_err()
+        };
+        let without = |files: &ModelFiles, name: &str| {
+            let mut files = files.clone();
+            files.remove(name);
+            files
+        };
+
+        let message = refused(&without(&mlp, CONFIG_FILE), "safetensors");
+        assert!(message.contains("needs a config.json"), "{message}");
+        let message = refused(&without(&mlp, WEIGHTS_FILE), "safetensors");
+        assert!(
+            message.contains("keeps its weights in model.safetensors; found none"),
+            "{message}"
+        );
+        let message = refused(&mlp, "gguf");
+        assert!(
+            message.contains("keeps its weights in model.gguf; found model.safetensors"),
+            "{message}"
+        );
+        let mut both = mlp;
+        both.insert(GGUF_WEIGHTS_FILE.into(), gguf[GGUF_WEIGHTS_FILE].clone());
+        let message = refused(&both, "safetensors");
+        assert!(message.contains("one weights file"), "{message}");
+        let llama = tiny_llama(&TinyLlama::for_tests()).unwrap();
+        let message = refused(&without(&llama, TOKENIZER_FILE), "safetensors");
+        assert!(message.contains("also needs tokenizer.json"), "{message}");
+        let mut damaged = gguf;
+        damaged.get_mut(GGUF_WEIGHTS_FILE).unwrap().truncate(12);
+        let message = refused(&damaged, "gguf");
+        assert!(message.contains(GGUF_WEIGHTS_FILE), "{message}");
+    }
+
+    #[test]
+    fn a_quantized_gguf_version_is_sized_by_its_weights_as_loaded() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = ArtifactStore::open(dir.path()).unwrap();
+        let mlp = mlp_classifier(&[64, 32, 4], 1).unwrap();
+        let memory_bytes = |files: &ModelFiles, format: &str| {
+            let Ok(Command::RegisterModelVersion { memory_bytes, .. }) =
+                version_command(&store, "m", stored(&store, files), format)
+            else {
+                panic!("a registration");
+            };
+            memory_bytes
+        };
+        let quantized = as_gguf(&mlp, GgufStorage::Q8).unwrap();
+        assert!(quantized[GGUF_WEIGHTS_FILE].len() < mlp[WEIGHTS_FILE].len() / 2);
+        let loaded = memory_bytes(&quantized, "gguf");
+        assert!(
+            loaded >= memory_bytes(&mlp, "safetensors") - 1024,
+            "{loaded} bytes: a quantized tensor loads as f32"
+        );
     }
 
     /// Regression: `shoal up` registered the demo's files as [weights, config] and a push

@@ -21,11 +21,15 @@ fn safetensors() -> Vec<u8> {
     bytes
 }
 
+/// Pushes `dir` as a version of `name` in the `raw` format: these tests' files are data,
+/// not a model any runtime loads.
 fn push(cluster: &ServerCluster, via: u64, dir: &Path, name: &str) -> std::process::Output {
     std::process::Command::new(shoal_binary())
         .args(["model", "push"])
         .arg(dir)
         .args([
+            "--format",
+            "raw",
             "--name",
             name,
             "--addr",

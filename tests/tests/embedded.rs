@@ -7,7 +7,7 @@ use serde_json::{Value, json};
 use shoal_tests::{Shoal, infer_iris_binary, shoal_binary};
 use std::io::{Read, Write};
 use std::net::TcpStream;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 const SAMPLES: [([f32; 4], &str); 3] = [
     ([5.1, 3.5, 1.4, 0.2], "setosa"),
@@ -919,5 +919,69 @@ async fn cli_output_follows_the_output_flag_and_reads_plainly() {
         refused.contains("must be a JSON array of rows"),
         "{refused}"
     );
+    stop_shoal(shoal);
+}
+
+/// Regression: a version pushed with its weights in GGUF was registered, and every replica
+/// of it failed ("the version has no model.safetensors file"). The demo's own weights in
+/// GGUF answer as they do in safetensors; a push with no config is refused up front.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_model_pushed_in_gguf_answers_as_its_weights_do_in_safetensors() {
+    use shoal_actors::fixtures::{GgufStorage, as_gguf};
+    let client = reqwest::Client::new();
+    let (temp, shoal) = ready_shoal(&client, "gguf").await;
+    // The demo's default seed: the same weights as iris version 1.
+    let demo = temp.path().join("demo");
+    run(&shoal, &["model", "demo", "--out", demo.to_str().unwrap()]);
+    let files: std::collections::HashMap<String, Vec<u8>> = std::fs::read_dir(&demo)
+        .unwrap()
+        .map(|entry| {
+            let path = entry.unwrap().path();
+            let name = path.file_name().unwrap().to_string_lossy().into_owned();
+            (name, std::fs::read(&path).unwrap())
+        })
+        .collect();
+    let gguf = temp.path().join("gguf");
+    shoal_tests::write_model_dir(&gguf, &as_gguf(&files, GgufStorage::F32).unwrap());
+    let gguf = gguf.to_str().unwrap();
+
+    let pushed = run(&shoal, &["model", "push", gguf, "--name", "iris-gguf"]);
+    assert_eq!(pushed.trim(), "iris-gguf version 1 (new)");
+    let shown = run(&shoal, &["model", "show", "iris-gguf"]);
+    assert!(shown.contains("gguf"), "{shown}");
+    let spec = temp.path().join("iris-gguf.toml");
+    std::fs::write(
+        &spec,
+        "name = \"iris-gguf\"\nmodel = \"iris-gguf\"\nversion = 1\nreplicas = 1\n",
+    )
+    .unwrap();
+    run(&shoal, &["deploy", "apply", "-f", spec.to_str().unwrap()]);
+
+    let rows: Vec<[f32; 4]> = SAMPLES.iter().map(|(row, _)| *row).collect();
+    let started = Instant::now();
+    let from_gguf: Value = loop {
+        let answer = client
+            .post(shoal.url("/v2/models/iris-gguf/infer"))
+            .json(&features(&rows))
+            .send()
+            .await
+            .unwrap();
+        if answer.status() == 200 {
+            break answer.json().await.unwrap();
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(30),
+            "iris-gguf never served: {} {}",
+            answer.status(),
+            answer.text().await.unwrap_or_default()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    let from_safetensors = infer(&client, &shoal, &rows).await;
+    assert_eq!(from_gguf["outputs"], from_safetensors["outputs"]);
+
+    std::fs::remove_file(std::path::Path::new(gguf).join("config.json")).unwrap();
+    let refused = run_failing(&shoal, &["model", "push", gguf, "--name", "no-config"]);
+    assert!(refused.contains("needs a config.json"), "{refused}");
     stop_shoal(shoal);
 }

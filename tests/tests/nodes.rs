@@ -151,7 +151,8 @@ async fn metrics_text(http: &reqwest::Client, cluster: &ServerCluster) -> String
 }
 
 /// One server and one agent, and the demo model pushed as a version of `model` for each
-/// `(seed, config)`, its `config.json` left out where `config` is false.
+/// `(seed, loadable)`; where `loadable` is false, its `config.json` asks for a hidden layer
+/// wider than its weights, which only loading the weights finds out.
 async fn one_agent_with_demo_versions(
     root: &std::path::Path,
     http: &reqwest::Client,
@@ -161,7 +162,7 @@ async fn one_agent_with_demo_versions(
     let mut cluster = ServerCluster::start(root, 1);
     cluster.leader(http, Duration::from_secs(30)).await;
     cluster.start_agent(1);
-    for (seed, config) in versions {
+    for (seed, loadable) in versions {
         let dir = root.join(format!("{model}-{seed}"));
         run_shoal(&[
             "model",
@@ -171,8 +172,12 @@ async fn one_agent_with_demo_versions(
             "--seed",
             seed,
         ]);
-        if !config {
-            std::fs::remove_file(dir.join("config.json")).unwrap();
+        if !loadable {
+            let path = dir.join("config.json");
+            let mut config: Value = serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap();
+            let hidden = config["layer_sizes"][1].as_u64().unwrap();
+            config["layer_sizes"][1] = json!(hidden + 1);
+            std::fs::write(&path, config.to_string()).unwrap();
         }
         cluster.push(1, &dir, model);
     }
@@ -198,7 +203,7 @@ async fn wait_iris_serving(http: &reqwest::Client, cluster: &ServerCluster) {
     }
 }
 
-/// Regression: a version that can never load (pushed without its `config.json`) was placed
+/// Regression: a version that can never load (its config wider than its weights) was placed
 /// again the moment it failed: about 8,000 raft entries in 10 s, replicated to every
 /// server, and the replica so seldom `Failed` that its reason never showed.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -206,8 +211,8 @@ async fn a_replica_that_cannot_load_shows_its_failure_and_is_retried_with_growin
     let root = tempfile::tempdir().unwrap();
     let http = http_client(Duration::from_secs(10));
     let mut cluster =
-        one_agent_with_demo_versions(root.path(), &http, "no-config", &[("7", false)]).await;
-    cluster.deploy(1, "no-config", 1, 1);
+        one_agent_with_demo_versions(root.path(), &http, "unloadable", &[("7", false)]).await;
+    cluster.deploy(1, "unloadable", 1, 1);
 
     // Its failure and the reason are on show, in the API and in the metrics.
     let started = Instant::now();
@@ -216,7 +221,7 @@ async fn a_replica_that_cannot_load_shows_its_failure_and_is_retried_with_growin
         let replica = &deployments[0]["replicas"][0];
         if replica["state"] == "Failed" {
             let failure = replica["failure"].as_str().unwrap();
-            assert!(failure.contains("config.json"), "{failure}");
+            assert!(failure.contains("do not match the config"), "{failure}");
             break;
         }
         assert!(
@@ -227,7 +232,7 @@ async fn a_replica_that_cannot_load_shows_its_failure_and_is_retried_with_growin
     }
     let metrics = metrics_text(&http, &cluster).await;
     assert!(
-        metrics.contains(r#"shoal_deployment_replicas{deployment="no-config",state="failed"} 1"#),
+        metrics.contains(r#"shoal_deployment_replicas{deployment="unloadable",state="failed"} 1"#),
         "{metrics}"
     );
 
@@ -287,7 +292,7 @@ async fn a_deployment_whose_only_agent_dies_answers_503_and_counts_its_groups_lo
     cluster.stop_all();
 }
 
-/// A rollout to a version that cannot load (its `config.json` left out) is given up after a
+/// A rollout to a version that cannot load (its config wider than its weights) is given up after a
 /// few tries: the deployment is back on the version it ran, which served all along. (It
 /// retried the new version for as long as anyone let it.)
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
