@@ -5,7 +5,7 @@ use crate::api::oip::{InferRequest, InferResponse, ModelMetadata, RequestInput, 
 use anyhow::{Context, bail};
 use clap::{Args, Subcommand, ValueEnum};
 use serde::de::DeserializeOwned;
-use shoal_actors::runtime::GGUF_WEIGHTS_FILE;
+use shoal_actors::runtime::{CONFIG_FILE, GGUF_WEIGHTS_FILE};
 use std::io::{IsTerminal, Write as _};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -534,6 +534,18 @@ pub async fn model(command: ModelCommand, args: &ClientArgs) -> anyhow::Result<(
                 let gguf = files.iter().any(|file| file.name == GGUF_WEIGHTS_FILE);
                 if gguf { "gguf" } else { "safetensors" }.to_string()
             });
+            // What the server would refuse for a missing file, refused before uploading
+            // blobs that nothing would use.
+            let names: Vec<&str> = files.iter().map(|file| file.name.as_str()).collect();
+            let config_json = match files.iter().find(|file| file.name == CONFIG_FILE) {
+                Some(config) => Some(
+                    std::fs::read(&config.path)
+                        .with_context(|| format!("reading {}", config.path.display()))?,
+                ),
+                None => None,
+            };
+            crate::store::check_loadable(&format, &names, config_json.as_deref())
+                .map_err(anyhow::Error::msg)?;
             for file in &files {
                 upload(&client, file).await?;
             }

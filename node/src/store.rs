@@ -271,8 +271,8 @@ pub fn version_command(
     check_format(format)?;
     let mut artifacts: Vec<ArtifactFile> = Vec::with_capacity(files.len());
     let mut signature = Signature::default();
-    let mut architecture = None;
-    let mut weights: Option<(String, u64)> = None;
+    let mut config_json = None;
+    let mut weights_loaded_bytes = None;
     for (name, digest) in files {
         if name.is_empty() || name.contains('/') || artifacts.iter().any(|f| f.name == name) {
             return Err(format!(
@@ -283,32 +283,27 @@ pub fn version_command(
             .fetch(&digest)
             .map_err(|error| format!("file {name}: {error}; upload it first"))?;
         validate_artifact(&name, &bytes)?;
-        if name == CONFIG_FILE {
-            let read = |error| format!("{CONFIG_FILE}: {error}");
-            signature = signature_of(&bytes).map_err(read)?;
-            architecture = Some(Architecture::of(&bytes).map_err(read)?);
+        let is_config = name == CONFIG_FILE;
+        if is_config {
+            signature = signature_of(&bytes).map_err(|error| format!("{CONFIG_FILE}: {error}"))?;
         }
         if let Some(file) = WeightsFile::named(&name, &bytes) {
-            if let Some((other, _)) = &weights {
-                return Err(format!(
-                    "a version has one weights file; this one has {other} and {name}"
-                ));
-            }
-            let loaded_bytes = match format {
+            weights_loaded_bytes = Some(match format {
                 "raw" => bytes.len() as u64,
                 _ => file.loaded_bytes().map_err(|error| error.to_string())?,
-            };
-            weights = Some((name.clone(), loaded_bytes));
+            });
         }
         artifacts.push(ArtifactFile {
             name,
             digest,
             size_bytes: bytes.len() as u64,
         });
+        if is_config {
+            config_json = Some(bytes);
+        }
     }
-    if format != "raw" {
-        check_loadable(format, architecture, weights.as_ref(), &artifacts)?;
-    }
+    let names: Vec<&str> = artifacts.iter().map(|file| file.name.as_str()).collect();
+    check_loadable(format, &names, config_json.as_deref())?;
     // One canonical order, by name, as the manifest digest hashes them: the same files are
     // the same version (the log compares file lists, and a push lists a directory in
     // whatever order it reads) however a caller listed them.
@@ -319,41 +314,52 @@ pub fn version_command(
         manifest_digest: manifest_digest(&artifacts),
         files: artifacts,
         format: format.to_string(),
-        memory_bytes: memory_estimate_bytes(weights.map_or(total_bytes, |(_, bytes)| bytes)),
+        memory_bytes: memory_estimate_bytes(weights_loaded_bytes.unwrap_or(total_bytes)),
         signature,
         created_at_ms: now_ms(),
     })
 }
 
-/// Refuses a version in weight `format` that no runtime could load (see
-/// [`version_command`]), saying what is missing.
-fn check_loadable(
+/// Refuses a version in weight `format` made of the files `names` that no runtime could
+/// load (see [`version_command`]), saying what is missing. `config_json` is the contents
+/// of its `config.json`, if it has one. The CLI asks too, before it uploads anything.
+pub fn check_loadable(
     format: &str,
-    architecture: Option<Architecture>,
-    weights: Option<&(String, u64)>,
-    files: &[ArtifactFile],
+    names: &[&str],
+    config_json: Option<&[u8]>,
 ) -> Result<(), String> {
-    let architecture = architecture.ok_or_else(|| {
+    if format == "raw" {
+        return Ok(());
+    }
+    let config_json = config_json.ok_or_else(|| {
         format!("a {format} version needs a {CONFIG_FILE} that names its architecture")
     })?;
+    let architecture =
+        Architecture::of(config_json).map_err(|error| format!("{CONFIG_FILE}: {error}"))?;
     let expected = match format {
         "gguf" => GGUF_WEIGHTS_FILE,
         _ => WEIGHTS_FILE,
     };
-    match weights {
-        Some((name, _)) if name == expected => {}
-        found => {
-            let found = found.map_or("none".to_string(), |(name, _)| name.clone());
-            return Err(format!(
-                "a {format} version keeps its weights in {expected}; found {found}"
-            ));
-        }
+    let weights: Vec<&str> = names
+        .iter()
+        .copied()
+        .filter(|name| [WEIGHTS_FILE, GGUF_WEIGHTS_FILE].contains(name))
+        .collect();
+    if weights != [expected] {
+        let found = if weights.is_empty() {
+            "none".to_string()
+        } else {
+            weights.join(" and ")
+        };
+        return Err(format!(
+            "a {format} version keeps its weights in {expected} alone; found {found}"
+        ));
     }
     let missing: Vec<&str> = architecture
         .files()
         .iter()
         .copied()
-        .filter(|needed| !files.iter().any(|file| file.name == *needed))
+        .filter(|needed| !names.contains(needed))
         .collect();
     if !missing.is_empty() {
         return Err(format!(
@@ -522,18 +528,22 @@ mod tests {
         assert!(message.contains("needs a config.json"), "{message}");
         let message = refused(&without(&mlp, WEIGHTS_FILE), "safetensors");
         assert!(
-            message.contains("keeps its weights in model.safetensors; found none"),
+            message.contains("keeps its weights in model.safetensors alone; found none"),
             "{message}"
         );
         let message = refused(&mlp, "gguf");
         assert!(
-            message.contains("keeps its weights in model.gguf; found model.safetensors"),
+            message.contains("keeps its weights in model.gguf alone; found model.safetensors"),
             "{message}"
         );
         let mut both = mlp;
         both.insert(GGUF_WEIGHTS_FILE.into(), gguf[GGUF_WEIGHTS_FILE].clone());
         let message = refused(&both, "safetensors");
-        assert!(message.contains("one weights file"), "{message}");
+        assert!(
+            message.contains("found model.gguf and model.safetensors")
+                || message.contains("found model.safetensors and model.gguf"),
+            "{message}"
+        );
         let llama = tiny_llama(&TinyLlama::for_tests()).unwrap();
         let message = refused(&without(&llama, TOKENIZER_FILE), "safetensors");
         assert!(message.contains("also needs tokenizer.json"), "{message}");

@@ -924,7 +924,8 @@ async fn cli_output_follows_the_output_flag_and_reads_plainly() {
 
 /// Regression: a version pushed with its weights in GGUF was registered, and every replica
 /// of it failed ("the version has no model.safetensors file"). The demo's own weights in
-/// GGUF answer as they do in safetensors; a push with no config is refused up front.
+/// GGUF answer as they do in safetensors; a push with no config is refused before it
+/// uploads anything.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_model_pushed_in_gguf_answers_as_its_weights_do_in_safetensors() {
     use shoal_actors::fixtures::{GgufStorage, as_gguf};
@@ -983,5 +984,6 @@ async fn a_model_pushed_in_gguf_answers_as_its_weights_do_in_safetensors() {
     std::fs::remove_file(std::path::Path::new(gguf).join("config.json")).unwrap();
     let refused = run_failing(&shoal, &["model", "push", gguf, "--name", "no-config"]);
     assert!(refused.contains("needs a config.json"), "{refused}");
+    assert!(!refused.contains("uploaded"), "refused before uploading: {refused}");
     stop_shoal(shoal);
 }
