@@ -529,12 +529,21 @@ fn binary_tensor(input: RequestInput, bytes: &[u8]) -> Result<NamedTensor, Strin
         ));
     }
     let data = match datatype {
-        DataType::Fp32 => TensorData::Fp32(
-            bytes
+        DataType::Fp32 => {
+            let values: Vec<f32> = bytes
                 .chunks_exact(4)
                 .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-                .collect(),
-        ),
+                .collect();
+            // JSON cannot carry them either; a NaN reaching the model came back as `null`
+            // in every JSON answer it touched.
+            if let Some(index) = values.iter().position(|value| !value.is_finite()) {
+                return Err(format!(
+                    "input {name:?}: element {index} is {}; FP32 data must be finite",
+                    values[index]
+                ));
+            }
+            TensorData::Fp32(values)
+        }
         DataType::Int64 => TensorData::Int64(
             bytes
                 .chunks_exact(8)
@@ -888,6 +897,15 @@ mod tests {
                     &[],
                 ),
                 "has no data",
+            ),
+            // Regression: a NaN was served, and answered as `null`.
+            (
+                binary_body(&header(4, json!({})), &[&f32::NAN.to_le_bytes()]),
+                "element 0 is NaN; FP32 data must be finite",
+            ),
+            (
+                binary_body(&header(4, json!({})), &[&f32::NEG_INFINITY.to_le_bytes()]),
+                "element 0 is -inf",
             ),
         ];
         for ((body, header_bytes), expected) in cases {
