@@ -155,7 +155,7 @@ pub async fn run(config: ServerConfig) -> anyhow::Result<()> {
         routes,
         next_route: AtomicUsize::new(0),
         required_models: Vec::new(),
-        store,
+        store: store.clone(),
         forwarder: Some(Forwarder::new(http_peers).context("building the forwarding client")?),
         tokens: config.tokens.clone(),
         member_id: config.id,
@@ -186,6 +186,11 @@ pub async fn run(config: ServerConfig) -> anyhow::Result<()> {
         leases,
         stopping.clone(),
     ));
+    let sweeper = tokio::spawn(crate::store::run_sweeper(
+        store.clone(),
+        control.clone(),
+        stopping.clone(),
+    ));
     let registration = tokio::spawn(register_self(
         control.clone(),
         config.id,
@@ -208,6 +213,7 @@ pub async fn run(config: ServerConfig) -> anyhow::Result<()> {
     let lost = consensus.handle().has_stopped();
     let _ = stop.send(true);
     let _ = controller.await;
+    let _ = sweeper.await;
     let _ = publisher.await;
     let _ = detector.await;
     let _ = autoscaler.await;

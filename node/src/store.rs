@@ -4,15 +4,20 @@
 //! either nothing or the whole blob. Reads verify nothing; the replica verifies what it
 //! loads.
 
+use crate::control::ControlPlane;
 use sha2::{Digest, Sha256};
 use shoal_actors::runtime::{
     Architecture, CONFIG_FILE, GGUF_WEIGHTS_FILE, WEIGHTS_FILE, WeightsFile, memory_estimate_bytes,
     signature_of,
 };
 use shoal_actors::{ArtifactFetcher, FetchError};
-use shoal_scheduler::{ArtifactFile, Command, Signature};
+use shoal_scheduler::{ArtifactFile, ClusterState, Command, Signature};
+use std::collections::HashSet;
 use std::io::Write;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+use tokio::sync::watch;
 
 #[derive(Debug)]
 pub struct ArtifactStore {
@@ -65,6 +70,105 @@ impl ArtifactStore {
             std::process::id(),
             TEMPORARY_SEQUENCE.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
         ))
+    }
+}
+
+/// How long a blob that no version lists is kept: a push uploads its files, then
+/// registers them, and must not lose them in between. Past this, such a blob is left over
+/// from a push that was refused or given up, and only takes disk.
+pub const UNLISTED_BLOB_GRACE: Duration = Duration::from_secs(60 * 60);
+
+/// How often a server looks for blobs to remove.
+const SWEEP_INTERVAL: Duration = Duration::from_secs(10 * 60);
+
+/// What one sweep removed.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Swept {
+    pub blobs: usize,
+    pub bytes: u64,
+}
+
+impl ArtifactStore {
+    /// Removes the blobs whose digests `listed` lacks, and temporary files of writes that
+    /// never finished, last written before `written_before`. Blocking.
+    pub fn sweep(
+        &self,
+        listed: &HashSet<&str>,
+        written_before: SystemTime,
+    ) -> std::io::Result<Swept> {
+        let mut swept = Swept::default();
+        for entry in std::fs::read_dir(&self.dir)? {
+            let entry = entry?;
+            let name = entry.file_name();
+            let Some(name) = name.to_str() else { continue };
+            let partial = name.starts_with('.') && name.ends_with(".partial");
+            if !partial && (self.path_of(name).is_none() || listed.contains(name)) {
+                continue;
+            }
+            let metadata = entry.metadata()?;
+            if metadata.modified()? >= written_before {
+                continue;
+            }
+            match std::fs::remove_file(entry.path()) {
+                Ok(()) => {
+                    swept.blobs += usize::from(!partial);
+                    swept.bytes += metadata.len();
+                }
+                // Removed meanwhile, by a write renaming it into place: nothing lost.
+                Err(error) if error.kind() == std::io::ErrorKind::NotFound => {}
+                Err(error) => return Err(error),
+            }
+        }
+        Ok(swept)
+    }
+}
+
+/// Every blob digest a version of a model lists.
+pub fn listed_digests(state: &ClusterState) -> HashSet<&str> {
+    state
+        .models
+        .values()
+        .flat_map(|model| model.versions.values())
+        .flat_map(|version| &version.files)
+        .map(|file| file.digest.as_str())
+        .collect()
+}
+
+/// Every [`SWEEP_INTERVAL`], removes from this server's store the blobs no version lists
+/// that are older than [`UNLISTED_BLOB_GRACE`], until `shutdown` fires. It sweeps only
+/// with a state read through the leader (raft read index), so a server behind the log
+/// never removes a blob a newer version lists.
+pub async fn run_sweeper(
+    store: Arc<ArtifactStore>,
+    control: ControlPlane,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    loop {
+        tokio::select! {
+            _ = shutdown.changed() => break,
+            () = tokio::time::sleep(SWEEP_INTERVAL) => {}
+        }
+        let Ok(state) = control.linearizable_state().await else {
+            continue;
+        };
+        let store = store.clone();
+        let swept = tokio::task::spawn_blocking(move || {
+            let written_before = SystemTime::now() - UNLISTED_BLOB_GRACE;
+            store.sweep(&listed_digests(&state), written_before)
+        })
+        .await;
+        match swept {
+            Ok(Ok(swept)) if swept.blobs > 0 || swept.bytes > 0 => {
+                tracing::info!(
+                    blobs = swept.blobs,
+                    bytes = swept.bytes,
+                    "unlisted blobs removed"
+                );
+            }
+            Ok(Ok(_)) => {}
+            Ok(Err(error)) => tracing::warn!(%error, "sweeping the artifact store failed"),
+            Err(error) => tracing::warn!(%error, "the artifact store sweep panicked"),
+        }
     }
 }
 
@@ -497,6 +601,68 @@ mod tests {
             let registered = version_command(&store, "m", files, format);
             assert!(registered.is_ok(), "{format}: {registered:?}");
         }
+    }
+
+    /// Sets `path`'s modification time `age` in the past.
+    fn age(path: &Path, age: Duration) {
+        let file = std::fs::File::options().write(true).open(path).unwrap();
+        file.set_modified(SystemTime::now() - age).unwrap();
+    }
+
+    #[test]
+    fn a_sweep_removes_only_unlisted_blobs_and_partial_writes_past_their_grace() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = ArtifactStore::open(dir.path()).unwrap();
+        let listed = store.put(b"listed, old").unwrap();
+        let unlisted = store.put(b"unlisted, old").unwrap();
+        let fresh = store.put(b"unlisted, fresh").unwrap();
+        let partial = store.temporary_path(&unlisted);
+        std::fs::write(&partial, b"half").unwrap();
+        let foreign = store.dir.join("notes.txt");
+        std::fs::write(&foreign, b"not a blob").unwrap();
+        for path in [
+            &store.dir.join(&listed),
+            &store.dir.join(&unlisted),
+            &partial,
+            &foreign,
+        ] {
+            age(path, 2 * UNLISTED_BLOB_GRACE);
+        }
+
+        let written_before = SystemTime::now() - UNLISTED_BLOB_GRACE;
+        let swept = store
+            .sweep(&HashSet::from([listed.as_str()]), written_before)
+            .unwrap();
+        assert_eq!(
+            swept,
+            Swept {
+                blobs: 1,
+                bytes: (b"unlisted, old".len() + b"half".len()) as u64
+            }
+        );
+        assert!(store.fetch(&listed).is_ok());
+        assert!(
+            store.fetch(&fresh).is_ok(),
+            "a push's blob waits for its registration"
+        );
+        assert!(store.fetch(&unlisted).is_err());
+        assert!(!partial.exists());
+        assert!(
+            foreign.exists(),
+            "only blobs and their temporary files are swept"
+        );
+    }
+
+    #[test]
+    fn the_blobs_a_version_lists_are_listed_digests() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = ArtifactStore::open(dir.path()).unwrap();
+        let files = stored(&store, &mlp_classifier(&[8, 4], 1).unwrap());
+        let command = version_command(&store, "m", files.clone(), "safetensors").unwrap();
+        let mut state = ClusterState::default();
+        shoal_scheduler::apply(&mut state, 1, command).unwrap();
+        let expected: HashSet<&str> = files.iter().map(|(_, digest)| digest.as_str()).collect();
+        assert_eq!(listed_digests(&state), expected);
     }
 
     /// Puts each of `files` in `store`, as `(name, digest)`.

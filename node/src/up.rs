@@ -98,6 +98,11 @@ pub async fn run(config: UpConfig) -> anyhow::Result<()> {
         control.clone(),
         stopping.clone(),
     ));
+    let sweeper = tokio::spawn(crate::store::run_sweeper(
+        store.clone(),
+        control.clone(),
+        stopping.clone(),
+    ));
     let reconciler = tokio::spawn(loops::run_reconciler(
         control.clone(),
         NODE_ID,
@@ -187,7 +192,9 @@ pub async fn run(config: UpConfig) -> anyhow::Result<()> {
     // Asked before the process stops the driver itself.
     let lost = consensus.handle().has_stopped();
     let _ = stop.send(true);
-    let _ = tokio::join!(controller, publisher, reconciler, reporter, autoscaler);
+    let _ = tokio::join!(
+        controller, publisher, reconciler, reporter, autoscaler, sweeper
+    );
     agent.stop().await;
     tokio::task::spawn_blocking(move || consensus.shutdown()).await?;
     drop(data_dir);
