@@ -10,6 +10,7 @@
 //! (`bert`: sentence embeddings; `llama`: text generation).
 
 mod bert;
+mod gguf;
 mod llama;
 mod mlp;
 
@@ -38,6 +39,20 @@ pub trait ModelRuntime: Send + Sync + 'static {
 pub enum RuntimeError {
     #[error("the version has no {0} file")]
     MissingFile(&'static str),
+    #[error(
+        "the version has no weights file: give {} or {}",
+        WEIGHTS_FILE,
+        GGUF_WEIGHTS_FILE
+    )]
+    NoWeightsFile,
+    #[error(
+        "the version has both {} and {}: keep one",
+        WEIGHTS_FILE,
+        GGUF_WEIGHTS_FILE
+    )]
+    TwoWeightsFiles,
+    #[error("{file} cannot be read: {message}")]
+    UnreadableWeights { file: &'static str, message: String },
     #[error("config.json is not a model config Shoal knows: {0}")]
     Config(String),
     #[error("weights do not match the config: {0}")]
@@ -125,10 +140,8 @@ impl<'a> WeightsFile<'a> {
         match (files.get(WEIGHTS_FILE), files.get(GGUF_WEIGHTS_FILE)) {
             (Some(safetensors), None) => Ok(WeightsFile::Safetensors(safetensors)),
             (None, Some(gguf)) => Ok(WeightsFile::Gguf(gguf)),
-            (None, None) => Err(RuntimeError::MissingFile(WEIGHTS_FILE)),
-            (Some(_), Some(_)) => Err(RuntimeError::Weights(format!(
-                "the version has both {WEIGHTS_FILE} and {GGUF_WEIGHTS_FILE}: keep one"
-            ))),
+            (None, None) => Err(RuntimeError::NoWeightsFile),
+            (Some(_), Some(_)) => Err(RuntimeError::TwoWeightsFiles),
         }
     }
 
@@ -149,26 +162,27 @@ impl<'a> WeightsFile<'a> {
             WeightsFile::Safetensors(bytes) => return Ok(bytes.len() as u64),
             WeightsFile::Gguf(bytes) => bytes,
         };
-        let refused =
-            |message: String| RuntimeError::Weights(format!("{GGUF_WEIGHTS_FILE}: {message}"));
-        let content =
-            candle_core::quantized::gguf_file::Content::read(&mut std::io::Cursor::new(bytes))
-                .map_err(|error| refused(error.to_string()))?;
+        let content = read_gguf(bytes)?;
         let mut loaded_bytes = 0u64;
         for (name, info) in &content.tensor_infos {
-            let elements = info.shape.elem_count();
-            let block = info.ggml_dtype.block_size();
-            let stored_bytes = (elements / block * info.ggml_dtype.type_size()) as u64;
-            let end = content
-                .tensor_data_offset
-                .saturating_add(info.offset)
-                .saturating_add(stored_bytes);
-            if !elements.is_multiple_of(block) || end > bytes.len() as u64 {
-                return Err(refused(format!(
+            // Bounded by `gguf::check_header`: no product here overflows.
+            let elements = info.shape.elem_count() as u64;
+            let block = info.ggml_dtype.block_size() as u64;
+            if !elements.is_multiple_of(block) {
+                return Err(unreadable_gguf(format!(
+                    "tensor {name:?} has {elements} elements, not whole blocks of {block}"
+                )));
+            }
+            let end = (elements / block)
+                .checked_mul(info.ggml_dtype.type_size() as u64)
+                .and_then(|stored| stored.checked_add(info.offset))
+                .and_then(|end| end.checked_add(content.tensor_data_offset));
+            if end.is_none_or(|end| end > bytes.len() as u64) {
+                return Err(unreadable_gguf(format!(
                     "tensor {name:?} runs past the end of the file"
                 )));
             }
-            loaded_bytes += elements as u64 * 4;
+            loaded_bytes = loaded_bytes.saturating_add(elements.saturating_mul(4));
         }
         Ok(loaded_bytes)
     }
@@ -183,12 +197,8 @@ impl<'a> WeightsFile<'a> {
                 Ok(candle_core::safetensors::load_buffer(bytes, device)?)
             }
             WeightsFile::Gguf(bytes) => {
-                let gguf = |error: candle_core::Error| {
-                    RuntimeError::Weights(format!("{GGUF_WEIGHTS_FILE}: {error}"))
-                };
+                let content = read_gguf(bytes)?;
                 let mut reader = std::io::Cursor::new(bytes);
-                let content =
-                    candle_core::quantized::gguf_file::Content::read(&mut reader).map_err(gguf)?;
                 content
                     .tensor_infos
                     .keys()
@@ -196,12 +206,26 @@ impl<'a> WeightsFile<'a> {
                         let tensor = content
                             .tensor(&mut reader, name, device)
                             .and_then(|quantized| quantized.dequantize(device))
-                            .map_err(gguf)?;
+                            .map_err(|error| unreadable_gguf(error.to_string()))?;
                         Ok((name.clone(), tensor))
                     })
                     .collect()
             }
         }
+    }
+}
+
+/// A GGUF file's header, once [`gguf::check_header`] found it within bounds.
+fn read_gguf(bytes: &[u8]) -> Result<candle_core::quantized::gguf_file::Content, RuntimeError> {
+    gguf::check_header(bytes).map_err(unreadable_gguf)?;
+    candle_core::quantized::gguf_file::Content::read(&mut std::io::Cursor::new(bytes))
+        .map_err(|error| unreadable_gguf(error.to_string()))
+}
+
+fn unreadable_gguf(message: String) -> RuntimeError {
+    RuntimeError::UnreadableWeights {
+        file: GGUF_WEIGHTS_FILE,
+        message,
     }
 }
 
