@@ -15,13 +15,22 @@ use shoal_scheduler::{ArtifactFile, ClusterState, Command, Signature};
 use std::collections::HashSet;
 use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, SystemTime};
 use tokio::sync::watch;
 
 #[derive(Debug)]
 pub struct ArtifactStore {
     dir: PathBuf,
+    /// Held while a blob is renamed into place, touched, or checked and removed by a
+    /// sweep, so a sweep never removes a copy written, or a blob registered, after it
+    /// looked at the file's age.
+    placing: Arc<Mutex<()>>,
+}
+
+/// Takes `placing` even if a holder panicked: it guards no data.
+fn placed(placing: &Mutex<()>) -> MutexGuard<'_, ()> {
+    placing.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
 impl ArtifactStore {
@@ -29,7 +38,10 @@ impl ArtifactStore {
     pub fn open(dir: &Path) -> std::io::Result<ArtifactStore> {
         let dir = dir.join("sha256");
         std::fs::create_dir_all(&dir)?;
-        Ok(ArtifactStore { dir })
+        Ok(ArtifactStore {
+            dir,
+            placing: Arc::default(),
+        })
     }
 
     fn path_of(&self, digest: &str) -> Option<PathBuf> {
@@ -41,10 +53,10 @@ impl ArtifactStore {
     /// one blob.
     pub fn put(&self, bytes: &[u8]) -> std::io::Result<String> {
         let digest = hex::encode(Sha256::digest(bytes));
-        let path = self.dir.join(&digest);
-        if path.exists() {
+        if self.touch(&digest) {
             return Ok(digest);
         }
+        let path = self.dir.join(&digest);
         // A name of its own: two replicas of one version starting together put the same
         // blob at once, and a shared name let one truncate the file the other was about
         // to rename (or rename it away from under the other).
@@ -53,7 +65,10 @@ impl ArtifactStore {
             let mut file = std::fs::File::create(&temporary)?;
             file.write_all(bytes)?;
             file.sync_all()?;
-            std::fs::rename(&temporary, &path)?;
+            {
+                let _placed = placed(&self.placing);
+                std::fs::rename(&temporary, &path)?;
+            }
             std::fs::File::open(&self.dir)?.sync_all()
         })();
         if written.is_err() {
@@ -105,18 +120,26 @@ impl ArtifactStore {
             if !partial && (self.path_of(name).is_none() || listed.contains(name)) {
                 continue;
             }
-            let metadata = entry.metadata()?;
-            if metadata.modified()? >= written_before {
-                continue;
-            }
-            match std::fs::remove_file(entry.path()) {
-                Ok(()) => {
-                    swept.blobs += usize::from(!partial);
-                    swept.bytes += metadata.len();
-                }
-                // Removed meanwhile, by a write renaming it into place: nothing lost.
-                Err(error) if error.kind() == std::io::ErrorKind::NotFound => {}
-                Err(error) => return Err(error),
+            // Its age looked at again with `placing` held: a copy renamed into place or a
+            // registration's touch since the listing makes it young.
+            let _placed = placed(&self.placing);
+            let removed = std::fs::metadata(entry.path())
+                .and_then(|metadata| {
+                    if metadata.modified()? >= written_before {
+                        return Ok(None);
+                    }
+                    std::fs::remove_file(entry.path()).map(|()| Some(metadata.len()))
+                })
+                .unwrap_or_else(|error| {
+                    // Gone meanwhile, or not removable: the rest of the store is still swept.
+                    if error.kind() != std::io::ErrorKind::NotFound {
+                        tracing::warn!(file = name, %error, "a blob could not be swept");
+                    }
+                    None
+                });
+            if let Some(bytes) = removed {
+                swept.blobs += usize::from(!partial);
+                swept.bytes += bytes;
             }
         }
         Ok(swept)
@@ -191,9 +214,23 @@ pub enum ReceiveError {
 }
 
 impl ArtifactStore {
-    /// Whether the blob is here.
-    pub fn contains(&self, digest: &str) -> bool {
-        self.path_of(digest).is_some_and(|path| path.exists())
+    /// Whether the blob is here; if so, marks it written now, so a sweep keeps it for
+    /// another [`UNLISTED_BLOB_GRACE`]: a registration touches the blobs it is about to
+    /// list. Blocking.
+    pub fn touch(&self, digest: &str) -> bool {
+        let Some(path) = self.path_of(digest) else {
+            return false;
+        };
+        let _placed = placed(&self.placing);
+        match std::fs::File::options().write(true).open(&path) {
+            // A blob whose time cannot be set is still here; at worst a sweep takes it
+            // and its registration fetches it again from a peer.
+            Ok(file) => {
+                let _ = file.set_modified(SystemTime::now());
+                true
+            }
+            Err(_) => false,
+        }
     }
 
     /// Streams a blob that should hash to `expected` into the store: written to a
@@ -239,7 +276,13 @@ impl ArtifactStore {
                 });
             }
             file.sync_all().await?;
-            tokio::fs::rename(&temporary, &path).await?;
+            let (placing, from, to) = (self.placing.clone(), temporary.clone(), path.clone());
+            tokio::task::spawn_blocking(move || {
+                let _placed = placed(&placing);
+                std::fs::rename(from, to)
+            })
+            .await
+            .map_err(std::io::Error::other)??;
             tokio::fs::File::open(&self.dir).await?.sync_all().await?;
             Ok(())
         }
@@ -392,9 +435,11 @@ pub fn version_command(
             signature = signature_of(&bytes).map_err(|error| format!("{CONFIG_FILE}: {error}"))?;
         }
         if let Some(file) = WeightsFile::named(&name, &bytes) {
-            weights_loaded_bytes = Some(match format {
-                "raw" => bytes.len() as u64,
-                _ => file.loaded_bytes().map_err(|error| error.to_string())?,
+            // Only the file the format names is read as weights; another is refused below.
+            weights_loaded_bytes = Some(if weights_file_of(format) == Some(name.as_str()) {
+                file.loaded_bytes().map_err(|error| error.to_string())?
+            } else {
+                bytes.len() as u64
             });
         }
         artifacts.push(ArtifactFile {
@@ -424,6 +469,15 @@ pub fn version_command(
     })
 }
 
+/// The weights file a version in `format` keeps its weights in; `None` for `raw`.
+fn weights_file_of(format: &str) -> Option<&'static str> {
+    match format {
+        "safetensors" => Some(WEIGHTS_FILE),
+        "gguf" => Some(GGUF_WEIGHTS_FILE),
+        _ => None,
+    }
+}
+
 /// Refuses a version in weight `format` made of the files `names` that no runtime could
 /// load (see [`version_command`]), saying what is missing. `config_json` is the contents
 /// of its `config.json`, if it has one. The CLI asks too, before it uploads anything.
@@ -440,10 +494,7 @@ pub fn check_loadable(
     })?;
     let architecture =
         Architecture::of(config_json).map_err(|error| format!("{CONFIG_FILE}: {error}"))?;
-    let expected = match format {
-        "gguf" => GGUF_WEIGHTS_FILE,
-        _ => WEIGHTS_FILE,
-    };
+    let expected = weights_file_of(format).unwrap_or(WEIGHTS_FILE);
     let weights: Vec<&str> = names
         .iter()
         .copied()
@@ -616,6 +667,8 @@ mod tests {
         let listed = store.put(b"listed, old").unwrap();
         let unlisted = store.put(b"unlisted, old").unwrap();
         let fresh = store.put(b"unlisted, fresh").unwrap();
+        let registered = store.put(b"about to be listed").unwrap();
+        let uploaded_again = store.put(b"uploaded again").unwrap();
         let partial = store.temporary_path(&unlisted);
         std::fs::write(&partial, b"half").unwrap();
         let foreign = store.dir.join("notes.txt");
@@ -628,6 +681,13 @@ mod tests {
         ] {
             age(path, 2 * UNLISTED_BLOB_GRACE);
         }
+        // A registration touches its blobs, and an upload of a blob already here counts
+        // as one written now: both are kept though no version lists them yet.
+        for digest in [&registered, &uploaded_again] {
+            age(&store.dir.join(digest), 2 * UNLISTED_BLOB_GRACE);
+        }
+        assert!(store.touch(&registered));
+        assert_eq!(store.put(b"uploaded again").unwrap(), uploaded_again);
 
         let written_before = SystemTime::now() - UNLISTED_BLOB_GRACE;
         let swept = store
@@ -645,6 +705,8 @@ mod tests {
             store.fetch(&fresh).is_ok(),
             "a push's blob waits for its registration"
         );
+        assert!(store.fetch(&registered).is_ok());
+        assert!(store.fetch(&uploaded_again).is_ok());
         assert!(store.fetch(&unlisted).is_err());
         assert!(!partial.exists());
         assert!(
@@ -829,7 +891,7 @@ mod tests {
                 ..
             })
         ));
-        assert!(!store.contains(&other));
+        assert!(!store.touch(&other));
         let leftovers = std::fs::read_dir(dir.path().join("sha256"))
             .unwrap()
             .count();

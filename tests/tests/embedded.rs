@@ -984,6 +984,9 @@ async fn a_model_pushed_in_gguf_answers_as_its_weights_do_in_safetensors() {
     std::fs::remove_file(std::path::Path::new(gguf).join("config.json")).unwrap();
     let refused = run_failing(&shoal, &["model", "push", gguf, "--name", "no-config"]);
     assert!(refused.contains("needs a config.json"), "{refused}");
-    assert!(!refused.contains("uploaded"), "refused before uploading: {refused}");
+    assert!(
+        !refused.contains("uploaded"),
+        "refused before uploading: {refused}"
+    );
     stop_shoal(shoal);
 }

@@ -136,7 +136,12 @@ pub async fn ensure_local(
     digest: &str,
     authorization: Option<&HeaderValue>,
 ) -> Result<(), ApiError> {
-    if app.store.contains(digest) {
+    // Touched, so the sweep keeps it until the version that is about to list it has.
+    let (store, wanted) = (app.store.clone(), digest.to_string());
+    if tokio::task::spawn_blocking(move || store.touch(&wanted))
+        .await
+        .unwrap_or(false)
+    {
         return Ok(());
     }
     let Some(forwarder) = &app.forwarder else {
