@@ -160,7 +160,8 @@ pub fn listed_digests(state: &ClusterState) -> HashSet<&str> {
 /// Every [`SWEEP_INTERVAL`], removes from this server's store the blobs no version lists
 /// that are older than [`UNLISTED_BLOB_GRACE`], until `shutdown` fires. It sweeps only
 /// with a state read through the leader (raft read index), so a server behind the log
-/// never removes a blob a newer version lists.
+/// does not take a blob a committed version lists; one registered after that read touched
+/// its blobs first (see [`ArtifactStore::sweep`]).
 pub async fn run_sweeper(
     store: Arc<ArtifactStore>,
     control: ControlPlane,
@@ -171,8 +172,17 @@ pub async fn run_sweeper(
             _ = shutdown.changed() => break,
             () = tokio::time::sleep(SWEEP_INTERVAL) => {}
         }
-        let Ok(state) = control.linearizable_state().await else {
-            continue;
+        // A read through the leader waits for one; a stop does not wait for it.
+        let state = tokio::select! {
+            _ = shutdown.changed() => break,
+            state = control.linearizable_state() => state,
+        };
+        let state = match state {
+            Ok(state) => state,
+            Err(error) => {
+                tracing::debug!(%error, "no sweep: the state could not be read through the leader");
+                continue;
+            }
         };
         let store = store.clone();
         let swept = tokio::task::spawn_blocking(move || {
@@ -182,6 +192,9 @@ pub async fn run_sweeper(
         .await;
         match swept {
             Ok(Ok(swept)) if swept.blobs > 0 || swept.bytes > 0 => {
+                shoal_ops::metrics::metrics()
+                    .artifact_swept_bytes_total
+                    .inc_by(swept.bytes);
                 tracing::info!(
                     blobs = swept.blobs,
                     bytes = swept.bytes,

@@ -122,6 +122,8 @@ catalog! {
         "Bytes of model files pushed to this server and stored.";
     ARTIFACT_FETCHED_BYTES_TOTAL: Any Counter "shoal_artifact_fetched_bytes_total" []
         "Bytes of model files this process downloaded from a server.";
+    ARTIFACT_SWEPT_BYTES_TOTAL: ControlPlane Counter "shoal_artifact_swept_bytes_total" []
+        "Bytes of blobs no version lists, removed from this server's store past their grace.";
     // The cluster, as the control-plane leader sees it.
     NODE_STATUS: ControlPlane Gauge "shoal_node_status" ["node", "status"]
         "1 for each node's current status (ready, draining, down), else 0; set by the leader.";
@@ -213,6 +215,7 @@ pub struct Metrics {
     pub device_evictions_total: IntCounterVec,
     pub artifact_pushed_bytes_total: IntCounter,
     pub artifact_fetched_bytes_total: IntCounter,
+    pub artifact_swept_bytes_total: IntCounter,
     pub node_status: IntGaugeVec,
     pub deployment_replicas: IntGaugeVec,
     pub deployment_desired_replicas: IntGaugeVec,
@@ -315,6 +318,7 @@ impl Metrics {
             device_evictions_total: counter_vec(&r, &DEVICE_EVICTIONS_TOTAL),
             artifact_pushed_bytes_total: counter(&r, &ARTIFACT_PUSHED_BYTES_TOTAL),
             artifact_fetched_bytes_total: counter(&r, &ARTIFACT_FETCHED_BYTES_TOTAL),
+            artifact_swept_bytes_total: counter(&r, &ARTIFACT_SWEPT_BYTES_TOTAL),
             node_status: gauge_vec(&r, &NODE_STATUS),
             deployment_replicas: gauge_vec(&r, &DEPLOYMENT_REPLICAS),
             deployment_desired_replicas: gauge_vec(&r, &DEPLOYMENT_DESIRED_REPLICAS),
