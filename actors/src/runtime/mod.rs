@@ -159,7 +159,7 @@ impl<'a> WeightsFile<'a> {
     /// also hold every tensor its header lists.
     pub fn loaded_bytes(self) -> Result<u64, RuntimeError> {
         let bytes = match self {
-            WeightsFile::Safetensors(bytes) => return Ok(bytes.len() as u64),
+            WeightsFile::Safetensors(bytes) => return safetensors_loaded_bytes(bytes),
             WeightsFile::Gguf(bytes) => bytes,
         };
         let content = read_gguf(bytes)?;
@@ -213,6 +213,37 @@ impl<'a> WeightsFile<'a> {
             }
         }
     }
+}
+
+/// The bytes a safetensors file's tensors take as `f32`, from its header: an F16 or BF16
+/// file loads at twice its size.
+fn safetensors_loaded_bytes(bytes: &[u8]) -> Result<u64, RuntimeError> {
+    let unreadable = |message: String| RuntimeError::UnreadableWeights {
+        file: WEIGHTS_FILE,
+        message,
+    };
+    let header = bytes
+        .get(..8)
+        .and_then(|prefix| <[u8; 8]>::try_from(prefix).ok())
+        .map(u64::from_le_bytes)
+        .and_then(|length| usize::try_from(length).ok())
+        .and_then(|length| bytes.get(8..8usize.checked_add(length)?))
+        .ok_or_else(|| unreadable("the header runs past the end of the file".into()))?;
+    let entries: HashMap<String, serde_json::Value> =
+        serde_json::from_slice(header).map_err(|error| unreadable(error.to_string()))?;
+    let mut loaded_bytes = 0u64;
+    for (name, entry) in entries.iter().filter(|(name, _)| *name != "__metadata__") {
+        let elements = entry["shape"]
+            .as_array()
+            .and_then(|shape| {
+                shape.iter().try_fold(1u64, |count, dimension| {
+                    count.checked_mul(dimension.as_u64()?)
+                })
+            })
+            .ok_or_else(|| unreadable(format!("tensor {name:?} has no readable shape")))?;
+        loaded_bytes = loaded_bytes.saturating_add(elements.saturating_mul(4));
+    }
+    Ok(loaded_bytes)
 }
 
 /// A GGUF file's header, once [`gguf::check_header`] found it within bounds.
@@ -380,6 +411,32 @@ mod tests {
                 .unwrap(),
             4 * (64 + 64 + 64 * 32 + 32 + 32 * 4 + 4),
             "a quantized tensor loads as f32"
+        );
+    }
+
+    #[test]
+    fn weights_are_sized_as_they_load_in_f32_whatever_their_stored_type() {
+        let files = mlp_classifier(&[64, 32, 4], 7).unwrap();
+        let f32_bytes = 4 * (64 + 64 + 64 * 32 + 32 + 32 * 4 + 4);
+        let weights = WeightsFile::of(&files).unwrap();
+        assert_eq!(weights.loaded_bytes().unwrap(), f32_bytes);
+
+        let device = candle_core::Device::Cpu;
+        let halves: HashMap<String, candle_core::Tensor> = weights
+            .tensors(&device)
+            .unwrap()
+            .into_iter()
+            .map(|(name, tensor)| (name, tensor.to_dtype(candle_core::DType::F16).unwrap()))
+            .collect();
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join(WEIGHTS_FILE);
+        candle_core::safetensors::save(&halves, &path).unwrap();
+        let stored = std::fs::read(&path).unwrap();
+        assert!((stored.len() as u64) < f32_bytes * 3 / 4);
+        assert_eq!(
+            WeightsFile::Safetensors(&stored).loaded_bytes().unwrap(),
+            f32_bytes,
+            "an F16 file loads at twice its size"
         );
     }
 
