@@ -601,6 +601,35 @@ pub fn rss_bytes(pid: u32) -> Option<u64> {
     Some(kib * 1024)
 }
 
+/// POSTs `body` to `url` until it is answered 200 (a deployment coming up answers 503
+/// meanwhile), and gives the answer's JSON; fails the test past `within`.
+pub async fn post_until_ok(
+    client: &reqwest::Client,
+    url: &str,
+    body: &serde_json::Value,
+    within: Duration,
+) -> serde_json::Value {
+    let started = std::time::Instant::now();
+    loop {
+        let answer = client
+            .post(url)
+            .json(body)
+            .send()
+            .await
+            .expect("the request is sent");
+        if answer.status() == 200 {
+            return answer.json().await.expect("a 200 answer is JSON");
+        }
+        assert!(
+            started.elapsed() < within,
+            "{url} never answered 200: {} {}",
+            answer.status(),
+            answer.text().await.unwrap_or_default()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
 /// Lower-case hex sha256, as blobs are addressed.
 pub fn sha256_hex(bytes: &[u8]) -> String {
     use sha2::Digest;

@@ -7,7 +7,7 @@ use serde_json::{Value, json};
 use shoal_tests::{Shoal, infer_iris_binary, shoal_binary};
 use std::io::{Read, Write};
 use std::net::TcpStream;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 const SAMPLES: [([f32; 4], &str); 3] = [
     ([5.1, 3.5, 1.4, 0.2], "setosa"),
@@ -959,25 +959,9 @@ async fn a_model_pushed_in_gguf_answers_as_its_weights_do_in_safetensors() {
     run(&shoal, &["deploy", "apply", "-f", spec.to_str().unwrap()]);
 
     let rows: Vec<[f32; 4]> = SAMPLES.iter().map(|(row, _)| *row).collect();
-    let started = Instant::now();
-    let from_gguf: Value = loop {
-        let answer = client
-            .post(shoal.url("/v2/models/iris-gguf/infer"))
-            .json(&features(&rows))
-            .send()
-            .await
-            .unwrap();
-        if answer.status() == 200 {
-            break answer.json().await.unwrap();
-        }
-        assert!(
-            started.elapsed() < Duration::from_secs(30),
-            "iris-gguf never served: {} {}",
-            answer.status(),
-            answer.text().await.unwrap_or_default()
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    };
+    let url = shoal.url("/v2/models/iris-gguf/infer");
+    let from_gguf =
+        shoal_tests::post_until_ok(&client, &url, &features(&rows), Duration::from_secs(30)).await;
     let from_safetensors = infer(&client, &shoal, &rows).await;
     assert_eq!(from_gguf["outputs"], from_safetensors["outputs"]);
 

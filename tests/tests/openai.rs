@@ -45,24 +45,8 @@ async fn minilm_embeddings_through_the_cluster_match_the_reference() {
         })
         .collect();
     let url = cluster.url(1, "/v1/embeddings");
-    let started = Instant::now();
-    let answer: Value = loop {
-        let answer = http
-            .post(&url)
-            .json(&json!({"model": "minilm", "input": sentences}))
-            .send()
-            .await
-            .unwrap();
-        if answer.status() == 200 {
-            break answer.json().await.unwrap();
-        }
-        assert!(
-            started.elapsed() < Duration::from_secs(60),
-            "never served: {}",
-            answer.text().await.unwrap()
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    };
+    let body = json!({"model": "minilm", "input": sentences});
+    let answer = shoal_tests::post_until_ok(&http, &url, &body, Duration::from_secs(60)).await;
     assert_eq!(answer["object"], "list");
     let vectors: Vec<Vec<f64>> = answer["data"]
         .as_array()
