@@ -654,10 +654,34 @@ pub(crate) fn answer(
             .collect(),
         id: request.id.clone(),
     };
+    if let Some(refusal) = unwritable_in_json(&response, request) {
+        return ApiError::ReplicaFailed(refusal).into_response();
+    }
     let (body, header_bytes) = oip::encode_response(response, |name| request.binary(name));
     let mut answer = body.into_response();
     set_framing(answer.headers_mut(), header_bytes);
     answer
+}
+
+/// Why an answer cannot be written as asked: an FP32 output to be answered in JSON holds a
+/// NaN or an infinity, which JSON has no number for (serde writes `null`, which a client
+/// reads as a missing value, or fails on). As binary tensor data the same output goes
+/// through bit for bit.
+fn unwritable_in_json(response: &InferResponse, request: &oip::Request) -> Option<String> {
+    response.outputs.iter().find_map(|output| {
+        let Some(oip::ResponseData::Fp32(values)) = &output.data else {
+            return None;
+        };
+        if request.binary(&output.name) {
+            return None;
+        }
+        let index = values.iter().position(|value| !value.is_finite())?;
+        Some(format!(
+            "the model answered {} at element {index} of output {:?}, which JSON cannot \
+             carry; ask for the output as binary tensor data to receive it",
+            values[index], output.name
+        ))
+    })
 }
 
 /// The headers that frame an inference body, request or answer: JSON, or (with the
@@ -696,6 +720,44 @@ mod tests {
         let mut spec = DeploymentSpec::new(name, "iris", 0, 1);
         spec.versions = versions;
         Command::CreateDeployment { spec }
+    }
+
+    /// Regression: a NaN the model answered was written as `null` in the JSON answer.
+    #[tokio::test]
+    async fn a_non_finite_output_is_a_clear_error_in_json_and_kept_as_binary_data() {
+        let outputs = || {
+            vec![shoal_actors::tensor::NamedTensor {
+                name: "probabilities".into(),
+                shape: vec![1, 3],
+                data: shoal_actors::tensor::TensorData::Fp32(vec![0.5, f32::NAN, 0.5]),
+            }]
+        };
+        let json = oip::Request::default();
+        let refused = answer("iris", 1, outputs(), &json);
+        assert_eq!(refused.status(), 502);
+        let body = axum::body::to_bytes(refused.into_body(), 1 << 20)
+            .await
+            .unwrap();
+        let body = String::from_utf8_lossy(&body);
+        assert!(
+            body.contains("answered NaN at element 1 of output") && body.contains("probabilities"),
+            "{body}"
+        );
+
+        let binary = oip::Request {
+            binary_output: true,
+            ..oip::Request::default()
+        };
+        let kept = answer("iris", 1, outputs(), &binary);
+        assert_eq!(kept.status(), 200);
+        let body = axum::body::to_bytes(kept.into_body(), 1 << 20)
+            .await
+            .unwrap();
+        let nan = f32::NAN.to_le_bytes();
+        assert!(
+            body.windows(4).any(|word| word == nan),
+            "the NaN's bits are sent"
+        );
     }
 
     /// Regression: a version no deployment serves was answered 503 with Retry-After, so
