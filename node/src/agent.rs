@@ -21,7 +21,7 @@ use shoal_actors::batcher::InferError;
 use shoal_actors::replica::ReplicaSpec;
 use shoal_actors::{ArtifactFetcher, FetchError, ReplicaReporter};
 use shoal_scheduler::{NodeId, ReplicaId, ReplicaState};
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -41,6 +41,10 @@ const REPORT_QUEUE_CAPACITY: usize = 1_024;
 const DRAIN_GRACE: Duration = Duration::from_secs(2);
 /// Longest a request may take in the replica, from arrival at the agent.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long a cached blob no replica here uses is kept after it was last used: a replica
+/// placed here again within it starts without fetching its files; past it the blob only
+/// takes disk, and one fetch brings it back.
+const UNUSED_CACHE_GRACE: Duration = Duration::from_secs(60 * 60);
 
 /// Settings of `shoal agent`, validated.
 #[derive(Clone, Debug)]
@@ -84,7 +88,7 @@ impl Servers {
 
 /// Fetches blobs into a local cache, from any server; verified by the replica.
 struct CachingFetcher {
-    cache: ArtifactStore,
+    cache: Arc<ArtifactStore>,
     servers: Servers,
     runtime: tokio::runtime::Handle,
 }
@@ -92,6 +96,8 @@ struct CachingFetcher {
 impl ArtifactFetcher for CachingFetcher {
     fn fetch(&self, digest: &str) -> Result<Vec<u8>, FetchError> {
         if let Ok(bytes) = self.cache.fetch(digest) {
+            // Used now: the cache's sweep keeps it another grace.
+            self.cache.touch(digest);
             return Ok(bytes);
         }
         // Called from a blocking thread: waiting on the runtime here is allowed.
@@ -201,10 +207,13 @@ fn spec_of(assignment: Assignment) -> ReplicaSpec {
 
 /// Polls assignments and hands them to the actors. Refuses answers older than what it has
 /// seen (a lagging server), and any replica at an epoch older than one it already ran.
+/// Keeps the agent's replicas as the control plane assigns them, and publishes in `in_use`
+/// the digests of the files of every replica it keeps, for the cache's sweep.
 async fn reconcile(
     servers: Servers,
     node: NodeId,
     agent: AgentHandle,
+    in_use: watch::Sender<HashSet<String>>,
     mut stopping: watch::Receiver<bool>,
 ) {
     let mut revision = 0u64;
@@ -229,6 +238,7 @@ async fn reconcile(
                 .chain(leaving.values().map(|(spec, _)| spec))
                 .cloned()
                 .collect();
+            in_use.send_replace(digests_of(&keep));
             if !agent.reconcile(keep) {
                 return;
             }
@@ -311,9 +321,36 @@ async fn reconcile(
             .into_iter()
             .chain(leaving.values().map(|(spec, _)| spec.clone()))
             .collect();
+        in_use.send_replace(digests_of(&keep));
         if !agent.reconcile(keep) {
             return;
         }
+    }
+}
+
+/// The digests of the files `replicas` run from.
+fn digests_of(replicas: &[ReplicaSpec]) -> HashSet<String> {
+    replicas
+        .iter()
+        .flat_map(|spec| &spec.files)
+        .map(|file| file.digest.clone())
+        .collect()
+}
+
+/// Every [`crate::store::SWEEP_INTERVAL`], drops from the cache the blobs no replica here
+/// runs from (as `in_use` last said) that were last used over [`UNUSED_CACHE_GRACE`] ago.
+async fn sweep_cache(
+    cache: Arc<ArtifactStore>,
+    in_use: watch::Receiver<HashSet<String>>,
+    mut stopping: watch::Receiver<bool>,
+) {
+    loop {
+        tokio::select! {
+            _ = stopping.changed() => return,
+            () = tokio::time::sleep(crate::store::SWEEP_INTERVAL) => {}
+        }
+        let listed = in_use.borrow().clone();
+        crate::store::sweep_in_background(&cache, listed, UNUSED_CACHE_GRACE).await;
     }
 }
 
@@ -523,9 +560,10 @@ pub async fn run(config: AgentConfig) -> anyhow::Result<()> {
         next: Arc::new(AtomicUsize::new(0)),
         token: config.token.clone(),
     };
-    let cache = ArtifactStore::open(&data_dir.blobs()).context("opening the artifact cache")?;
+    let cache =
+        Arc::new(ArtifactStore::open(&data_dir.blobs()).context("opening the artifact cache")?);
     let fetcher = Arc::new(CachingFetcher {
-        cache,
+        cache: cache.clone(),
         servers: servers.clone(),
         runtime: tokio::runtime::Handle::current(),
     });
@@ -565,7 +603,9 @@ pub async fn run(config: AgentConfig) -> anyhow::Result<()> {
         plane.clone(),
         stopping.clone(),
     ));
-    let reconciler = tokio::spawn(reconcile(servers, node, agent.clone(), stopping));
+    let (in_use, in_use_now) = watch::channel(HashSet::new());
+    let sweeper = tokio::spawn(sweep_cache(cache, in_use_now, stopping.clone()));
+    let reconciler = tokio::spawn(reconcile(servers, node, agent.clone(), in_use, stopping));
     let router = axum::Router::new()
         .route("/internal/v1/replicas/{id}/infer", post(infer))
         .route("/internal/v1/replicas/{id}/generate", post(generate))
@@ -584,10 +624,54 @@ pub async fn run(config: AgentConfig) -> anyhow::Result<()> {
         .with_graceful_shutdown(crate::up::shutdown_signal())
         .await;
     let _ = stop.send(true);
-    let _ = tokio::join!(heartbeats, reconciler);
+    let _ = tokio::join!(heartbeats, reconciler, sweeper);
     agent.stop().await;
     drop(data_dir);
     served.context("serving the data plane")?;
     tracing::info!("agent stopped");
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::SystemTime;
+
+    /// A blob an agent's replica starts from is used, whatever its age on disk: the cache's
+    /// sweep keeps it for another grace, and drops one nothing used.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 1)]
+    async fn the_cache_sweep_keeps_a_blob_a_replica_just_started_from() {
+        let dir = tempfile::tempdir().unwrap();
+        let cache = Arc::new(ArtifactStore::open(dir.path()).unwrap());
+        let used = cache.put(b"weights a replica starts from").unwrap();
+        let unused = cache.put(b"weights of a replica long gone").unwrap();
+        let old = SystemTime::now() - 2 * UNUSED_CACHE_GRACE;
+        for digest in [&used, &unused] {
+            let path = dir.path().join("sha256").join(digest);
+            let file = std::fs::File::options().write(true).open(path).unwrap();
+            file.set_modified(old).unwrap();
+        }
+        let fetcher = CachingFetcher {
+            cache: cache.clone(),
+            servers: Servers {
+                http: reqwest::Client::new(),
+                bases: Arc::new(Vec::new()),
+                next: Arc::default(),
+                token: None,
+            },
+            runtime: tokio::runtime::Handle::current(),
+        };
+        let wanted = used.clone();
+        let fetched = tokio::task::spawn_blocking(move || fetcher.fetch(&wanted))
+            .await
+            .unwrap();
+        assert!(fetched.is_ok());
+
+        crate::store::sweep_in_background(&cache, HashSet::new(), UNUSED_CACHE_GRACE).await;
+        assert!(cache.touch(&used), "a blob just used stays");
+        assert!(
+            !cache.touch(&unused),
+            "a blob nothing used for the grace goes"
+        );
+    }
 }

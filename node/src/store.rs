@@ -93,8 +93,9 @@ impl ArtifactStore {
 /// from a push that was refused or given up, and only takes disk.
 pub const UNLISTED_BLOB_GRACE: Duration = Duration::from_secs(60 * 60);
 
-/// How often a server looks for blobs to remove.
-const SWEEP_INTERVAL: Duration = Duration::from_secs(10 * 60);
+/// How often a server looks for blobs to remove, and an agent for blobs to drop from its
+/// cache.
+pub const SWEEP_INTERVAL: Duration = Duration::from_secs(10 * 60);
 
 /// What one sweep removed.
 #[derive(Debug, Default, PartialEq, Eq)]
@@ -184,27 +185,41 @@ pub async fn run_sweeper(
                 continue;
             }
         };
-        let store = store.clone();
-        let swept = tokio::task::spawn_blocking(move || {
-            let written_before = SystemTime::now() - UNLISTED_BLOB_GRACE;
-            store.sweep(&listed_digests(&state), written_before)
-        })
-        .await;
-        match swept {
-            Ok(Ok(swept)) if swept.blobs > 0 || swept.bytes > 0 => {
-                shoal_ops::metrics::metrics()
-                    .artifact_swept_bytes_total
-                    .inc_by(swept.bytes);
-                tracing::info!(
-                    blobs = swept.blobs,
-                    bytes = swept.bytes,
-                    "unlisted blobs removed"
-                );
-            }
-            Ok(Ok(_)) => {}
-            Ok(Err(error)) => tracing::warn!(%error, "sweeping the artifact store failed"),
-            Err(error) => tracing::warn!(%error, "the artifact store sweep panicked"),
+        let listed = listed_digests(&state)
+            .into_iter()
+            .map(String::from)
+            .collect();
+        sweep_in_background(&store, listed, UNLISTED_BLOB_GRACE).await;
+    }
+}
+
+/// Sweeps `store` of the blobs `listed` lacks that were last written over `grace` ago, on
+/// a blocking thread, and counts and logs what went.
+pub async fn sweep_in_background(
+    store: &Arc<ArtifactStore>,
+    listed: HashSet<String>,
+    grace: Duration,
+) {
+    let store = store.clone();
+    let swept = tokio::task::spawn_blocking(move || {
+        let listed: HashSet<&str> = listed.iter().map(String::as_str).collect();
+        store.sweep(&listed, SystemTime::now() - grace)
+    })
+    .await;
+    match swept {
+        Ok(Ok(swept)) if swept.blobs > 0 || swept.bytes > 0 => {
+            shoal_ops::metrics::metrics()
+                .artifact_swept_bytes_total
+                .inc_by(swept.bytes);
+            tracing::info!(
+                blobs = swept.blobs,
+                bytes = swept.bytes,
+                "unlisted blobs removed"
+            );
         }
+        Ok(Ok(_)) => {}
+        Ok(Err(error)) => tracing::warn!(%error, "sweeping the artifact store failed"),
+        Err(error) => tracing::warn!(%error, "the artifact store sweep panicked"),
     }
 }
 

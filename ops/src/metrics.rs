@@ -122,8 +122,8 @@ catalog! {
         "Bytes of model files pushed to this server and stored.";
     ARTIFACT_FETCHED_BYTES_TOTAL: Any Counter "shoal_artifact_fetched_bytes_total" []
         "Bytes of model files this process downloaded from a server.";
-    ARTIFACT_SWEPT_BYTES_TOTAL: ControlPlane Counter "shoal_artifact_swept_bytes_total" []
-        "Bytes of blobs no version lists, removed from this server's store past their grace.";
+    ARTIFACT_SWEPT_BYTES_TOTAL: Any Counter "shoal_artifact_swept_bytes_total" []
+        "Bytes of blobs removed past their grace: from a server's store those no version lists, from an agent's cache those no replica of it uses.";
     // The cluster, as the control-plane leader sees it.
     NODE_STATUS: ControlPlane Gauge "shoal_node_status" ["node", "status"]
         "1 for each node's current status (ready, draining, down), else 0; set by the leader.";
