@@ -15,6 +15,12 @@ pub const PROPOSAL_TIMEOUT: Duration = Duration::from_secs(10);
 /// election, or a follower that has not yet heard from the winner, knows it well within.
 pub const LEADER_WAIT: Duration = Duration::from_secs(2);
 
+/// The format of the replicated state: bincode (see [`wire`]) of the scheduler's
+/// `ClusterState` in snapshots and `Command`s in the log. Bump it with any change that
+/// changes how those types encode; a data dir in another format is then refused at start,
+/// by name, where it would have failed to decode part-way.
+pub const STATE_FORMAT: u32 = 1;
+
 pub fn wire() -> bincode::config::Configuration {
     bincode::config::standard()
 }

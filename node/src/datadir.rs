@@ -19,6 +19,15 @@ pub enum DataDirError {
         "data dir {dir} is in use by another shoal process{pid}; stop it or pick another --data-dir"
     )]
     InUse { dir: PathBuf, pid: String },
+    #[error(
+        "data dir {dir} holds cluster state in format {found}, and this build reads format \
+         {expected}: run the build that wrote it, or move the data dir aside to start afresh"
+    )]
+    StateFormat {
+        dir: PathBuf,
+        found: String,
+        expected: u32,
+    },
     #[error("data dir {dir}: {source}")]
     Io {
         dir: PathBuf,
@@ -83,7 +92,42 @@ impl DataDir {
     pub fn scratch(&self) -> PathBuf {
         self.root.join("tmp")
     }
+
+    /// Refuses a data dir whose cluster state is in another format than `expected`,
+    /// before anything reads it, and marks one that names no format yet (a new one, or
+    /// one written before formats were named, whose encoding this build still reads) as
+    /// `expected`.
+    pub fn check_state_format(&self, expected: u32) -> Result<(), DataDirError> {
+        let path = self.root.join(STATE_FORMAT_FILE);
+        let io = |source| DataDirError::Io {
+            dir: self.root.clone(),
+            source,
+        };
+        match std::fs::read_to_string(&path) {
+            Ok(found) if found.trim() == expected.to_string() => Ok(()),
+            Ok(found) => Err(DataDirError::StateFormat {
+                dir: self.root.clone(),
+                found: found.trim().to_string(),
+                expected,
+            }),
+            Err(error) if error.kind() == std::io::ErrorKind::NotFound => {
+                let temporary = self.root.join(format!("{STATE_FORMAT_FILE}.partial"));
+                std::fs::write(&temporary, format!("{expected}\n")).map_err(io)?;
+                File::open(&temporary)
+                    .and_then(|file| file.sync_all())
+                    .map_err(io)?;
+                std::fs::rename(&temporary, &path).map_err(io)?;
+                File::open(&self.root)
+                    .and_then(|dir| dir.sync_all())
+                    .map_err(io)
+            }
+            Err(error) => Err(io(error)),
+        }
+    }
 }
+
+/// The file naming the format of the cluster state a data dir holds.
+const STATE_FORMAT_FILE: &str = "STATE_FORMAT";
 
 #[cfg(test)]
 mod tests {
@@ -105,5 +149,19 @@ mod tests {
         );
         drop(first);
         DataDir::lock(dir.path()).unwrap();
+    }
+
+    #[test]
+    fn a_data_dir_in_another_state_format_is_refused_naming_both() {
+        let dir = tempfile::tempdir().unwrap();
+        let data_dir = DataDir::lock(dir.path()).unwrap();
+        data_dir.check_state_format(3).unwrap();
+        data_dir.check_state_format(3).unwrap();
+        let message = data_dir.check_state_format(4).unwrap_err().to_string();
+        assert!(
+            message.contains("in format 3, and this build reads format 4"),
+            "{message}"
+        );
+        assert!(message.contains("move the data dir aside"), "{message}");
     }
 }

@@ -119,6 +119,7 @@ pub async fn run(config: ServerConfig) -> anyhow::Result<()> {
     crate::up::listen_for_shutdown();
     shoal_ops::metrics::set_process_role("server");
     let data_dir = DataDir::lock(&config.data_dir)?;
+    data_dir.check_state_format(crate::control::STATE_FORMAT)?;
     let mut peers = config.peers.clone();
     peers
         .entry(config.id)

@@ -39,6 +39,7 @@ pub async fn run(config: UpConfig) -> anyhow::Result<()> {
     listen_for_shutdown();
     shoal_ops::metrics::set_process_role("up");
     let data_dir = DataDir::lock(&config.data_dir)?;
+    data_dir.check_state_format(crate::control::STATE_FORMAT)?;
     let (machine, states) = ClusterStateMachine::new();
     let consensus = shoal_consensus::start(
         &ConsensusConfig::single(MEMBER_ID, data_dir.raft()),

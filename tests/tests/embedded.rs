@@ -974,3 +974,38 @@ async fn a_model_pushed_in_gguf_answers_as_its_weights_do_in_safetensors() {
     );
     stop_shoal(shoal);
 }
+
+/// A data dir whose cluster state is in a format this build does not read is refused at
+/// once, by name, before anything decodes it.
+#[test]
+fn shoal_up_refuses_a_data_dir_in_another_state_format() {
+    let temp = tempfile::tempdir().unwrap();
+    let data_dir = temp.path().join("data");
+    std::fs::create_dir_all(&data_dir).unwrap();
+    std::fs::write(data_dir.join("STATE_FORMAT"), "0\n").unwrap();
+    let mut child = std::process::Command::new(shoal_binary())
+        .args(["up", "--listen", "127.0.0.1:0", "--data-dir"])
+        .arg(&data_dir)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let started = std::time::Instant::now();
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
+        }
+        if started.elapsed() > Duration::from_secs(20) {
+            let _ = child.kill();
+            panic!("shoal up started on a data dir in another format");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert!(!status.success());
+    let mut stderr = String::new();
+    std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut stderr).unwrap();
+    assert!(
+        stderr.contains("holds cluster state in format 0, and this build reads format 1"),
+        "{stderr}"
+    );
+}
