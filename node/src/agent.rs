@@ -637,6 +637,64 @@ mod tests {
     use super::*;
     use std::time::SystemTime;
 
+    /// A fetcher with `cache`, asking the servers at `bases`.
+    fn fetcher(cache: Arc<ArtifactStore>, bases: Vec<String>) -> CachingFetcher {
+        CachingFetcher {
+            cache,
+            servers: Servers {
+                http: reqwest::Client::new(),
+                bases: Arc::new(bases),
+                next: Arc::default(),
+                token: None,
+            },
+            runtime: tokio::runtime::Handle::current(),
+        }
+    }
+
+    /// Regression: a cache that could not store a fetched blob asked every server in turn
+    /// for it, and failed with "not found" when the trouble was the local disk.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 1)]
+    async fn a_cache_that_cannot_store_a_blob_fails_with_its_own_error_asking_one_server() {
+        let blob = b"weights".to_vec();
+        let digest = crate::store::ArtifactStore::open(tempfile::tempdir().unwrap().path())
+            .unwrap()
+            .put(&blob)
+            .unwrap();
+        let asked = Arc::new(AtomicUsize::new(0));
+        let counter = asked.clone();
+        let server = axum::Router::new().route(
+            "/api/v1/blobs/{digest}",
+            get(move || {
+                counter.fetch_add(1, Ordering::Relaxed);
+                let blob = blob.clone();
+                async move { blob }
+            }),
+        );
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let base = format!("http://{}", listener.local_addr().unwrap());
+        tokio::spawn(async move { axum::serve(listener, server).await });
+
+        let dir = tempfile::tempdir().unwrap();
+        let cache = Arc::new(ArtifactStore::open(dir.path()).unwrap());
+        // Where the blob would be written, a file: no write there succeeds, root or not.
+        let blobs = dir.path().join("sha256");
+        std::fs::remove_dir(&blobs).unwrap();
+        std::fs::write(&blobs, b"not a directory").unwrap();
+        let fetcher = fetcher(cache, vec![base.clone(), base]);
+        let wanted = digest.clone();
+        let fetched = tokio::task::spawn_blocking(move || fetcher.fetch(&wanted))
+            .await
+            .unwrap();
+        let Err(FetchError::Io { message, .. }) = fetched else {
+            panic!("a local storage error, not {fetched:?}");
+        };
+        assert!(
+            message.contains("storing it in the local cache"),
+            "{message}"
+        );
+        assert_eq!(asked.load(Ordering::Relaxed), 1, "one server asked");
+    }
+
     /// A blob an agent's replica starts from is used, whatever its age on disk: the cache's
     /// sweep keeps it for another grace, and drops one nothing used.
     #[tokio::test(flavor = "multi_thread", worker_threads = 1)]
@@ -651,16 +709,7 @@ mod tests {
             let file = std::fs::File::options().write(true).open(path).unwrap();
             file.set_modified(old).unwrap();
         }
-        let fetcher = CachingFetcher {
-            cache: cache.clone(),
-            servers: Servers {
-                http: reqwest::Client::new(),
-                bases: Arc::new(Vec::new()),
-                next: Arc::default(),
-                token: None,
-            },
-            runtime: tokio::runtime::Handle::current(),
-        };
+        let fetcher = fetcher(cache.clone(), Vec::new());
         let wanted = used.clone();
         let fetched = tokio::task::spawn_blocking(move || fetcher.fetch(&wanted))
             .await
