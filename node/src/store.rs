@@ -8,7 +8,7 @@ use crate::control::ControlPlane;
 use sha2::{Digest, Sha256};
 use shoal_actors::runtime::{
     Architecture, CONFIG_FILE, GGUF_WEIGHTS_FILE, WEIGHTS_FILE, WeightsFile, memory_estimate_bytes,
-    signature_of,
+    safetensors_loaded_bytes, signature_of,
 };
 use shoal_actors::{ArtifactFetcher, FetchError};
 use shoal_scheduler::{ArtifactFile, ClusterState, Command, Signature};
@@ -250,7 +250,7 @@ impl ArtifactStore {
             return false;
         };
         let _placed = placed(&self.placing);
-        match std::fs::File::options().write(true).open(&path) {
+        match std::fs::File::open(&path) {
             // A blob whose time cannot be set is still here; at worst a sweep takes it
             // and its registration fetches it again from a peer.
             Ok(file) => {
@@ -358,17 +358,7 @@ pub fn validate_artifact(name: &str, bytes: &[u8]) -> Result<(), String> {
     let extension = check_name(name)?;
     match extension {
         "safetensors" => {
-            let header_length = bytes
-                .get(..8)
-                .and_then(|prefix| <[u8; 8]>::try_from(prefix).ok())
-                .map(u64::from_le_bytes)
-                .ok_or_else(|| format!("{name}: too short for a safetensors file"))?;
-            let header = usize::try_from(header_length)
-                .ok()
-                .and_then(|length| bytes.get(8..8usize.checked_add(length)?))
-                .ok_or_else(|| format!("{name}: the safetensors header runs past the end"))?;
-            serde_json::from_slice::<serde_json::Map<String, serde_json::Value>>(header)
-                .map_err(|error| format!("{name}: the safetensors header is not JSON: {error}"))?;
+            safetensors_loaded_bytes(bytes).map_err(|reason| format!("{name}: {reason}"))?;
         }
         "gguf" if !bytes.starts_with(b"GGUF") => {
             return Err(format!("{name}: no GGUF magic"));

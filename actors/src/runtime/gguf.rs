@@ -15,6 +15,10 @@ pub const METADATA_ELEMENTS_MAX: u64 = 2 << 20;
 /// Most tensors a file may hold: a 70B-parameter llama has under a thousand.
 pub const TENSORS_MAX: u64 = 1 << 16;
 
+/// Most metadata entries a file may hold: llama.cpp writes a few dozen. candle keeps each
+/// as a key and a value of about 90 bytes.
+pub const METADATA_ENTRIES_MAX: u64 = 1 << 16;
+
 /// Most dimensions of one tensor (ggml's `GGML_MAX_DIMS`).
 const DIMENSIONS_MAX: u32 = 4;
 
@@ -51,11 +55,22 @@ pub fn check_header(bytes: &[u8]) -> Result<(), Refusal> {
     if tensors > TENSORS_MAX {
         return Err(format!("{tensors} tensors; at most {TENSORS_MAX} are read"));
     }
+    if entries > METADATA_ENTRIES_MAX {
+        return Err(format!(
+            "{entries} metadata entries; at most {METADATA_ENTRIES_MAX} are read"
+        ));
+    }
     let mut elements = 0u64;
     for _ in 0..entries {
-        reader.string()?;
+        let key = reader.string()?;
         let kind = reader.u32()?;
-        if kind == ARRAY {
+        if key == b"general.alignment" {
+            // candle divides by it; ggml wants a power of two.
+            let alignment = reader.integer(kind)?;
+            if !alignment.is_some_and(|alignment| alignment > 0 && alignment.is_power_of_two()) {
+                return Err("general.alignment is not a power of two".into());
+            }
+        } else if kind == ARRAY {
             let item_kind = reader.u32()?;
             let count = reader.length()?;
             elements = elements.saturating_add(count);
@@ -82,13 +97,16 @@ pub fn check_header(bytes: &[u8]) -> Result<(), Refusal> {
         if dimensions > DIMENSIONS_MAX {
             return Err(format!("tensor {name:?} has {dimensions} dimensions"));
         }
-        let mut count = 1u64;
+        // Checked over every dimension, zeros too: candle multiplies them unchecked, in
+        // reverse order, so [0, 2^40, 2^40] overflows there though its product is 0.
+        let mut count = Some(1u64);
         for _ in 0..dimensions {
-            count = count.saturating_mul(reader.length()?);
+            let dimension = reader.length()?.max(1);
+            count = count.and_then(|count| count.checked_mul(dimension));
         }
-        if count > elements_max {
+        if count.is_none_or(|count| count > elements_max) {
             return Err(format!(
-                "tensor {name:?} claims {count} elements, more than the file could hold"
+                "tensor {name:?} claims more elements than the file could hold"
             ));
         }
         reader.take(4 + 8)?; // its ggml type and offset
@@ -133,6 +151,33 @@ impl<'a> Reader<'a> {
     fn string(&mut self) -> Result<&'a [u8], Refusal> {
         let length = self.length()?;
         self.take(length)
+    }
+
+    /// An integer value of type `kind` (any width, signed or not; a negative one is
+    /// `None`), or `None` for a value of another type, stepped over.
+    fn integer(&mut self, kind: u32) -> Result<Option<u64>, Refusal> {
+        let value = match kind {
+            0 => u64::from(self.take(1)?[0]),
+            1 => u64::try_from(i8::from_le_bytes([self.take(1)?[0]]))
+                .ok()
+                .unwrap_or(0),
+            2 => {
+                let bytes = self.take(2)?;
+                u64::from(u16::from_le_bytes([bytes[0], bytes[1]]))
+            }
+            3 => {
+                let bytes = self.take(2)?;
+                u64::try_from(i16::from_le_bytes([bytes[0], bytes[1]])).unwrap_or(0)
+            }
+            4 => u64::from(self.u32()?),
+            5 => u64::try_from(self.u32()? as i32).unwrap_or(0),
+            ARRAY => return Err("general.alignment is an array".into()),
+            other => {
+                self.value(other)?;
+                return Ok(None);
+            }
+        };
+        Ok(Some(value))
     }
 
     /// Steps over one value of type `kind` that is not an array.
@@ -217,11 +262,39 @@ mod tests {
         let bytes = header(&[], &[1 << 32, 1 << 32]);
         let refused = check_header(&bytes).unwrap_err();
         assert!(
-            refused.contains("more than the file could hold"),
+            refused.contains("more elements than the file could hold"),
             "{refused}"
         );
         let refused = check_header(&header(&[], &[1, 1, 1, 1, 1])).unwrap_err();
         assert!(refused.contains("5 dimensions"), "{refused}");
+    }
+
+    /// Regression: an alignment of 0 passed, and candle's reader divided by it.
+    #[test]
+    fn an_alignment_that_is_not_a_power_of_two_is_refused() {
+        for alignment in [0u32, 3, 48] {
+            let bytes = header(
+                &[("general.alignment", 4, alignment.to_le_bytes().to_vec())],
+                &[1],
+            );
+            let refused = check_header(&bytes).unwrap_err();
+            assert!(refused.contains("power of two"), "{alignment}: {refused}");
+        }
+        let mut bytes = header(
+            &[("general.alignment", 4, 64u32.to_le_bytes().to_vec())],
+            &[1],
+        );
+        bytes.extend([0; 64]);
+        assert_eq!(check_header(&bytes), Ok(()));
+    }
+
+    #[test]
+    fn a_tensor_whose_dimensions_overflow_past_a_zero_is_refused() {
+        let refused = check_header(&header(&[], &[0, 1 << 40, 1 << 40])).unwrap_err();
+        assert!(
+            refused.contains("more elements than the file could hold"),
+            "{refused}"
+        );
     }
 
     #[test]
@@ -250,6 +323,8 @@ mod tests {
                 }
             }
             let _ = check_header(&bytes);
+            // Nor does what reads the file once it passes.
+            let _ = crate::runtime::WeightsFile::Gguf(&bytes).loaded_bytes();
             let cut = cut.min(whole - 1);
             let original = header(&[("tokens", ARRAY, u8_array(16))], &[4, 2]);
             prop_assert!(check_header(&original[..cut]).is_err());

@@ -159,7 +159,14 @@ impl<'a> WeightsFile<'a> {
     /// also hold every tensor its header lists.
     pub fn loaded_bytes(self) -> Result<u64, RuntimeError> {
         let bytes = match self {
-            WeightsFile::Safetensors(bytes) => return safetensors_loaded_bytes(bytes),
+            WeightsFile::Safetensors(bytes) => {
+                return safetensors_loaded_bytes(bytes).map_err(|message| {
+                    RuntimeError::UnreadableWeights {
+                        file: WEIGHTS_FILE,
+                        message,
+                    }
+                });
+            }
             WeightsFile::Gguf(bytes) => bytes,
         };
         let content = read_gguf(bytes)?;
@@ -215,32 +222,48 @@ impl<'a> WeightsFile<'a> {
     }
 }
 
-/// The bytes a safetensors file's tensors take as `f32`, from its header: an F16 or BF16
-/// file loads at twice its size.
-fn safetensors_loaded_bytes(bytes: &[u8]) -> Result<u64, RuntimeError> {
-    let unreadable = |message: String| RuntimeError::UnreadableWeights {
-        file: WEIGHTS_FILE,
-        message,
-    };
-    let header = bytes
+/// Longest safetensors header read. A header lists each tensor's name, type, shape and
+/// offsets, about 100 bytes a tensor: 16 MiB holds 160,000 tensors, far past any model,
+/// and what it parses into stays within a few times that.
+pub const SAFETENSORS_HEADER_MAX_BYTES: usize = 16 << 20;
+
+/// What of a safetensors header entry is read: a tensor's shape (`__metadata__` has none).
+#[derive(Deserialize)]
+struct SafetensorsEntry {
+    #[serde(default)]
+    shape: Option<Vec<u64>>,
+}
+
+/// The bytes a safetensors file's tensors take as `f32`, from its header (an F16 or BF16
+/// file loads at twice its size); why not, for a file whose header does not read or is
+/// past [`SAFETENSORS_HEADER_MAX_BYTES`].
+pub fn safetensors_loaded_bytes(bytes: &[u8]) -> Result<u64, String> {
+    let length = bytes
         .get(..8)
         .and_then(|prefix| <[u8; 8]>::try_from(prefix).ok())
         .map(u64::from_le_bytes)
-        .and_then(|length| usize::try_from(length).ok())
-        .and_then(|length| bytes.get(8..8usize.checked_add(length)?))
-        .ok_or_else(|| unreadable("the header runs past the end of the file".into()))?;
-    let entries: HashMap<String, serde_json::Value> =
-        serde_json::from_slice(header).map_err(|error| unreadable(error.to_string()))?;
+        .ok_or("too short for a safetensors file")?;
+    if length > SAFETENSORS_HEADER_MAX_BYTES as u64 {
+        return Err(format!(
+            "a safetensors header of {length} bytes; at most {SAFETENSORS_HEADER_MAX_BYTES} are read"
+        ));
+    }
+    let header = bytes
+        .get(8..8 + length as usize)
+        .ok_or("the safetensors header runs past the end of the file")?;
+    let entries: HashMap<String, SafetensorsEntry> = serde_json::from_slice(header)
+        .map_err(|error| format!("the safetensors header does not read: {error}"))?;
     let mut loaded_bytes = 0u64;
     for (name, entry) in entries.iter().filter(|(name, _)| *name != "__metadata__") {
-        let elements = entry["shape"]
-            .as_array()
+        let elements = entry
+            .shape
+            .as_ref()
             .and_then(|shape| {
-                shape.iter().try_fold(1u64, |count, dimension| {
-                    count.checked_mul(dimension.as_u64()?)
-                })
+                shape
+                    .iter()
+                    .try_fold(1u64, |count, &d| count.checked_mul(d))
             })
-            .ok_or_else(|| unreadable(format!("tensor {name:?} has no readable shape")))?;
+            .ok_or_else(|| format!("tensor {name:?} has no readable shape"))?;
         loaded_bytes = loaded_bytes.saturating_add(elements.saturating_mul(4));
     }
     Ok(loaded_bytes)
@@ -438,6 +461,20 @@ mod tests {
             f32_bytes,
             "an F16 file loads at twice its size"
         );
+    }
+
+    /// Regression: the header was parsed into JSON values whatever its length, each
+    /// element of an array in `__metadata__` 16 times its size in memory.
+    #[test]
+    fn a_safetensors_header_past_its_limit_is_refused_unread() {
+        let mut bytes = (SAFETENSORS_HEADER_MAX_BYTES as u64 + 1)
+            .to_le_bytes()
+            .to_vec();
+        bytes.extend(b"{}");
+        let refused = safetensors_loaded_bytes(&bytes).unwrap_err();
+        assert!(refused.contains("at most"), "{refused}");
+        let refused = safetensors_loaded_bytes(b"\x02\0\0\0\0\0\0\0{").unwrap_err();
+        assert!(refused.contains("runs past the end"), "{refused}");
     }
 
     #[test]
