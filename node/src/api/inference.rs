@@ -678,7 +678,8 @@ fn unwritable_in_json(response: &InferResponse, request: &oip::Request) -> Optio
         let index = values.iter().position(|value| !value.is_finite())?;
         Some(format!(
             "the model answered {} at element {index} of output {:?}, which JSON cannot \
-             carry; ask for the output as binary tensor data to receive it",
+             carry (an Open Inference Protocol request can ask for the output as binary \
+             tensor data)",
             values[index], output.name
         ))
     })
