@@ -94,35 +94,46 @@ impl DataDir {
     }
 
     /// Refuses a data dir whose cluster state is in another format than `expected`,
-    /// before anything reads it, and marks one that names no format yet (a new one, or
-    /// one written before formats were named, whose encoding this build still reads) as
-    /// `expected`.
+    /// before anything reads it. A dir that names no format (a new one, or one from
+    /// before formats were named) passes; [`DataDir::mark_state_format`] names it once its
+    /// state has been read.
     pub fn check_state_format(&self, expected: u32) -> Result<(), DataDirError> {
-        let path = self.root.join(STATE_FORMAT_FILE);
-        let io = |source| DataDirError::Io {
-            dir: self.root.clone(),
-            source,
-        };
-        match std::fs::read_to_string(&path) {
+        match std::fs::read_to_string(self.root.join(STATE_FORMAT_FILE)) {
             Ok(found) if found.trim() == expected.to_string() => Ok(()),
             Ok(found) => Err(DataDirError::StateFormat {
                 dir: self.root.clone(),
                 found: found.trim().to_string(),
                 expected,
             }),
-            Err(error) if error.kind() == std::io::ErrorKind::NotFound => {
-                let temporary = self.root.join(format!("{STATE_FORMAT_FILE}.partial"));
-                std::fs::write(&temporary, format!("{expected}\n")).map_err(io)?;
-                File::open(&temporary)
-                    .and_then(|file| file.sync_all())
-                    .map_err(io)?;
-                std::fs::rename(&temporary, &path).map_err(io)?;
-                File::open(&self.root)
-                    .and_then(|dir| dir.sync_all())
-                    .map_err(io)
-            }
-            Err(error) => Err(io(error)),
+            Err(error) if error.kind() == std::io::ErrorKind::NotFound => Ok(()),
+            Err(source) => Err(DataDirError::Io {
+                dir: self.root.clone(),
+                source,
+            }),
         }
+    }
+
+    /// Names `format` as the format of the cluster state this dir holds, if it names
+    /// none yet: called once the state was read in this format, so a dir whose state
+    /// did not read is never named as if it had.
+    pub fn mark_state_format(&self, format: u32) -> Result<(), DataDirError> {
+        let path = self.root.join(STATE_FORMAT_FILE);
+        if path.exists() {
+            return Ok(());
+        }
+        let io = |source| DataDirError::Io {
+            dir: self.root.clone(),
+            source,
+        };
+        let temporary = self.root.join(format!("{STATE_FORMAT_FILE}.partial"));
+        std::fs::write(&temporary, format!("{format}\n")).map_err(io)?;
+        File::open(&temporary)
+            .and_then(|file| file.sync_all())
+            .map_err(io)?;
+        std::fs::rename(&temporary, &path).map_err(io)?;
+        File::open(&self.root)
+            .and_then(|dir| dir.sync_all())
+            .map_err(io)
     }
 }
 
@@ -152,10 +163,13 @@ mod tests {
     }
 
     #[test]
-    fn a_data_dir_in_another_state_format_is_refused_naming_both() {
+    fn a_data_dir_named_with_another_state_format_is_refused_naming_both() {
         let dir = tempfile::tempdir().unwrap();
         let data_dir = DataDir::lock(dir.path()).unwrap();
         data_dir.check_state_format(3).unwrap();
+        data_dir.check_state_format(4).unwrap();
+        data_dir.mark_state_format(3).unwrap();
+        data_dir.mark_state_format(4).unwrap();
         data_dir.check_state_format(3).unwrap();
         let message = data_dir.check_state_format(4).unwrap_err().to_string();
         assert!(

@@ -140,6 +140,8 @@ pub async fn run(config: ServerConfig) -> anyhow::Result<()> {
     let consensus = shoal_consensus::start(&consensus_config, machine)
         .await
         .context("starting consensus")?;
+    // Its snapshot restored: the dir's state reads in this build's format.
+    data_dir.mark_state_format(crate::control::STATE_FORMAT)?;
     let control = ControlPlane::new(consensus.handle(), states);
     let store =
         Arc::new(ArtifactStore::open(&data_dir.blobs()).context("opening the artifact store")?);

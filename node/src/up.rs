@@ -47,6 +47,8 @@ pub async fn run(config: UpConfig) -> anyhow::Result<()> {
     )
     .await
     .context("starting consensus")?;
+    // Its snapshot restored: the dir's state reads in this build's format.
+    data_dir.mark_state_format(crate::control::STATE_FORMAT)?;
     let control = ControlPlane::new(consensus.handle(), states);
     let mut raft = control.watch_raft();
     tokio::time::timeout(LEADER_TIMEOUT, raft.wait_for(|status| status.is_leader))
