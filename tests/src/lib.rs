@@ -584,6 +584,13 @@ impl ServerCluster {
     }
 }
 
+/// Trains the demo iris classifier from `seed` into `dir` (`shoal model demo`), ready to
+/// push; another seed is another version.
+pub fn write_demo_model(dir: &Path, seed: &str) {
+    let dir = dir.to_str().expect("a UTF-8 path");
+    run_shoal(&["model", "demo", "--out", dir, "--seed", seed]);
+}
+
 /// Writes model `files` (name to contents, as the fixtures make them) into `dir`, creating
 /// it, so the CLI can push the directory.
 pub fn write_model_dir(dir: &Path, files: &std::collections::HashMap<String, Vec<u8>>) {
@@ -599,6 +606,12 @@ pub fn rss_bytes(pid: u32) -> Option<u64> {
     let line = status.lines().find(|line| line.starts_with("VmRSS:"))?;
     let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
     Some(kib * 1024)
+}
+
+/// GETs `url` and reads the answer as JSON.
+pub async fn get_json(client: &reqwest::Client, url: &str) -> serde_json::Value {
+    let answer = client.get(url).send().await.expect("the request is sent");
+    answer.json().await.expect("a JSON answer")
 }
 
 /// POSTs `body` to `url` until it is answered 200 (a deployment coming up answers 503

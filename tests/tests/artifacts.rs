@@ -91,14 +91,7 @@ async fn a_pushed_version_is_durable_on_a_majority_and_survives_losing_a_server(
     cluster.kill(leader);
     let survivor = cluster.leader(&http, Duration::from_secs(20)).await;
     assert!(holders(&cluster, &http, &weights).await >= 1);
-    let models: serde_json::Value = http
-        .get(cluster.url(survivor, "/api/v1/models"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let models = shoal_tests::get_json(&http, &cluster.url(survivor, "/api/v1/models")).await;
     assert!(
         models
             .as_array()
@@ -173,14 +166,7 @@ async fn bad_uploads_and_code_are_refused_and_leave_nothing_behind() {
     let refused = push(&cluster, leader, &escaping, "escaping");
     assert!(!refused.status.success());
     assert!(String::from_utf8_lossy(&refused.stderr).contains("points outside"));
-    let models: serde_json::Value = http
-        .get(cluster.url(leader, "/api/v1/models"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let models = shoal_tests::get_json(&http, &cluster.url(leader, "/api/v1/models")).await;
     assert_eq!(models, serde_json::json!([]), "nothing was registered");
 }
 

@@ -129,14 +129,7 @@ async fn a_model_pushed_and_deployed_on_agents_survives_an_agent_and_a_leader_ki
     // Both agents join before the deployment, so its replicas spread over them.
     let started = Instant::now();
     loop {
-        let nodes: Value = http
-            .get(cluster.url(leader, "/api/v1/nodes"))
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
+        let nodes = shoal_tests::get_json(&http, &cluster.url(leader, "/api/v1/nodes")).await;
         if nodes.as_array().map(Vec::len) == Some(2) {
             break;
         }
@@ -340,14 +333,7 @@ async fn a_rolling_update_and_its_rollback_fail_no_request() {
     let addr = format!("http://{}", cluster.http[&1]);
     for (seed, version) in [("7", "1"), ("8", "2"), ("9", "3")] {
         let dir = root.path().join(format!("iris-{seed}"));
-        run_shoal(&[
-            "model",
-            "demo",
-            "--out",
-            dir.to_str().unwrap(),
-            "--seed",
-            seed,
-        ]);
+        shoal_tests::write_demo_model(&dir, seed);
         let pushed = run_shoal(&[
             "model",
             "push",

@@ -420,14 +420,7 @@ async fn shoal_up_refuses_a_new_member() {
     let text = answer.text().await.unwrap();
     assert_eq!(status, 409, "{text}");
     assert!(text.contains("shoal server"), "{text}");
-    let cluster: Value = http
-        .get(shoal.url("/api/v1/cluster"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let cluster = shoal_tests::get_json(&http, &shoal.url("/api/v1/cluster")).await;
     assert_eq!(members_with_role(&cluster, "voter"), [1], "{cluster}");
     assert!(
         members_with_role(&cluster, "learner").is_empty(),

@@ -115,14 +115,7 @@ async fn shoal_up_serves_iris_refuses_bad_input_stops_gracefully_and_recovers() 
     assert_eq!(binary.probabilities, json_probabilities);
 
     // Metadata names the signature.
-    let metadata: Value = client
-        .get(shoal.url("/v2/models/iris"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let metadata = shoal_tests::get_json(&client, &shoal.url("/v2/models/iris")).await;
     assert_eq!(
         metadata["inputs"][0],
         json!({"name": "features", "datatype": "FP32", "shape": [-1, 4]})
@@ -248,14 +241,7 @@ async fn shoal_up_serves_iris_refuses_bad_input_stops_gracefully_and_recovers() 
     for (row, species) in SAMPLES {
         assert_eq!(infer_labels(&client, &again, &[row]).await, vec![species]);
     }
-    let models: Value = client
-        .get(again.url("/api/v1/models"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let models = shoal_tests::get_json(&client, &again.url("/api/v1/models")).await;
     assert_eq!(
         models.as_array().map(Vec::len),
         Some(1),
@@ -582,14 +568,7 @@ async fn shoal_up_restarted_leaves_a_deleted_demo_deployment_deleted() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     again.wait_ready(&client).await;
-    let deployments: Value = client
-        .get(again.url("/api/v1/deployments"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let deployments = shoal_tests::get_json(&client, &again.url("/api/v1/deployments")).await;
     assert_eq!(deployments, json!([]), "{}", again.stderr());
     assert!(
         !again.stderr().contains("demo model deployed"),
@@ -614,14 +593,7 @@ async fn model_show_lists_the_aliases_set_with_model_alias() {
     let shown: Value =
         serde_json::from_str(&run(&shoal, &["model", "show", "iris", "-o", "json"])).expect("JSON");
     assert_eq!(shown[0]["aliases"], json!({"stable": 1}), "{shown}");
-    let models: Value = client
-        .get(shoal.url("/api/v1/models"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let models = shoal_tests::get_json(&client, &shoal.url("/api/v1/models")).await;
     assert_eq!(models[0]["aliases"], json!({"stable": 1}), "{models}");
 
     // An alias named like a version number is refused: "5" would read as version 5.
@@ -635,6 +607,22 @@ async fn model_show_lists_the_aliases_set_with_model_alias() {
     let numeric = numeric.text().await.unwrap();
     assert!(numeric.contains("all digits"), "{numeric}");
     stop_shoal(shoal);
+}
+
+/// Writes `spec` to `name.toml` in `dir` and applies it with `shoal deploy apply -f`; the
+/// CLI's output.
+fn apply_deployment(shoal: &Shoal, dir: &std::path::Path, name: &str, spec: &str) -> String {
+    let file = dir.join(format!("{name}.toml"));
+    std::fs::write(&file, spec).expect("a deployment file");
+    run(
+        shoal,
+        &[
+            "deploy",
+            "apply",
+            "-f",
+            file.to_str().expect("a UTF-8 path"),
+        ],
+    )
 }
 
 /// Pushes a second iris version (the demo trained with another seed) to `shoal`.
@@ -654,22 +642,19 @@ async fn deploy_list_and_show_name_a_traffic_split_and_a_followed_alias() {
     let (temp, shoal) = ready_shoal(&client, "split-shown").await;
     push_second_iris_version(&shoal, temp.path());
     run(&shoal, &["model", "alias", "iris", "stable", "2"]);
-    let split = temp.path().join("split.toml");
-    std::fs::write(
-        &split,
+    apply_deployment(
+        &shoal,
+        temp.path(),
+        "split",
         "name = \"iris\"\nmodel = \"iris\"\nreplicas = 1\n\
          split = [{version = 1, weight = 90}, {version = 2, weight = 10}]\n",
-    )
-    .unwrap();
-    let follows = temp.path().join("follows.toml");
-    std::fs::write(
-        &follows,
+    );
+    apply_deployment(
+        &shoal,
+        temp.path(),
+        "follows",
         "name = \"iris-stable\"\nmodel = \"iris\"\nalias = \"stable\"\nreplicas = 0\n",
-    )
-    .unwrap();
-    for file in [&split, &follows] {
-        run(&shoal, &["deploy", "apply", "-f", file.to_str().unwrap()]);
-    }
+    );
 
     let listed = run(&shoal, &["deploy", "list"]);
     assert!(listed.contains("1 (90%), 2 (10%)"), "{listed}");
@@ -684,14 +669,7 @@ async fn deploy_list_and_show_name_a_traffic_split_and_a_followed_alias() {
         shown.contains("model iris version 2 (alias stable),"),
         "{shown}"
     );
-    let deployments: Value = client
-        .get(shoal.url("/api/v1/deployments"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let deployments = shoal_tests::get_json(&client, &shoal.url("/api/v1/deployments")).await;
     let selectors: Vec<&Value> = deployments
         .as_array()
         .unwrap()
@@ -763,14 +741,13 @@ async fn a_version_no_deployment_serves_is_404_until_one_does() {
     assert_eq!(error["error"], "version 2 of iris is not deployed");
 
     // Once a deployment selects it, it is served (503 only while its replica loads).
-    let split = temp.path().join("split.toml");
-    std::fs::write(
-        &split,
+    apply_deployment(
+        &shoal,
+        temp.path(),
+        "split",
         "name = \"iris\"\nmodel = \"iris\"\nreplicas = 2\n\
          split = [{version = 1, weight = 50}, {version = 2, weight = 50}]\n",
-    )
-    .unwrap();
-    run(&shoal, &["deploy", "apply", "-f", split.to_str().unwrap()]);
+    );
     let started = std::time::Instant::now();
     loop {
         let answer = client
@@ -899,13 +876,12 @@ async fn cli_output_follows_the_output_flag_and_reads_plainly() {
     ))
     .expect("deploy scale -o json is JSON");
     assert_eq!(scaled["replicas"], 1, "{scaled}");
-    let file = temp.path().join("other.toml");
-    std::fs::write(
-        &file,
+    let applied = apply_deployment(
+        &shoal,
+        temp.path(),
+        "other",
         "name = \"other\"\nmodel = \"other\"\nversion = 1\nreplicas = 0\n",
-    )
-    .unwrap();
-    let applied = run(&shoal, &["deploy", "apply", "-f", file.to_str().unwrap()]);
+    );
     assert_eq!(applied.trim(), "deployment other created");
     let deleted = run(&shoal, &["deploy", "delete", "other"]);
     assert_eq!(deleted.trim(), "deployment other deleted");
@@ -950,13 +926,12 @@ async fn a_model_pushed_in_gguf_answers_as_its_weights_do_in_safetensors() {
     assert_eq!(pushed.trim(), "iris-gguf version 1 (new)");
     let shown = run(&shoal, &["model", "show", "iris-gguf"]);
     assert!(shown.contains("gguf"), "{shown}");
-    let spec = temp.path().join("iris-gguf.toml");
-    std::fs::write(
-        &spec,
+    apply_deployment(
+        &shoal,
+        temp.path(),
+        "iris-gguf",
         "name = \"iris-gguf\"\nmodel = \"iris-gguf\"\nversion = 1\nreplicas = 1\n",
-    )
-    .unwrap();
-    run(&shoal, &["deploy", "apply", "-f", spec.to_str().unwrap()]);
+    );
 
     let rows: Vec<[f32; 4]> = SAMPLES.iter().map(|(row, _)| *row).collect();
     let url = shoal.url("/v2/models/iris-gguf/infer");

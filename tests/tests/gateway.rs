@@ -116,14 +116,7 @@ async fn a_standalone_gateway_follows_the_state_and_serves_through_agents() {
 
     // The agent keeps to the deadline a gateway passes on with the request: what is left
     // of the caller's (it gave every request a fresh 30 s).
-    let deployments: Value = http
-        .get(cluster.url(1, "/api/v1/deployments"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let deployments = shoal_tests::get_json(&http, &cluster.url(1, "/api/v1/deployments")).await;
     let replica = deployments[0]["replicas"][0]["id"].as_u64().unwrap();
     let agent = format!(
         "http://{}/internal/v1/replicas/{replica}/infer",
@@ -147,14 +140,7 @@ async fn a_standalone_gateway_follows_the_state_and_serves_through_agents() {
 
     // The gateway is no raft member: the cluster's status comes from the leader. (It
     // showed an empty picture of a member 0 in term 0.)
-    let status: Value = http
-        .get(format!("{base}/api/v1/cluster"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let status = shoal_tests::get_json(&http, &format!("{base}/api/v1/cluster")).await;
     assert_eq!(status["id"], 1, "{status}");
     assert_eq!(status["leader"], 1, "{status}");
     assert_eq!(status["members"][0]["role"], "voter", "{status}");

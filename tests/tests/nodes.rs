@@ -8,18 +8,11 @@
 )]
 
 use serde_json::{Value, json};
-use shoal_tests::{ServerCluster, http_client, run_shoal};
+use shoal_tests::{ServerCluster, get_json, http_client, write_demo_model};
 use std::time::{Duration, Instant};
 
 async fn node_status(cluster: &ServerCluster, http: &reqwest::Client, via: u64) -> Value {
-    let nodes: Value = http
-        .get(cluster.url(via, "/api/v1/nodes"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let nodes = get_json(http, &cluster.url(via, "/api/v1/nodes")).await;
     nodes[0]["status"].clone()
 }
 
@@ -71,14 +64,11 @@ async fn a_silent_node_goes_down_and_a_heartbeat_brings_it_back() {
     }
     // A blocking query: waits while nothing changes, answers when something does.
     let revision = {
-        let answer: Value = http
-            .get(cluster.url(follower, "/api/v1/nodes/7/assignments?revision=0"))
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
+        let answer = get_json(
+            &http,
+            &cluster.url(follower, "/api/v1/nodes/7/assignments?revision=0"),
+        )
+        .await;
         assert_eq!(answer["node_up"], true);
         answer["revision"].as_u64().unwrap()
     };
@@ -141,10 +131,6 @@ async fn a_silent_node_goes_down_and_a_heartbeat_brings_it_back() {
     cluster.cli(follower, &["node", "undrain", "7"]);
 }
 
-async fn get_json(http: &reqwest::Client, url: String) -> Value {
-    http.get(url).send().await.unwrap().json().await.unwrap()
-}
-
 async fn metrics_text(http: &reqwest::Client, cluster: &ServerCluster) -> String {
     let answer = http.get(cluster.url(1, "/metrics")).send().await.unwrap();
     answer.text().await.unwrap()
@@ -164,14 +150,7 @@ async fn one_agent_with_demo_versions(
     cluster.start_agent(1);
     for (seed, loadable) in versions {
         let dir = root.join(format!("{model}-{seed}"));
-        run_shoal(&[
-            "model",
-            "demo",
-            "--out",
-            dir.to_str().unwrap(),
-            "--seed",
-            seed,
-        ]);
+        write_demo_model(&dir, seed);
         if !loadable {
             let path = dir.join("config.json");
             let mut config: Value = serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap();
@@ -217,7 +196,7 @@ async fn a_replica_that_cannot_load_shows_its_failure_and_is_retried_with_growin
     // Its failure and the reason are on show, in the API and in the metrics.
     let started = Instant::now();
     loop {
-        let deployments = get_json(&http, cluster.url(1, "/api/v1/deployments")).await;
+        let deployments = get_json(&http, &cluster.url(1, "/api/v1/deployments")).await;
         let replica = &deployments[0]["replicas"][0];
         if replica["state"] == "Failed" {
             let failure = replica["failure"].as_str().unwrap();
@@ -240,9 +219,9 @@ async fn a_replica_that_cannot_load_shows_its_failure_and_is_retried_with_growin
     // failed), and the waits add up to 7.5 s by the sixth. Retried at once: 2,158 entries
     // in these 5 s.
     let commit = |status: Value| status["commit_index"].as_u64().unwrap();
-    let before = commit(get_json(&http, cluster.url(1, "/api/v1/cluster")).await);
+    let before = commit(get_json(&http, &cluster.url(1, "/api/v1/cluster")).await);
     tokio::time::sleep(Duration::from_secs(5)).await;
-    let after = commit(get_json(&http, cluster.url(1, "/api/v1/cluster")).await);
+    let after = commit(get_json(&http, &cluster.url(1, "/api/v1/cluster")).await);
     assert!(after - before < 60, "{} entries in 5 s", after - before);
     cluster.stop_all();
 }
@@ -312,7 +291,7 @@ async fn a_rollout_to_a_version_that_cannot_load_is_rolled_back_while_the_old_on
         assert_eq!(answer.status(), 200, "{:?}", answer.text().await);
         let answer: Value = answer.json().await.unwrap();
         assert_eq!(answer["model_version"], "1", "{answer}");
-        let deployments = get_json(&http, cluster.url(1, "/api/v1/deployments")).await;
+        let deployments = get_json(&http, &cluster.url(1, "/api/v1/deployments")).await;
         let versions: Vec<u64> = deployments[0]["replicas"]
             .as_array()
             .unwrap()

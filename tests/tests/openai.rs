@@ -76,14 +76,7 @@ async fn minilm_embeddings_through_the_cluster_match_the_reference() {
         );
     }
 
-    let models: Value = http
-        .get(cluster.url(1, "/v1/models"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let models = shoal_tests::get_json(&http, &cluster.url(1, "/v1/models")).await;
     assert_eq!(models["data"][0]["id"], "minilm");
     let unknown = http
         .post(&url)

@@ -94,6 +94,20 @@ fn set_status(state: &mut ClusterState, node: u64, status: NodeStatus) {
     .unwrap();
 }
 
+/// Reports replica `replica` at `epoch` failed with `failure`, as its agent would.
+fn fail(state: &mut ClusterState, replica: u64, epoch: u64, failure: &str) {
+    next(
+        state,
+        Command::SetReplicaState {
+            replica: ReplicaId(replica),
+            epoch,
+            state: ReplicaState::Failed,
+            failure: Some(failure.into()),
+        },
+    )
+    .unwrap();
+}
+
 fn node_ids(state: &ClusterState) -> Vec<u64> {
     state.replicas.values().map(|r| r.node.0).collect()
 }
@@ -299,16 +313,7 @@ fn a_failed_replica_is_placed_again_in_its_slot() {
         deployment_command("m", "m", 1),
     ]);
     converge(&mut state, NOW_MS);
-    next(
-        &mut state,
-        Command::SetReplicaState {
-            replica: ReplicaId(0),
-            epoch: 1,
-            state: ReplicaState::Failed,
-            failure: Some("out of memory".into()),
-        },
-    )
-    .unwrap();
+    fail(&mut state, 0, 1, "out of memory");
     let commands = plan(&state, &no_load(), NOW_MS);
     assert!(matches!(
         commands.as_slice(),
@@ -338,16 +343,7 @@ fn a_group_that_keeps_failing_waits_longer_each_time_before_it_is_placed_again()
     let mut now_ms = NOW_MS;
     let mut waits = Vec::new();
     for epoch in 1..=4 {
-        next(
-            &mut state,
-            Command::SetReplicaState {
-                replica: ReplicaId(0),
-                epoch,
-                state: ReplicaState::Failed,
-                failure: Some("the version has no config.json file".into()),
-            },
-        )
-        .unwrap();
+        fail(&mut state, 0, epoch, "the version has no config.json file");
         memory.observe(&state, now_ms);
         let load = LoadSnapshot {
             failing: memory.failing(),
@@ -393,16 +389,7 @@ fn a_failed_group_whose_node_went_down_moves_without_waiting() {
     ]);
     converge(&mut state, NOW_MS);
     let node = state.replicas[&ReplicaId(0)].node;
-    next(
-        &mut state,
-        Command::SetReplicaState {
-            replica: ReplicaId(0),
-            epoch: 1,
-            state: ReplicaState::Failed,
-            failure: Some("out of memory".into()),
-        },
-    )
-    .unwrap();
+    fail(&mut state, 0, 1, "out of memory");
     set_status(&mut state, node.0, NodeStatus::Down);
     let mut load = LoadSnapshot::default();
     let failing = FailingGroup {
@@ -434,16 +421,7 @@ fn a_failed_group_that_waits_is_still_removed_when_no_longer_wanted() {
         Command::CreateDeployment { spec },
     ]);
     converge(&mut state, NOW_MS);
-    next(
-        &mut state,
-        Command::SetReplicaState {
-            replica: ReplicaId(0),
-            epoch: 1,
-            state: ReplicaState::Failed,
-            failure: Some("weights do not match the config".into()),
-        },
-    )
-    .unwrap();
+    fail(&mut state, 0, 1, "weights do not match the config");
     next(
         &mut state,
         Command::SetDesiredReplicas {
