@@ -141,7 +141,8 @@ pub fn scope_for(path: &str) -> Option<Scope> {
     if path.starts_with("/api/") {
         return Some(Scope::Admin);
     }
-    if path.starts_with("/v1/") || (path.starts_with("/v2/models/") && path.ends_with("/infer")) {
+    let runs_a_model = path.ends_with("/infer") || path.ends_with("/explain");
+    if path.starts_with("/v1/") || (path.starts_with("/v2/models/") && runs_a_model) {
         return Some(Scope::Infer);
     }
     // Health, readiness, model metadata and /metrics stay open: probes and scrapers
@@ -243,6 +244,11 @@ mod tests {
             Some(Scope::Infer)
         );
         assert_eq!(scope_for("/v1/chat/completions"), Some(Scope::Infer));
+        assert_eq!(scope_for("/v2/models/iris/explain"), Some(Scope::Infer));
+        assert_eq!(
+            scope_for("/v2/models/iris/versions/1/explain"),
+            Some(Scope::Infer)
+        );
         assert_eq!(scope_for("/v2/health/ready"), None);
         assert_eq!(scope_for("/metrics"), None);
     }

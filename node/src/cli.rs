@@ -1,7 +1,11 @@
-//! The CLI client: `shoal model …`, `shoal deploy …`, `shoal infer …` against a running
+//! The CLI client: `shoal model …`, `shoal deploy …`, `shoal infer …`, `shoal explain …` against a running
 //! Shoal at `SHOAL_ADDR`.
 
-use crate::api::oip::{InferRequest, InferResponse, ModelMetadata, RequestInput, ResponseData};
+use crate::api::explain::{ExplainRequest, ExplainResponse};
+use crate::api::oip::{
+    Element, InferRequest, InferResponse, ModelMetadata, RequestInput, ResponseData,
+};
+use crate::explain::Method;
 use anyhow::{Context, bail};
 use clap::{Args, Subcommand, ValueEnum};
 use serde::de::DeserializeOwned;
@@ -161,6 +165,28 @@ pub struct InferArgs {
     /// A specific version instead of the deployed one.
     #[arg(long)]
     version: Option<u32>,
+}
+
+#[derive(Debug, Args)]
+pub struct ExplainArgs {
+    /// The model whose prediction to explain.
+    model: String,
+    /// The input rows as JSON, e.g. '[[5.1,3.5,1.4,0.2]]'.
+    #[arg(long)]
+    data: String,
+    /// A specific version instead of the deployed one.
+    #[arg(long)]
+    version: Option<u32>,
+    /// The FP32 output to explain; the model's first FP32 output when not given.
+    #[arg(long = "explain-output")]
+    explained_output: Option<String>,
+    /// What a feature left out is set to: a number, or a JSON list with one per feature.
+    /// Zero when not given.
+    #[arg(long)]
+    baseline: Option<String>,
+    /// `shapley` (exact, up to 10 features) or `ablation` (one row per feature).
+    #[arg(long, value_enum, default_value_t = Method::Shapley)]
+    method: Method,
 }
 
 struct Client {
@@ -845,33 +871,53 @@ fn versions_text(deployment: &serde_json::Value) -> String {
     }
 }
 
-pub async fn infer(request: InferArgs, args: &ClientArgs) -> anyhow::Result<()> {
-    let client = Client::new(args)?;
-    let data: serde_json::Value = serde_json::from_str(&request.data)
-        .with_context(|| format!("--data is not JSON: {}", request.data))?;
-    check_rows(&data)?;
-    let shape = shape_of(&data)?;
-    let path = match request.version {
-        Some(version) => format!("/v2/models/{}/versions/{version}", request.model),
-        None => format!("/v2/models/{}", request.model),
+/// `--data` as the model's one input, and the model's (or version's) path: what
+/// `shoal infer` and `shoal explain` send.
+async fn one_input(
+    client: &Client,
+    model: &str,
+    version: Option<u32>,
+    data: &str,
+    command: &str,
+) -> anyhow::Result<(String, RequestInput)> {
+    let rows: serde_json::Value =
+        serde_json::from_str(data).with_context(|| format!("--data is not JSON: {data}"))?;
+    check_rows(&rows)?;
+    let shape = shape_of(&rows)?;
+    let path = match version {
+        Some(version) => format!("/v2/models/{model}/versions/{version}"),
+        None => format!("/v2/models/{model}"),
     };
     let metadata: ModelMetadata = client.get(&path).await?;
     let [input] = metadata.inputs.as_slice() else {
         bail!(
-            "model {} takes {} inputs; `shoal infer` sends one",
-            request.model,
+            "model {model} takes {} inputs; `shoal {command}` sends one",
             metadata.inputs.len()
         );
     };
+    let input = RequestInput {
+        name: input.name.clone(),
+        shape,
+        datatype: input.datatype.clone(),
+        data: Some(serde_json::from_value(rows)?),
+        parameters: None,
+    };
+    Ok((path, input))
+}
+
+pub async fn infer(request: InferArgs, args: &ClientArgs) -> anyhow::Result<()> {
+    let client = Client::new(args)?;
+    let (path, input) = one_input(
+        &client,
+        &request.model,
+        request.version,
+        &request.data,
+        "infer",
+    )
+    .await?;
     let body = InferRequest {
         id: None,
-        inputs: vec![RequestInput {
-            name: input.name.clone(),
-            shape,
-            datatype: input.datatype.clone(),
-            data: Some(serde_json::from_value(data)?),
-            parameters: None,
-        }],
+        inputs: vec![input],
         outputs: Vec::new(),
         parameters: None,
     };
@@ -920,6 +966,87 @@ pub async fn infer(request: InferArgs, args: &ClientArgs) -> anyhow::Result<()> 
         answer.model_version
     )?;
     Ok(())
+}
+
+pub async fn explain(request: ExplainArgs, args: &ClientArgs) -> anyhow::Result<()> {
+    let client = Client::new(args)?;
+    let (path, input) = one_input(
+        &client,
+        &request.model,
+        request.version,
+        &request.data,
+        "explain",
+    )
+    .await?;
+    let baseline = match &request.baseline {
+        None => None,
+        Some(text) => Some(serde_json::from_str(text).with_context(|| {
+            format!("--baseline is neither a number nor a JSON list of numbers: {text}")
+        })?),
+    };
+    let body = ExplainRequest {
+        inputs: vec![input],
+        output: request.explained_output,
+        baseline,
+        method: request.method,
+    };
+    let answer: ExplainResponse = client.post(&format!("{path}/explain"), &body).await?;
+    if args.output == Output::Json {
+        out!("{}", serde_json::to_string_pretty(&answer)?)?;
+        return Ok(());
+    }
+    let features = answer.baseline.len();
+    let elements = answer.output_shape.iter().product::<usize>();
+    let mut headers = vec!["FEATURE".to_string(), "VALUE".into(), "BASELINE".into()];
+    headers.extend((0..elements).map(|j| format!("{}[{j}]", answer.output.to_uppercase())));
+    let headers: Vec<&str> = headers.iter().map(String::as_str).collect();
+    let values = body.inputs[0]
+        .data
+        .as_ref()
+        .map(|data| data.values.iter().map(feature_value).collect::<Vec<_>>())
+        .unwrap_or_default();
+    for (row, explanation) in answer.explanations.iter().enumerate() {
+        out!(
+            "row {row}: {} = {} (baseline {})",
+            answer.output,
+            join(&explanation.prediction, |v| format!("{v:.4}")),
+            join(&explanation.baseline_prediction, |v| format!("{v:.4}"))
+        )?;
+        let table: Vec<Vec<String>> = (0..features)
+            .map(|i| {
+                let mut cells = vec![
+                    i.to_string(),
+                    values.get(row * features + i).cloned().unwrap_or_default(),
+                    format!("{:.4}", answer.baseline[i]),
+                ];
+                cells.extend(
+                    explanation
+                        .attributions
+                        .iter()
+                        .map(|per_feature| format!("{:+.4}", per_feature[i])),
+                );
+                cells
+            })
+            .collect();
+        print_table(&headers, &table)?;
+    }
+    out!(
+        "model {} version {}, {} values",
+        answer.model_name,
+        answer.model_version,
+        answer.method.as_str()
+    )?;
+    Ok(())
+}
+
+/// A feature's value as `--data` gave it, in the table's four decimals.
+fn feature_value(element: &Element) -> String {
+    match *element {
+        Element::Float(value) => format!("{value:.4}"),
+        Element::Int(value) => format!("{:.4}", value as f64),
+        Element::Unsigned(value) => format!("{:.4}", value as f64),
+        _ => element.to_string(),
+    }
 }
 
 fn join<T>(values: &[T], show: impl Fn(&T) -> String) -> String {

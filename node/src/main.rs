@@ -12,6 +12,7 @@ mod cluster_metrics;
 mod control;
 mod datadir;
 mod demo;
+mod explain;
 mod gateway;
 mod leases;
 mod load;
@@ -203,6 +204,13 @@ enum Commands {
     Infer {
         #[command(flatten)]
         request: cli::InferArgs,
+        #[command(flatten)]
+        client: cli::ClientArgs,
+    },
+    /// Explain a prediction: how much each input feature moved each output.
+    Explain {
+        #[command(flatten)]
+        request: cli::ExplainArgs,
         #[command(flatten)]
         client: cli::ClientArgs,
     },
@@ -453,6 +461,10 @@ fn main() -> ExitCode {
         Commands::Infer { request, client } => {
             tracing_setup::init(format, "warn");
             runtime.block_on(cli::infer(request, &client))
+        }
+        Commands::Explain { request, client } => {
+            tracing_setup::init(format, "warn");
+            runtime.block_on(cli::explain(request, &client))
         }
     };
     // Blocking work still running once the command is done (a model load under way when

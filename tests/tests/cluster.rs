@@ -465,6 +465,41 @@ async fn a_traffic_split_sends_requests_to_both_versions() {
         "roughly half each: {served:?}"
     );
 
+    // An explanation's rows go to replicas on the agents as inference does, all to the one
+    // version it names: its prediction is what that version answers.
+    let explain = json!({"inputs": body["inputs"], "method": "ablation"});
+    for _ in 0..4 {
+        let explained: Value = http
+            .post(cluster.url(1, "/v2/models/iris/explain"))
+            .json(&explain)
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        let version = explained["model_version"].as_str().unwrap().to_string();
+        let answer: Value = http
+            .post(cluster.url(1, &format!("/v2/models/iris/versions/{version}/infer")))
+            .json(&body)
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        let probabilities = answer["outputs"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|output| output["name"] == "probabilities")
+            .unwrap();
+        assert_eq!(
+            explained["explanations"][0]["prediction"], probabilities["data"],
+            "version {version}: {explained}"
+        );
+    }
+
     // A split has no single version to roll back to; the refusal says so. (It said the
     // deployment ran version 1.)
     let refused = http

@@ -276,7 +276,7 @@ pub(super) async fn observed(
 
 /// Most rows one request may carry: a batch a replica can take in a few passes, not a
 /// job that holds it for minutes.
-const ROWS_PER_REQUEST_MAX: usize = 1_024;
+pub(super) const ROWS_PER_REQUEST_MAX: usize = 1_024;
 
 /// For a request that names no version: the version its deployment's traffic split (or
 /// rollout in progress) sends it to, drawn by weight.
@@ -290,6 +290,24 @@ fn split_version(app: &AppState, state: &ClusterState, model: &str) -> Option<u3
     }
     let weights = shoal_scheduler::rollout::traffic(deployment, &ready_groups);
     app.gateway.pick_weighted(&weights)
+}
+
+/// The version that answers a request for `version` of `model`: the one named, else the
+/// one its deployment's traffic split draws, else the deployed one.
+pub(super) fn chosen_version<'a>(
+    app: &AppState,
+    state: &'a ClusterState,
+    model: &str,
+    version: Option<&str>,
+) -> Result<&'a ModelVersion, ApiError> {
+    let resolved = resolve(state, model, version)?;
+    if version.is_none()
+        && let Some(chosen) = split_version(app, state, model)
+        && let Some(split) = state.version(model, chosen)
+    {
+        return Ok(split);
+    }
+    Ok(resolved)
 }
 
 /// A caller may ask for a shorter deadline than [`REQUEST_TIMEOUT`] with this header.
@@ -444,13 +462,7 @@ async fn serve(
     let body = body?;
     let header_bytes = binary_header(headers)?;
     let state = app.control.state();
-    let mut resolved = resolve(&state, model, version)?;
-    if version.is_none()
-        && let Some(chosen) = split_version(app, &state, model)
-        && let Some(split) = state.version(model, chosen)
-    {
-        resolved = split;
-    }
+    let resolved = chosen_version(app, &state, model, version)?;
     *served = Some(resolved.version);
 
     let routes = app.routes.borrow().clone();

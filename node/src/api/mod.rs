@@ -8,6 +8,7 @@ pub mod cluster;
 pub mod deployments;
 mod edge;
 mod error;
+pub mod explain;
 #[cfg(test)]
 mod fixtures;
 pub mod gateway;
@@ -161,6 +162,7 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/v2/models/{model}", get(inference::model_metadata))
         .route("/v2/models/{model}/ready", get(inference::model_ready))
         .route("/v2/models/{model}/infer", post(inference::infer))
+        .route("/v2/models/{model}/explain", post(explain::explain))
         .route(
             "/v2/models/{model}/versions/{version}",
             get(inference::version_metadata),
@@ -172,6 +174,10 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route(
             "/v2/models/{model}/versions/{version}/infer",
             post(inference::version_infer),
+        )
+        .route(
+            "/v2/models/{model}/versions/{version}/explain",
+            post(explain::version_explain),
         )
         .route("/v1/models", get(openai::models))
         .route("/v1/embeddings", post(openai::embeddings))

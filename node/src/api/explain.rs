@@ -1,0 +1,386 @@
+//! `POST /v2/models/{m}[/versions/{v}]/explain`: how much each input feature moved each
+//! output of a prediction ([`crate::explain`]).
+//!
+//! The rows an explanation needs go through the ordinary infer path (`inference::observed`)
+//! as binary tensor data, to one version chosen once, in requests of at most
+//! `ROWS_PER_REQUEST_MAX` rows: admission, routing to a replica here or on an agent,
+//! holding for a deployment scaled to zero and the request metrics all apply as they do to
+//! inference.
+
+use super::inference::{self, ROWS_PER_REQUEST_MAX};
+use super::oip::{self, InferResponse, RequestInput};
+use super::{ApiError, AppState};
+use crate::explain::{Explanation, Method, Plan};
+use axum::Json;
+use axum::body::Bytes;
+use axum::extract::rejection::BytesRejection;
+use axum::extract::{Path, State};
+use axum::http::{HeaderMap, HeaderValue};
+use axum::response::{IntoResponse, Response};
+use serde::{Deserialize, Serialize};
+use shoal_actors::tensor::TensorData;
+use shoal_scheduler::{DataType, Signature};
+use std::sync::Arc;
+
+/// Most model rows one explanation may run: 16 requests of `ROWS_PER_REQUEST_MAX` rows.
+/// Exact Shapley values of 4 features take 16 rows a row explained, ablation of 784
+/// features 786.
+pub const MODEL_ROWS_PER_EXPLANATION_MAX: usize = 16 * ROWS_PER_REQUEST_MAX;
+
+/// The body of an explain request: the input as an infer request gives it (FP32, one row
+/// or several), and how to explain it.
+#[derive(Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct ExplainRequest {
+    pub inputs: Vec<RequestInput>,
+    /// The FP32 output to explain; the model's first FP32 output when not given.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub output: Option<String>,
+    /// The values a feature takes when it is left out: one for every feature, or one per
+    /// feature. Zero when not given.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub baseline: Option<Baseline>,
+    #[serde(default)]
+    pub method: Method,
+}
+
+#[derive(Debug, Deserialize, Serialize)]
+#[serde(untagged)]
+pub enum Baseline {
+    Every(f32),
+    PerFeature(Vec<f32>),
+}
+
+#[derive(Debug, Deserialize, Serialize)]
+pub struct ExplainResponse {
+    pub model_name: String,
+    pub model_version: String,
+    pub method: Method,
+    pub output: String,
+    /// The shape of one row of the output: each explanation's `prediction` holds its
+    /// elements row-major, and `attributions` one list of features per element.
+    pub output_shape: Vec<usize>,
+    pub baseline: Vec<f32>,
+    /// One per input row, in order.
+    pub explanations: Vec<Explanation>,
+}
+
+pub async fn explain(
+    State(app): State<Arc<AppState>>,
+    Path(model): Path<String>,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Response {
+    explained(&app, &model, None, &headers, body)
+        .await
+        .unwrap_or_else(IntoResponse::into_response)
+}
+
+pub async fn version_explain(
+    State(app): State<Arc<AppState>>,
+    Path((model, version)): Path<(String, String)>,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Response {
+    explained(&app, &model, Some(&version), &headers, body)
+        .await
+        .unwrap_or_else(IntoResponse::into_response)
+}
+
+/// What to run for an explain request, checked against the model before anything runs.
+struct Job {
+    version: u32,
+    input: String,
+    plan: Plan,
+    output: String,
+    /// The input rows, row-major, `features` values each.
+    rows: Vec<f32>,
+    baseline: Vec<f32>,
+}
+
+/// The explanation, or the answer to give instead: the refusal of a bad request, or the
+/// error a model row's inference was answered with, as it was answered.
+async fn explained(
+    app: &AppState,
+    model: &str,
+    version: Option<&str>,
+    headers: &HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Response, Response> {
+    let deadline = tokio::time::Instant::now()
+        + inference::request_timeout(headers).map_err(IntoResponse::into_response)?;
+    let body = body.map_err(|rejection| ApiError::from(rejection).into_response())?;
+    let job = read_job(app, model, version, &body).map_err(IntoResponse::into_response)?;
+    let features = job.baseline.len();
+    let mut model_rows = Vec::new();
+    for row in job.rows.chunks(features) {
+        job.plan.compose(row, &job.baseline, &mut model_rows);
+    }
+    let mut outputs = Vec::new();
+    let mut output_shape = Vec::new();
+    for chunk in model_rows.chunks(ROWS_PER_REQUEST_MAX * features) {
+        let (shape, values) = run(app, model, &job, chunk, deadline).await?;
+        output_shape = shape;
+        outputs.extend(values);
+    }
+    let k = output_shape.iter().product::<usize>();
+    let per_row = job.plan.rows() * k;
+    if k == 0 || outputs.len() != job.rows.len() / features * per_row {
+        return Err(ApiError::ReplicaFailed(format!(
+            "the replica answered {} values of output {:?} for {} rows",
+            outputs.len(),
+            job.output,
+            model_rows.len() / features
+        ))
+        .into_response());
+    }
+    let explanations = outputs
+        .chunks(per_row)
+        .map(|answers| job.plan.attribute(answers, k))
+        .collect();
+    Ok(Json(ExplainResponse {
+        model_name: model.to_string(),
+        model_version: job.version.to_string(),
+        method: job.plan.method(),
+        output: job.output,
+        output_shape,
+        baseline: job.baseline,
+        explanations,
+    })
+    .into_response())
+}
+
+/// Reads and checks an explain request against the version that will answer it.
+fn read_job(
+    app: &AppState,
+    model: &str,
+    version: Option<&str>,
+    body: &[u8],
+) -> Result<Job, ApiError> {
+    let request: ExplainRequest = serde_json::from_slice(body)
+        .map_err(|error| ApiError::BadRequest(format!("malformed explain request: {error}")))?;
+    let state = app.control.state();
+    let resolved = inference::chosen_version(app, &state, model, version)?;
+    let signature = &resolved.signature;
+    let input = explainable_input(model, signature)?;
+    let output = explained_output(model, signature, request.output)?;
+    let inputs = request
+        .inputs
+        .into_iter()
+        .map(oip::to_tensor)
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(ApiError::BadRequest)?;
+    let infer = oip::Request {
+        id: None,
+        inputs,
+        outputs: Vec::new(),
+        binary_output: false,
+    };
+    inference::check_request(signature, model, &infer)?;
+    let [tensor] = <[_; 1]>::try_from(infer.inputs)
+        .map_err(|_| ApiError::BadRequest(format!("model {model:?} takes one input, {input:?}")))?;
+    let (&[rows, features], TensorData::Fp32(values)) = (tensor.shape.as_slice(), tensor.data)
+    else {
+        return Err(ApiError::BadRequest(format!(
+            "input {input:?} must be FP32 rows of features, [rows, features]"
+        )));
+    };
+    let plan = Plan::new(request.method, features).map_err(ApiError::BadRequest)?;
+    if rows * plan.rows() > MODEL_ROWS_PER_EXPLANATION_MAX {
+        return Err(ApiError::TooManyRows(format!(
+            "explaining {rows} rows by {} takes {} model rows; the limit is \
+             {MODEL_ROWS_PER_EXPLANATION_MAX}, explain fewer rows at once",
+            plan.method().as_str(),
+            rows * plan.rows()
+        )));
+    }
+    let baseline = match request.baseline {
+        None => vec![0.0; features],
+        Some(Baseline::Every(value)) => vec![value; features],
+        Some(Baseline::PerFeature(values)) if values.len() == features => values,
+        Some(Baseline::PerFeature(values)) => {
+            return Err(ApiError::BadRequest(format!(
+                "the baseline has {} values; input {input:?} has {features} features",
+                values.len()
+            )));
+        }
+    };
+    if let Some(index) = baseline.iter().position(|value| !value.is_finite()) {
+        return Err(ApiError::BadRequest(format!(
+            "baseline value {index} is {}, not a finite number",
+            baseline[index]
+        )));
+    }
+    Ok(Job {
+        version: resolved.version,
+        input: input.to_string(),
+        plan,
+        output,
+        rows: values,
+        baseline,
+    })
+}
+
+/// The model's one input, when it is FP32 rows of features: what an explanation varies.
+fn explainable_input<'a>(model: &str, signature: &'a Signature) -> Result<&'a str, ApiError> {
+    match signature.inputs.as_slice() {
+        [input] if input.datatype == DataType::Fp32 && input.shape.len() == 2 => Ok(&input.name),
+        _ => Err(ApiError::BadRequest(format!(
+            "model {model:?} cannot be explained: explanations vary the features of one FP32 \
+             input of shape [rows, features], and it takes {}",
+            signature
+                .inputs
+                .iter()
+                .map(|input| format!(
+                    "{} {} {:?}",
+                    input.name,
+                    input.datatype.as_str(),
+                    input.shape
+                ))
+                .collect::<Vec<_>>()
+                .join(", ")
+        ))),
+    }
+}
+
+/// The output to explain: the one asked for, or the first FP32 one.
+fn explained_output(
+    model: &str,
+    signature: &Signature,
+    asked: Option<String>,
+) -> Result<String, ApiError> {
+    let fp32 = |name: &str| {
+        signature
+            .outputs
+            .iter()
+            .any(|spec| spec.name == name && spec.datatype == DataType::Fp32)
+    };
+    match asked {
+        Some(name) if fp32(&name) => Ok(name),
+        Some(name) => Err(ApiError::BadRequest(format!(
+            "model {model:?} has no FP32 output {name:?} to explain; its FP32 outputs: {}",
+            signature
+                .outputs
+                .iter()
+                .filter(|spec| spec.datatype == DataType::Fp32)
+                .map(|spec| spec.name.as_str())
+                .collect::<Vec<_>>()
+                .join(", ")
+        ))),
+        None => signature
+            .outputs
+            .iter()
+            .find(|spec| spec.datatype == DataType::Fp32)
+            .map(|spec| spec.name.clone())
+            .ok_or_else(|| {
+                ApiError::BadRequest(format!("model {model:?} has no FP32 output to explain"))
+            }),
+    }
+}
+
+/// Runs `rows` (row-major) through the infer path as one request for the job's output;
+/// the output's shape past the rows, and its values. An answer other than 200 is passed on.
+async fn run(
+    app: &AppState,
+    model: &str,
+    job: &Job,
+    rows: &[f32],
+    deadline: tokio::time::Instant,
+) -> Result<(Vec<usize>, Vec<f32>), Response> {
+    let features = job.baseline.len();
+    let count = rows.len() / features;
+    let header = serde_json::json!({
+        "inputs": [{
+            "name": job.input,
+            "shape": [count, features],
+            "datatype": "FP32",
+            "parameters": {"binary_data_size": rows.len() * 4},
+        }],
+        "outputs": [{"name": job.output, "parameters": {"binary_data": true}}],
+    });
+    let mut body = serde_json::to_vec(&header).unwrap_or_default();
+    let header_bytes = body.len();
+    body.extend(rows.iter().flat_map(|value| value.to_le_bytes()));
+    let mut headers = HeaderMap::new();
+    for (name, value) in inference::framing(Some(header_bytes)) {
+        headers.insert(name, value);
+    }
+    let remaining = deadline.saturating_duration_since(tokio::time::Instant::now());
+    headers.insert(
+        inference::TIMEOUT_HEADER,
+        HeaderValue::from(inference::whole_millis(remaining)),
+    );
+    let answer = inference::observed(
+        app,
+        model.to_string(),
+        Some(job.version.to_string()),
+        &headers,
+        Ok(Bytes::from(body)),
+    )
+    .await;
+    if !answer.status().is_success() {
+        return Err(answer);
+    }
+    read_output(answer, &job.output, count)
+        .await
+        .map_err(|message| ApiError::ReplicaFailed(message).into_response())
+}
+
+/// The output `name` of an infer answer asked for as binary tensor data: its shape past
+/// the `rows` rows, and its values, all finite.
+async fn read_output(
+    answer: Response,
+    name: &str,
+    rows: usize,
+) -> Result<(Vec<usize>, Vec<f32>), String> {
+    let header_bytes = inference::binary_header(answer.headers())
+        .ok()
+        .flatten()
+        .ok_or("the replica answered without binary tensor data")?;
+    let body = axum::body::to_bytes(answer.into_body(), usize::MAX)
+        .await
+        .map_err(|error| format!("reading the replica's answer: {error}"))?;
+    let (head, mut tensors) = body
+        .split_at_checked(header_bytes)
+        .ok_or("the replica's answer is shorter than its header")?;
+    let response: InferResponse = serde_json::from_slice(head)
+        .map_err(|error| format!("the replica's answer does not read: {error}"))?;
+    let mut values = None;
+    for output in response.outputs {
+        let size = output
+            .parameters
+            .as_ref()
+            .and_then(|parameters| parameters.binary_data_size)
+            .unwrap_or(0);
+        let (bytes, rest) = tensors
+            .split_at_checked(size)
+            .ok_or("the replica's answer is shorter than its tensors")?;
+        tensors = rest;
+        if output.name == name {
+            values = Some((output.shape, bytes));
+        }
+    }
+    let (shape, bytes) = values.ok_or_else(|| format!("the replica answered no {name:?}"))?;
+    let Some((&answered_rows, row_shape)) = shape.split_first() else {
+        return Err(format!("output {name:?} came back with no rows"));
+    };
+    let k = row_shape.iter().product::<usize>();
+    if answered_rows != rows || bytes.len() != rows * k * 4 {
+        return Err(format!(
+            "output {name:?} came back as {shape:?} in {} bytes for {rows} rows",
+            bytes.len()
+        ));
+    }
+    let values: Vec<f32> = bytes
+        .chunks_exact(4)
+        .map(|word| f32::from_le_bytes([word[0], word[1], word[2], word[3]]))
+        .collect();
+    if let Some(index) = values.iter().position(|value| !value.is_finite()) {
+        return Err(format!(
+            "the model answered {} at element {index} of output {name:?}: a prediction that \
+             is not a number cannot be explained",
+            values[index]
+        ));
+    }
+    Ok((row_shape.to_vec(), values))
+}
