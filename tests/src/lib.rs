@@ -112,6 +112,33 @@ impl Shoal {
         format!("{}{path}", self.base_url)
     }
 
+    /// Runs a CLI command against this `shoal up`; its stdout, panicking with its stderr if
+    /// it fails.
+    pub fn cli(&self, args: &[&str]) -> String {
+        let output = self.cli_output(args);
+        assert!(
+            output.status.success(),
+            "shoal {args:?}: {}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+        String::from_utf8_lossy(&output.stdout).into_owned()
+    }
+
+    /// Runs a CLI command against this `shoal up` expecting it to fail; its stderr.
+    pub fn cli_failing(&self, args: &[&str]) -> String {
+        let output = self.cli_output(args);
+        assert!(!output.status.success(), "shoal {args:?} succeeded");
+        String::from_utf8_lossy(&output.stderr).into_owned()
+    }
+
+    fn cli_output(&self, args: &[&str]) -> std::process::Output {
+        Command::new(shoal_binary())
+            .args(args)
+            .env("SHOAL_ADDR", &self.base_url)
+            .output()
+            .expect("shoal runs")
+    }
+
     /// Polls `/v2/health/ready` until it answers 200.
     pub async fn wait_ready(&mut self, client: &reqwest::Client) {
         let started = Instant::now();

@@ -480,21 +480,6 @@ async fn cli_commands_exit_quietly_when_their_output_pipe_is_closed() {
     stop_shoal(shoal);
 }
 
-/// Runs a CLI command against `shoal`; its stdout, panicking with its stderr if it fails.
-fn cli(shoal: &Shoal, args: &[&std::ffi::OsStr]) -> String {
-    let output = std::process::Command::new(shoal_binary())
-        .args(args)
-        .env("SHOAL_ADDR", &shoal.base_url)
-        .output()
-        .expect("shoal runs");
-    assert!(
-        output.status.success(),
-        "shoal {args:?}: {}",
-        String::from_utf8_lossy(&output.stderr)
-    );
-    String::from_utf8_lossy(&output.stdout).into_owned()
-}
-
 /// A `shoal up` of its own in a fresh temp dir, ready; the dir lasts as long as the guard
 /// returned with it.
 async fn ready_shoal(client: &reqwest::Client, log_name: &str) -> (tempfile::TempDir, Shoal) {
@@ -510,12 +495,6 @@ fn stop_shoal(mut shoal: Shoal) {
     assert!(shoal.wait_exit(Duration::from_secs(30)).success());
 }
 
-/// [`cli`] with plain string arguments.
-fn run(shoal: &Shoal, args: &[&str]) -> String {
-    let args: Vec<&std::ffi::OsStr> = args.iter().map(std::ffi::OsStr::new).collect();
-    cli(shoal, &args)
-}
-
 /// Regression: with iris at versions 1 (the demo) and 2 (pushed), a deleted iris deployment
 /// came back at the newest version when `shoal up` restarted on the same data dir.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -526,33 +505,12 @@ async fn shoal_up_restarted_leaves_a_deleted_demo_deployment_deleted() {
     let mut shoal = Shoal::up(&data_dir, "demo-deleted-first");
     shoal.wait_ready(&client).await;
     let other = temp.path().join("other-seed");
-    cli(
-        &shoal,
-        &[
-            "model".as_ref(),
-            "demo".as_ref(),
-            "--out".as_ref(),
-            other.as_os_str(),
-            // The demo's own seed is 7: another seed is another version.
-            "--seed".as_ref(),
-            "8".as_ref(),
-        ],
-    );
-    let pushed = cli(
-        &shoal,
-        &[
-            "model".as_ref(),
-            "push".as_ref(),
-            other.as_os_str(),
-            "--name".as_ref(),
-            "iris".as_ref(),
-        ],
-    );
+    let other = other.to_str().expect("a UTF-8 temp path");
+    // The demo's own seed is 7: another seed is another version.
+    shoal.cli(&["model", "demo", "--out", other, "--seed", "8"]);
+    let pushed = shoal.cli(&["model", "push", other, "--name", "iris"]);
     assert_eq!(pushed.trim(), "iris version 2 (new)");
-    cli(
-        &shoal,
-        &["deploy".as_ref(), "delete".as_ref(), "iris".as_ref()],
-    );
+    shoal.cli(&["deploy", "delete", "iris"]);
     shoal.interrupt();
     assert!(shoal.wait_exit(Duration::from_secs(30)).success());
     drop(shoal);
@@ -585,13 +543,13 @@ async fn shoal_up_restarted_leaves_a_deleted_demo_deployment_deleted() {
 async fn model_show_lists_the_aliases_set_with_model_alias() {
     let client = reqwest::Client::new();
     let (_temp, shoal) = ready_shoal(&client, "aliases-shown").await;
-    run(&shoal, &["model", "alias", "iris", "stable", "1"]);
+    shoal.cli(&["model", "alias", "iris", "stable", "1"]);
 
-    let shown = run(&shoal, &["model", "show", "iris"]);
+    let shown = shoal.cli(&["model", "show", "iris"]);
     assert!(shown.contains("iris version 1 (stable):"), "{shown}");
     assert!(shown.contains("aliases: stable -> 1"), "{shown}");
     let shown: Value =
-        serde_json::from_str(&run(&shoal, &["model", "show", "iris", "-o", "json"])).expect("JSON");
+        serde_json::from_str(&shoal.cli(&["model", "show", "iris", "-o", "json"])).expect("JSON");
     assert_eq!(shown[0]["aliases"], json!({"stable": 1}), "{shown}");
     let models = shoal_tests::get_json(&client, &shoal.url("/api/v1/models")).await;
     assert_eq!(models[0]["aliases"], json!({"stable": 1}), "{models}");
@@ -614,23 +572,20 @@ async fn model_show_lists_the_aliases_set_with_model_alias() {
 fn apply_deployment(shoal: &Shoal, dir: &std::path::Path, name: &str, spec: &str) -> String {
     let file = dir.join(format!("{name}.toml"));
     std::fs::write(&file, spec).expect("a deployment file");
-    run(
-        shoal,
-        &[
-            "deploy",
-            "apply",
-            "-f",
-            file.to_str().expect("a UTF-8 path"),
-        ],
-    )
+    shoal.cli(&[
+        "deploy",
+        "apply",
+        "-f",
+        file.to_str().expect("a UTF-8 path"),
+    ])
 }
 
 /// Pushes a second iris version (the demo trained with another seed) to `shoal`.
 fn push_second_iris_version(shoal: &Shoal, temp: &std::path::Path) {
     let other = temp.join("other-seed");
     let other = other.to_str().expect("a UTF-8 temp path");
-    run(shoal, &["model", "demo", "--out", other, "--seed", "8"]);
-    let pushed = run(shoal, &["model", "push", other, "--name", "iris"]);
+    shoal.cli(&["model", "demo", "--out", other, "--seed", "8"]);
+    let pushed = shoal.cli(&["model", "push", other, "--name", "iris"]);
     assert_eq!(pushed.trim(), "iris version 2 (new)");
 }
 
@@ -641,7 +596,7 @@ async fn deploy_list_and_show_name_a_traffic_split_and_a_followed_alias() {
     let client = reqwest::Client::new();
     let (temp, shoal) = ready_shoal(&client, "split-shown").await;
     push_second_iris_version(&shoal, temp.path());
-    run(&shoal, &["model", "alias", "iris", "stable", "2"]);
+    shoal.cli(&["model", "alias", "iris", "stable", "2"]);
     apply_deployment(
         &shoal,
         temp.path(),
@@ -656,15 +611,15 @@ async fn deploy_list_and_show_name_a_traffic_split_and_a_followed_alias() {
         "name = \"iris-stable\"\nmodel = \"iris\"\nalias = \"stable\"\nreplicas = 0\n",
     );
 
-    let listed = run(&shoal, &["deploy", "list"]);
+    let listed = shoal.cli(&["deploy", "list"]);
     assert!(listed.contains("1 (90%), 2 (10%)"), "{listed}");
     assert!(listed.contains("2 (alias stable)"), "{listed}");
-    let shown = run(&shoal, &["deploy", "show", "iris"]);
+    let shown = shoal.cli(&["deploy", "show", "iris"]);
     assert!(
         shown.contains("model iris versions 1 (90%), 2 (10%),"),
         "{shown}"
     );
-    let shown = run(&shoal, &["deploy", "show", "iris-stable"]);
+    let shown = shoal.cli(&["deploy", "show", "iris-stable"]);
     assert!(
         shown.contains("model iris version 2 (alias stable),"),
         "{shown}"
@@ -815,20 +770,9 @@ async fn a_version_in_a_format_shoal_does_not_load_is_refused_naming_those_it_do
     assert!(!pushed.status.success());
     let stderr = String::from_utf8_lossy(&pushed.stderr);
     assert!(stderr.contains("safetensors, gguf, raw"), "{stderr}");
-    let models = run(&shoal, &["model", "list"]);
+    let models = shoal.cli(&["model", "list"]);
     assert!(!models.contains("pickled"), "{models}");
     stop_shoal(shoal);
-}
-
-/// Runs the CLI against `shoal` expecting it to fail; its stderr.
-fn run_failing(shoal: &Shoal, args: &[&str]) -> String {
-    let output = std::process::Command::new(shoal_binary())
-        .args(args)
-        .env("SHOAL_ADDR", &shoal.base_url)
-        .output()
-        .expect("shoal runs");
-    assert!(!output.status.success(), "shoal {args:?} succeeded");
-    String::from_utf8_lossy(&output.stderr).into_owned()
 }
 
 /// Regression: `-o json` was ignored by `model alias` and `model demo`, deploy writes
@@ -839,24 +783,19 @@ async fn cli_output_follows_the_output_flag_and_reads_plainly() {
     let client = reqwest::Client::new();
     let (temp, shoal) = ready_shoal(&client, "cli-edges").await;
 
-    let alias: Value = serde_json::from_str(&run(
-        &shoal,
-        &["model", "alias", "iris", "stable", "1", "-o", "json"],
-    ))
-    .expect("model alias -o json is JSON");
+    let alias: Value =
+        serde_json::from_str(&shoal.cli(&["model", "alias", "iris", "stable", "1", "-o", "json"]))
+            .expect("model alias -o json is JSON");
     assert_eq!(alias["version"], 1, "{alias}");
     let out = temp.path().join("demo");
-    let demo: Value = serde_json::from_str(&run(
-        &shoal,
-        &[
-            "model",
-            "demo",
-            "--out",
-            out.to_str().unwrap(),
-            "-o",
-            "json",
-        ],
-    ))
+    let demo: Value = serde_json::from_str(&shoal.cli(&[
+        "model",
+        "demo",
+        "--out",
+        out.to_str().unwrap(),
+        "-o",
+        "json",
+    ]))
     .expect("model demo -o json is JSON");
     assert!(demo["accuracy"].as_f64().is_some(), "{demo}");
 
@@ -868,13 +807,11 @@ async fn cli_output_follows_the_output_flag_and_reads_plainly() {
     let stderr = String::from_utf8_lossy(&pushed.stderr);
     assert!(stderr.contains("bytes, on 1 server)"), "{stderr}");
 
-    let scaled = run(&shoal, &["deploy", "scale", "iris", "2"]);
+    let scaled = shoal.cli(&["deploy", "scale", "iris", "2"]);
     assert_eq!(scaled.trim(), "deployment iris scaled to 2 replicas");
-    let scaled: Value = serde_json::from_str(&run(
-        &shoal,
-        &["deploy", "scale", "iris", "1", "-o", "json"],
-    ))
-    .expect("deploy scale -o json is JSON");
+    let scaled: Value =
+        serde_json::from_str(&shoal.cli(&["deploy", "scale", "iris", "1", "-o", "json"]))
+            .expect("deploy scale -o json is JSON");
     assert_eq!(scaled["replicas"], 1, "{scaled}");
     let applied = apply_deployment(
         &shoal,
@@ -883,14 +820,14 @@ async fn cli_output_follows_the_output_flag_and_reads_plainly() {
         "name = \"other\"\nmodel = \"other\"\nversion = 1\nreplicas = 0\n",
     );
     assert_eq!(applied.trim(), "deployment other created");
-    let deleted = run(&shoal, &["deploy", "delete", "other"]);
+    let deleted = shoal.cli(&["deploy", "delete", "other"]);
     assert_eq!(deleted.trim(), "deployment other deleted");
 
     let address = shoal.base_url.trim_start_matches("http://");
-    let listed = run(&shoal, &["model", "list", "--addr", address]);
+    let listed = shoal.cli(&["model", "list", "--addr", address]);
     assert!(listed.contains("iris"), "{listed}");
 
-    let refused = run_failing(&shoal, &["infer", "iris", "--data", "{\"x\":1}"]);
+    let refused = shoal.cli_failing(&["infer", "iris", "--data", "{\"x\":1}"]);
     assert!(
         refused.contains("must be a JSON array of rows"),
         "{refused}"
@@ -909,7 +846,7 @@ async fn a_model_pushed_in_gguf_answers_as_its_weights_do_in_safetensors() {
     let (temp, shoal) = ready_shoal(&client, "gguf").await;
     // The demo's default seed: the same weights as iris version 1.
     let demo = temp.path().join("demo");
-    run(&shoal, &["model", "demo", "--out", demo.to_str().unwrap()]);
+    shoal.cli(&["model", "demo", "--out", demo.to_str().unwrap()]);
     let files: std::collections::HashMap<String, Vec<u8>> = std::fs::read_dir(&demo)
         .unwrap()
         .map(|entry| {
@@ -922,9 +859,9 @@ async fn a_model_pushed_in_gguf_answers_as_its_weights_do_in_safetensors() {
     shoal_tests::write_model_dir(&gguf, &as_gguf(&files, GgufStorage::F32).unwrap());
     let gguf = gguf.to_str().unwrap();
 
-    let pushed = run(&shoal, &["model", "push", gguf, "--name", "iris-gguf"]);
+    let pushed = shoal.cli(&["model", "push", gguf, "--name", "iris-gguf"]);
     assert_eq!(pushed.trim(), "iris-gguf version 1 (new)");
-    let shown = run(&shoal, &["model", "show", "iris-gguf"]);
+    let shown = shoal.cli(&["model", "show", "iris-gguf"]);
     assert!(shown.contains("gguf"), "{shown}");
     apply_deployment(
         &shoal,
@@ -941,7 +878,7 @@ async fn a_model_pushed_in_gguf_answers_as_its_weights_do_in_safetensors() {
     assert_eq!(from_gguf["outputs"], from_safetensors["outputs"]);
 
     std::fs::remove_file(std::path::Path::new(gguf).join("config.json")).unwrap();
-    let refused = run_failing(&shoal, &["model", "push", gguf, "--name", "no-config"]);
+    let refused = shoal.cli_failing(&["model", "push", gguf, "--name", "no-config"]);
     assert!(refused.contains("needs a config.json"), "{refused}");
     assert!(
         !refused.contains("uploaded"),
