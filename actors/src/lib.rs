@@ -20,6 +20,7 @@ pub mod device;
 pub mod fixtures;
 pub mod generate;
 pub mod ledger;
+pub mod optimise;
 pub mod replica;
 pub mod runtime;
 pub mod shard;

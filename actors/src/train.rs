@@ -1,6 +1,7 @@
-//! Training the demo model: an MLP classifier on a CSV of numeric features and a class
-//! column, full-batch AdamW with seeded initial weights, so the same data and seed give
-//! the same model.
+//! Training an MLP classifier (the demo model, and `shoal model train`) on a CSV of numeric
+//! features and a class column: full-batch AdamW with seeded initial weights, so the same
+//! data and seed give the same model. A share of the rows, drawn by the seed, may be held
+//! out of training and only scored.
 
 use crate::runtime::{CONFIG_FILE, MlpClassifier, MlpConfig, WEIGHTS_FILE};
 use candle_core::{D, DType, Device, Tensor, Var};
@@ -17,8 +18,10 @@ pub struct TrainConfig {
     pub hidden_sizes: Vec<usize>,
     pub epochs: usize,
     pub learning_rate: f64,
-    /// Seed of the initial weights.
+    /// Seed of the initial weights and of which rows are held out.
     pub seed: u64,
+    /// Share of the rows held out of training and only scored, in `[0, 1)`.
+    pub holdout: f64,
 }
 
 impl TrainConfig {
@@ -30,6 +33,7 @@ impl TrainConfig {
             epochs: 300,
             learning_rate: 0.05,
             seed: 7,
+            holdout: 0.0,
         }
     }
 }
@@ -39,7 +43,11 @@ impl TrainConfig {
 pub struct TrainReport {
     /// Fraction of training rows the final model labels correctly.
     pub accuracy: f64,
+    /// Rows trained on.
     pub rows: usize,
+    /// Fraction of the held-out rows it labels correctly; `None` when none were held out.
+    pub holdout_accuracy: Option<f64>,
+    pub holdout_rows: usize,
     /// Files written, relative to the output directory.
     pub files: Vec<String>,
 }
@@ -50,6 +58,8 @@ pub enum TrainError {
     Csv { line: usize, message: String },
     #[error("the data set has no rows")]
     Empty,
+    #[error("{0}")]
+    Settings(String),
     #[error(transparent)]
     Candle(#[from] candle_core::Error),
     #[error("writing {path}: {source}")]
@@ -114,6 +124,46 @@ fn parse_csv(csv: &str) -> Result<DataSet, TrainError> {
     Ok(data)
 }
 
+/// The rows trained on and the rows held out, each in the data set's order. Which rows are
+/// held out is drawn by the seed: `round(holdout × rows)` of them, at least one row left to
+/// train on. With no holdout the rows trained on are the data set itself.
+fn split(data: &DataSet, config: &TrainConfig) -> Result<(DataSet, DataSet), TrainError> {
+    if !(0.0..1.0).contains(&config.holdout) {
+        return Err(TrainError::Settings(format!(
+            "the held-out share is {}; it must be at least 0 and below 1",
+            config.holdout
+        )));
+    }
+    let rows = data.classes.len();
+    let held = ((config.holdout * rows as f64).round() as usize).min(rows - 1);
+    let mut random = SplitMix(config.seed ^ 0x005E_ED0F_401D_0075);
+    let mut order: Vec<usize> = (0..rows).collect();
+    // Fisher–Yates over the first `held` places: those rows are held out.
+    for place in 0..held {
+        let pick = place + (random.next_unit() * (rows - place) as f32) as usize;
+        order.swap(place, pick.min(rows - 1));
+    }
+    let mut out = vec![false; rows];
+    for &row in &order[..held] {
+        out[row] = true;
+    }
+    let part = |held_out: bool| {
+        let mut part = DataSet {
+            features: Vec::new(),
+            classes: Vec::new(),
+            labels: data.labels.clone(),
+            width: data.width,
+        };
+        for row in (0..rows).filter(|&row| out[row] == held_out) {
+            part.features
+                .extend_from_slice(&data.features[row * data.width..(row + 1) * data.width]);
+            part.classes.push(data.classes[row]);
+        }
+        part
+    };
+    Ok((part(false), part(true)))
+}
+
 /// SplitMix64: a tiny, well-mixed generator, enough for reproducible initial weights.
 pub(crate) struct SplitMix(pub(crate) u64);
 
@@ -136,9 +186,10 @@ pub fn train_classifier(
 ) -> Result<TrainReport, TrainError> {
     let data = parse_csv(csv)?;
     let device = Device::Cpu;
-    let rows = data.classes.len();
-    let features = Tensor::from_slice(&data.features, (rows, data.width), &device)?;
-    let targets = Tensor::from_slice(&data.classes, rows, &device)?;
+    let (trained, held_out) = split(&data, config)?;
+    let rows = trained.classes.len();
+    let features = Tensor::from_slice(&trained.features, (rows, data.width), &device)?;
+    let targets = Tensor::from_slice(&trained.classes, rows, &device)?;
     let mean = features.mean(0)?;
     let std = features
         .broadcast_sub(&mean)?
@@ -187,12 +238,24 @@ pub fn train_classifier(
         let loss = candle_nn::loss::cross_entropy(&logits, &targets)?;
         optimizer.backward_step(&loss)?;
     }
-    let predicted = forward(&standardised)?.argmax(D::Minus1)?;
-    let correct: f32 = predicted
-        .eq(&targets)?
-        .to_dtype(DType::F32)?
-        .sum_all()?
-        .to_scalar()?;
+    let accuracy = |features: &Tensor, classes: &Tensor| -> Result<f64, candle_core::Error> {
+        let standardised = features.broadcast_sub(&mean)?.broadcast_div(&std)?;
+        let correct: f32 = forward(&standardised)?
+            .argmax(D::Minus1)?
+            .eq(classes)?
+            .to_dtype(DType::F32)?
+            .sum_all()?
+            .to_scalar()?;
+        Ok(f64::from(correct) / classes.dims1()? as f64)
+    };
+    let trained_accuracy = accuracy(&features, &targets)?;
+    let holdout_accuracy = match held_out.classes.len() {
+        0 => None,
+        count => Some(accuracy(
+            &Tensor::from_slice(&held_out.features, (count, data.width), &device)?,
+            &Tensor::from_slice(&held_out.classes, count, &device)?,
+        )?),
+    };
 
     let mut tensors: HashMap<String, Tensor> = HashMap::new();
     tensors.insert("input.mean".into(), mean);
@@ -226,8 +289,10 @@ pub fn train_classifier(
     })?;
     MlpClassifier::load(&config_json, &weights)?;
     Ok(TrainReport {
-        accuracy: f64::from(correct) / rows as f64,
+        accuracy: trained_accuracy,
         rows,
+        holdout_accuracy,
+        holdout_rows: held_out.classes.len(),
         files: vec![WEIGHTS_FILE.into(), CONFIG_FILE.into()],
     })
 }
@@ -296,6 +361,57 @@ mod tests {
         };
         for row in probabilities.chunks(3) {
             assert!((row.iter().sum::<f32>() - 1.0).abs() < 1e-5);
+        }
+    }
+
+    #[test]
+    fn held_out_rows_are_drawn_by_the_seed_scored_and_not_trained_on() {
+        let config = TrainConfig {
+            holdout: 0.2,
+            ..TrainConfig::iris()
+        };
+        let data = parse_csv(crate::IRIS_CSV).unwrap();
+        let (trained, held_out) = split(&data, &config).unwrap();
+        assert_eq!((trained.classes.len(), held_out.classes.len()), (120, 30));
+        let (again, _) = split(&data, &config).unwrap();
+        assert_eq!(
+            trained.features, again.features,
+            "the same seed holds out the same rows"
+        );
+        let other = TrainConfig {
+            seed: 8,
+            ..config.clone()
+        };
+        assert_ne!(split(&data, &other).unwrap().0.features, trained.features);
+        // Every row is in exactly one part.
+        let mut rows: Vec<&[f32]> = trained
+            .features
+            .chunks(4)
+            .chain(held_out.features.chunks(4))
+            .collect();
+        let mut all: Vec<&[f32]> = data.features.chunks(4).collect();
+        rows.sort_by(|a, b| a.partial_cmp(b).unwrap());
+        all.sort_by(|a, b| a.partial_cmp(b).unwrap());
+        assert_eq!(rows, all);
+
+        let dir = tempfile::tempdir().unwrap();
+        let report = train_classifier(crate::IRIS_CSV, &config, dir.path()).unwrap();
+        assert_eq!((report.rows, report.holdout_rows), (120, 30));
+        let holdout = report.holdout_accuracy.unwrap();
+        assert!(holdout >= 0.85, "held-out accuracy {holdout}");
+        assert_eq!(train(dir.path()).holdout_accuracy, None);
+    }
+
+    #[test]
+    fn a_held_out_share_outside_zero_to_one_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        for holdout in [1.0, -0.1, f64::NAN] {
+            let config = TrainConfig {
+                holdout,
+                ..TrainConfig::iris()
+            };
+            let error = train_classifier(crate::IRIS_CSV, &config, dir.path()).unwrap_err();
+            assert!(error.to_string().contains("held-out share"), "{error}");
         }
     }
 

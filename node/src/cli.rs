@@ -9,6 +9,7 @@ use crate::explain::Method;
 use anyhow::{Context, bail};
 use clap::{Args, Subcommand, ValueEnum};
 use serde::de::DeserializeOwned;
+use shoal_actors::optimise::{Optimisation, Quantization};
 use shoal_actors::runtime::{CONFIG_FILE, GGUF_WEIGHTS_FILE};
 use std::io::{IsTerminal, Write as _};
 use std::path::{Path, PathBuf};
@@ -81,9 +82,58 @@ pub enum ModelCommand {
         /// Default: gguf when the directory holds model.gguf, else safetensors.
         #[arg(long)]
         format: Option<String>,
+        /// The version of this model the new one was made from; the newest by default.
+        #[arg(long)]
+        parent: Option<u32>,
     },
     /// The versions and aliases of one model.
     Show { name: String },
+    /// Make a new version of a model by pruning or quantizing the weights of one of its
+    /// versions (on this machine), and push it with that version as its parent.
+    Optimise {
+        /// The model's name.
+        name: String,
+        /// The version to start from; the newest by default.
+        #[arg(long)]
+        version: Option<u32>,
+        /// Share of each weight matrix's entries to zero, those of least magnitude (0 to 1).
+        #[arg(long)]
+        prune: Option<f64>,
+        /// Store weight matrices in ggml's 8-bit or 4-bit blocks, as model.gguf.
+        #[arg(long, value_enum)]
+        quantize: Option<QuantizeArg>,
+        /// Keep the new version's files in this directory (by default they go once pushed).
+        #[arg(long)]
+        out: Option<PathBuf>,
+    },
+    /// Train an MLP classifier on a CSV (a header, numeric feature columns, the class name
+    /// last) and push it as a new version of NAME. Trains here, on this machine's CPU.
+    Train {
+        /// The model's name.
+        name: String,
+        /// The CSV to learn from.
+        #[arg(long)]
+        data: PathBuf,
+        /// Share of the rows held out of training and only scored, drawn by the seed.
+        #[arg(long, default_value_t = 0.2)]
+        holdout: f64,
+        /// Widths of the hidden layers, e.g. 32,16.
+        #[arg(long, value_delimiter = ',', default_value = "16")]
+        hidden: Vec<usize>,
+        #[arg(long, default_value_t = 300)]
+        epochs: usize,
+        #[arg(long, default_value_t = 0.05)]
+        learning_rate: f64,
+        /// Seed of the initial weights and of the held-out rows.
+        #[arg(long, default_value_t = 7)]
+        seed: u64,
+        /// The name of the model's input tensor.
+        #[arg(long, default_value = "features")]
+        input: String,
+        /// Keep the trained files in this directory (by default they go once pushed).
+        #[arg(long)]
+        out: Option<PathBuf>,
+    },
     /// Train the demo Iris classifier into a directory (no server needed), ready for
     /// `shoal model push`.
     Demo {
@@ -165,6 +215,15 @@ pub struct InferArgs {
     /// A specific version instead of the deployed one.
     #[arg(long)]
     version: Option<u32>,
+}
+
+/// `--quantize`'s values: ggml's block formats.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum QuantizeArg {
+    #[value(name = "q8_0")]
+    Q8_0,
+    #[value(name = "q4_0")]
+    Q4_0,
 }
 
 #[derive(Debug, Args)]
@@ -550,48 +609,190 @@ pub async fn model(command: ModelCommand, args: &ClientArgs) -> anyhow::Result<(
     let client = Client::new(args)?;
     match command {
         ModelCommand::Demo { .. } => {}
-        ModelCommand::Push { dir, name, format } => {
-            // Refused before any upload, as the server would refuse it after.
-            if let Some(format) = &format {
-                crate::store::check_format(format).map_err(anyhow::Error::msg)?;
-            }
-            let files = collect_files(&dir)?;
-            let format = format.unwrap_or_else(|| {
-                let gguf = files.iter().any(|file| file.name == GGUF_WEIGHTS_FILE);
-                if gguf { "gguf" } else { "safetensors" }.to_string()
-            });
-            // What the server would refuse for a missing file, refused before uploading
-            // blobs that nothing would use.
-            let names: Vec<&str> = files.iter().map(|file| file.name.as_str()).collect();
-            let config_json = match files.iter().find(|file| file.name == CONFIG_FILE) {
-                Some(config) => Some(
-                    std::fs::read(&config.path)
-                        .with_context(|| format!("reading {}", config.path.display()))?,
-                ),
-                None => None,
-            };
-            crate::store::check_loadable(&format, &names, config_json.as_deref())
-                .map_err(anyhow::Error::msg)?;
-            for file in &files {
-                upload(&client, file).await?;
-            }
-            let body = serde_json::json!({
-                "format": format,
-                "files": files.iter().map(|f| serde_json::json!({"name": f.name, "digest": f.digest})).collect::<Vec<_>>(),
-            });
-            let answer: serde_json::Value = client
-                .post(&format!("/api/v1/models/{name}/versions"), &body)
-                .await?;
+        ModelCommand::Push {
+            dir,
+            name,
+            format,
+            parent,
+        } => {
+            let answer = push(&client, &dir, &name, format, parent).await?;
             if args.output == Output::Json {
                 out!("{}", serde_json::to_string_pretty(&answer)?)?;
             } else {
-                let created = if answer["created"] == true {
-                    "new"
-                } else {
-                    "existing"
-                };
-                out!("{name} version {} ({created})", text(&answer, "version"))?;
+                out!("{}", pushed(&name, &answer))?;
             }
+        }
+        ModelCommand::Optimise {
+            name,
+            version,
+            prune,
+            quantize,
+            out,
+        } => {
+            let optimisation = Optimisation {
+                prune,
+                quantize: quantize.map(|choice| match choice {
+                    QuantizeArg::Q8_0 => Quantization::Q8_0,
+                    QuantizeArg::Q4_0 => Quantization::Q4_0,
+                }),
+            };
+            let versions: Vec<serde_json::Value> = client.get("/api/v1/models").await?;
+            let source = versions
+                .iter()
+                .filter(|v| v["model"] == name.as_str())
+                .filter(|v| {
+                    version.is_none_or(|wanted| v["version"].as_u64() == Some(u64::from(wanted)))
+                })
+                .max_by_key(|v| v["version"].as_u64())
+                .with_context(|| match version {
+                    Some(version) => format!("model {name} has no version {version}"),
+                    None => format!("no model {name}"),
+                })?;
+            let number = source["version"].as_u64().unwrap_or(0);
+            let parent = u32::try_from(number).context("a version number")?;
+            let mut files = shoal_actors::runtime::ModelFiles::new();
+            for file in source["files"].as_array().into_iter().flatten() {
+                let file_name = text(file, "name");
+                let bytes = download(&client, &text(file, "digest"))
+                    .await
+                    .with_context(|| format!("fetching {file_name} of {name} version {number}"))?;
+                files.insert(file_name, bytes);
+            }
+            let from = format!(
+                "{name} version {number}, manifest sha256 {}",
+                text(source, "manifest_digest")
+            );
+            let (optimised, report) = tokio::task::spawn_blocking(move || {
+                shoal_actors::optimise::optimise(&files, &optimisation, &from)
+            })
+            .await??;
+            let scratch = tempfile::tempdir().context("a scratch directory")?;
+            let dir = out.unwrap_or_else(|| scratch.path().to_path_buf());
+            std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+            for (file_name, bytes) in &optimised {
+                let path = dir.join(file_name);
+                std::fs::write(&path, bytes)
+                    .with_context(|| format!("writing {}", path.display()))?;
+            }
+            let answer = push(
+                &client,
+                &dir,
+                &name,
+                Some(report.format.into()),
+                Some(parent),
+            )
+            .await?;
+            if args.output == Output::Json {
+                let tensors: Vec<serde_json::Value> = report
+                    .tensors
+                    .iter()
+                    .map(|change| {
+                        serde_json::json!({
+                            "name": change.name,
+                            "shape": change.shape,
+                            "stored_as": change.stored_as,
+                            "zeroed": change.zeroed,
+                            "relative_error": change.relative_error,
+                        })
+                    })
+                    .collect();
+                let report = serde_json::json!({
+                    "from_version": parent,
+                    "optimisation": optimisation.describe(),
+                    "format": report.format,
+                    "weights_bytes_before": report.weights_bytes_before,
+                    "weights_bytes_after": report.weights_bytes_after,
+                    "tensors": tensors,
+                    "model": answer["model"],
+                    "version": answer["version"],
+                    "created": answer["created"],
+                });
+                out!("{}", serde_json::to_string_pretty(&report)?)?;
+                return Ok(());
+            }
+            let rows: Vec<Vec<String>> = report
+                .tensors
+                .iter()
+                .map(|change| {
+                    vec![
+                        change.name.clone(),
+                        format!("{:?}", change.shape),
+                        change.stored_as.to_string(),
+                        change.zeroed.to_string(),
+                        format!("{:.4}", change.relative_error),
+                    ]
+                })
+                .collect();
+            print_table(
+                &["TENSOR", "SHAPE", "STORED", "ZEROED", "RELATIVE ERROR"],
+                &rows,
+            )?;
+            out!(
+                "{} from version {parent}: weights {} -> {} bytes ({})",
+                optimisation.describe(),
+                report.weights_bytes_before,
+                report.weights_bytes_after,
+                report.format
+            )?;
+            out!("{}", pushed(&name, &answer))?;
+        }
+        ModelCommand::Train {
+            name,
+            data,
+            holdout,
+            hidden,
+            epochs,
+            learning_rate,
+            seed,
+            input,
+            out,
+        } => {
+            let csv = std::fs::read_to_string(&data)
+                .with_context(|| format!("reading {}", data.display()))?;
+            let config = shoal_actors::train::TrainConfig {
+                input,
+                hidden_sizes: hidden,
+                epochs,
+                learning_rate,
+                seed,
+                holdout,
+            };
+            let scratch = tempfile::tempdir().context("a scratch directory")?;
+            let dir = out.unwrap_or_else(|| scratch.path().to_path_buf());
+            std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+            let trained_into = dir.clone();
+            let report = tokio::task::spawn_blocking(move || {
+                shoal_actors::train::train_classifier(&csv, &config, &trained_into)
+            })
+            .await?
+            .with_context(|| format!("training on {}", data.display()))?;
+            let answer = push(&client, &dir, &name, None, None).await?;
+            if args.output == Output::Json {
+                let report = serde_json::json!({
+                    "accuracy": report.accuracy,
+                    "rows": report.rows,
+                    "holdout_accuracy": report.holdout_accuracy,
+                    "holdout_rows": report.holdout_rows,
+                    "model": answer["model"],
+                    "version": answer["version"],
+                    "created": answer["created"],
+                });
+                out!("{}", serde_json::to_string_pretty(&report)?)?;
+                return Ok(());
+            }
+            let held_out = match report.holdout_accuracy {
+                Some(accuracy) => format!(
+                    "; {} rows held out (accuracy {accuracy:.3})",
+                    report.holdout_rows
+                ),
+                None => String::new(),
+            };
+            out!(
+                "trained on {} rows (accuracy {:.3}){held_out}",
+                report.rows,
+                report.accuracy
+            )?;
+            out!("{}", pushed(&name, &answer))?;
         }
         ModelCommand::Show { name } => {
             let versions: Vec<serde_json::Value> = client.get("/api/v1/models").await?;
@@ -682,8 +883,12 @@ fn model_lines(name: &str, versions: &[&serde_json::Value]) -> Vec<String> {
         } else {
             format!(" ({})", named.join(", "))
         };
+        let parent = match version["parent"].as_u64() {
+            Some(parent) => format!(", from version {parent}"),
+            None => String::new(),
+        };
         lines.push(format!(
-            "{name} version {number}{named}: {} bytes, digest {}",
+            "{name} version {number}{named}: {} bytes{parent}, digest {}",
             text(version, "size_bytes"),
             text(version, "manifest_digest")
         ));
@@ -869,6 +1074,77 @@ fn versions_text(deployment: &serde_json::Value) -> String {
         Some(alias) => format!("{} (alias {alias})", text(deployment, "version")),
         None => text(deployment, "version"),
     }
+}
+
+/// Uploads the files of `dir` and registers them as a version of `name`; the server's
+/// answer. What the server would refuse (an unknown format, a file missing) is refused
+/// before any upload, so no blob is left that nothing uses.
+async fn push(
+    client: &Client,
+    dir: &Path,
+    name: &str,
+    format: Option<String>,
+    parent: Option<u32>,
+) -> anyhow::Result<serde_json::Value> {
+    if let Some(format) = &format {
+        crate::store::check_format(format).map_err(anyhow::Error::msg)?;
+    }
+    let files = collect_files(dir)?;
+    let format = format.unwrap_or_else(|| {
+        let gguf = files.iter().any(|file| file.name == GGUF_WEIGHTS_FILE);
+        if gguf { "gguf" } else { "safetensors" }.to_string()
+    });
+    let names: Vec<&str> = files.iter().map(|file| file.name.as_str()).collect();
+    let config_json = match files.iter().find(|file| file.name == CONFIG_FILE) {
+        Some(config) => Some(
+            std::fs::read(&config.path)
+                .with_context(|| format!("reading {}", config.path.display()))?,
+        ),
+        None => None,
+    };
+    crate::store::check_loadable(&format, &names, config_json.as_deref())
+        .map_err(anyhow::Error::msg)?;
+    for file in &files {
+        upload(client, file).await?;
+    }
+    let body = serde_json::json!({
+        "format": format,
+        "files": files.iter().map(|f| serde_json::json!({"name": f.name, "digest": f.digest})).collect::<Vec<_>>(),
+        "parent": parent,
+    });
+    client
+        .post(&format!("/api/v1/models/{name}/versions"), &body)
+        .await
+}
+
+/// The blob `digest` from the artifact store, checked against its digest.
+async fn download(client: &Client, digest: &str) -> anyhow::Result<Vec<u8>> {
+    use sha2::Digest;
+    let response = client
+        .http
+        .get(format!("{}/api/v1/blobs/{digest}", client.base))
+        .send()
+        .await
+        .with_context(|| format!("cannot reach Shoal at {} (set SHOAL_ADDR)", client.base))?;
+    if !response.status().is_success() {
+        let _: serde_json::Value = decode(response).await?;
+        bail!("the store answered without the blob");
+    }
+    let bytes = response.bytes().await.context("reading the blob")?;
+    if hex::encode(sha2::Sha256::digest(&bytes)) != digest {
+        bail!("the blob's bytes do not hash to {digest}");
+    }
+    Ok(bytes.to_vec())
+}
+
+/// A push's answer in words: `iris version 2 (new)`.
+fn pushed(name: &str, answer: &serde_json::Value) -> String {
+    let created = if answer["created"] == true {
+        "new"
+    } else {
+        "existing"
+    };
+    format!("{name} version {} ({created})", text(answer, "version"))
 }
 
 /// `--data` as the model's one input, and the model's (or version's) path: what

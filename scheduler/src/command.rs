@@ -133,9 +133,49 @@ pub enum Command {
         id: u64,
         http_address: String,
     },
+    /// Add a version made from another version of the same model (`shoal model optimise`):
+    /// as [`Command::RegisterModelVersion`], but its parent is `parent`, the version it was
+    /// made from, not the newest. (After `RegisterServer`: the encoding of the variants
+    /// before it stays as it was.)
+    RegisterDerivedVersion {
+        parent: u32,
+        model: String,
+        manifest_digest: String,
+        files: Vec<ArtifactFile>,
+        format: String,
+        memory_bytes: u64,
+        signature: Signature,
+        created_at_ms: u64,
+    },
 }
 
 impl Command {
+    /// A version's registration as that of a version made from `parent`; any other
+    /// command as it is.
+    pub fn derived_from(self, parent: u32) -> Command {
+        match self {
+            Command::RegisterModelVersion {
+                model,
+                manifest_digest,
+                files,
+                format,
+                memory_bytes,
+                signature,
+                created_at_ms,
+            } => Command::RegisterDerivedVersion {
+                parent,
+                model,
+                manifest_digest,
+                files,
+                format,
+                memory_bytes,
+                signature,
+                created_at_ms,
+            },
+            other => other,
+        }
+    }
+
     /// The command's kind in snake case, for logs and metric labels.
     pub fn kind(&self) -> &'static str {
         match self {
@@ -158,6 +198,7 @@ impl Command {
             Command::CompleteRollout { .. } => "complete_rollout",
             Command::RollbackRollout { .. } => "rollback_rollout",
             Command::RegisterServer { .. } => "register_server",
+            Command::RegisterDerivedVersion { .. } => "register_derived_version",
         }
     }
 }
@@ -351,6 +392,37 @@ pub fn apply(state: &mut ClusterState, index: u64, command: Command) -> Result<O
                 created_at_ms,
             },
         ),
+        Command::RegisterDerivedVersion {
+            parent,
+            model,
+            manifest_digest,
+            files,
+            format,
+            memory_bytes,
+            signature,
+            created_at_ms,
+        } => {
+            if state.version(&model, parent).is_none() {
+                return Err(Rejected::UnknownVersion {
+                    model,
+                    version: parent,
+                });
+            }
+            register_version(
+                state,
+                model,
+                ModelVersion {
+                    version: 0,
+                    manifest_digest,
+                    files,
+                    format,
+                    memory_bytes,
+                    signature,
+                    parent: Some(parent),
+                    created_at_ms,
+                },
+            )
+        }
         Command::SetAlias {
             model,
             alias,
@@ -727,14 +799,15 @@ fn register_version(
             created: false,
         });
     }
-    let parent = entry.versions.keys().next_back().copied();
-    let Some(version) = parent.map_or(Some(1), |latest| latest.checked_add(1)) else {
+    let newest = entry.versions.keys().next_back().copied();
+    let Some(version) = newest.map_or(Some(1), |latest| latest.checked_add(1)) else {
         return Err(Rejected::Invalid(format!(
             "model {model:?} has no version numbers left"
         )));
     };
     new.version = version;
-    new.parent = parent;
+    // A version made from another names it; any other follows the newest.
+    new.parent = new.parent.or(newest);
     entry.versions.insert(version, new);
     Ok(Outcome::VersionRegistered {
         version,

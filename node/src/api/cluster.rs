@@ -685,6 +685,10 @@ pub struct NewVersion {
     files: Vec<NewFile>,
     /// Weight format, e.g. `safetensors`.
     format: String,
+    /// The version of the same model this one was made from (quantized, pruned, trained
+    /// further); the newest version when not given.
+    #[serde(default)]
+    parent: Option<u32>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -720,6 +724,7 @@ pub async fn register_version(
         super::blobs::ensure_local(&app, &file.digest, request.authorization.as_ref()).await?;
     }
     let store = app.store.clone();
+    let parent = new.parent;
     let command = tokio::task::spawn_blocking(move || {
         crate::store::version_command(
             &store,
@@ -735,6 +740,10 @@ pub async fn register_version(
         return Err(ApiError::Internal("version_command built another command".into()).into());
     };
     let model = model.clone();
+    let command = match parent {
+        Some(parent) => command.derived_from(parent),
+        None => command,
+    };
     match propose(&app, request, &command).await? {
         Written::Forwarded(response) => Ok(response),
         Written::Here(Outcome::VersionRegistered { version, created }) => {

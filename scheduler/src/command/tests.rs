@@ -439,6 +439,54 @@ fn the_same_files_in_another_order_are_the_same_version() {
 }
 
 #[test]
+fn a_version_made_from_another_names_it_as_its_parent_and_others_the_newest() {
+    let mut state = applied(vec![
+        version_command("iris", "d1", 10),
+        version_command("iris", "d2", 10),
+        version_command("iris", "d3", 10).derived_from(1),
+        version_command("iris", "d4", 10),
+    ]);
+    let parent = |version| state.version("iris", version).and_then(|v| v.parent);
+    assert_eq!(
+        [parent(1), parent(2), parent(3), parent(4)],
+        [None, Some(1), Some(1), Some(3)]
+    );
+    assert_eq!(
+        next(
+            &mut state,
+            version_command("iris", "d5", 10).derived_from(9)
+        ),
+        Err(Rejected::UnknownVersion {
+            model: "iris".into(),
+            version: 9
+        })
+    );
+    assert_eq!(
+        next(
+            &mut state,
+            version_command("other", "d6", 10).derived_from(1)
+        ),
+        Err(Rejected::UnknownVersion {
+            model: "other".into(),
+            version: 1
+        }),
+        "a model with no versions has none to make one from"
+    );
+    assert!(!state.models.contains_key("other"));
+    // The same files again are the version they already are, whatever it was made from.
+    assert_eq!(
+        next(
+            &mut state,
+            version_command("iris", "d2", 10).derived_from(3)
+        ),
+        Ok(Outcome::VersionRegistered {
+            version: 2,
+            created: false
+        })
+    );
+}
+
+#[test]
 fn a_same_digest_with_other_contents_is_a_conflict() {
     let mut state = applied(vec![version_command("iris", "d1", 10)]);
     assert_eq!(
