@@ -437,7 +437,7 @@ pub fn version_command(
     let mut artifacts: Vec<ArtifactFile> = Vec::with_capacity(files.len());
     let mut signature = Signature::default();
     let mut config_json = None;
-    let mut weights_loaded_bytes = None;
+    let mut weights = None;
     for (name, digest) in files {
         if name.is_empty() || name.contains('/') || artifacts.iter().any(|f| f.name == name) {
             return Err(format!(
@@ -452,25 +452,33 @@ pub fn version_command(
         if is_config {
             signature = signature_of(&bytes).map_err(|error| format!("{CONFIG_FILE}: {error}"))?;
         }
-        if let Some(file) = WeightsFile::named(&name, &bytes) {
-            // Only the file the format names is read as weights; another is refused below.
-            weights_loaded_bytes = Some(if weights_file_of(format) == Some(name.as_str()) {
-                file.loaded_bytes().map_err(|error| error.to_string())?
-            } else {
-                bytes.len() as u64
-            });
-        }
         artifacts.push(ArtifactFile {
-            name,
+            name: name.clone(),
             digest,
             size_bytes: bytes.len() as u64,
         });
         if is_config {
             config_json = Some(bytes);
+        } else if weights_file_of(format) == Some(name.as_str()) {
+            // Only the file the format names is read as weights; another is refused below.
+            weights = Some((name, bytes));
         }
     }
     let names: Vec<&str> = artifacts.iter().map(|file| file.name.as_str()).collect();
     check_loadable(format, &names, config_json.as_deref())?;
+    // Sized as the architecture's runtime loads them (quantized matrices kept or not).
+    let weights_loaded_bytes = match (&weights, config_json.as_deref()) {
+        (Some((name, bytes)), Some(config)) => {
+            let architecture =
+                Architecture::of(config).map_err(|error| format!("{CONFIG_FILE}: {error}"))?;
+            let file = WeightsFile::named(name, bytes).ok_or("a weights file's name")?;
+            Some(
+                file.loaded_bytes(architecture)
+                    .map_err(|error| error.to_string())?,
+            )
+        }
+        _ => None,
+    };
     // One canonical order, by name, as the manifest digest hashes them: the same files are
     // the same version (the log compares file lists, and a push lists a directory in
     // whatever order it reads) however a caller listed them.
@@ -800,7 +808,7 @@ mod tests {
     }
 
     #[test]
-    fn a_quantized_gguf_version_is_sized_by_its_weights_as_loaded() {
+    fn a_quantized_gguf_version_is_sized_as_its_runtime_loads_it() {
         let dir = tempfile::tempdir().unwrap();
         let store = ArtifactStore::open(dir.path()).unwrap();
         let mlp = mlp_classifier(&[64, 32, 4], 1).unwrap();
@@ -814,10 +822,17 @@ mod tests {
         };
         let quantized = as_gguf(&mlp, GgufStorage::Q8).unwrap();
         assert!(quantized[GGUF_WEIGHTS_FILE].len() < mlp[WEIGHTS_FILE].len() / 2);
-        let loaded = memory_bytes(&quantized, "gguf");
-        assert!(
-            loaded >= memory_bytes(&mlp, "safetensors") - 1024,
-            "{loaded} bytes: a quantized tensor loads as f32"
+        // The MLP multiplies by its quantized matrices as stored (34 bytes a block of 32),
+        // and loads its vectors as f32.
+        let matrices = 34 * (32 * 64 / 32 + 4 * 32 / 32);
+        let vectors = 4 * (64 + 64 + 32 + 4);
+        assert_eq!(
+            memory_bytes(&quantized, "gguf"),
+            memory_estimate_bytes(matrices + vectors)
+        );
+        assert_eq!(
+            memory_bytes(&mlp, "safetensors"),
+            memory_estimate_bytes(4 * (64 * 32 + 32 * 4) + vectors)
         );
     }
 

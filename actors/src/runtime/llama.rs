@@ -12,11 +12,11 @@
 //! `candle-transformers`' `Llama` in the tests, which check that both give the same logits.
 //! Decoding is greedy (argmax), so a sequence's tokens do not depend on its batch-mates.
 
-use super::{RuntimeError, TEXT, WeightsFile};
+use super::{Architecture, LoadedWeights, Projection, RuntimeError, TEXT, WeightsFile};
 use crate::generate::Generator;
 use crate::shard::{Activation, Stage};
 use candle_core::{D, DType, Device, IndexOp, Tensor};
-use candle_nn::{Embedding, Linear, Module, RmsNorm, VarBuilder};
+use candle_nn::{Embedding, Module, RmsNorm, VarBuilder};
 use candle_transformers::models::llama::{Config, LlamaConfig, LlamaEosToks};
 use candle_transformers::utils::repeat_kv;
 use serde::Deserialize;
@@ -49,14 +49,14 @@ struct GenerationDefaults {
 #[derive(Debug, Clone)]
 struct Layer {
     attention_norm: RmsNorm,
-    q: Linear,
-    k: Linear,
-    v: Linear,
-    o: Linear,
+    q: Projection,
+    k: Projection,
+    v: Projection,
+    o: Projection,
     mlp_norm: RmsNorm,
-    gate: Linear,
-    up: Linear,
-    down: Linear,
+    gate: Projection,
+    up: Projection,
+    down: Projection,
 }
 
 /// The weights and shapes shared by the whole model and by its pipeline stages.
@@ -66,7 +66,7 @@ struct Weights {
     embed: Embedding,
     layers: Vec<Layer>,
     norm: RmsNorm,
-    lm_head: Linear,
+    lm_head: Projection,
     /// Rotary tables, `[max_position_embeddings, head_dim / 2]`.
     cos: Tensor,
     sin: Tensor,
@@ -123,9 +123,8 @@ impl LlamaRuntime {
                 "hidden_size must split evenly into heads, and heads into kv heads".into(),
             ));
         }
-        let vb = VarBuilder::from_tensors(weights.tensors(device)?, DType::F32, device);
-        let weights = Weights::load(&vb, config, device)
-            .map_err(|error| RuntimeError::Weights(error.to_string()))?;
+        let mut loaded = weights.load(device, |name| Architecture::Llama.keeps_quantized(name))?;
+        let weights = Weights::load(&mut loaded, config, device)?;
         let tokenizer = Tokenizer::from_bytes(tokenizer_json)
             .map_err(|error| RuntimeError::Tokenizer(error.to_string()))?;
         let eos_token = match &weights.config.eos_token_id {
@@ -342,45 +341,85 @@ fn rope_rows(
 }
 
 impl Weights {
+    /// The model from its weights: projections as [`LoadedWeights::matrix`] gives them
+    /// (multiplied by as stored when quantized), the rest through a `VarBuilder`.
     fn load(
+        loaded: &mut LoadedWeights,
+        config: Config,
+        device: &Device,
+    ) -> Result<Weights, RuntimeError> {
+        let hidden = config.hidden_size;
+        let head_dim = hidden / config.num_attention_heads;
+        let kv_size = head_dim * config.num_key_value_heads;
+        let inner = config.intermediate_size;
+        let mut projection = |name: String, rows: usize, columns: usize| {
+            Ok::<_, RuntimeError>(Projection::new(loaded.matrix(&name, rows, columns)?, None))
+        };
+        let lm_head = if config.tie_word_embeddings {
+            None
+        } else {
+            Some(projection(
+                "lm_head.weight".into(),
+                config.vocab_size,
+                hidden,
+            )?)
+        };
+        let mut projections = Vec::with_capacity(config.num_hidden_layers);
+        for index in 0..config.num_hidden_layers {
+            let name = |part: &str| format!("model.layers.{index}.{part}.weight");
+            projections.push([
+                projection(name("self_attn.q_proj"), hidden, hidden)?,
+                projection(name("self_attn.k_proj"), kv_size, hidden)?,
+                projection(name("self_attn.v_proj"), kv_size, hidden)?,
+                projection(name("self_attn.o_proj"), hidden, hidden)?,
+                projection(name("mlp.gate_proj"), inner, hidden)?,
+                projection(name("mlp.up_proj"), inner, hidden)?,
+                projection(name("mlp.down_proj"), hidden, inner)?,
+            ]);
+        }
+        let vb = VarBuilder::from_tensors(std::mem::take(&mut loaded.tensors), DType::F32, device);
+        Weights::assemble(&vb, config, lm_head, projections, device)
+            .map_err(|error| RuntimeError::Weights(error.to_string()))
+    }
+
+    fn assemble(
         vb: &VarBuilder,
         config: Config,
+        lm_head: Option<Projection>,
+        projections: Vec<[Projection; 7]>,
         device: &Device,
     ) -> Result<Weights, candle_core::Error> {
         let hidden = config.hidden_size;
         let head_dim = hidden / config.num_attention_heads;
-        let kv_size = head_dim * config.num_key_value_heads;
         let embed = candle_nn::embedding(config.vocab_size, hidden, vb.pp("model.embed_tokens"))?;
-        let lm_head = if config.tie_word_embeddings {
-            Linear::new(embed.embeddings().clone(), None)
-        } else {
-            candle_nn::linear_no_bias(hidden, config.vocab_size, vb.pp("lm_head"))?
-        };
+        let lm_head = lm_head.unwrap_or_else(|| {
+            Projection::new(
+                candle_core::quantized::QMatMul::Tensor(embed.embeddings().clone()),
+                None,
+            )
+        });
         let norm = candle_nn::rms_norm(hidden, config.rms_norm_eps, vb.pp("model.norm"))?;
         let mut layers = Vec::with_capacity(config.num_hidden_layers);
-        for index in 0..config.num_hidden_layers {
+        for (index, [q, k, v, o, gate, up, down]) in projections.into_iter().enumerate() {
             let vb = vb.pp(format!("model.layers.{index}"));
-            let attention = vb.pp("self_attn");
-            let mlp = vb.pp("mlp");
-            let inner = config.intermediate_size;
             layers.push(Layer {
                 attention_norm: candle_nn::rms_norm(
                     hidden,
                     config.rms_norm_eps,
                     vb.pp("input_layernorm"),
                 )?,
-                q: candle_nn::linear_no_bias(hidden, hidden, attention.pp("q_proj"))?,
-                k: candle_nn::linear_no_bias(hidden, kv_size, attention.pp("k_proj"))?,
-                v: candle_nn::linear_no_bias(hidden, kv_size, attention.pp("v_proj"))?,
-                o: candle_nn::linear_no_bias(hidden, hidden, attention.pp("o_proj"))?,
+                q,
+                k,
+                v,
+                o,
                 mlp_norm: candle_nn::rms_norm(
                     hidden,
                     config.rms_norm_eps,
                     vb.pp("post_attention_layernorm"),
                 )?,
-                gate: candle_nn::linear_no_bias(hidden, inner, mlp.pp("gate_proj"))?,
-                up: candle_nn::linear_no_bias(hidden, inner, mlp.pp("up_proj"))?,
-                down: candle_nn::linear_no_bias(inner, hidden, mlp.pp("down_proj"))?,
+                gate,
+                up,
+                down,
             });
         }
         // The same rotary tables as the reference: position × inverse frequency.

@@ -1,12 +1,13 @@
 //! A multi-layer perceptron classifier: standardise, linear + ReLU layers, softmax, label.
 //!
 //! Weights (safetensors): `input.mean` and `input.std` `[inputs]`, then `layers.{i}.weight`
-//! `[out, in]` and `layers.{i}.bias` `[out]` for each layer.
+//! `[out, in]` and `layers.{i}.bias` `[out]` for each layer. In GGUF, a weight matrix stored
+//! in ggml's blocks (`Q8_0`, …) stays so, and is multiplied by as it is stored.
 
-use super::{ModelRuntime, RuntimeError, WeightsFile};
+use super::{Architecture, ModelRuntime, Projection, RuntimeError, WeightsFile};
 use crate::tensor::{NamedTensor, TensorData};
 use candle_core::{D, Device, Tensor};
-use candle_nn::{Linear, Module};
+use candle_nn::Module;
 use serde::{Deserialize, Serialize};
 use shoal_scheduler::{DataType, Signature, TensorSpec};
 
@@ -83,7 +84,7 @@ pub struct MlpClassifier {
     signature: Signature,
     mean: Tensor,
     std: Tensor,
-    layers: Vec<Linear>,
+    layers: Vec<Projection>,
     device: Device,
 }
 
@@ -107,9 +108,12 @@ impl MlpClassifier {
             .map_err(|error| RuntimeError::Config(error.to_string()))?;
         config.validate()?;
         let device = device.clone();
-        let mut tensors = weights.tensors(&device)?;
+        let mut weights = weights.load(&device, |name| {
+            Architecture::MlpClassifier.keeps_quantized(name)
+        })?;
         let mut take = |name: String, shape: &[usize]| -> Result<Tensor, RuntimeError> {
-            let tensor = tensors
+            let tensor = weights
+                .tensors
                 .remove(&name)
                 .ok_or_else(|| RuntimeError::Weights(format!("missing tensor {name:?}")))?;
             if tensor.dims() != shape {
@@ -123,12 +127,15 @@ impl MlpClassifier {
         let width = config.layer_sizes[0];
         let mean = take("input.mean".into(), &[width])?;
         let std = take("input.std".into(), &[width])?;
+        let mut biases = Vec::new();
+        for (index, &fan_out) in config.layer_sizes[1..].iter().enumerate() {
+            biases.push(take(format!("layers.{index}.bias"), &[fan_out])?);
+        }
         let mut layers = Vec::new();
-        for (index, pair) in config.layer_sizes.windows(2).enumerate() {
+        for ((index, pair), bias) in config.layer_sizes.windows(2).enumerate().zip(biases) {
             let (fan_in, fan_out) = (pair[0], pair[1]);
-            let weight = take(format!("layers.{index}.weight"), &[fan_out, fan_in])?;
-            let bias = take(format!("layers.{index}.bias"), &[fan_out])?;
-            layers.push(Linear::new(weight, Some(bias)));
+            let weight = weights.matrix(&format!("layers.{index}.weight"), fan_out, fan_in)?;
+            layers.push(Projection::new(weight, Some(bias)));
         }
         Ok(MlpClassifier {
             signature: config.signature(),

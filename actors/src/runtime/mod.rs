@@ -69,8 +69,9 @@ pub enum RuntimeError {
 
 /// The weights file every runtime reads, in safetensors; or else [`GGUF_WEIGHTS_FILE`].
 pub const WEIGHTS_FILE: &str = "model.safetensors";
-/// The same weights in GGUF, with the same tensor names; quantized tensors are
-/// dequantized to `f32` as they load.
+/// The same weights in GGUF, with the same tensor names. A quantized weight matrix stays
+/// quantized where the runtime multiplies by it as stored ([`Architecture::keeps_quantized`]);
+/// any other quantized tensor is dequantized to `f32` as it loads.
 pub const GGUF_WEIGHTS_FILE: &str = "model.gguf";
 /// The config file every runtime reads.
 pub const CONFIG_FILE: &str = "config.json";
@@ -102,6 +103,18 @@ impl Architecture {
         match self {
             Architecture::MlpClassifier => &[CONFIG_FILE],
             Architecture::SentenceEmbedding | Architecture::Llama => &[CONFIG_FILE, TOKENIZER_FILE],
+        }
+    }
+
+    /// Whether this architecture's runtime multiplies by the tensor `name` as it is stored
+    /// when it is stored quantized (ggml blocks in GGUF), rather than dequantizing it to
+    /// `f32` as it loads: its weight matrices, for the MLP and llama. What it keeps so is
+    /// what a loaded copy takes on a device (see [`WeightsFile::loaded_bytes`]).
+    pub fn keeps_quantized(self, name: &str) -> bool {
+        match self {
+            Architecture::MlpClassifier => name.starts_with("layers.") && name.ends_with(".weight"),
+            Architecture::Llama => name.ends_with("_proj.weight") || name == "lm_head.weight",
+            Architecture::SentenceEmbedding => false,
         }
     }
 
@@ -154,10 +167,11 @@ impl<'a> WeightsFile<'a> {
         }
     }
 
-    /// The bytes its tensors take once loaded, read from the file's header alone: a
-    /// quantized GGUF tensor loads as `f32`, larger than it is stored. A GGUF file must
+    /// The bytes its tensors take once loaded by `architecture`'s runtime, read from the
+    /// file's header alone: a quantized GGUF tensor that runtime keeps quantized takes what
+    /// it is stored in, any other loads as `f32`, larger than it is stored. A GGUF file must
     /// also hold every tensor its header lists.
-    pub fn loaded_bytes(self) -> Result<u64, RuntimeError> {
+    pub fn loaded_bytes(self, architecture: Architecture) -> Result<u64, RuntimeError> {
         let bytes = match self {
             WeightsFile::Safetensors(bytes) => {
                 return safetensors_loaded_bytes(bytes).map_err(|message| {
@@ -180,46 +194,144 @@ impl<'a> WeightsFile<'a> {
                     "tensor {name:?} has {elements} elements, not whole blocks of {block}"
                 )));
             }
-            let end = (elements / block)
-                .checked_mul(info.ggml_dtype.type_size() as u64)
+            let stored = (elements / block).checked_mul(info.ggml_dtype.type_size() as u64);
+            let end = stored
                 .and_then(|stored| stored.checked_add(info.offset))
                 .and_then(|end| end.checked_add(content.tensor_data_offset));
-            if end.is_none_or(|end| end > bytes.len() as u64) {
+            let (Some(stored), Some(end)) = (stored, end) else {
+                return Err(unreadable_gguf(format!("tensor {name:?} overflows")));
+            };
+            if end > bytes.len() as u64 {
                 return Err(unreadable_gguf(format!(
                     "tensor {name:?} runs past the end of the file"
                 )));
             }
-            loaded_bytes = loaded_bytes.saturating_add(elements.saturating_mul(4));
+            let loaded = if is_quantized(info.ggml_dtype) && architecture.keeps_quantized(name) {
+                stored
+            } else {
+                elements.saturating_mul(4)
+            };
+            loaded_bytes = loaded_bytes.saturating_add(loaded);
         }
         Ok(loaded_bytes)
     }
 
-    /// Every tensor in the file by name, on `device`.
+    /// Every tensor in the file by name, on `device`, as `f32` tensors (dequantized).
     pub fn tensors(
         self,
         device: &candle_core::Device,
     ) -> Result<HashMap<String, candle_core::Tensor>, RuntimeError> {
-        match self {
+        Ok(self.load(device, |_| false)?.tensors)
+    }
+
+    /// Every tensor in the file by name, on `device`: those stored quantized for which
+    /// `keep_quantized` holds as they are stored, the rest as tensors.
+    pub fn load(
+        self,
+        device: &candle_core::Device,
+        keep_quantized: impl Fn(&str) -> bool,
+    ) -> Result<LoadedWeights, RuntimeError> {
+        let bytes = match self {
             WeightsFile::Safetensors(bytes) => {
-                Ok(candle_core::safetensors::load_buffer(bytes, device)?)
+                return Ok(LoadedWeights {
+                    tensors: candle_core::safetensors::load_buffer(bytes, device)?,
+                    quantized: HashMap::new(),
+                });
             }
-            WeightsFile::Gguf(bytes) => {
-                let content = read_gguf(bytes)?;
-                let mut reader = std::io::Cursor::new(bytes);
-                content
-                    .tensor_infos
-                    .keys()
-                    .map(|name| {
-                        let tensor = content
-                            .tensor(&mut reader, name, device)
-                            .and_then(|quantized| quantized.dequantize(device))
-                            .map_err(|error| unreadable_gguf(error.to_string()))?;
-                        Ok((name.clone(), tensor))
-                    })
-                    .collect()
+            WeightsFile::Gguf(bytes) => bytes,
+        };
+        let content = read_gguf(bytes)?;
+        let mut reader = std::io::Cursor::new(bytes);
+        let mut loaded = LoadedWeights {
+            tensors: HashMap::new(),
+            quantized: HashMap::new(),
+        };
+        for (name, info) in &content.tensor_infos {
+            let stored = content
+                .tensor(&mut reader, name, device)
+                .map_err(|error| unreadable_gguf(error.to_string()))?;
+            if is_quantized(info.ggml_dtype) && keep_quantized(name) {
+                loaded.quantized.insert(name.clone(), Arc::new(stored));
+            } else {
+                let tensor = stored
+                    .dequantize(device)
+                    .map_err(|error| unreadable_gguf(error.to_string()))?;
+                loaded.tensors.insert(name.clone(), tensor);
             }
         }
+        Ok(loaded)
     }
+}
+
+/// A weights file's tensors as a runtime takes them ([`WeightsFile::load`]).
+#[derive(Debug)]
+pub struct LoadedWeights {
+    /// Every tensor not kept quantized, `f32` when it was stored quantized.
+    pub tensors: HashMap<String, candle_core::Tensor>,
+    quantized: HashMap<String, Arc<candle_core::quantized::QTensor>>,
+}
+
+impl LoadedWeights {
+    /// The matrix `name`, `[rows, columns]`, to multiply by: as stored when it was kept
+    /// quantized, else the tensor.
+    pub fn matrix(
+        &mut self,
+        name: &str,
+        rows: usize,
+        columns: usize,
+    ) -> Result<candle_core::quantized::QMatMul, RuntimeError> {
+        use candle_core::quantized::QMatMul;
+        let (dims, matrix) = if let Some(quantized) = self.quantized.remove(name) {
+            (
+                quantized.shape().dims().to_vec(),
+                QMatMul::QTensor(quantized),
+            )
+        } else if let Some(tensor) = self.tensors.remove(name) {
+            let tensor = tensor.to_dtype(candle_core::DType::F32)?;
+            (tensor.dims().to_vec(), QMatMul::Tensor(tensor))
+        } else {
+            return Err(RuntimeError::Weights(format!("missing tensor {name:?}")));
+        };
+        if dims != [rows, columns] {
+            return Err(RuntimeError::Weights(format!(
+                "{name:?} has shape {dims:?}, expected {:?}",
+                [rows, columns]
+            )));
+        }
+        Ok(matrix)
+    }
+}
+
+/// `x Wᵀ + b` with `W` as [`LoadedWeights::matrix`] gives it: quantized or a tensor.
+#[derive(Debug, Clone)]
+pub(crate) struct Projection {
+    weight: candle_core::quantized::QMatMul,
+    bias: Option<candle_core::Tensor>,
+}
+
+impl Projection {
+    pub(crate) fn new(
+        weight: candle_core::quantized::QMatMul,
+        bias: Option<candle_core::Tensor>,
+    ) -> Projection {
+        Projection { weight, bias }
+    }
+}
+
+impl candle_core::Module for Projection {
+    fn forward(&self, x: &candle_core::Tensor) -> candle_core::Result<candle_core::Tensor> {
+        let projected = self.weight.forward(x)?;
+        match &self.bias {
+            Some(bias) => projected.broadcast_add(bias),
+            None => Ok(projected),
+        }
+    }
+}
+
+/// Whether tensors of `dtype` are stored in quantized blocks (not plain floats).
+fn is_quantized(dtype: candle_core::quantized::GgmlDType) -> bool {
+    use candle_core::quantized::GgmlDType;
+    !matches!(dtype, GgmlDType::F32 | GgmlDType::F16 | GgmlDType::BF16)
 }
 
 /// Longest safetensors header read. A header lists each tensor's name, type, shape and
@@ -421,19 +533,28 @@ mod tests {
             "f32 GGUF holds the same numbers"
         );
 
-        // Quantized to 8 bits, the weights load dequantized and answer nearly the same.
+        // Quantized to 8 bits, the matrices are multiplied by as stored: nearly the same answer.
         let quantized = as_gguf(&safetensors, GgufStorage::Q8).unwrap();
         assert!(quantized[GGUF_WEIGHTS_FILE].len() < gguf[GGUF_WEIGHTS_FILE].len() / 2);
         let near = probabilities(&mlp_answer(&quantized));
         for (got, want) in near.iter().zip(probabilities(&expected)) {
             assert!((got - want).abs() < 0.01, "{got} against {want}");
         }
+        // The MLP multiplies by its quantized matrices as they are stored (34 bytes a
+        // block of 32), a runtime that does not takes them as f32.
+        let stored = WeightsFile::Gguf(&quantized[GGUF_WEIGHTS_FILE]);
+        let vectors = 4 * (64 + 64 + 32 + 4);
         assert_eq!(
-            WeightsFile::Gguf(&quantized[GGUF_WEIGHTS_FILE])
-                .loaded_bytes()
+            stored.loaded_bytes(Architecture::MlpClassifier).unwrap(),
+            vectors + 34 * (32 * 64 / 32 + 4 * 32 / 32),
+            "the MLP keeps its matrices quantized"
+        );
+        assert_eq!(
+            stored
+                .loaded_bytes(Architecture::SentenceEmbedding)
                 .unwrap(),
             4 * (64 + 64 + 64 * 32 + 32 + 32 * 4 + 4),
-            "a quantized tensor loads as f32"
+            "a quantized tensor dequantized loads as f32"
         );
     }
 
@@ -442,7 +563,10 @@ mod tests {
         let files = mlp_classifier(&[64, 32, 4], 7).unwrap();
         let f32_bytes = 4 * (64 + 64 + 64 * 32 + 32 + 32 * 4 + 4);
         let weights = WeightsFile::of(&files).unwrap();
-        assert_eq!(weights.loaded_bytes().unwrap(), f32_bytes);
+        assert_eq!(
+            weights.loaded_bytes(Architecture::MlpClassifier).unwrap(),
+            f32_bytes
+        );
 
         let device = candle_core::Device::Cpu;
         let halves: HashMap<String, candle_core::Tensor> = weights
@@ -457,7 +581,9 @@ mod tests {
         let stored = std::fs::read(&path).unwrap();
         assert!((stored.len() as u64) < f32_bytes * 3 / 4);
         assert_eq!(
-            WeightsFile::Safetensors(&stored).loaded_bytes().unwrap(),
+            WeightsFile::Safetensors(&stored)
+                .loaded_bytes(Architecture::MlpClassifier)
+                .unwrap(),
             f32_bytes,
             "an F16 file loads at twice its size"
         );
@@ -495,6 +621,56 @@ mod tests {
     }
 
     #[test]
+    fn a_quantized_llama_multiplies_by_its_projections_as_stored_and_predicts_as_before() {
+        let shape = TinyLlama::for_tests();
+        let files = tiny_llama(&shape).unwrap();
+        let quantized = as_gguf(&files, GgufStorage::Q8).unwrap();
+        let device = candle_core::Device::Cpu;
+        let loaded = WeightsFile::of(&quantized)
+            .unwrap()
+            .load(&device, |name| Architecture::Llama.keeps_quantized(name))
+            .unwrap();
+        let mut kept: Vec<&String> = loaded.quantized.keys().collect();
+        kept.sort();
+        assert_eq!(
+            kept.len(),
+            7 * shape.layers + 1,
+            "every projection: {kept:?}"
+        );
+        assert!(
+            kept.iter()
+                .all(|name| name.ends_with("_proj.weight") || *name == "lm_head.weight"),
+            "{kept:?}"
+        );
+        assert!(
+            loaded
+                .tensors
+                .keys()
+                .all(|name| !name.ends_with("_proj.weight")),
+            "no projection is also dequantized"
+        );
+
+        let logits = |files: &ModelFiles| {
+            let Ok(LoadedModel::Generative(model)) = load(files) else {
+                panic!("a generative model");
+            };
+            let prompt = model.encode("hello shoal").unwrap();
+            let (_, logits) = model.prefill(&prompt).unwrap();
+            logits.to_vec1::<f32>().unwrap()
+        };
+        let (exact, near) = (logits(&files), logits(&quantized));
+        let scale = exact.iter().fold(0f32, |m, v| m.max(v.abs()));
+        let worst = exact
+            .iter()
+            .zip(&near)
+            .fold(0f32, |m, (a, b)| m.max((a - b).abs()));
+        assert!(worst <= 0.05 * scale, "logits moved by {worst} of {scale}");
+        let argmax =
+            |values: &[f32]| (0..values.len()).max_by(|&a, &b| values[a].total_cmp(&values[b]));
+        assert_eq!(argmax(&exact), argmax(&near), "the same next token");
+    }
+
+    #[test]
     fn a_version_with_two_weights_files_or_a_damaged_gguf_is_refused_by_name() {
         let mut files = mlp_classifier(&[8, 4], 1).unwrap();
         let gguf = as_gguf(&files, GgufStorage::F32).unwrap();
@@ -511,11 +687,15 @@ mod tests {
             panic!("a GGUF file cut short does not load");
         };
         assert!(error.to_string().contains(GGUF_WEIGHTS_FILE), "{error}");
-        let Err(error) = WeightsFile::Gguf(&damaged[GGUF_WEIGHTS_FILE]).loaded_bytes() else {
+        let Err(error) =
+            WeightsFile::Gguf(&damaged[GGUF_WEIGHTS_FILE]).loaded_bytes(Architecture::Llama)
+        else {
             panic!("a GGUF file missing its last tensor's end has no size");
         };
         assert!(error.to_string().contains("runs past the end"), "{error}");
-        let Err(error) = WeightsFile::Gguf(b"GGUF\x03\x00\x00\x00").loaded_bytes() else {
+        let Err(error) =
+            WeightsFile::Gguf(b"GGUF\x03\x00\x00\x00").loaded_bytes(Architecture::Llama)
+        else {
             panic!("a GGUF header cut short has no size");
         };
         assert!(error.to_string().contains(GGUF_WEIGHTS_FILE), "{error}");
