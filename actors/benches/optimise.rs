@@ -43,10 +43,10 @@ fn variants(files: &ModelFiles) -> Vec<(&'static str, ModelFiles)> {
 fn sizes(files: &ModelFiles) -> (u64, u64) {
     let architecture = Architecture::of(&files[CONFIG_FILE]).expect("an architecture");
     let weights = WeightsFile::of(files).expect("a weights file");
-    let stored = match weights {
-        WeightsFile::Safetensors(bytes) | WeightsFile::Gguf(bytes) => bytes.len() as u64,
-    };
-    (stored, weights.loaded_bytes(architecture).expect("sized"))
+    (
+        weights.stored_bytes(),
+        weights.loaded_bytes(architecture).expect("sized"),
+    )
 }
 
 /// Work done per second by `step` (which returns how much it did) over one round.
@@ -133,18 +133,22 @@ fn main() {
         for (slot, (_, model)) in best.iter_mut().zip(&llamas) {
             let prompt = model.encode("the quick brown fox").expect("encode");
             let prompts: Vec<&[u32]> = (0..STREAMS).map(|_| prompt.as_slice()).collect();
-            let mut sequences: Vec<_> = model
-                .prefill_batch(&prompts)
-                .expect("prefill")
-                .into_iter()
-                .map(|(sequence, _)| sequence)
-                .collect();
+            let started = || -> Vec<_> {
+                model
+                    .prefill_batch(&prompts)
+                    .expect("prefill")
+                    .into_iter()
+                    .map(|(sequence, _)| sequence)
+                    .collect()
+            };
+            let mut sequences = started();
             let last = vec![prompt[prompt.len() - 1]; STREAMS];
+            let positions = model.config().max_position_embeddings;
             let rate = pool.install(|| {
                 per_second(|| {
                     // Keep to the model's positions: start over before they run out.
-                    if sequences[0].tokens() + 1 >= 512 {
-                        return 0;
+                    if sequences[0].tokens() + 1 >= positions {
+                        sequences = started();
                     }
                     let mut each: Vec<_> = sequences.iter_mut().collect();
                     model.decode(&mut each, &last).expect("decode");

@@ -7,7 +7,9 @@
 //!   norms and biases.
 //!
 //! Embedding tables (tensors named `…embed…`) and vectors (biases, norms, the input
-//! standardisation) are left as they are. The other files (config, tokenizer) are copied.
+//! standardisation) are left as they are, and nothing changes a float type (an f16 matrix
+//! pruned stays f16). The other files (config, tokenizer) are copied; a GGUF source's
+//! metadata is not.
 //! The result records what was done and to what in its weights file's metadata, so the new
 //! version's content address covers its provenance; and it is loaded once, as a replica
 //! would load it, before it is returned.
@@ -73,7 +75,7 @@ impl Optimisation {
 pub struct TensorChange {
     pub name: String,
     pub shape: Vec<usize>,
-    /// `q8_0`, `q4_0` or `f32`.
+    /// `q8_0` or `q4_0`; else its float type as it was (`f32`, `f16`, `bf16`).
     pub stored_as: &'static str,
     /// Entries set to zero by pruning.
     pub zeroed: usize,
@@ -113,9 +115,14 @@ pub fn optimise(
 ) -> Result<(ModelFiles, OptimiseReport), OptimiseError> {
     check(optimisation)?;
     let weights = WeightsFile::of(files)?;
-    let weights_bytes_before = match weights {
-        WeightsFile::Safetensors(bytes) | WeightsFile::Gguf(bytes) => bytes.len() as u64,
-    };
+    if matches!(weights, WeightsFile::Gguf(_)) && optimisation.quantize.is_none() {
+        return Err(OptimiseError::Settings(
+            "this version keeps its weights in GGUF: prune it with --quantize too, so its \
+             matrices are stored in blocks again, or prune a version in safetensors"
+                .into(),
+        ));
+    }
+    let weights_bytes_before = weights.stored_bytes();
     let tensors = weights.tensors(&Device::Cpu)?;
     let mut names: Vec<&String> = tensors.keys().collect();
     names.sort();
@@ -123,10 +130,13 @@ pub fn optimise(
     let mut stored: Vec<(String, QTensor)> = Vec::with_capacity(names.len());
     let mut kept: Vec<(String, Tensor)> = Vec::with_capacity(names.len());
     for name in names {
-        let tensor = tensors[name].to_dtype(candle_core::DType::F32)?;
+        let source = &tensors[name];
+        // What is not quantized keeps its float type: f16 stays f16.
+        let (float, float_name) = float_type(source.dtype());
+        let tensor = source.to_dtype(candle_core::DType::F32)?;
         if !changeable(name, &tensor) {
-            stored.push((name.clone(), QTensor::quantize(&tensor, GgmlDType::F32)?));
-            kept.push((name.clone(), tensor));
+            stored.push((name.clone(), QTensor::quantize(&tensor, float)?));
+            kept.push((name.clone(), source.clone()));
             continue;
         }
         let original = tensor.flatten_all()?.to_vec1::<f32>()?;
@@ -137,11 +147,11 @@ pub fn optimise(
         };
         let pruned = Tensor::from_vec(values, tensor.shape(), &Device::Cpu)?;
         let row = tensor.dims().last().copied().unwrap_or(0);
-        let dtype = match optimisation.quantize {
+        let (dtype, stored_as) = match optimisation.quantize {
             Some(quantization) if row % quantization.dtype().block_size() == 0 => {
-                quantization.dtype()
+                (quantization.dtype(), quantization.as_str())
             }
-            _ => GgmlDType::F32,
+            _ => (float, float_name),
         };
         let quantized = QTensor::quantize(&pruned, dtype)?;
         let loaded = quantized
@@ -151,16 +161,12 @@ pub fn optimise(
         changes.push(TensorChange {
             name: name.clone(),
             shape: tensor.dims().to_vec(),
-            stored_as: if dtype == GgmlDType::F32 {
-                "f32"
-            } else {
-                optimisation.quantize.map_or("f32", Quantization::as_str)
-            },
+            stored_as,
             zeroed,
             relative_error: relative_error(&original, &loaded),
         });
         stored.push((name.clone(), quantized));
-        kept.push((name.clone(), pruned));
+        kept.push((name.clone(), pruned.to_dtype(source.dtype())?));
     }
     if changes.is_empty() {
         return Err(OptimiseError::Settings(
@@ -168,7 +174,9 @@ pub fn optimise(
         ));
     }
     if let Some(quantization) = optimisation.quantize
-        && changes.iter().all(|change| change.stored_as == "f32")
+        && changes
+            .iter()
+            .all(|change| change.stored_as != quantization.as_str())
     {
         let rows: Vec<String> = changes
             .iter()
@@ -211,9 +219,7 @@ pub fn optimise(
     };
     // A version that would not load is no optimisation: prove it loads as a replica would.
     crate::runtime::load(&optimised)?;
-    let weights_bytes_after = WeightsFile::of(&optimised).map(|file| match file {
-        WeightsFile::Safetensors(bytes) | WeightsFile::Gguf(bytes) => bytes.len() as u64,
-    })?;
+    let weights_bytes_after = WeightsFile::of(&optimised)?.stored_bytes();
     Ok((
         optimised,
         OptimiseReport {
@@ -239,6 +245,16 @@ fn check(optimisation: &Optimisation) -> Result<(), OptimiseError> {
         )));
     }
     Ok(())
+}
+
+/// The ggml type, and its name, that keeps a tensor of `dtype` as it is: f16 and bf16 as
+/// they are, anything else as f32.
+fn float_type(dtype: candle_core::DType) -> (GgmlDType, &'static str) {
+    match dtype {
+        candle_core::DType::F16 => (GgmlDType::F16, "f16"),
+        candle_core::DType::BF16 => (GgmlDType::BF16, "bf16"),
+        _ => (GgmlDType::F32, "f32"),
+    }
 }
 
 /// Whether optimising may change `tensor`: a matrix, not an embedding table.
@@ -437,6 +453,52 @@ mod tests {
             let error = optimise(&files, &refused, "small").unwrap_err();
             assert!(error.to_string().contains("share to prune"), "{error}");
         }
+    }
+
+    #[test]
+    fn a_half_precision_version_pruned_stays_half_precision_and_a_gguf_one_needs_quantizing() {
+        let files = mlp();
+        let tensors = WeightsFile::of(&files)
+            .unwrap()
+            .tensors(&Device::Cpu)
+            .unwrap();
+        let halves: HashMap<String, Tensor> = tensors
+            .into_iter()
+            .map(|(name, tensor)| (name, tensor.to_dtype(candle_core::DType::F16).unwrap()))
+            .collect();
+        let mut half = files.clone();
+        half.insert(
+            WEIGHTS_FILE.into(),
+            safetensors::serialize(&halves, None).unwrap(),
+        );
+        let pruned = Optimisation {
+            prune: Some(0.25),
+            quantize: None,
+        };
+        let (optimised, report) = optimise(&half, &pruned, "half").unwrap();
+        assert!(
+            report.tensors.iter().all(|t| t.stored_as == "f16"),
+            "{report:?}"
+        );
+        assert!(
+            report.weights_bytes_after <= report.weights_bytes_before + 1024,
+            "{report:?}"
+        );
+        let written = safetensors::SafeTensors::deserialize(&optimised[WEIGHTS_FILE]).unwrap();
+        assert!(
+            written
+                .tensors()
+                .iter()
+                .all(|(_, view)| view.dtype() == safetensors::Dtype::F16)
+        );
+
+        let quantized = Optimisation {
+            prune: None,
+            quantize: Some(Quantization::Q8_0),
+        };
+        let (gguf, _) = optimise(&files, &quantized, "mlp").unwrap();
+        let error = optimise(&gguf, &pruned, "gguf").unwrap_err();
+        assert!(error.to_string().contains("--quantize"), "{error}");
     }
 
     #[test]

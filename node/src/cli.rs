@@ -636,6 +636,8 @@ pub async fn model(command: ModelCommand, args: &ClientArgs) -> anyhow::Result<(
                     QuantizeArg::Q4_0 => Quantization::Q4_0,
                 }),
             };
+            let scratch = tempfile::tempdir().context("a scratch directory")?;
+            let dir = new_version_dir(out, &scratch)?;
             let versions: Vec<serde_json::Value> = client.get("/api/v1/models").await?;
             let source = versions
                 .iter()
@@ -666,9 +668,6 @@ pub async fn model(command: ModelCommand, args: &ClientArgs) -> anyhow::Result<(
                 shoal_actors::optimise::optimise(&files, &optimisation, &from)
             })
             .await??;
-            let scratch = tempfile::tempdir().context("a scratch directory")?;
-            let dir = out.unwrap_or_else(|| scratch.path().to_path_buf());
-            std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
             for (file_name, bytes) in &optimised {
                 let path = dir.join(file_name);
                 std::fs::write(&path, bytes)
@@ -758,8 +757,7 @@ pub async fn model(command: ModelCommand, args: &ClientArgs) -> anyhow::Result<(
                 holdout,
             };
             let scratch = tempfile::tempdir().context("a scratch directory")?;
-            let dir = out.unwrap_or_else(|| scratch.path().to_path_buf());
-            std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+            let dir = new_version_dir(out, &scratch)?;
             let trained_into = dir.clone();
             let report = tokio::task::spawn_blocking(move || {
                 shoal_actors::train::train_classifier(&csv, &config, &trained_into)
@@ -1107,15 +1105,40 @@ async fn push(
     for file in &files {
         upload(client, file).await?;
     }
-    let body = serde_json::json!({
+    let mut body = serde_json::json!({
         "format": format,
         "files": files.iter().map(|f| serde_json::json!({"name": f.name, "digest": f.digest})).collect::<Vec<_>>(),
-        "parent": parent,
     });
+    // Named only when given: a server from before parents refuses a field it does not know.
+    if let Some(parent) = parent {
+        body["parent"] = parent.into();
+    }
     client
         .post(&format!("/api/v1/models/{name}/versions"), &body)
         .await
 }
+
+/// Where a new version's files are written before they are pushed: `out`, new or empty
+/// (every file there is pushed), else the scratch directory.
+fn new_version_dir(out: Option<PathBuf>, scratch: &tempfile::TempDir) -> anyhow::Result<PathBuf> {
+    let Some(dir) = out else {
+        return Ok(scratch.path().to_path_buf());
+    };
+    if let Ok(mut entries) = std::fs::read_dir(&dir)
+        && entries.next().is_some()
+    {
+        bail!(
+            "{} is not empty: every file there would be pushed with the new version; give a \
+             new or empty directory",
+            dir.display()
+        );
+    }
+    std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+    Ok(dir)
+}
+
+/// Longest a blob's download may take: a large model's weights, not a call's answer.
+const DOWNLOAD_TIMEOUT: Duration = Duration::from_secs(30 * 60);
 
 /// The blob `digest` from the artifact store, checked against its digest.
 async fn download(client: &Client, digest: &str) -> anyhow::Result<Vec<u8>> {
@@ -1123,6 +1146,7 @@ async fn download(client: &Client, digest: &str) -> anyhow::Result<Vec<u8>> {
     let response = client
         .http
         .get(format!("{}/api/v1/blobs/{digest}", client.base))
+        .timeout(DOWNLOAD_TIMEOUT)
         .send()
         .await
         .with_context(|| format!("cannot reach Shoal at {} (set SHOAL_ADDR)", client.base))?;

@@ -370,6 +370,35 @@ mod tests {
         assert_eq!(state.borrow().applied_index, 7);
     }
 
+    /// The log holds commands as bincode, whose enum tag is the variant's position: a
+    /// variant moved or inserted before the end would make every older entry of the
+    /// variants after it decode as another command.
+    #[test]
+    fn commands_keep_their_positions_in_the_log_encoding() {
+        let registration = Command::RegisterModelVersion {
+            model: "m".into(),
+            manifest_digest: "d".into(),
+            files: vec![],
+            format: "safetensors".into(),
+            memory_bytes: 1,
+            signature: Default::default(),
+            created_at_ms: 5,
+        };
+        let server = Command::RegisterServer {
+            id: 1,
+            http_address: "127.0.0.1:1".into(),
+        };
+        let tag = |command: &Command| bincode::serde::encode_to_vec(command, wire()).unwrap()[0];
+        assert_eq!(tag(&registration), 1);
+        assert_eq!(tag(&server), 18);
+        let derived = registration.clone().derived_from(1);
+        assert_eq!(tag(&derived), 19);
+        // A derived registration is the plain one's fields after its parent.
+        let plain = bincode::serde::encode_to_vec(&registration, wire()).unwrap();
+        let derived = bincode::serde::encode_to_vec(&derived, wire()).unwrap();
+        assert_eq!(&derived[2..], &plain[1..]);
+    }
+
     #[test]
     fn undecodable_bytes_are_applied_as_a_rejection() {
         let (mut machine, state) = ClusterStateMachine::new();

@@ -86,39 +86,31 @@ impl Plan {
     }
 
     /// Appends the model rows for `row` to `out`, `rows()` rows of `features` values.
+    #[cfg(test)]
+    pub fn compose(&self, row: &[f32], baseline: &[f32], out: &mut Vec<f32>) {
+        for index in 0..self.rows() {
+            self.compose_row(index, row, baseline, out);
+        }
+    }
+
+    /// Appends model row `index` (below `rows()`) for `row` to `out`, `features` values.
     ///
     /// Shapley: row `mask` takes feature `i` from `row` where bit `i` of `mask` is set and
     /// from `baseline` otherwise, so row 0 is the baseline and the last row is `row`.
     /// Ablation: the baseline, `row`, then `row` with feature `i` from the baseline.
-    pub fn compose(&self, row: &[f32], baseline: &[f32], out: &mut Vec<f32>) {
+    pub fn compose_row(&self, index: usize, row: &[f32], baseline: &[f32], out: &mut Vec<f32>) {
         assert_eq!(row.len(), self.features, "a row of the plan's features");
         assert_eq!(
             baseline.len(),
             self.features,
             "a baseline of the plan's features"
         );
-        match self.method {
-            Method::Shapley => {
-                for mask in 0..self.rows() {
-                    out.extend((0..self.features).map(|i| {
-                        if mask & (1 << i) != 0 {
-                            row[i]
-                        } else {
-                            baseline[i]
-                        }
-                    }));
-                }
-            }
-            Method::Ablation => {
-                out.extend_from_slice(baseline);
-                out.extend_from_slice(row);
-                for without in 0..self.features {
-                    out.extend(
-                        (0..self.features).map(|i| if i == without { baseline[i] } else { row[i] }),
-                    );
-                }
-            }
-        }
+        assert!(index < self.rows(), "a row of the plan");
+        let from_row = |i: usize| match self.method {
+            Method::Shapley => index & (1 << i) != 0,
+            Method::Ablation => index != 0 && index != i + 2,
+        };
+        out.extend((0..self.features).map(|i| if from_row(i) { row[i] } else { baseline[i] }));
     }
 
     /// Reads the explanation off the model's outputs for the rows `compose` made:

@@ -465,12 +465,10 @@ pub fn version_command(
         }
     }
     let names: Vec<&str> = artifacts.iter().map(|file| file.name.as_str()).collect();
-    check_loadable(format, &names, config_json.as_deref())?;
+    let architecture = check_loadable(format, &names, config_json.as_deref())?;
     // Sized as the architecture's runtime loads them (quantized matrices kept or not).
-    let weights_loaded_bytes = match (&weights, config_json.as_deref()) {
-        (Some((name, bytes)), Some(config)) => {
-            let architecture =
-                Architecture::of(config).map_err(|error| format!("{CONFIG_FILE}: {error}"))?;
+    let weights_loaded_bytes = match (&weights, architecture) {
+        (Some((name, bytes)), Some(architecture)) => {
             let file = WeightsFile::named(name, bytes).ok_or("a weights file's name")?;
             Some(
                 file.loaded_bytes(architecture)
@@ -505,15 +503,16 @@ fn weights_file_of(format: &str) -> Option<&'static str> {
 }
 
 /// Refuses a version in weight `format` made of the files `names` that no runtime could
-/// load (see [`version_command`]), saying what is missing. `config_json` is the contents
-/// of its `config.json`, if it has one. The CLI asks too, before it uploads anything.
+/// load (see [`version_command`]), saying what is missing; else the architecture that
+/// loads it (`None` for `raw`). `config_json` is the contents of its `config.json`, if it
+/// has one. The CLI asks too, before it uploads anything.
 pub fn check_loadable(
     format: &str,
     names: &[&str],
     config_json: Option<&[u8]>,
-) -> Result<(), String> {
+) -> Result<Option<Architecture>, String> {
     if format == "raw" {
-        return Ok(());
+        return Ok(None);
     }
     let config_json = config_json.ok_or_else(|| {
         format!("a {format} version needs a {CONFIG_FILE} that names its architecture")
@@ -548,7 +547,7 @@ pub fn check_loadable(
             missing.join(" and ")
         ));
     }
-    Ok(())
+    Ok(Some(architecture))
 }
 
 /// Milliseconds since the Unix epoch, for `created_at_ms` fields.

@@ -70,7 +70,18 @@ async fn a_trained_version_and_one_optimised_from_it_serve_and_name_their_parent
     let held_out = trained["holdout_accuracy"].as_f64().unwrap();
     assert!(held_out >= 0.8, "held-out accuracy {held_out}");
 
-    // Pruned and quantized from version 2: version 3, a GGUF file under half the size.
+    // Another version trained after it (3) and kept on disk, so that the newest is not
+    // the one optimised from.
+    let dir = temp.path().join("trained");
+    let dir = dir.to_str().unwrap();
+    let again = shoal.cli(&[
+        "model", "train", "iris", "--data", csv, "--seed", "9", "--out", dir,
+    ]);
+    assert!(again.contains("iris version 3 (new)"), "{again}");
+    let refused = shoal.cli_failing(&["model", "train", "iris", "--data", csv, "--out", dir]);
+    assert!(refused.contains("not empty"), "{refused}");
+
+    // Pruned and quantized from version 2: version 4, a GGUF file under half the size.
     let optimised: Value = serde_json::from_str(&shoal.cli(&[
         "model",
         "optimise",
@@ -90,7 +101,7 @@ async fn a_trained_version_and_one_optimised_from_it_serve_and_name_their_parent
             optimised["version"].as_u64(),
             optimised["from_version"].as_u64()
         ),
-        (Some(3), Some(2))
+        (Some(4), Some(2))
     );
     assert_eq!(optimised["format"], "gguf");
     let (before, after) = (
@@ -121,39 +132,36 @@ async fn a_trained_version_and_one_optimised_from_it_serve_and_name_their_parent
         "q8_0",
     ]);
     assert!(refused.contains("would change nothing"), "{refused}");
-    let dir = temp.path().join("trained");
-    let dir = dir.to_str().unwrap();
-    shoal.cli(&[
-        "model", "train", "iris", "--data", csv, "--seed", "9", "--out", dir,
-    ]);
     let refused = shoal.cli_failing(&["model", "push", dir, "--name", "iris", "--parent", "9"]);
-    assert!(refused.contains("9"), "{refused}");
+    assert!(refused.contains("no version 9"), "{refused}");
     let shown = shoal.cli(&["model", "show", "iris"]);
+    let line = |version: u32| {
+        shown
+            .lines()
+            .find(|line| line.starts_with(&format!("iris version {version}: ")))
+            .unwrap_or_else(|| panic!("no version {version} in {shown}"))
+    };
+    assert!(!line(1).contains("from version"), "{shown}");
+    assert!(line(2).contains("from version 1,"), "{shown}");
+    assert!(line(3).contains("from version 2,"), "{shown}");
     assert!(
-        shown.contains("iris version 2: ") && shown.contains("from version 1"),
-        "{shown}"
+        line(4).contains("from version 2,"),
+        "made from 2, not the newest: {shown}"
     );
-    assert!(
-        shown.contains("iris version 3: ") && shown.contains("from version 2"),
-        "{shown}"
-    );
-    assert!(
-        shown.contains("iris version 4: ") && !shown.contains("iris version 5"),
-        "{shown}"
-    );
+    assert!(!shown.contains("iris version 5"), "{shown}");
 
     // Both serve, side by side, and the optimised version labels the data set as its parent
     // does, nearly everywhere.
     let spec = temp.path().join("iris.toml");
     std::fs::write(
         &spec,
-        "name = \"iris\"\nmodel = \"iris\"\nreplicas = 2\nsplit = [{version = 2, weight = 50}, {version = 3, weight = 50}]\n",
+        "name = \"iris\"\nmodel = \"iris\"\nreplicas = 2\nsplit = [{version = 2, weight = 50}, {version = 4, weight = 50}]\n",
     )
     .unwrap();
     shoal.cli(&["deploy", "apply", "-f", spec.to_str().unwrap()]);
     let (rows, species) = iris_rows();
     let parent = labels(&client, &shoal, 2, &rows).await;
-    let child = labels(&client, &shoal, 3, &rows).await;
+    let child = labels(&client, &shoal, 4, &rows).await;
     let agree = parent.iter().zip(&child).filter(|(a, b)| a == b).count();
     assert!(
         agree * 100 >= rows.len() * 95,

@@ -158,6 +158,13 @@ impl<'a> WeightsFile<'a> {
         }
     }
 
+    /// The file's size in bytes.
+    pub fn stored_bytes(self) -> u64 {
+        match self {
+            WeightsFile::Safetensors(bytes) | WeightsFile::Gguf(bytes) => bytes.len() as u64,
+        }
+    }
+
     /// The weights file called `name`, if that is a weights file's name.
     pub fn named(name: &str, bytes: &'a [u8]) -> Option<WeightsFile<'a>> {
         match name {

@@ -2,19 +2,21 @@
 //! output of a prediction ([`crate::explain`]).
 //!
 //! The rows an explanation needs go through the ordinary infer path (`inference::observed`)
-//! as binary tensor data, to one version chosen once, in requests of at most
-//! `ROWS_PER_REQUEST_MAX` rows: admission, routing to a replica here or on an agent,
-//! holding for a deployment scaled to zero and the request metrics all apply as they do to
-//! inference.
+//! as binary tensor data, to one version chosen once, with the caller's credentials, in
+//! requests of at most `ROWS_PER_REQUEST_MAX` rows and a body an agent takes, composed one
+//! request at a time: admission, routing to a replica here or on an agent, holding for a
+//! deployment scaled to zero and the request metrics all apply as they do to inference.
 
+use super::edge::REQUEST_ID_HEADER;
 use super::inference::{self, ROWS_PER_REQUEST_MAX};
 use super::oip::{self, InferResponse, RequestInput};
-use super::{ApiError, AppState};
+use super::{ApiError, AppState, REQUEST_BODY_MAX_BYTES};
 use crate::explain::{Explanation, Method, Plan};
 use axum::Json;
 use axum::body::Bytes;
 use axum::extract::rejection::BytesRejection;
 use axum::extract::{Path, State};
+use axum::http::header::AUTHORIZATION;
 use axum::http::{HeaderMap, HeaderValue};
 use axum::response::{IntoResponse, Response};
 use serde::{Deserialize, Serialize};
@@ -26,6 +28,15 @@ use std::sync::Arc;
 /// Exact Shapley values of 4 features take 16 rows a row explained, ablation of 784
 /// features 786.
 pub const MODEL_ROWS_PER_EXPLANATION_MAX: usize = 16 * ROWS_PER_REQUEST_MAX;
+
+/// Most values an explanation holds at once, of the model's outputs or of the attributions
+/// it answers: 4 Mi, 16 MiB of FP32 (the attributions of 5 rows of a 784-feature model
+/// with 1,000 outputs are 3.9 Mi).
+pub const EXPLANATION_VALUES_MAX: usize = 4 << 20;
+
+/// The bytes of model rows one request carries: what a request body may hold, less room
+/// for its JSON header.
+const CHUNK_BODY_BYTES: usize = REQUEST_BODY_MAX_BYTES - 4096;
 
 /// The body of an explain request: the input as an infer request gives it (FP32, one row
 /// or several), and how to explain it.
@@ -107,37 +118,73 @@ async fn explained(
     headers: &HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, Response> {
-    let deadline = tokio::time::Instant::now()
-        + inference::request_timeout(headers).map_err(IntoResponse::into_response)?;
-    let body = body.map_err(|rejection| ApiError::from(rejection).into_response())?;
-    let job = read_job(app, model, version, &body).map_err(IntoResponse::into_response)?;
+    let refused = |error: ApiError| error.into_response();
+    let deadline =
+        tokio::time::Instant::now() + inference::request_timeout(headers).map_err(refused)?;
+    let body = body.map_err(|rejection| refused(ApiError::from(rejection)))?;
+    let job = read_job(app, model, version, &body).map_err(refused)?;
     let features = job.baseline.len();
-    let mut model_rows = Vec::new();
-    for row in job.rows.chunks(features) {
-        job.plan.compose(row, &job.baseline, &mut model_rows);
+    let explained_rows = job.rows.len() / features;
+    let model_rows = explained_rows * job.plan.rows();
+    // As many rows a request as a body may carry on to an agent, and no more than a
+    // request may have.
+    let chunk_rows = ROWS_PER_REQUEST_MAX.min(CHUNK_BODY_BYTES / (4 * features));
+    if chunk_rows == 0 {
+        return Err(refused(ApiError::PayloadTooLarge(format!(
+            "one row of {features} features is over the {REQUEST_BODY_MAX_BYTES} bytes a \
+             request may carry"
+        ))));
     }
     let mut outputs = Vec::new();
     let mut output_shape = Vec::new();
-    for chunk in model_rows.chunks(ROWS_PER_REQUEST_MAX * features) {
-        let (shape, values) = run(app, model, &job, chunk, deadline).await?;
+    let mut chunk = Vec::with_capacity(chunk_rows * features);
+    for start in (0..model_rows).step_by(chunk_rows) {
+        chunk.clear();
+        for index in start..(start + chunk_rows).min(model_rows) {
+            let (explained, within) = (index / job.plan.rows(), index % job.plan.rows());
+            let row = &job.rows[explained * features..(explained + 1) * features];
+            job.plan.compose_row(within, row, &job.baseline, &mut chunk);
+        }
+        let (shape, values) = run(app, model, &job, &chunk, headers, deadline).await?;
+        let k = shape.iter().product::<usize>();
+        if start == 0 {
+            // What the answer will hold, known once the model answered: bounded like the rows.
+            let held = (model_rows * k).max(explained_rows * k * features);
+            if held > EXPLANATION_VALUES_MAX {
+                return Err(refused(ApiError::TooManyRows(format!(
+                    "explaining {explained_rows} rows of {features} features for {k} output \
+                     values each takes {held} values; the limit is {EXPLANATION_VALUES_MAX}, \
+                     explain fewer rows at once"
+                ))));
+            }
+        }
         output_shape = shape;
         outputs.extend(values);
     }
     let k = output_shape.iter().product::<usize>();
     let per_row = job.plan.rows() * k;
-    if k == 0 || outputs.len() != job.rows.len() / features * per_row {
-        return Err(ApiError::ReplicaFailed(format!(
-            "the replica answered {} values of output {:?} for {} rows",
+    if k == 0 || outputs.len() != explained_rows * per_row {
+        return Err(refused(ApiError::ReplicaFailed(format!(
+            "the replica answered {} values of output {:?} for {model_rows} rows",
             outputs.len(),
             job.output,
-            model_rows.len() / features
-        ))
-        .into_response());
+        ))));
     }
-    let explanations = outputs
+    let explanations: Vec<Explanation> = outputs
         .chunks(per_row)
         .map(|answers| job.plan.attribute(answers, k))
         .collect();
+    if explanations
+        .iter()
+        .flat_map(|explanation| explanation.attributions.iter().flatten())
+        .any(|value| !value.is_finite())
+    {
+        return Err(refused(ApiError::ReplicaFailed(
+            "an attribution is past the range of FP32: the model's outputs are too far apart \
+             to explain"
+                .into(),
+        )));
+    }
     Ok(Json(ExplainResponse {
         model_name: model.to_string(),
         model_version: job.version.to_string(),
@@ -285,6 +332,7 @@ async fn run(
     model: &str,
     job: &Job,
     rows: &[f32],
+    caller: &HeaderMap,
     deadline: tokio::time::Instant,
 ) -> Result<(Vec<usize>, Vec<f32>), Response> {
     let features = job.baseline.len();
@@ -302,6 +350,13 @@ async fn run(
     let header_bytes = body.len();
     body.extend(rows.iter().flat_map(|value| value.to_le_bytes()));
     let mut headers = HeaderMap::new();
+    // The caller's credentials and request id go on with each request, as a request held
+    // for a scale-up is passed to the leader with them.
+    for name in [AUTHORIZATION.as_str(), REQUEST_ID_HEADER] {
+        if let Some(value) = caller.get(name) {
+            headers.insert(name, value.clone());
+        }
+    }
     for (name, value) in inference::framing(Some(header_bytes)) {
         headers.insert(name, value);
     }
