@@ -292,6 +292,91 @@ pub fn as_gguf(files: &ModelFiles, storage: GgufStorage) -> Result<ModelFiles, F
     Ok(files)
 }
 
+/// A llama's files with its weights in GGUF as llama.cpp's converter writes them:
+/// llama.cpp's tensor names, the query and key rows of each head in llama.cpp's order, and
+/// the metadata llama.cpp's readers take the model's shape from. Stored as
+/// [`GgufStorage::Q8`], each matrix whose rows split into 8-bit blocks is quantized.
+pub fn as_llama_cpp_gguf(
+    files: &ModelFiles,
+    storage: GgufStorage,
+) -> Result<ModelFiles, FixtureError> {
+    use crate::runtime::llama_cpp::{llama_cpp_name, llama_cpp_row};
+    use candle_core::quantized::gguf_file::Value;
+    let invalid = |message: String| FixtureError::Io(std::io::Error::other(message));
+    let config: serde_json::Value = serde_json::from_slice(
+        files
+            .get(CONFIG_FILE)
+            .ok_or_else(|| invalid("no config.json".into()))?,
+    )
+    .map_err(|error| invalid(error.to_string()))?;
+    let number = |key: &str| config[key].as_u64().unwrap_or(0) as u32;
+    let (hidden, heads, kv_heads) = (
+        number("hidden_size"),
+        number("num_attention_heads"),
+        number("num_key_value_heads"),
+    );
+    let head_dim = (hidden / heads.max(1)) as usize;
+    let mut files = files.clone();
+    let safetensors = files
+        .remove(WEIGHTS_FILE)
+        .ok_or_else(|| invalid("no model.safetensors".into()))?;
+    let tensors = candle_core::safetensors::load_buffer(&safetensors, &Device::Cpu)?;
+    let mut stored = Vec::new();
+    for (name, tensor) in &tensors {
+        let cpp =
+            llama_cpp_name(name).ok_or_else(|| invalid(format!("no llama.cpp name for {name}")))?;
+        let mut tensor = tensor.clone();
+        if name.ends_with("q_proj.weight") || name.ends_with("k_proj.weight") {
+            // Row r of llama.cpp's order holds Hugging Face's row whose llama.cpp row is r.
+            let rows = tensor.dims()[0];
+            let mut order = vec![0u32; rows];
+            for row in 0..rows {
+                order[llama_cpp_row(row, head_dim)] = row as u32;
+            }
+            tensor = tensor.index_select(&Tensor::new(order.as_slice(), &Device::Cpu)?, 0)?;
+        }
+        let splits = tensor.rank() >= 2
+            && tensor
+                .dims()
+                .last()
+                .is_some_and(|row| row % GgmlDType::Q8_0.block_size() == 0);
+        let dtype = match storage {
+            GgufStorage::Q8 if splits => GgmlDType::Q8_0,
+            _ => GgmlDType::F32,
+        };
+        stored.push((cpp, QTensor::quantize(&tensor, dtype)?));
+    }
+    stored.sort_by(|a, b| a.0.cmp(&b.0));
+    let float = |key: &str| config[key].as_f64().unwrap_or(0.0) as f32;
+    let metadata = [
+        ("general.architecture", Value::String("llama".into())),
+        (
+            "llama.context_length",
+            Value::U32(number("max_position_embeddings")),
+        ),
+        ("llama.embedding_length", Value::U32(hidden)),
+        ("llama.block_count", Value::U32(number("num_hidden_layers"))),
+        (
+            "llama.feed_forward_length",
+            Value::U32(number("intermediate_size")),
+        ),
+        ("llama.attention.head_count", Value::U32(heads)),
+        ("llama.attention.head_count_kv", Value::U32(kv_heads)),
+        ("llama.rope.dimension_count", Value::U32(head_dim as u32)),
+        ("llama.rope.freq_base", Value::F32(float("rope_theta"))),
+        (
+            "llama.attention.layer_norm_rms_epsilon",
+            Value::F32(float("rms_norm_eps")),
+        ),
+    ];
+    let metadata: Vec<(&str, &Value)> = metadata.iter().map(|(key, value)| (*key, value)).collect();
+    let listed: Vec<(&str, &QTensor)> = stored.iter().map(|(name, q)| (name.as_str(), q)).collect();
+    let mut gguf = std::io::Cursor::new(Vec::new());
+    candle_core::quantized::gguf_file::write(&mut gguf, &metadata, &listed)?;
+    files.insert(GGUF_WEIGHTS_FILE.to_string(), gguf.into_inner());
+    Ok(files)
+}
+
 /// A fresh private directory under the system temp dir.
 fn tempfile_dir() -> Result<PathBuf, std::io::Error> {
     use std::sync::atomic::{AtomicU64, Ordering};

@@ -194,6 +194,31 @@ async fn completions_stream_the_same_tokens_they_answer_whole() {
     assert_eq!(answer["outputs"][0]["datatype"], "BYTES", "{answer}");
     assert_eq!(answer["outputs"][0]["shape"], json!([2]));
 
+    // The same weights as llama.cpp's converter writes them (its tensor names and row
+    // order, in GGUF), pushed as a model of their own: the same greedy completion.
+    let cpp_dir = root.path().join("llama-cpp");
+    let cpp =
+        shoal_actors::fixtures::as_llama_cpp_gguf(&files, shoal_actors::fixtures::GgufStorage::F32)
+            .unwrap();
+    write_model_dir(&cpp_dir, &cpp);
+    cluster.push(1, &cpp_dir, "tiny-cpp");
+    cluster.deploy(1, "tiny-cpp", 1, 1);
+    let request_cpp = json!({"model": "tiny-cpp", "prompt": "hello", "max_tokens": 8});
+    let started = Instant::now();
+    let from_cpp: Value = loop {
+        let answer = http.post(&url).json(&request_cpp).send().await.unwrap();
+        if answer.status() == 200 {
+            break answer.json().await.unwrap();
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(60),
+            "never served: {}",
+            answer.text().await.unwrap()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    assert_eq!(from_cpp["choices"][0]["text"].as_str(), Some(text.as_str()));
+
     // Bad input in OpenAI's envelope.
     let bad = http
         .post(&url)

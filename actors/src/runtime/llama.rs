@@ -2,7 +2,8 @@
 //! that advances many sequences at once.
 //!
 //! Files: `config.json` (Hugging Face llama config, parsed by `candle-transformers`),
-//! `model.safetensors` (Hugging Face llama tensor names), `tokenizer.json`.
+//! `model.safetensors` or `model.gguf` (Hugging Face llama tensor names, or llama.cpp's:
+//! see `llama_cpp`), `tokenizer.json`.
 //!
 //! Why not call `candle_transformers::models::llama::Llama::forward` directly: it takes
 //! one position for the whole batch and one cache, so sequences that joined at different
@@ -12,7 +13,7 @@
 //! `candle-transformers`' `Llama` in the tests, which check that both give the same logits.
 //! Decoding is greedy (argmax), so a sequence's tokens do not depend on its batch-mates.
 
-use super::{Architecture, LoadedWeights, Projection, RuntimeError, TEXT, WeightsFile};
+use super::{Architecture, LoadedWeights, Projection, RuntimeError, TEXT, WeightsFile, llama_cpp};
 use crate::generate::Generator;
 use crate::shard::{Activation, Stage};
 use candle_core::{D, DType, Device, IndexOp, Tensor};
@@ -124,6 +125,12 @@ impl LlamaRuntime {
             ));
         }
         let mut loaded = weights.load(device, |name| Architecture::Llama.keeps_quantized(name))?;
+        if llama_cpp::is_llama_cpp(loaded.names()) {
+            llama_cpp::to_hugging_face(
+                &mut loaded,
+                config.hidden_size / config.num_attention_heads,
+            )?;
+        }
         let weights = Weights::load(&mut loaded, config, device)?;
         let tokenizer = Tokenizer::from_bytes(tokenizer_json)
             .map_err(|error| RuntimeError::Tokenizer(error.to_string()))?;

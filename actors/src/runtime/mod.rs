@@ -12,6 +12,7 @@
 mod bert;
 mod gguf;
 mod llama;
+pub(crate) mod llama_cpp;
 mod mlp;
 
 pub use bert::{EMBEDDING, SentenceEmbedder};
@@ -113,7 +114,10 @@ impl Architecture {
     pub fn keeps_quantized(self, name: &str) -> bool {
         match self {
             Architecture::MlpClassifier => name.starts_with("layers.") && name.ends_with(".weight"),
-            Architecture::Llama => name.ends_with("_proj.weight") || name == "lm_head.weight",
+            Architecture::Llama => {
+                let name = llama_cpp::hugging_face_name(name).unwrap_or_else(|| name.to_string());
+                name.ends_with("_proj.weight") || name == "lm_head.weight"
+            }
             Architecture::SentenceEmbedding => false,
         }
     }
@@ -306,6 +310,60 @@ impl LoadedWeights {
             )));
         }
         Ok(matrix)
+    }
+}
+
+impl LoadedWeights {
+    /// Every tensor's name.
+    pub(crate) fn names(&self) -> impl Iterator<Item = &String> {
+        self.tensors.keys().chain(self.quantized.keys())
+    }
+
+    /// Renames each tensor `to` gives a new name; the others keep theirs.
+    pub(crate) fn rename(&mut self, to: impl Fn(&str) -> Option<String>) {
+        let renamed = |name: String| to(&name).unwrap_or(name);
+        self.tensors = std::mem::take(&mut self.tensors)
+            .into_iter()
+            .map(|(name, tensor)| (renamed(name), tensor))
+            .collect();
+        self.quantized = std::mem::take(&mut self.quantized)
+            .into_iter()
+            .map(|(name, tensor)| (renamed(name), tensor))
+            .collect();
+    }
+
+    /// The first dimension of tensor `name`.
+    pub(crate) fn rows(&self, name: &str) -> Option<usize> {
+        match (self.tensors.get(name), self.quantized.get(name)) {
+            (Some(tensor), _) => tensor.dims().first().copied(),
+            (None, Some(quantized)) => quantized.shape().dims().first().copied(),
+            (None, None) => None,
+        }
+    }
+
+    /// Reorders the rows of matrix `name`: row `k` becomes what row `order[k]` was. A
+    /// quantized matrix is reordered as stored, a row of blocks at a time.
+    pub(crate) fn reorder_rows(&mut self, name: &str, order: &[usize]) -> Result<(), RuntimeError> {
+        use candle_core::quantized::{QStorage, QTensor};
+        if let Some(tensor) = self.tensors.get_mut(name) {
+            let indices: Vec<u32> = order.iter().map(|&row| row as u32).collect();
+            let indices = candle_core::Tensor::new(indices.as_slice(), tensor.device())?;
+            *tensor = tensor.index_select(&indices, 0)?;
+            return Ok(());
+        }
+        let Some(quantized) = self.quantized.get_mut(name) else {
+            return Err(RuntimeError::Weights(format!("missing tensor {name:?}")));
+        };
+        let data = quantized.data()?;
+        let row_bytes = data.len() / order.len().max(1);
+        let mut reordered = Vec::with_capacity(data.len());
+        for &row in order {
+            reordered.extend_from_slice(&data[row * row_bytes..(row + 1) * row_bytes]);
+        }
+        let device = quantized.device();
+        let storage = QStorage::from_data(reordered.into(), &device, quantized.dtype())?;
+        *quantized = Arc::new(QTensor::new(storage, quantized.shape().clone())?);
+        Ok(())
     }
 }
 
