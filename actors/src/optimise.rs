@@ -8,8 +8,8 @@
 //!
 //! Embedding tables (tensors named `…embed…`) and vectors (biases, norms, the input
 //! standardisation) are left as they are, and nothing changes a float type (an f16 matrix
-//! pruned stays f16). The other files (config, tokenizer) are copied; a GGUF source's
-//! metadata is not.
+//! pruned stays f16). The other files (config, tokenizer) are copied. A version in GGUF is
+//! refused: its matrices may be quantized already.
 //! The result records what was done and to what in its weights file's metadata, so the new
 //! version's content address covers its provenance; and it is loaded once, as a replica
 //! would load it, before it is returned.
@@ -115,10 +115,12 @@ pub fn optimise(
 ) -> Result<(ModelFiles, OptimiseReport), OptimiseError> {
     check(optimisation)?;
     let weights = WeightsFile::of(files)?;
-    if matches!(weights, WeightsFile::Gguf(_)) && optimisation.quantize.is_none() {
+    if matches!(weights, WeightsFile::Gguf(_)) {
+        // Its matrices may be quantized already: quantized again, they would carry both
+        // rounding errors; its other tensors would come back as f32.
         return Err(OptimiseError::Settings(
-            "this version keeps its weights in GGUF: prune it with --quantize too, so its \
-             matrices are stored in blocks again, or prune a version in safetensors"
+            "this version keeps its weights in GGUF; optimise the version in safetensors it \
+             was made from"
                 .into(),
         ));
     }
@@ -257,8 +259,11 @@ fn float_type(dtype: candle_core::DType) -> (GgmlDType, &'static str) {
     }
 }
 
-/// Whether optimising may change `tensor`: a matrix, not an embedding table.
+/// Whether optimising may change `tensor`: a matrix, not an embedding table (under Hugging
+/// Face's name or llama.cpp's).
 fn changeable(name: &str, tensor: &Tensor) -> bool {
+    let name =
+        crate::runtime::llama_cpp::hugging_face_name(name).unwrap_or_else(|| name.to_string());
     tensor.rank() >= 2 && !name.contains("embed")
 }
 
@@ -456,7 +461,7 @@ mod tests {
     }
 
     #[test]
-    fn a_half_precision_version_pruned_stays_half_precision_and_a_gguf_one_needs_quantizing() {
+    fn a_half_precision_version_pruned_stays_half_precision_and_a_gguf_one_is_refused() {
         let files = mlp();
         let tensors = WeightsFile::of(&files)
             .unwrap()
@@ -497,8 +502,8 @@ mod tests {
             quantize: Some(Quantization::Q8_0),
         };
         let (gguf, _) = optimise(&files, &quantized, "mlp").unwrap();
-        let error = optimise(&gguf, &pruned, "gguf").unwrap_err();
-        assert!(error.to_string().contains("--quantize"), "{error}");
+        let error = optimise(&gguf, &quantized, "gguf").unwrap_err();
+        assert!(error.to_string().contains("in safetensors"), "{error}");
     }
 
     #[test]

@@ -473,6 +473,7 @@ async fn upload(client: &Client, file: &LocalFile) -> anyhow::Result<()> {
     let response = client
         .http
         .put(format!("{}/api/v1/blobs/{}", client.base, file.digest))
+        .timeout(TRANSFER_TIMEOUT)
         .body(reqwest::Body::wrap_stream(stream))
         .send()
         .await
@@ -1137,8 +1138,9 @@ fn new_version_dir(out: Option<PathBuf>, scratch: &tempfile::TempDir) -> anyhow:
     Ok(dir)
 }
 
-/// Longest a blob's download may take: a large model's weights, not a call's answer.
-const DOWNLOAD_TIMEOUT: Duration = Duration::from_secs(30 * 60);
+/// Longest a blob's upload or download may take: a large model's weights, not a call's
+/// answer.
+const TRANSFER_TIMEOUT: Duration = Duration::from_secs(30 * 60);
 
 /// The blob `digest` from the artifact store, checked against its digest.
 async fn download(client: &Client, digest: &str) -> anyhow::Result<Vec<u8>> {
@@ -1146,7 +1148,7 @@ async fn download(client: &Client, digest: &str) -> anyhow::Result<Vec<u8>> {
     let response = client
         .http
         .get(format!("{}/api/v1/blobs/{digest}", client.base))
-        .timeout(DOWNLOAD_TIMEOUT)
+        .timeout(TRANSFER_TIMEOUT)
         .send()
         .await
         .with_context(|| format!("cannot reach Shoal at {} (set SHOAL_ADDR)", client.base))?;

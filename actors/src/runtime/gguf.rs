@@ -100,9 +100,15 @@ pub fn check_header(bytes: &[u8]) -> Result<(), Refusal> {
         // Checked over every dimension, zeros too: candle multiplies them unchecked, in
         // reverse order, so [0, 2^40, 2^40] overflows there though its product is 0.
         let mut count = Some(1u64);
+        let mut empty = false;
         for _ in 0..dimensions {
-            let dimension = reader.length()?.max(1);
-            count = count.and_then(|count| count.checked_mul(dimension));
+            let dimension = reader.length()?;
+            empty |= dimension == 0;
+            count = count.and_then(|count| count.checked_mul(dimension.max(1)));
+        }
+        // candle reads a tensor of no elements from a dangling pointer: no model has one.
+        if empty {
+            return Err(format!("tensor {name:?} has a dimension of 0: no elements"));
         }
         if count.is_none_or(|count| count > elements_max) {
             return Err(format!(
@@ -290,11 +296,24 @@ mod tests {
 
     #[test]
     fn a_tensor_whose_dimensions_overflow_past_a_zero_is_refused() {
-        let refused = check_header(&header(&[], &[0, 1 << 40, 1 << 40])).unwrap_err();
+        let refused = check_header(&header(&[], &[3, 1 << 40, 1 << 40])).unwrap_err();
         assert!(
             refused.contains("more elements than the file could hold"),
             "{refused}"
         );
+    }
+
+    /// Regression: candle reads a tensor of no elements through a dangling pointer, which
+    /// aborts a debug build (and is undefined behaviour in a release one).
+    #[test]
+    fn a_tensor_with_no_elements_is_refused() {
+        for dimensions in [vec![0], vec![0, 32], vec![0, 1 << 40, 1 << 40]] {
+            let refused = check_header(&header(&[], &dimensions)).unwrap_err();
+            assert!(
+                refused.contains("a dimension of 0"),
+                "{dimensions:?}: {refused}"
+            );
+        }
     }
 
     #[test]

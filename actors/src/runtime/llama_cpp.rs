@@ -27,9 +27,15 @@ const MODEL_NAMES: [(&str, &str); 3] = [
     ("output.weight", "lm_head.weight"),
 ];
 
-/// Whether a file's tensors are named as llama.cpp names them.
-pub(crate) fn is_llama_cpp<'a>(mut names: impl Iterator<Item = &'a String>) -> bool {
-    names.any(|name| name == MODEL_NAMES[0].0)
+/// Whether a file's tensors are named as llama.cpp names them: its embedding table is,
+/// and Hugging Face's is not there.
+pub(crate) fn is_llama_cpp<'a>(names: impl Iterator<Item = &'a String>) -> bool {
+    let (mut llama_cpp, mut hugging_face) = (false, false);
+    for name in names {
+        llama_cpp |= name == MODEL_NAMES[0].0;
+        hugging_face |= name == MODEL_NAMES[0].1;
+    }
+    llama_cpp && !hugging_face
 }
 
 /// Hugging Face's name for llama.cpp's tensor `name`; `None` for a name llama.cpp does
@@ -81,7 +87,7 @@ pub(crate) fn to_hugging_face(
             "heads of {head_dim} elements cannot be paired for the rotary embedding"
         )));
     }
-    weights.rename(hugging_face_name);
+    weights.rename(hugging_face_name)?;
     let projections: Vec<String> = weights
         .names()
         .filter(|name| {
@@ -90,10 +96,11 @@ pub(crate) fn to_hugging_face(
         .cloned()
         .collect();
     for name in projections {
-        let rows = weights.rows(&name).unwrap_or(0);
-        if !rows.is_multiple_of(head_dim) {
+        let dims = weights.dims(&name).unwrap_or_default();
+        let rows = dims.first().copied().unwrap_or(0);
+        if dims.len() != 2 || rows == 0 || !rows.is_multiple_of(head_dim) {
             return Err(RuntimeError::Weights(format!(
-                "{name:?} has {rows} rows, not whole heads of {head_dim}"
+                "{name:?} is {dims:?}, not a matrix of whole heads of {head_dim} rows"
             )));
         }
         let order: Vec<usize> = (0..rows).map(|row| llama_cpp_row(row, head_dim)).collect();
@@ -121,6 +128,54 @@ mod tests {
             seen.sort_unstable();
             prop_assert_eq!(seen, (0..heads * head_dim).collect::<Vec<_>>());
         }
+    }
+
+    /// Regression: a query projection that is no matrix, quantized, made the reordering
+    /// build blocks from a buffer of the wrong length, which candle answers with a panic.
+    /// (A tensor of no elements is refused before, by `gguf::check_header`.)
+    #[test]
+    fn a_query_projection_that_is_no_matrix_is_refused_not_panicked_on() {
+        use candle_core::quantized::{GgmlDType, QTensor, gguf_file};
+        use candle_core::{Device, Tensor};
+        for dims in [vec![64], vec![32]] {
+            let values =
+                Tensor::zeros(dims.as_slice(), candle_core::DType::F32, &Device::Cpu).unwrap();
+            let embedding = Tensor::zeros((4, 32), candle_core::DType::F32, &Device::Cpu).unwrap();
+            let tensors = [
+                (
+                    "token_embd.weight",
+                    QTensor::quantize(&embedding, GgmlDType::F32).unwrap(),
+                ),
+                (
+                    "blk.0.attn_q.weight",
+                    QTensor::quantize(&values, GgmlDType::Q8_0).unwrap(),
+                ),
+            ];
+            let listed: Vec<(&str, &QTensor)> = tensors.iter().map(|(n, q)| (*n, q)).collect();
+            let mut file = std::io::Cursor::new(Vec::new());
+            gguf_file::write(&mut file, &[], &listed).unwrap();
+            let bytes = file.into_inner();
+            let mut loaded = crate::runtime::WeightsFile::Gguf(&bytes)
+                .load(&Device::Cpu, |_| true)
+                .unwrap();
+            let error = to_hugging_face(&mut loaded, 8).unwrap_err();
+            assert!(
+                error.to_string().contains("not a matrix"),
+                "{dims:?}: {error}"
+            );
+        }
+    }
+
+    #[test]
+    fn a_file_with_both_embedding_names_is_not_taken_for_llama_cpps() {
+        let names = |list: &[&str]| list.iter().map(|n| n.to_string()).collect::<Vec<_>>();
+        assert!(is_llama_cpp(
+            names(&["token_embd.weight", "output.weight"]).iter()
+        ));
+        assert!(!is_llama_cpp(
+            names(&["token_embd.weight", "model.embed_tokens.weight"]).iter()
+        ));
+        assert!(!is_llama_cpp(names(&["model.embed_tokens.weight"]).iter()));
     }
 
     #[test]

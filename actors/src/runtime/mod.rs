@@ -319,33 +319,59 @@ impl LoadedWeights {
         self.tensors.keys().chain(self.quantized.keys())
     }
 
-    /// Renames each tensor `to` gives a new name; the others keep theirs.
-    pub(crate) fn rename(&mut self, to: impl Fn(&str) -> Option<String>) {
-        let renamed = |name: String| to(&name).unwrap_or(name);
-        self.tensors = std::mem::take(&mut self.tensors)
-            .into_iter()
-            .map(|(name, tensor)| (renamed(name), tensor))
-            .collect();
-        self.quantized = std::mem::take(&mut self.quantized)
-            .into_iter()
-            .map(|(name, tensor)| (renamed(name), tensor))
-            .collect();
+    /// Renames each tensor `to` gives a new name; the others keep theirs. Two tensors
+    /// that would have one name are refused.
+    pub(crate) fn rename(
+        &mut self,
+        to: impl Fn(&str) -> Option<String>,
+    ) -> Result<(), RuntimeError> {
+        fn renamed<T>(
+            tensors: HashMap<String, T>,
+            to: &impl Fn(&str) -> Option<String>,
+            taken: &mut std::collections::HashSet<String>,
+        ) -> Result<HashMap<String, T>, RuntimeError> {
+            let mut out = HashMap::with_capacity(tensors.len());
+            for (name, tensor) in tensors {
+                let new = to(&name).unwrap_or(name);
+                if !taken.insert(new.clone()) {
+                    return Err(RuntimeError::Weights(format!(
+                        "two tensors would both be {new:?}"
+                    )));
+                }
+                out.insert(new, tensor);
+            }
+            Ok(out)
+        }
+        let mut taken = std::collections::HashSet::new();
+        self.tensors = renamed(std::mem::take(&mut self.tensors), &to, &mut taken)?;
+        self.quantized = renamed(std::mem::take(&mut self.quantized), &to, &mut taken)?;
+        Ok(())
     }
 
-    /// The first dimension of tensor `name`.
-    pub(crate) fn rows(&self, name: &str) -> Option<usize> {
+    /// The dimensions of tensor `name`.
+    pub(crate) fn dims(&self, name: &str) -> Option<Vec<usize>> {
         match (self.tensors.get(name), self.quantized.get(name)) {
-            (Some(tensor), _) => tensor.dims().first().copied(),
-            (None, Some(quantized)) => quantized.shape().dims().first().copied(),
+            (Some(tensor), _) => Some(tensor.dims().to_vec()),
+            (None, Some(quantized)) => Some(quantized.shape().dims().to_vec()),
             (None, None) => None,
         }
     }
 
-    /// Reorders the rows of matrix `name`: row `k` becomes what row `order[k]` was. A
-    /// quantized matrix is reordered as stored, a row of blocks at a time.
+    /// Reorders the rows of matrix `name`: row `k` becomes what row `order[k]` was (one
+    /// entry per row, each row once). A quantized matrix is reordered as stored, a row of
+    /// blocks at a time.
     pub(crate) fn reorder_rows(&mut self, name: &str, order: &[usize]) -> Result<(), RuntimeError> {
         use candle_core::quantized::{QStorage, QTensor};
+        let shape_error = |dims: &[usize]| {
+            RuntimeError::Weights(format!(
+                "{name:?} is {dims:?}: not a matrix of {} rows to reorder",
+                order.len()
+            ))
+        };
         if let Some(tensor) = self.tensors.get_mut(name) {
+            if tensor.rank() != 2 || tensor.dims()[0] != order.len() || order.is_empty() {
+                return Err(shape_error(tensor.dims()));
+            }
             let indices: Vec<u32> = order.iter().map(|&row| row as u32).collect();
             let indices = candle_core::Tensor::new(indices.as_slice(), tensor.device())?;
             *tensor = tensor.index_select(&indices, 0)?;
@@ -354,8 +380,16 @@ impl LoadedWeights {
         let Some(quantized) = self.quantized.get_mut(name) else {
             return Err(RuntimeError::Weights(format!("missing tensor {name:?}")));
         };
+        let dims = quantized.shape().dims().to_vec();
+        let dtype = quantized.dtype();
+        let &[rows, columns] = dims.as_slice() else {
+            return Err(shape_error(&dims));
+        };
         let data = quantized.data()?;
-        let row_bytes = data.len() / order.len().max(1);
+        let row_bytes = columns / dtype.block_size() * dtype.type_size();
+        if rows != order.len() || rows == 0 || rows * row_bytes != data.len() {
+            return Err(shape_error(&dims));
+        }
         let mut reordered = Vec::with_capacity(data.len());
         for &row in order {
             reordered.extend_from_slice(&data[row * row_bytes..(row + 1) * row_bytes]);

@@ -34,10 +34,6 @@ pub const MODEL_ROWS_PER_EXPLANATION_MAX: usize = 16 * ROWS_PER_REQUEST_MAX;
 /// with 1,000 outputs are 3.9 Mi).
 pub const EXPLANATION_VALUES_MAX: usize = 4 << 20;
 
-/// The bytes of model rows one request carries: what a request body may hold, less room
-/// for its JSON header.
-const CHUNK_BODY_BYTES: usize = REQUEST_BODY_MAX_BYTES - 4096;
-
 /// The body of an explain request: the input as an infer request gives it (FP32, one row
 /// or several), and how to explain it.
 #[derive(Debug, Deserialize, Serialize)]
@@ -104,6 +100,8 @@ struct Job {
     input: String,
     plan: Plan,
     output: String,
+    /// The output's values per row, when its signature fixes them.
+    output_values: Option<usize>,
     /// The input rows, row-major, `features` values each.
     rows: Vec<f32>,
     baseline: Vec<f32>,
@@ -126,9 +124,14 @@ async fn explained(
     let features = job.baseline.len();
     let explained_rows = job.rows.len() / features;
     let model_rows = explained_rows * job.plan.rows();
-    // As many rows a request as a body may carry on to an agent, and no more than a
+    if let Some(k) = job.output_values {
+        bounded(explained_rows, model_rows, features, k).map_err(refused)?;
+    }
+    // As many rows a request as a body an agent takes may carry, and no more than a
     // request may have.
-    let chunk_rows = ROWS_PER_REQUEST_MAX.min(CHUNK_BODY_BYTES / (4 * features));
+    let header_bytes = request_header(&job, ROWS_PER_REQUEST_MAX).len();
+    let chunk_rows = ROWS_PER_REQUEST_MAX
+        .min(REQUEST_BODY_MAX_BYTES.saturating_sub(header_bytes) / (4 * features));
     if chunk_rows == 0 {
         return Err(refused(ApiError::PayloadTooLarge(format!(
             "one row of {features} features is over the {REQUEST_BODY_MAX_BYTES} bytes a \
@@ -136,7 +139,7 @@ async fn explained(
         ))));
     }
     let mut outputs = Vec::new();
-    let mut output_shape = Vec::new();
+    let mut output_shape: Option<Vec<usize>> = None;
     let mut chunk = Vec::with_capacity(chunk_rows * features);
     for start in (0..model_rows).step_by(chunk_rows) {
         chunk.clear();
@@ -146,21 +149,23 @@ async fn explained(
             job.plan.compose_row(within, row, &job.baseline, &mut chunk);
         }
         let (shape, values) = run(app, model, &job, &chunk, headers, deadline).await?;
-        let k = shape.iter().product::<usize>();
-        if start == 0 {
-            // What the answer will hold, known once the model answered: bounded like the rows.
-            let held = (model_rows * k).max(explained_rows * k * features);
-            if held > EXPLANATION_VALUES_MAX {
-                return Err(refused(ApiError::TooManyRows(format!(
-                    "explaining {explained_rows} rows of {features} features for {k} output \
-                     values each takes {held} values; the limit is {EXPLANATION_VALUES_MAX}, \
-                     explain fewer rows at once"
+        match &output_shape {
+            // What the answer will hold, known once the model answered.
+            None => bounded(explained_rows, model_rows, features, shape.iter().product())
+                .map_err(refused)?,
+            Some(first) if *first != shape => {
+                return Err(refused(ApiError::ReplicaFailed(format!(
+                    "output {:?} came back as rows of {shape:?}, and before as rows of \
+                     {first:?}",
+                    job.output
                 ))));
             }
+            Some(_) => {}
         }
-        output_shape = shape;
+        output_shape = Some(shape);
         outputs.extend(values);
     }
+    let output_shape = output_shape.unwrap_or_default();
     let k = output_shape.iter().product::<usize>();
     let per_row = job.plan.rows() * k;
     if k == 0 || outputs.len() != explained_rows * per_row {
@@ -195,6 +200,44 @@ async fn explained(
         explanations,
     })
     .into_response())
+}
+
+/// Refuses an explanation that would hold more than [`EXPLANATION_VALUES_MAX`] values: the
+/// model's `k` output values for each of its rows, or the attributions it answers.
+fn bounded(
+    explained_rows: usize,
+    model_rows: usize,
+    features: usize,
+    k: usize,
+) -> Result<(), ApiError> {
+    let held = model_rows
+        .saturating_mul(k)
+        .max(explained_rows.saturating_mul(k).saturating_mul(features));
+    if held > EXPLANATION_VALUES_MAX {
+        return Err(ApiError::TooManyRows(format!(
+            "explaining {explained_rows} rows of {features} features for {k} output values \
+             each takes {held} values; the limit is {EXPLANATION_VALUES_MAX}, explain fewer \
+             rows at once"
+        )));
+    }
+    Ok(())
+}
+
+/// The JSON part of an infer request for `count` model rows of the job's input, asking for
+/// its output as binary tensor data.
+fn request_header(job: &Job, count: usize) -> Vec<u8> {
+    let features = job.baseline.len();
+    let header = serde_json::json!({
+        "inputs": [{
+            "name": job.input,
+            "shape": [count, features],
+            "datatype": "FP32",
+            "parameters": {"binary_data_size": count * features * 4},
+        }],
+        "outputs": [{"name": job.output, "parameters": {"binary_data": true}}],
+    });
+    // Serialising plain data to a vector does not fail.
+    serde_json::to_vec(&header).unwrap_or_default()
 }
 
 /// Reads and checks an explain request against the version that will answer it.
@@ -258,11 +301,21 @@ fn read_job(
             baseline[index]
         )));
     }
+    let output_values = signature
+        .outputs
+        .iter()
+        .find(|spec| spec.name == output)
+        .and_then(|spec| {
+            spec.shape.iter().skip(1).try_fold(1usize, |count, &d| {
+                count.checked_mul(usize::try_from(d).ok()?)
+            })
+        });
     Ok(Job {
         version: resolved.version,
         input: input.to_string(),
         plan,
         output,
+        output_values,
         rows: values,
         baseline,
     })
@@ -335,18 +388,8 @@ async fn run(
     caller: &HeaderMap,
     deadline: tokio::time::Instant,
 ) -> Result<(Vec<usize>, Vec<f32>), Response> {
-    let features = job.baseline.len();
-    let count = rows.len() / features;
-    let header = serde_json::json!({
-        "inputs": [{
-            "name": job.input,
-            "shape": [count, features],
-            "datatype": "FP32",
-            "parameters": {"binary_data_size": rows.len() * 4},
-        }],
-        "outputs": [{"name": job.output, "parameters": {"binary_data": true}}],
-    });
-    let mut body = serde_json::to_vec(&header).unwrap_or_default();
+    let count = rows.len() / job.baseline.len();
+    let mut body = request_header(job, count);
     let header_bytes = body.len();
     body.extend(rows.iter().flat_map(|value| value.to_le_bytes()));
     let mut headers = HeaderMap::new();
