@@ -10,7 +10,7 @@
 )]
 
 use serde_json::{Value, json};
-use shoal_tests::{ServerCluster, http_client, run_shoal};
+use shoal_tests::{ServerCluster, http_client, post_until_ok, run_shoal};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
@@ -469,25 +469,12 @@ async fn a_traffic_split_sends_requests_to_both_versions() {
     // version it names: its prediction is what that version answers.
     let explain = json!({"inputs": body["inputs"], "method": "ablation"});
     for _ in 0..4 {
-        let explained: Value = http
-            .post(cluster.url(1, "/v2/models/iris/explain"))
-            .json(&explain)
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
+        let within = Duration::from_secs(30);
+        let url = cluster.url(1, "/v2/models/iris/explain");
+        let explained = post_until_ok(&http, &url, &explain, within).await;
         let version = explained["model_version"].as_str().unwrap().to_string();
-        let answer: Value = http
-            .post(cluster.url(1, &format!("/v2/models/iris/versions/{version}/infer")))
-            .json(&body)
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
+        let url = cluster.url(1, &format!("/v2/models/iris/versions/{version}/infer"));
+        let answer = post_until_ok(&http, &url, &body, within).await;
         let probabilities = answer["outputs"]
             .as_array()
             .unwrap()

@@ -3,7 +3,7 @@
 //! is checked against plain inference on the same `shoal up`.
 
 use serde_json::{Value, json};
-use shoal_tests::{Shoal, run_shoal};
+use shoal_tests::Shoal;
 use std::time::Duration;
 
 const ROW: [f32; 4] = [6.3, 3.3, 6.0, 2.5];
@@ -165,32 +165,20 @@ async fn an_explanation_of_iris_adds_up_and_matches_what_inference_answers() {
     assert!(still.iter().flatten().all(|a| *a == 0.0), "{still:?}");
 
     // The CLI prints a feature per line with the attributions, and the figures of the API.
-    let cli = run_shoal(&[
+    let args = [
         "explain",
         "iris",
-        "--addr",
-        &shoal.url(""),
         "--data",
         "[[6.3, 3.3, 6.0, 2.5]]",
         "--baseline",
         "[5.8, 3.0, 3.8, 1.2]",
-    ]);
+    ];
+    let cli = shoal.cli(&args);
     assert!(cli.contains("PROBABILITIES[2]"), "{cli}");
     let first = format!("{:+.4}", attributions_of(&shapley, 0)[2][2]);
     assert!(cli.contains(&first), "{first} in {cli}");
-    let json_out: Value = serde_json::from_str(&run_shoal(&[
-        "explain",
-        "iris",
-        "--addr",
-        &shoal.url(""),
-        "--data",
-        "[[6.3, 3.3, 6.0, 2.5]]",
-        "--baseline",
-        "[5.8, 3.0, 3.8, 1.2]",
-        "-o",
-        "json",
-    ]))
-    .unwrap();
+    let json_out: Value =
+        serde_json::from_str(&shoal.cli(&[&args[..], &["-o", "json"]].concat())).unwrap();
     assert_eq!(json_out["explanations"], shapley["explanations"]);
 
     // Bad requests are refused saying what is wrong, and run nothing.

@@ -9,7 +9,7 @@
 )]
 
 use serde_json::{Value, json};
-use shoal_tests::{ServerCluster, http_client, write_model_dir};
+use shoal_tests::{ServerCluster, http_client, post_until_ok, write_model_dir};
 use std::time::{Duration, Instant};
 
 fn cosine(a: &[f64], b: &[f64]) -> f64 {
@@ -204,19 +204,7 @@ async fn completions_stream_the_same_tokens_they_answer_whole() {
     cluster.push(1, &cpp_dir, "tiny-cpp");
     cluster.deploy(1, "tiny-cpp", 1, 1);
     let request_cpp = json!({"model": "tiny-cpp", "prompt": "hello", "max_tokens": 8});
-    let started = Instant::now();
-    let from_cpp: Value = loop {
-        let answer = http.post(&url).json(&request_cpp).send().await.unwrap();
-        if answer.status() == 200 {
-            break answer.json().await.unwrap();
-        }
-        assert!(
-            started.elapsed() < Duration::from_secs(60),
-            "never served: {}",
-            answer.text().await.unwrap()
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    };
+    let from_cpp = post_until_ok(&http, &url, &request_cpp, Duration::from_secs(60)).await;
     assert_eq!(from_cpp["choices"][0]["text"].as_str(), Some(text.as_str()));
 
     // Bad input in OpenAI's envelope.
