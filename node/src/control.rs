@@ -339,10 +339,9 @@ mod tests {
         }
     }
 
-    #[test]
-    fn a_snapshot_restores_the_same_state() {
-        let (mut machine, _) = ClusterStateMachine::new();
-        let command = Command::RegisterModelVersion {
+    /// A version's registration, as `shoal model push` proposes one.
+    fn registration() -> Command {
+        Command::RegisterModelVersion {
             model: "m".into(),
             manifest_digest: "d".into(),
             files: vec![],
@@ -350,7 +349,13 @@ mod tests {
             memory_bytes: 1,
             signature: Default::default(),
             created_at_ms: 5,
-        };
+        }
+    }
+
+    #[test]
+    fn a_snapshot_restores_the_same_state() {
+        let (mut machine, _) = ClusterStateMachine::new();
+        let command = registration();
         let data = bincode::serde::encode_to_vec(&command, wire()).unwrap();
         machine.apply(1, &data);
         let snapshot = machine.snapshot();
@@ -375,15 +380,7 @@ mod tests {
     /// variants after it decode as another command.
     #[test]
     fn commands_keep_their_positions_in_the_log_encoding() {
-        let registration = Command::RegisterModelVersion {
-            model: "m".into(),
-            manifest_digest: "d".into(),
-            files: vec![],
-            format: "safetensors".into(),
-            memory_bytes: 1,
-            signature: Default::default(),
-            created_at_ms: 5,
-        };
+        let registration = registration();
         let server = Command::RegisterServer {
             id: 1,
             http_address: "127.0.0.1:1".into(),
