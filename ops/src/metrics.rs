@@ -87,6 +87,8 @@ catalog! {
         "Time from receiving an inference request at the gateway to answering it.";
     REQUESTS_IN_FLIGHT: Any Gauge "shoal_requests_in_flight" ["model"]
         "Inference requests this gateway is handling now.";
+    EXPLANATIONS_TOTAL: Any Counter "shoal_explanations_total" ["model", "method", "code"]
+        "Explain requests answered by this gateway, by model, method and HTTP status code (the inference requests each runs count in shoal_requests_total too).";
     // Serving, at the replica that runs the model.
     QUEUED_REQUESTS: Any Gauge "shoal_queued_requests" ["model", "version"]
         "Requests waiting in replica queues on this agent for their batch to start.";
@@ -199,6 +201,7 @@ pub struct Metrics {
     pub requests_total: IntCounterVec,
     pub request_duration_seconds: HistogramVec,
     pub requests_in_flight: IntGaugeVec,
+    pub explanations_total: IntCounterVec,
     pub queued_requests: IntGaugeVec,
     pub queue_duration_seconds: HistogramVec,
     pub compute_duration_seconds: HistogramVec,
@@ -276,6 +279,7 @@ impl Metrics {
         let r = Registry::new();
         let metrics = Metrics {
             requests_total: counter_vec(&r, &REQUESTS_TOTAL),
+            explanations_total: counter_vec(&r, &EXPLANATIONS_TOTAL),
             request_duration_seconds: histogram_vec(
                 &r,
                 &REQUEST_DURATION_SECONDS,
@@ -558,6 +562,7 @@ mod tests {
         let m = metrics();
         let counters = [
             &m.requests_total,
+            &m.explanations_total,
             &m.overloaded_total,
             &m.generated_tokens_total,
             &m.device_evictions_total,

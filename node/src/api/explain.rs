@@ -78,9 +78,7 @@ pub async fn explain(
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Response {
-    explained(&app, &model, None, &headers, body)
-        .await
-        .unwrap_or_else(IntoResponse::into_response)
+    counted(&app, &model, None, &headers, body).await
 }
 
 pub async fn version_explain(
@@ -89,9 +87,31 @@ pub async fn version_explain(
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Response {
-    explained(&app, &model, Some(&version), &headers, body)
+    counted(&app, &model, Some(&version), &headers, body).await
+}
+
+/// [`explained`], counted in `shoal_explanations_total` by model, method (`none` for a
+/// request refused as it was read) and status.
+async fn counted(
+    app: &AppState,
+    model: &str,
+    version: Option<&str>,
+    headers: &HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Response {
+    let mut method = None;
+    let answer = explained(app, model, version, headers, body, &mut method)
         .await
-        .unwrap_or_else(IntoResponse::into_response)
+        .unwrap_or_else(|refusal| refusal);
+    shoal_ops::metrics::metrics()
+        .explanations_total
+        .with_label_values(&[
+            inference::model_label(app, model),
+            method.map_or("none", Method::as_str),
+            answer.status().as_str(),
+        ])
+        .inc();
+    answer
 }
 
 /// What to run for an explain request, checked against the model before anything runs.
@@ -115,12 +135,14 @@ async fn explained(
     version: Option<&str>,
     headers: &HeaderMap,
     body: Result<Bytes, BytesRejection>,
+    method: &mut Option<Method>,
 ) -> Result<Response, Response> {
     let refused = |error: ApiError| error.into_response();
     let deadline =
         tokio::time::Instant::now() + inference::request_timeout(headers).map_err(refused)?;
     let body = body.map_err(|rejection| refused(ApiError::from(rejection)))?;
     let job = read_job(app, model, version, &body).map_err(refused)?;
+    *method = Some(job.plan.method());
     let features = job.baseline.len();
     let explained_rows = job.rows.len() / features;
     let model_rows = explained_rows * job.plan.rows();

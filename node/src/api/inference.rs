@@ -197,6 +197,16 @@ pub async fn version_infer(
     observed(&app, model, Some(version), &headers, body).await
 }
 
+/// `model` as a metric label: a name nobody registered gets one shared label, so label
+/// values stay bounded.
+pub(super) fn model_label<'a>(app: &AppState, model: &'a str) -> &'a str {
+    if app.control.state().models.contains_key(model) {
+        model
+    } else {
+        UNKNOWN_MODEL_LABEL
+    }
+}
+
 /// One inference request in the gateway metrics: counted in flight while it lives, then
 /// counted and timed by the version that served it and the status it was answered with.
 pub(super) struct Observed {
@@ -207,12 +217,7 @@ pub(super) struct Observed {
 
 impl Observed {
     pub(super) fn start(app: &AppState, model: &str) -> Observed {
-        // A name nobody deployed gets one shared label, so label values stay bounded.
-        let model = if app.control.state().models.contains_key(model) {
-            model
-        } else {
-            UNKNOWN_MODEL_LABEL
-        };
+        let model = model_label(app, model);
         let in_flight = shoal_ops::metrics::metrics()
             .requests_in_flight
             .with_label_values(&[model]);
