@@ -149,45 +149,7 @@ async fn explained(
     if let Some(k) = job.output_values {
         bounded(explained_rows, model_rows, features, k).map_err(refused)?;
     }
-    // As many rows a request as a body an agent takes may carry, and no more than a
-    // request may have.
-    let header_bytes = request_header(&job, ROWS_PER_REQUEST_MAX).len();
-    let chunk_rows = ROWS_PER_REQUEST_MAX
-        .min(REQUEST_BODY_MAX_BYTES.saturating_sub(header_bytes) / (4 * features));
-    if chunk_rows == 0 {
-        return Err(refused(ApiError::PayloadTooLarge(format!(
-            "one row of {features} features is over the {REQUEST_BODY_MAX_BYTES} bytes a \
-             request may carry"
-        ))));
-    }
-    let mut outputs = Vec::new();
-    let mut output_shape: Option<Vec<usize>> = None;
-    let mut chunk = Vec::with_capacity(chunk_rows * features);
-    for start in (0..model_rows).step_by(chunk_rows) {
-        chunk.clear();
-        for index in start..(start + chunk_rows).min(model_rows) {
-            let (explained, within) = (index / job.plan.rows(), index % job.plan.rows());
-            let row = &job.rows[explained * features..(explained + 1) * features];
-            job.plan.compose_row(within, row, &job.baseline, &mut chunk);
-        }
-        let (shape, values) = run(app, model, &job, &chunk, headers, deadline).await?;
-        match &output_shape {
-            // What the answer will hold, known once the model answered.
-            None => bounded(explained_rows, model_rows, features, shape.iter().product())
-                .map_err(refused)?,
-            Some(first) if *first != shape => {
-                return Err(refused(ApiError::ReplicaFailed(format!(
-                    "output {:?} came back as rows of {shape:?}, and before as rows of \
-                     {first:?}",
-                    job.output
-                ))));
-            }
-            Some(_) => {}
-        }
-        output_shape = Some(shape);
-        outputs.extend(values);
-    }
-    let output_shape = output_shape.unwrap_or_default();
+    let (output_shape, outputs) = answers(app, model, &job, headers, deadline).await?;
     let k = output_shape.iter().product::<usize>();
     let per_row = job.plan.rows() * k;
     if k == 0 || outputs.len() != explained_rows * per_row {
@@ -222,6 +184,59 @@ async fn explained(
         explanations,
     })
     .into_response())
+}
+
+/// The model's answers for every row the job composes, in order: run as requests of as
+/// many rows as a body an agent takes may carry, and no more than a request may have, each
+/// composed as it is sent. The output's shape past the rows, and its values.
+async fn answers(
+    app: &AppState,
+    model: &str,
+    job: &Job,
+    headers: &HeaderMap,
+    deadline: tokio::time::Instant,
+) -> Result<(Vec<usize>, Vec<f32>), Response> {
+    let refused = |error: ApiError| error.into_response();
+    let features = job.baseline.len();
+    let explained_rows = job.rows.len() / features;
+    let model_rows = explained_rows * job.plan.rows();
+    let header_bytes = request_header(job, ROWS_PER_REQUEST_MAX).len();
+    let chunk_rows = ROWS_PER_REQUEST_MAX
+        .min(REQUEST_BODY_MAX_BYTES.saturating_sub(header_bytes) / (4 * features));
+    if chunk_rows == 0 {
+        return Err(refused(ApiError::PayloadTooLarge(format!(
+            "one row of {features} features is over the {REQUEST_BODY_MAX_BYTES} bytes a \
+             request may carry"
+        ))));
+    }
+    let mut outputs = Vec::new();
+    let mut output_shape: Option<Vec<usize>> = None;
+    let mut chunk = Vec::with_capacity(chunk_rows * features);
+    for start in (0..model_rows).step_by(chunk_rows) {
+        chunk.clear();
+        for index in start..(start + chunk_rows).min(model_rows) {
+            let (explained, within) = (index / job.plan.rows(), index % job.plan.rows());
+            let row = &job.rows[explained * features..(explained + 1) * features];
+            job.plan.compose_row(within, row, &job.baseline, &mut chunk);
+        }
+        let (shape, values) = run(app, model, job, &chunk, headers, deadline).await?;
+        match &output_shape {
+            // What the answer will hold, known once the model answered.
+            None => bounded(explained_rows, model_rows, features, shape.iter().product())
+                .map_err(refused)?,
+            Some(first) if *first != shape => {
+                return Err(refused(ApiError::ReplicaFailed(format!(
+                    "output {:?} came back as rows of {shape:?}, and before as rows of \
+                     {first:?}",
+                    job.output
+                ))));
+            }
+            Some(_) => {}
+        }
+        output_shape = Some(shape);
+        outputs.extend(values);
+    }
+    Ok((output_shape.unwrap_or_default(), outputs))
 }
 
 /// Refuses an explanation that would hold more than [`EXPLANATION_VALUES_MAX`] values: the
