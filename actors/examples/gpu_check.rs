@@ -1,12 +1,16 @@
 //! The GPU check, run by `scripts/gpu-check.sh` on a GPU host with the `cuda` feature:
 //! the ledger against the driver's memory figures, CPU and GPU outputs of the MLP and of
-//! MiniLM, and throughput at batch 32. Prints its figures; exits non-zero on a failed check
+//! MiniLM, and throughput at batch 32; then quantized matrices run as stored: the MLP in
+//! `Q8_0`, and a `Q8_0` llama in llama.cpp's layout (its rows reordered on the GPU). Prints its figures; exits non-zero on a failed check
 //! and with 2 when there is no GPU to check.
 
 use shoal_actors::device::{
     DeviceHandle, DeviceManagerArgs, DevicePolicy, discover_devices, gpu_memory, probe_gpus,
 };
-use shoal_actors::fixtures::{minilm_files, mlp_classifier};
+use shoal_actors::fixtures::{
+    GgufStorage, TinyLlama, as_llama_cpp_gguf, minilm_files, mlp_classifier, tiny_llama,
+};
+use shoal_actors::optimise::{Optimisation, Quantization, optimise};
 use shoal_actors::runtime::{LoadedModel, ModelRuntime, TEXT, load_on};
 use shoal_actors::tensor::{NamedTensor, TensorData};
 use shoal_scheduler::DeviceKind;
@@ -126,6 +130,46 @@ fn main() {
     let cpu_rate = per_second(mlp_cpu.as_ref(), &features, BATCH);
     let gpu_rate = per_second(mlp_gpu.as_ref(), &features, BATCH);
     println!("MLP batch {BATCH}: cpu {cpu_rate:.0} rows/s, gpu {gpu_rate:.0} rows/s");
+
+    // 4. Quantized matrices multiplied as stored: the same MLP in Q8_0 (`shoal model
+    // optimise`), and a llama in llama.cpp's layout, its q/k rows reordered on the GPU.
+    let quantize = Optimisation {
+        prune: None,
+        quantize: Some(Quantization::Q8_0),
+    };
+    let (q8_files, _) = optimise(&mlp_files, &quantize, "gpu check").expect("optimise");
+    let q8_cpu = fixed(load_on(&q8_files, &cpu).expect("q8 mlp on cpu"));
+    let q8_gpu = fixed(load_on(&q8_files, &gpu).expect("q8 mlp on gpu"));
+    let difference = max_difference(
+        &floats(&q8_cpu.forward(&features).expect("cpu")),
+        &floats(&q8_gpu.forward(&features).expect("gpu")),
+    );
+    check(
+        "Q8_0 MLP cpu = gpu within 1e-2",
+        difference <= 1e-2,
+        format!("max difference {difference:e}"),
+    );
+    let q8_rate = per_second(q8_gpu.as_ref(), &features, BATCH);
+    println!("Q8_0 MLP batch {BATCH}: gpu {q8_rate:.0} rows/s (f32 {gpu_rate:.0})");
+    let llama = as_llama_cpp_gguf(
+        &tiny_llama(&TinyLlama::for_tests()).expect("llama"),
+        GgufStorage::Q8,
+    )
+    .expect("llama.cpp layout");
+    let logits = |device: &candle_core::Device| -> Vec<f32> {
+        let LoadedModel::Generative(model) = load_on(&llama, device).expect("llama") else {
+            panic!("a llama generates");
+        };
+        let prompt = model.encode("shoal on a gpu").expect("encode");
+        let (_, logits) = model.prefill(&prompt).expect("prefill");
+        logits.to_vec1().expect("logits")
+    };
+    let difference = max_difference(&logits(&cpu), &logits(&gpu));
+    check(
+        "Q8_0 llama.cpp-layout llama cpu = gpu logits within 1e-2",
+        difference <= 1e-2,
+        format!("max difference {difference:e}"),
+    );
 
     match minilm_files() {
         Ok(files) => {
