@@ -233,6 +233,96 @@ pub fn optimise(
     ))
 }
 
+/// How an optimised classifier answers a labelled data set next to the version it was
+/// made from.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Comparison {
+    pub rows: usize,
+    /// Share of rows both label alike.
+    pub agreement: f64,
+    /// Share of rows each labels as the data set does.
+    pub source_accuracy: f64,
+    pub optimised_accuracy: f64,
+    /// The largest change of one class probability over every row.
+    pub largest_probability_change: f32,
+}
+
+/// Runs the classifiers `source` and `optimised` on every row of `csv` (a header, numeric
+/// feature columns, the class name last, as `shoal model train` reads it) and compares
+/// their answers with each other and with the data set's labels.
+pub fn compare_classifiers(
+    source: &ModelFiles,
+    optimised: &ModelFiles,
+    csv: &str,
+) -> Result<Comparison, OptimiseError> {
+    let data = crate::train::parse_csv(csv)
+        .map_err(|error| OptimiseError::Settings(format!("the data set: {error}")))?;
+    let answer = |files: &ModelFiles| -> Result<(Vec<f32>, Vec<String>), OptimiseError> {
+        let crate::runtime::LoadedModel::Fixed(model) = crate::runtime::load(files)? else {
+            return Err(OptimiseError::Settings(
+                "a text generator is no classifier".into(),
+            ));
+        };
+        let [input] = model.signature().inputs.as_slice() else {
+            return Err(OptimiseError::Settings(
+                "a classifier takes one input".into(),
+            ));
+        };
+        let rows = data.classes.len();
+        let inputs = [crate::tensor::NamedTensor {
+            name: input.name.clone(),
+            shape: vec![rows, data.width],
+            data: crate::tensor::TensorData::Fp32(data.features.clone()),
+        }];
+        crate::tensor::validate_inputs(model.signature(), &inputs).map_err(|error| {
+            OptimiseError::Settings(format!("the data set does not fit the model: {error}"))
+        })?;
+        let outputs = model.forward(&inputs)?;
+        let output = |name: &str| outputs.iter().find(|output| output.name == name);
+        match (output("probabilities"), output("label")) {
+            (
+                Some(crate::tensor::NamedTensor {
+                    data: crate::tensor::TensorData::Fp32(probabilities),
+                    ..
+                }),
+                Some(crate::tensor::NamedTensor {
+                    data: crate::tensor::TensorData::Bytes(labels),
+                    ..
+                }),
+            ) => Ok((probabilities.clone(), labels.clone())),
+            _ => Err(OptimiseError::Settings(
+                "not a classifier: no FP32 probabilities and BYTES label outputs".into(),
+            )),
+        }
+    };
+    let (source_probabilities, source_labels) = answer(source)?;
+    let (optimised_probabilities, optimised_labels) = answer(optimised)?;
+    let truth: Vec<&str> = data
+        .classes
+        .iter()
+        .map(|&class| data.labels[class as usize].as_str())
+        .collect();
+    let share = |count: usize| count as f64 / truth.len() as f64;
+    let right = |labels: &[String]| labels.iter().zip(&truth).filter(|(a, b)| a == *b).count();
+    Ok(Comparison {
+        rows: truth.len(),
+        agreement: share(
+            source_labels
+                .iter()
+                .zip(&optimised_labels)
+                .filter(|(a, b)| a == b)
+                .count(),
+        ),
+        source_accuracy: share(right(&source_labels)),
+        optimised_accuracy: share(right(&optimised_labels)),
+        largest_probability_change: source_probabilities
+            .iter()
+            .zip(&optimised_probabilities)
+            .map(|(a, b)| (a - b).abs())
+            .fold(0f32, f32::max),
+    })
+}
+
 fn check(optimisation: &Optimisation) -> Result<(), OptimiseError> {
     if optimisation.prune.is_none() && optimisation.quantize.is_none() {
         return Err(OptimiseError::Settings(
@@ -504,6 +594,41 @@ mod tests {
         let (gguf, _) = optimise(&files, &quantized, "mlp").unwrap();
         let error = optimise(&gguf, &quantized, "gguf").unwrap_err();
         assert!(error.to_string().contains("in safetensors"), "{error}");
+    }
+
+    #[test]
+    fn an_optimised_classifier_is_compared_with_its_source_on_a_labelled_data_set() {
+        let dir = tempfile::tempdir().unwrap();
+        let config = crate::train::TrainConfig {
+            hidden_sizes: vec![64, 64],
+            ..crate::train::TrainConfig::iris()
+        };
+        crate::train::train_classifier(crate::IRIS_CSV, &config, dir.path()).unwrap();
+        let source: ModelFiles = [WEIGHTS_FILE, crate::runtime::CONFIG_FILE]
+            .iter()
+            .map(|name| {
+                (
+                    name.to_string(),
+                    std::fs::read(dir.path().join(name)).unwrap(),
+                )
+            })
+            .collect();
+        let same = compare_classifiers(&source, &source, crate::IRIS_CSV).unwrap();
+        assert_eq!((same.rows, same.agreement), (150, 1.0));
+        assert_eq!(same.largest_probability_change, 0.0);
+        assert_eq!(same.source_accuracy, same.optimised_accuracy);
+
+        let optimisation = Optimisation {
+            prune: Some(0.3),
+            quantize: Some(Quantization::Q8_0),
+        };
+        let (optimised, _) = optimise(&source, &optimisation, "iris").unwrap();
+        let compared = compare_classifiers(&source, &optimised, crate::IRIS_CSV).unwrap();
+        assert!(compared.agreement >= 0.95, "{compared:?}");
+        assert!(compared.largest_probability_change > 0.0, "{compared:?}");
+
+        let error = compare_classifiers(&source, &optimised, "a,b,label\n1,2,x\n").unwrap_err();
+        assert!(error.to_string().contains("does not fit"), "{error}");
     }
 
     #[test]

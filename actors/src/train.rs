@@ -72,15 +72,19 @@ pub enum TrainError {
     Runtime(#[from] crate::runtime::RuntimeError),
 }
 
-struct DataSet {
-    features: Vec<f32>,
-    classes: Vec<u32>,
-    labels: Vec<String>,
-    width: usize,
+/// A labelled data set: rows of numeric features, and each row's class.
+pub(crate) struct DataSet {
+    /// Row-major, `width` values a row.
+    pub(crate) features: Vec<f32>,
+    /// Each row's class, an index into `labels`.
+    pub(crate) classes: Vec<u32>,
+    /// The class names, in the order they first appear.
+    pub(crate) labels: Vec<String>,
+    pub(crate) width: usize,
 }
 
 /// Parses a CSV with a header, numeric feature columns and the class name last.
-fn parse_csv(csv: &str) -> Result<DataSet, TrainError> {
+pub(crate) fn parse_csv(csv: &str) -> Result<DataSet, TrainError> {
     let mut lines = csv
         .lines()
         .enumerate()

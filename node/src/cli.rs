@@ -9,7 +9,7 @@ use crate::explain::Method;
 use anyhow::{Context, bail};
 use clap::{Args, Subcommand, ValueEnum};
 use serde::de::DeserializeOwned;
-use shoal_actors::optimise::{Optimisation, Quantization};
+use shoal_actors::optimise::{Optimisation, Quantization, compare_classifiers};
 use shoal_actors::runtime::{CONFIG_FILE, GGUF_WEIGHTS_FILE};
 use std::io::{IsTerminal, Write as _};
 use std::path::{Path, PathBuf};
@@ -105,6 +105,14 @@ pub enum ModelCommand {
         /// Keep the new version's files in this directory (by default they go once pushed).
         #[arg(long)]
         out: Option<PathBuf>,
+        /// For a classifier: a labelled CSV (as `model train` reads) to run both versions
+        /// on before pushing, comparing their labels with each other and with the CSV's.
+        #[arg(long)]
+        check_data: Option<PathBuf>,
+        /// With --check-data: push only if the versions label at least this share of its
+        /// rows alike (0 to 1).
+        #[arg(long, requires = "check_data")]
+        min_agreement: Option<f64>,
     },
     /// Train an MLP classifier on a CSV (a header, numeric feature columns, the class name
     /// last) and push it as a new version of NAME. Trains here, on this machine's CPU.
@@ -629,7 +637,21 @@ pub async fn model(command: ModelCommand, args: &ClientArgs) -> anyhow::Result<(
             prune,
             quantize,
             out,
+            check_data,
+            min_agreement,
         } => {
+            if let Some(least) = min_agreement
+                && !(0.0..=1.0).contains(&least)
+            {
+                bail!("--min-agreement is a share of rows, from 0 to 1, not {least}");
+            }
+            let check_csv = match &check_data {
+                Some(path) => Some(
+                    std::fs::read_to_string(path)
+                        .with_context(|| format!("reading {}", path.display()))?,
+                ),
+                None => None,
+            };
             let optimisation = Optimisation {
                 prune,
                 quantize: quantize.map(|choice| match choice {
@@ -665,10 +687,36 @@ pub async fn model(command: ModelCommand, args: &ClientArgs) -> anyhow::Result<(
                 "{name} version {number}, manifest sha256 {}",
                 text(source, "manifest_digest")
             );
-            let (optimised, report) = tokio::task::spawn_blocking(move || {
-                shoal_actors::optimise::optimise(&files, &optimisation, &from)
+            let (optimised, report, check) = tokio::task::spawn_blocking(move || {
+                let (optimised, report) =
+                    shoal_actors::optimise::optimise(&files, &optimisation, &from)?;
+                let check = check_csv
+                    .map(|csv| compare_classifiers(&files, &optimised, &csv))
+                    .transpose()?;
+                Ok::<_, shoal_actors::optimise::OptimiseError>((optimised, report, check))
             })
             .await??;
+            if let Some(check) = &check {
+                eprintln!(
+                    "on {} rows of {}: labels alike {:.3}; right {:.3}, against {:.3} for \
+                     version {parent}; largest change of a probability {:.4}",
+                    check.rows,
+                    check_data.as_deref().unwrap_or(Path::new("-")).display(),
+                    check.agreement,
+                    check.optimised_accuracy,
+                    check.source_accuracy,
+                    check.largest_probability_change
+                );
+                if let Some(least) = min_agreement
+                    && check.agreement < least
+                {
+                    bail!(
+                        "the optimised version labels {:.3} of the rows as version {parent} \
+                         does, under --min-agreement {least}: not pushed",
+                        check.agreement
+                    );
+                }
+            }
             for (file_name, bytes) in &optimised {
                 let path = dir.join(file_name);
                 std::fs::write(&path, bytes)
@@ -696,7 +744,17 @@ pub async fn model(command: ModelCommand, args: &ClientArgs) -> anyhow::Result<(
                         })
                     })
                     .collect();
+                let check = check.map(|check| {
+                    serde_json::json!({
+                        "rows": check.rows,
+                        "agreement": check.agreement,
+                        "source_accuracy": check.source_accuracy,
+                        "optimised_accuracy": check.optimised_accuracy,
+                        "largest_probability_change": check.largest_probability_change,
+                    })
+                });
                 let report = serde_json::json!({
+                    "check": check,
                     "from_version": parent,
                     "optimisation": optimisation.describe(),
                     "format": report.format,
