@@ -71,7 +71,7 @@ impl Optimisation {
 }
 
 /// What happened to one tensor.
-#[derive(Clone, Debug, PartialEq)]
+#[derive(Clone, Debug, PartialEq, serde::Serialize)]
 pub struct TensorChange {
     pub name: String,
     pub shape: Vec<usize>,
@@ -235,7 +235,7 @@ pub fn optimise(
 
 /// How an optimised classifier answers a labelled data set next to the version it was
 /// made from.
-#[derive(Clone, Debug, PartialEq)]
+#[derive(Clone, Debug, PartialEq, serde::Serialize)]
 pub struct Comparison {
     pub rows: usize,
     /// Share of rows both label alike.

@@ -90,58 +90,10 @@ pub enum ModelCommand {
     Show { name: String },
     /// Make a new version of a model by pruning or quantizing the weights of one of its
     /// versions (on this machine), and push it with that version as its parent.
-    Optimise {
-        /// The model's name.
-        name: String,
-        /// The version to start from; the newest by default.
-        #[arg(long)]
-        version: Option<u32>,
-        /// Share of each weight matrix's entries to zero, those of least magnitude (0 to 1).
-        #[arg(long)]
-        prune: Option<f64>,
-        /// Store weight matrices in ggml's 8-bit or 4-bit blocks, as model.gguf.
-        #[arg(long, value_enum)]
-        quantize: Option<QuantizeArg>,
-        /// Keep the new version's files in this directory (by default they go once pushed).
-        #[arg(long)]
-        out: Option<PathBuf>,
-        /// For a classifier: a labelled CSV (as `model train` reads) to run both versions
-        /// on before pushing, comparing their labels with each other and with the CSV's.
-        #[arg(long)]
-        check_data: Option<PathBuf>,
-        /// With --check-data: push only if the versions label at least this share of its
-        /// rows alike (0 to 1).
-        #[arg(long, requires = "check_data")]
-        min_agreement: Option<f64>,
-    },
+    Optimise(OptimiseArgs),
     /// Train an MLP classifier on a CSV (a header, numeric feature columns, the class name
     /// last) and push it as a new version of NAME. Trains here, on this machine's CPU.
-    Train {
-        /// The model's name.
-        name: String,
-        /// The CSV to learn from.
-        #[arg(long)]
-        data: PathBuf,
-        /// Share of the rows held out of training and only scored, drawn by the seed.
-        #[arg(long, default_value_t = 0.2)]
-        holdout: f64,
-        /// Widths of the hidden layers, e.g. 32,16.
-        #[arg(long, value_delimiter = ',', default_value = "16")]
-        hidden: Vec<usize>,
-        #[arg(long, default_value_t = 300)]
-        epochs: usize,
-        #[arg(long, default_value_t = 0.05)]
-        learning_rate: f64,
-        /// Seed of the initial weights and of the held-out rows.
-        #[arg(long, default_value_t = 7)]
-        seed: u64,
-        /// The name of the model's input tensor.
-        #[arg(long, default_value = "features")]
-        input: String,
-        /// Keep the trained files in this directory (by default they go once pushed).
-        #[arg(long)]
-        out: Option<PathBuf>,
-    },
+    Train(TrainArgs),
     /// Train the demo Iris classifier into a directory (no server needed), ready for
     /// `shoal model push`.
     Demo {
@@ -223,6 +175,60 @@ pub struct InferArgs {
     /// A specific version instead of the deployed one.
     #[arg(long)]
     version: Option<u32>,
+}
+
+#[derive(Debug, Args)]
+pub struct OptimiseArgs {
+    /// The model's name.
+    name: String,
+    /// The version to start from; the newest by default.
+    #[arg(long)]
+    version: Option<u32>,
+    /// Share of each weight matrix's entries to zero, those of least magnitude (0 to 1).
+    #[arg(long)]
+    prune: Option<f64>,
+    /// Store weight matrices in ggml's 8-bit or 4-bit blocks, as model.gguf.
+    #[arg(long, value_enum)]
+    quantize: Option<QuantizeArg>,
+    /// Keep the new version's files in this directory (by default they go once pushed).
+    #[arg(long)]
+    out: Option<PathBuf>,
+    /// For a classifier: a labelled CSV (as `model train` reads) to run both versions
+    /// on before pushing, comparing their labels with each other and with the CSV's.
+    #[arg(long)]
+    check_data: Option<PathBuf>,
+    /// With --check-data: push only if the versions label at least this share of its
+    /// rows alike (0 to 1).
+    #[arg(long, requires = "check_data")]
+    min_agreement: Option<f64>,
+}
+
+#[derive(Debug, Args)]
+pub struct TrainArgs {
+    /// The model's name.
+    name: String,
+    /// The CSV to learn from.
+    #[arg(long)]
+    data: PathBuf,
+    /// Share of the rows held out of training and only scored, drawn by the seed.
+    #[arg(long, default_value_t = 0.2)]
+    holdout: f64,
+    /// Widths of the hidden layers, e.g. 32,16.
+    #[arg(long, value_delimiter = ',', default_value = "16")]
+    hidden: Vec<usize>,
+    #[arg(long, default_value_t = 300)]
+    epochs: usize,
+    #[arg(long, default_value_t = 0.05)]
+    learning_rate: f64,
+    /// Seed of the initial weights and of the held-out rows.
+    #[arg(long, default_value_t = 7)]
+    seed: u64,
+    /// The name of the model's input tensor.
+    #[arg(long, default_value = "features")]
+    input: String,
+    /// Keep the trained files in this directory (by default they go once pushed).
+    #[arg(long)]
+    out: Option<PathBuf>,
 }
 
 /// `--quantize`'s values: ggml's block formats.
@@ -631,226 +637,8 @@ pub async fn model(command: ModelCommand, args: &ClientArgs) -> anyhow::Result<(
                 out!("{}", pushed(&name, &answer))?;
             }
         }
-        ModelCommand::Optimise {
-            name,
-            version,
-            prune,
-            quantize,
-            out,
-            check_data,
-            min_agreement,
-        } => {
-            if let Some(least) = min_agreement
-                && !(0.0..=1.0).contains(&least)
-            {
-                bail!("--min-agreement is a share of rows, from 0 to 1, not {least}");
-            }
-            let check_csv = match &check_data {
-                Some(path) => Some(
-                    std::fs::read_to_string(path)
-                        .with_context(|| format!("reading {}", path.display()))?,
-                ),
-                None => None,
-            };
-            let optimisation = Optimisation {
-                prune,
-                quantize: quantize.map(|choice| match choice {
-                    QuantizeArg::Q8_0 => Quantization::Q8_0,
-                    QuantizeArg::Q4_0 => Quantization::Q4_0,
-                }),
-            };
-            let scratch = tempfile::tempdir().context("a scratch directory")?;
-            let dir = new_version_dir(out, &scratch)?;
-            let versions: Vec<serde_json::Value> = client.get("/api/v1/models").await?;
-            let source = versions
-                .iter()
-                .filter(|v| v["model"] == name.as_str())
-                .filter(|v| {
-                    version.is_none_or(|wanted| v["version"].as_u64() == Some(u64::from(wanted)))
-                })
-                .max_by_key(|v| v["version"].as_u64())
-                .with_context(|| match version {
-                    Some(version) => format!("model {name} has no version {version}"),
-                    None => format!("no model {name}"),
-                })?;
-            let number = source["version"].as_u64().unwrap_or(0);
-            let parent = u32::try_from(number).context("a version number")?;
-            let mut files = shoal_actors::runtime::ModelFiles::new();
-            for file in source["files"].as_array().into_iter().flatten() {
-                let file_name = text(file, "name");
-                let bytes = download(&client, &text(file, "digest"))
-                    .await
-                    .with_context(|| format!("fetching {file_name} of {name} version {number}"))?;
-                files.insert(file_name, bytes);
-            }
-            let from = format!(
-                "{name} version {number}, manifest sha256 {}",
-                text(source, "manifest_digest")
-            );
-            let (optimised, report, check) = tokio::task::spawn_blocking(move || {
-                let (optimised, report) =
-                    shoal_actors::optimise::optimise(&files, &optimisation, &from)?;
-                let check = check_csv
-                    .map(|csv| compare_classifiers(&files, &optimised, &csv))
-                    .transpose()?;
-                Ok::<_, shoal_actors::optimise::OptimiseError>((optimised, report, check))
-            })
-            .await??;
-            if let Some(check) = &check {
-                eprintln!(
-                    "on {} rows of {}: labels alike {:.3}; right {:.3}, against {:.3} for \
-                     version {parent}; largest change of a probability {:.4}",
-                    check.rows,
-                    check_data.as_deref().unwrap_or(Path::new("-")).display(),
-                    check.agreement,
-                    check.optimised_accuracy,
-                    check.source_accuracy,
-                    check.largest_probability_change
-                );
-                if let Some(least) = min_agreement
-                    && check.agreement < least
-                {
-                    bail!(
-                        "the optimised version labels {:.3} of the rows as version {parent} \
-                         does, under --min-agreement {least}: not pushed",
-                        check.agreement
-                    );
-                }
-            }
-            for (file_name, bytes) in &optimised {
-                let path = dir.join(file_name);
-                std::fs::write(&path, bytes)
-                    .with_context(|| format!("writing {}", path.display()))?;
-            }
-            let answer = push(
-                &client,
-                &dir,
-                &name,
-                Some(report.format.into()),
-                Some(parent),
-            )
-            .await?;
-            if args.output == Output::Json {
-                let tensors: Vec<serde_json::Value> = report
-                    .tensors
-                    .iter()
-                    .map(|change| {
-                        serde_json::json!({
-                            "name": change.name,
-                            "shape": change.shape,
-                            "stored_as": change.stored_as,
-                            "zeroed": change.zeroed,
-                            "relative_error": change.relative_error,
-                        })
-                    })
-                    .collect();
-                let check = check.map(|check| {
-                    serde_json::json!({
-                        "rows": check.rows,
-                        "agreement": check.agreement,
-                        "source_accuracy": check.source_accuracy,
-                        "optimised_accuracy": check.optimised_accuracy,
-                        "largest_probability_change": check.largest_probability_change,
-                    })
-                });
-                let report = serde_json::json!({
-                    "check": check,
-                    "from_version": parent,
-                    "optimisation": optimisation.describe(),
-                    "format": report.format,
-                    "weights_bytes_before": report.weights_bytes_before,
-                    "weights_bytes_after": report.weights_bytes_after,
-                    "tensors": tensors,
-                    "model": answer["model"],
-                    "version": answer["version"],
-                    "created": answer["created"],
-                });
-                out!("{}", serde_json::to_string_pretty(&report)?)?;
-                return Ok(());
-            }
-            let rows: Vec<Vec<String>> = report
-                .tensors
-                .iter()
-                .map(|change| {
-                    vec![
-                        change.name.clone(),
-                        format!("{:?}", change.shape),
-                        change.stored_as.to_string(),
-                        change.zeroed.to_string(),
-                        format!("{:.4}", change.relative_error),
-                    ]
-                })
-                .collect();
-            print_table(
-                &["TENSOR", "SHAPE", "STORED", "ZEROED", "RELATIVE ERROR"],
-                &rows,
-            )?;
-            out!(
-                "{} from version {parent}: weights {} -> {} bytes ({})",
-                optimisation.describe(),
-                report.weights_bytes_before,
-                report.weights_bytes_after,
-                report.format
-            )?;
-            out!("{}", pushed(&name, &answer))?;
-        }
-        ModelCommand::Train {
-            name,
-            data,
-            holdout,
-            hidden,
-            epochs,
-            learning_rate,
-            seed,
-            input,
-            out,
-        } => {
-            let csv = std::fs::read_to_string(&data)
-                .with_context(|| format!("reading {}", data.display()))?;
-            let config = shoal_actors::train::TrainConfig {
-                input,
-                hidden_sizes: hidden,
-                epochs,
-                learning_rate,
-                seed,
-                holdout,
-            };
-            let scratch = tempfile::tempdir().context("a scratch directory")?;
-            let dir = new_version_dir(out, &scratch)?;
-            let trained_into = dir.clone();
-            let report = tokio::task::spawn_blocking(move || {
-                shoal_actors::train::train_classifier(&csv, &config, &trained_into)
-            })
-            .await?
-            .with_context(|| format!("training on {}", data.display()))?;
-            let answer = push(&client, &dir, &name, None, None).await?;
-            if args.output == Output::Json {
-                let report = serde_json::json!({
-                    "accuracy": report.accuracy,
-                    "rows": report.rows,
-                    "holdout_accuracy": report.holdout_accuracy,
-                    "holdout_rows": report.holdout_rows,
-                    "model": answer["model"],
-                    "version": answer["version"],
-                    "created": answer["created"],
-                });
-                out!("{}", serde_json::to_string_pretty(&report)?)?;
-                return Ok(());
-            }
-            let held_out = match report.holdout_accuracy {
-                Some(accuracy) => format!(
-                    "; {} rows held out (accuracy {accuracy:.3})",
-                    report.holdout_rows
-                ),
-                None => String::new(),
-            };
-            out!(
-                "trained on {} rows (accuracy {:.3}){held_out}",
-                report.rows,
-                report.accuracy
-            )?;
-            out!("{}", pushed(&name, &answer))?;
-        }
+        ModelCommand::Optimise(request) => optimise(&client, args.output, request).await?,
+        ModelCommand::Train(request) => train(&client, args.output, request).await?,
         ModelCommand::Show { name } => {
             let versions: Vec<serde_json::Value> = client.get("/api/v1/models").await?;
             let versions: Vec<&serde_json::Value> = versions
@@ -1131,6 +919,208 @@ fn versions_text(deployment: &serde_json::Value) -> String {
         Some(alias) => format!("{} (alias {alias})", text(deployment, "version")),
         None => text(deployment, "version"),
     }
+}
+
+/// `shoal model optimise`: fetches a version, optimises it here and pushes the result with
+/// that version as its parent, after comparing the two on a labelled CSV if asked.
+async fn optimise(client: &Client, output: Output, request: OptimiseArgs) -> anyhow::Result<()> {
+    let OptimiseArgs {
+        name,
+        version,
+        prune,
+        quantize,
+        out,
+        check_data,
+        min_agreement,
+    } = request;
+    if let Some(least) = min_agreement
+        && !(0.0..=1.0).contains(&least)
+    {
+        bail!("--min-agreement is a share of rows, from 0 to 1, not {least}");
+    }
+    let check_csv = match &check_data {
+        Some(path) => Some(
+            std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?,
+        ),
+        None => None,
+    };
+    let optimisation = Optimisation {
+        prune,
+        quantize: quantize.map(|choice| match choice {
+            QuantizeArg::Q8_0 => Quantization::Q8_0,
+            QuantizeArg::Q4_0 => Quantization::Q4_0,
+        }),
+    };
+    let scratch = tempfile::tempdir().context("a scratch directory")?;
+    let dir = new_version_dir(out, &scratch)?;
+    let versions: Vec<serde_json::Value> = client.get("/api/v1/models").await?;
+    let source = versions
+        .iter()
+        .filter(|v| v["model"] == name.as_str())
+        .filter(|v| version.is_none_or(|wanted| v["version"].as_u64() == Some(u64::from(wanted))))
+        .max_by_key(|v| v["version"].as_u64())
+        .with_context(|| match version {
+            Some(version) => format!("model {name} has no version {version}"),
+            None => format!("no model {name}"),
+        })?;
+    let number = source["version"].as_u64().unwrap_or(0);
+    let parent = u32::try_from(number).context("a version number")?;
+    let mut files = shoal_actors::runtime::ModelFiles::new();
+    for file in source["files"].as_array().into_iter().flatten() {
+        let file_name = text(file, "name");
+        let bytes = download(client, &text(file, "digest"))
+            .await
+            .with_context(|| format!("fetching {file_name} of {name} version {number}"))?;
+        files.insert(file_name, bytes);
+    }
+    let from = format!(
+        "{name} version {number}, manifest sha256 {}",
+        text(source, "manifest_digest")
+    );
+    let (optimised, report, check) = tokio::task::spawn_blocking(move || {
+        let (optimised, report) = shoal_actors::optimise::optimise(&files, &optimisation, &from)?;
+        let check = check_csv
+            .map(|csv| compare_classifiers(&files, &optimised, &csv))
+            .transpose()?;
+        Ok::<_, shoal_actors::optimise::OptimiseError>((optimised, report, check))
+    })
+    .await??;
+    if let Some(check) = &check {
+        eprintln!(
+            "on {} rows of {}: labels alike {:.3}; right {:.3}, against {:.3} for \
+                 version {parent}; largest change of a probability {:.4}",
+            check.rows,
+            check_data.as_deref().unwrap_or(Path::new("-")).display(),
+            check.agreement,
+            check.optimised_accuracy,
+            check.source_accuracy,
+            check.largest_probability_change
+        );
+        if let Some(least) = min_agreement
+            && check.agreement < least
+        {
+            bail!(
+                "the optimised version labels {:.3} of the rows as version {parent} \
+                     does, under --min-agreement {least}: not pushed",
+                check.agreement
+            );
+        }
+    }
+    for (file_name, bytes) in &optimised {
+        let path = dir.join(file_name);
+        std::fs::write(&path, bytes).with_context(|| format!("writing {}", path.display()))?;
+    }
+    let answer = push(
+        client,
+        &dir,
+        &name,
+        Some(report.format.into()),
+        Some(parent),
+    )
+    .await?;
+    if output == Output::Json {
+        let report = serde_json::json!({
+            "check": check,
+            "from_version": parent,
+            "optimisation": optimisation.describe(),
+            "format": report.format,
+            "weights_bytes_before": report.weights_bytes_before,
+            "weights_bytes_after": report.weights_bytes_after,
+            "tensors": report.tensors,
+            "model": answer["model"],
+            "version": answer["version"],
+            "created": answer["created"],
+        });
+        out!("{}", serde_json::to_string_pretty(&report)?)?;
+        return Ok(());
+    }
+    let rows: Vec<Vec<String>> = report
+        .tensors
+        .iter()
+        .map(|change| {
+            vec![
+                change.name.clone(),
+                format!("{:?}", change.shape),
+                change.stored_as.to_string(),
+                change.zeroed.to_string(),
+                format!("{:.4}", change.relative_error),
+            ]
+        })
+        .collect();
+    print_table(
+        &["TENSOR", "SHAPE", "STORED", "ZEROED", "RELATIVE ERROR"],
+        &rows,
+    )?;
+    out!(
+        "{} from version {parent}: weights {} -> {} bytes ({})",
+        optimisation.describe(),
+        report.weights_bytes_before,
+        report.weights_bytes_after,
+        report.format
+    )?;
+    out!("{}", pushed(&name, &answer))?;
+    Ok(())
+}
+
+/// `shoal model train`: trains a classifier here and pushes it as a new version.
+async fn train(client: &Client, output: Output, request: TrainArgs) -> anyhow::Result<()> {
+    let TrainArgs {
+        name,
+        data,
+        holdout,
+        hidden,
+        epochs,
+        learning_rate,
+        seed,
+        input,
+        out,
+    } = request;
+    let csv =
+        std::fs::read_to_string(&data).with_context(|| format!("reading {}", data.display()))?;
+    let config = shoal_actors::train::TrainConfig {
+        input,
+        hidden_sizes: hidden,
+        epochs,
+        learning_rate,
+        seed,
+        holdout,
+    };
+    let scratch = tempfile::tempdir().context("a scratch directory")?;
+    let dir = new_version_dir(out, &scratch)?;
+    let trained_into = dir.clone();
+    let report = tokio::task::spawn_blocking(move || {
+        shoal_actors::train::train_classifier(&csv, &config, &trained_into)
+    })
+    .await?
+    .with_context(|| format!("training on {}", data.display()))?;
+    let answer = push(client, &dir, &name, None, None).await?;
+    if output == Output::Json {
+        let report = serde_json::json!({
+            "accuracy": report.accuracy,
+            "rows": report.rows,
+            "holdout_accuracy": report.holdout_accuracy,
+            "holdout_rows": report.holdout_rows,
+            "model": answer["model"],
+            "version": answer["version"],
+            "created": answer["created"],
+        });
+        out!("{}", serde_json::to_string_pretty(&report)?)?;
+        return Ok(());
+    }
+    let held_out = match report.holdout_accuracy {
+        Some(accuracy) => format!(
+            "; {} rows held out (accuracy {accuracy:.3})",
+            report.holdout_rows
+        ),
+        None => String::new(),
+    };
+    out!(
+        "trained on {} rows (accuracy {:.3}){held_out}",
+        report.rows,
+        report.accuracy
+    )?;
+    out!("{}", pushed(&name, &answer))?;
+    Ok(())
 }
 
 /// Uploads the files of `dir` and registers them as a version of `name`; the server's

@@ -83,41 +83,40 @@ async fn a_trained_version_and_one_optimised_from_it_serve_and_name_their_parent
 
     // Pruned and quantized from version 2, and checked against it on the data set before
     // it is pushed: version 4, a GGUF file under half the size.
-    let optimised: Value = serde_json::from_str(&shoal.cli(&[
+    let from_2 = [
         "model",
         "optimise",
         "iris",
         "--version",
         "2",
-        "--prune",
-        "0.3",
-        "--quantize",
-        "q8_0",
         "--check-data",
         csv,
-        "--min-agreement",
-        "0.9",
-        "-o",
-        "json",
-    ]))
+    ];
+    let optimised: Value = serde_json::from_str(
+        &shoal.cli(
+            &[
+                &from_2[..],
+                &[
+                    "--prune",
+                    "0.3",
+                    "--quantize",
+                    "q8_0",
+                    "--min-agreement",
+                    "0.9",
+                    "-o",
+                    "json",
+                ],
+            ]
+            .concat(),
+        ),
+    )
     .unwrap();
     let check = &optimised["check"];
     assert_eq!(check["rows"].as_u64(), Some(150), "{optimised}");
     assert!(check["agreement"].as_f64().unwrap() >= 0.9, "{check}");
     // Nearly every weight gone: it no longer labels as its parent does, and is not pushed.
-    let refused = shoal.cli_failing(&[
-        "model",
-        "optimise",
-        "iris",
-        "--version",
-        "2",
-        "--prune",
-        "0.97",
-        "--check-data",
-        csv,
-        "--min-agreement",
-        "1",
-    ]);
+    let refused =
+        shoal.cli_failing(&[&from_2[..], &["--prune", "0.97", "--min-agreement", "1"]].concat());
     assert!(refused.contains("not pushed"), "{refused}");
     assert_eq!(
         (

@@ -111,30 +111,14 @@ impl MlpClassifier {
         let mut weights = weights.load(&device, |name| {
             Architecture::MlpClassifier.keeps_quantized(name)
         })?;
-        let mut take = |name: String, shape: &[usize]| -> Result<Tensor, RuntimeError> {
-            let tensor = weights
-                .tensors
-                .remove(&name)
-                .ok_or_else(|| RuntimeError::Weights(format!("missing tensor {name:?}")))?;
-            if tensor.dims() != shape {
-                return Err(RuntimeError::Weights(format!(
-                    "{name:?} has shape {:?}, expected {shape:?}",
-                    tensor.dims()
-                )));
-            }
-            Ok(tensor.to_dtype(candle_core::DType::F32)?)
-        };
         let width = config.layer_sizes[0];
-        let mean = take("input.mean".into(), &[width])?;
-        let std = take("input.std".into(), &[width])?;
-        let mut biases = Vec::new();
-        for (index, &fan_out) in config.layer_sizes[1..].iter().enumerate() {
-            biases.push(take(format!("layers.{index}.bias"), &[fan_out])?);
-        }
+        let mean = weights.tensor("input.mean", &[width])?;
+        let std = weights.tensor("input.std", &[width])?;
         let mut layers = Vec::new();
-        for ((index, pair), bias) in config.layer_sizes.windows(2).enumerate().zip(biases) {
+        for (index, pair) in config.layer_sizes.windows(2).enumerate() {
             let (fan_in, fan_out) = (pair[0], pair[1]);
             let weight = weights.matrix(&format!("layers.{index}.weight"), fan_out, fan_in)?;
+            let bias = weights.tensor(&format!("layers.{index}.bias"), &[fan_out])?;
             layers.push(Projection::new(weight, Some(bias)));
         }
         Ok(MlpClassifier {

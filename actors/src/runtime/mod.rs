@@ -283,6 +283,21 @@ pub struct LoadedWeights {
 }
 
 impl LoadedWeights {
+    /// The tensor `name`, of shape `dims`, as `f32` (dequantized if it was kept quantized).
+    pub fn tensor(
+        &mut self,
+        name: &str,
+        dims: &[usize],
+    ) -> Result<candle_core::Tensor, RuntimeError> {
+        let tensor = match (self.tensors.remove(name), self.quantized.remove(name)) {
+            (Some(tensor), _) => tensor,
+            (None, Some(quantized)) => quantized.dequantize(&quantized.device())?,
+            (None, None) => return Err(RuntimeError::Weights(format!("missing tensor {name:?}"))),
+        };
+        check_dims(name, tensor.dims(), dims)?;
+        Ok(tensor.to_dtype(candle_core::DType::F32)?)
+    }
+
     /// The matrix `name`, `[rows, columns]`, to multiply by: as stored when it was kept
     /// quantized, else the tensor.
     pub fn matrix(
@@ -292,24 +307,13 @@ impl LoadedWeights {
         columns: usize,
     ) -> Result<candle_core::quantized::QMatMul, RuntimeError> {
         use candle_core::quantized::QMatMul;
-        let (dims, matrix) = if let Some(quantized) = self.quantized.remove(name) {
-            (
-                quantized.shape().dims().to_vec(),
-                QMatMul::QTensor(quantized),
-            )
-        } else if let Some(tensor) = self.tensors.remove(name) {
-            let tensor = tensor.to_dtype(candle_core::DType::F32)?;
-            (tensor.dims().to_vec(), QMatMul::Tensor(tensor))
-        } else {
-            return Err(RuntimeError::Weights(format!("missing tensor {name:?}")));
-        };
-        if dims != [rows, columns] {
-            return Err(RuntimeError::Weights(format!(
-                "{name:?} has shape {dims:?}, expected {:?}",
-                [rows, columns]
-            )));
+        match self.quantized.remove(name) {
+            Some(quantized) => {
+                check_dims(name, quantized.shape().dims(), &[rows, columns])?;
+                Ok(QMatMul::QTensor(quantized))
+            }
+            None => Ok(QMatMul::Tensor(self.tensor(name, &[rows, columns])?)),
         }
-        Ok(matrix)
     }
 }
 
@@ -425,6 +429,16 @@ impl candle_core::Module for Projection {
             None => Ok(projected),
         }
     }
+}
+
+/// Refuses a tensor `name` of shape `dims` where `expected` was asked for.
+fn check_dims(name: &str, dims: &[usize], expected: &[usize]) -> Result<(), RuntimeError> {
+    if dims != expected {
+        return Err(RuntimeError::Weights(format!(
+            "{name:?} has shape {dims:?}, expected {expected:?}"
+        )));
+    }
+    Ok(())
 }
 
 /// Whether tensors of `dtype` are stored in quantized blocks (not plain floats).
