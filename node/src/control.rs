@@ -155,6 +155,17 @@ impl ControlPlane {
         )
     }
 
+    /// Waits (at most [`LEADER_WAIT`]) until the replicated state lists server `id`'s HTTP
+    /// address; that address, or `None` if it is still not listed.
+    pub async fn wait_for_server_address(&self, id: u64) -> Option<String> {
+        let mut states = self.watch_state();
+        let listed = states.wait_for(|state| state.servers.contains_key(&id));
+        match tokio::time::timeout(self.leader_wait, listed).await {
+            Ok(Ok(state)) => state.servers.get(&id).cloned(),
+            _ => None,
+        }
+    }
+
     #[cfg(test)]
     fn with_leader_wait(mut self, wait: Duration) -> Self {
         self.leader_wait = wait;

@@ -3,7 +3,7 @@
 //! leader once; reads are linearizable (raft read index) unless `?consistency=stale`.
 
 use super::{AdminError, ApiError, AppState};
-use crate::control::ControlError;
+use crate::control::{ControlError, ControlPlane};
 use axum::Json;
 use axum::body::Bytes;
 use axum::extract::{Path, Query, State};
@@ -81,7 +81,7 @@ impl Forwarder {
     /// generation's tokens as they come), for that long and a hop.
     pub async fn forward_held(
         &self,
-        state: &ClusterState,
+        control: &ControlPlane,
         leader: u64,
         sent: AsSent,
         remaining: Duration,
@@ -104,7 +104,7 @@ impl Forwarder {
             body,
         };
         let answer = self
-            .call_leader(state, leader, call, remaining + LEADER_HOP)
+            .call_leader(control, leader, call, remaining + LEADER_HOP)
             .await?;
         let (status, headers) = (answer.status(), answer.headers().clone());
         let body = axum::body::Body::from_stream(answer.bytes_stream());
@@ -114,7 +114,7 @@ impl Forwarder {
     /// Sends the request to `leader`.
     async fn forward(
         &self,
-        state: &ClusterState,
+        control: &ControlPlane,
         leader: u64,
         request: WriteRequest,
     ) -> Result<Response, ApiError> {
@@ -132,18 +132,18 @@ impl Forwarder {
             headers: super::framing(None),
             body,
         };
-        self.send_to_leader(state, leader, call).await
+        self.send_to_leader(control, leader, call).await
     }
 
     /// One forwarded call, its answer read whole and relayed as it came.
     async fn send_to_leader(
         &self,
-        state: &ClusterState,
+        control: &ControlPlane,
         leader: u64,
         call: LeaderCall<'_>,
     ) -> Result<Response, ApiError> {
         let answer = self
-            .call_leader(state, leader, call, FORWARD_TIMEOUT)
+            .call_leader(control, leader, call, FORWARD_TIMEOUT)
             .await?;
         let (status, headers) = (answer.status(), answer.headers().clone());
         let bytes = answer.bytes().await.map_err(|error| {
@@ -153,12 +153,13 @@ impl Forwarder {
     }
 
     /// Sends `call` to `leader`, found in the replicated server list or, before it
-    /// registered itself there, in the configured peers; marked forwarded, with the
+    /// registered itself there, in the configured peers (where it is not one, waited for in
+    /// the list as long as a member waits for a leader); marked forwarded, with the
     /// caller's credentials and the call's own headers; the answer's head back within
     /// `limit`, which also bounds reading its body.
     async fn call_leader(
         &self,
-        state: &ClusterState,
+        control: &ControlPlane,
         leader: u64,
         call: LeaderCall<'_>,
         limit: Duration,
@@ -170,10 +171,17 @@ impl Forwarder {
             headers,
             body,
         } = call;
-        let registered = state
-            .servers
-            .get(&leader)
-            .map(|address| format!("http://{address}"));
+        let listed = control.state().servers.get(&leader).cloned();
+        let registered = match listed {
+            Some(address) => Some(address),
+            // A leader just elected registers its address a moment later: wait for it, as a
+            // member that knows no leader waits for one.
+            None if !self.peers.contains_key(&leader) => {
+                control.wait_for_server_address(leader).await
+            }
+            None => None,
+        }
+        .map(|address| format!("http://{address}"));
         let Some(base) = registered.as_ref().or_else(|| self.peers.get(&leader)) else {
             return Err(ApiError::NotLeader {
                 leader: Some(leader),
@@ -279,8 +287,7 @@ impl WriteRequest {
             && !self.forwarded
             && let Some(forwarder) = &app.forwarder
         {
-            let state = app.control.state();
-            let response = forwarder.forward(&state, *leader, self).await?;
+            let response = forwarder.forward(&app.control, *leader, self).await?;
             return Ok(Written::Forwarded(response));
         }
         Err(error.into())
@@ -382,9 +389,8 @@ pub async fn status(State(app): State<Arc<AppState>>, headers: HeaderMap) -> Res
             headers: Vec::new(),
             body: Bytes::new(),
         };
-        let state = app.control.state();
         return forwarder
-            .send_to_leader(&state, leader, call)
+            .send_to_leader(&app.control, leader, call)
             .await
             .unwrap_or_else(IntoResponse::into_response);
     }

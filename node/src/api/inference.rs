@@ -535,7 +535,7 @@ async fn serve(
             };
             let remaining = deadline.saturating_duration_since(tokio::time::Instant::now());
             return forwarder
-                .forward_held(&state, leader, sent, remaining)
+                .forward_held(&app.control, leader, sent, remaining)
                 .await;
         }
         let targets = hold_for_scale_up(app, model, resolved.version, deadline).await?;

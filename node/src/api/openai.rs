@@ -306,7 +306,7 @@ async fn start_generation(
             // The leader's answer, streamed through: `Err` is a response sent as it is.
             let remaining = deadline.saturating_duration_since(tokio::time::Instant::now());
             let answer = forwarder
-                .forward_held(&state, leader, sent, remaining)
+                .forward_held(&app.control, leader, sent, remaining)
                 .await;
             return Err(answer.unwrap_or_else(|problem| refused(&problem)));
         }
